@@ -1,0 +1,3 @@
+from .local_linear_step import local_linear_step
+
+__all__ = ["local_linear_step"]

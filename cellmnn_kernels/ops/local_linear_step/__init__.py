@@ -1,0 +1,73 @@
+"""``local_linear_step``: the closed-form local-linear ODE step of Cell-MNN, batched.
+
+    X[b, k] = expm(dt[b, k] * A[b]) @ x0[b]        V[b, k] = A[b] @ X[b, k]
+"""
+from __future__ import annotations
+
+import torch
+
+from ..utils import HAS_TRITON, triton_usable_on
+from .common import MAX_TRITON_D, NU_MAX, check_values, validate_inputs
+from .naive import local_linear_step_reference
+from .torch_impl import local_linear_step_torch
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+__all__ = ["local_linear_step", "local_linear_step_reference", "local_linear_step_torch", "BACKENDS"]
+
+
+def _triton_impl():
+    from .triton_impl import local_linear_step_triton
+
+    return local_linear_step_triton
+
+
+def resolve_backend(backend: str, device: torch.device, D: int) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and HAS_TRITON and D <= MAX_TRITON_D else "torch"
+    if backend == "triton":
+        if D > MAX_TRITON_D:
+            raise ValueError(f"A has D = {D}; backend='triton' supports D <= {MAX_TRITON_D} (use 'torch')")
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if not triton_usable_on(device):
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before import for "
+                f"CPU tensors; got tensors on {device}"
+            )
+    return backend
+
+
+def local_linear_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, backend: str = "auto",
+                      check_finite: bool | None = None):
+    """Decode every (cell, time) pair in closed form.
+
+    Args:
+        A: (B, D, D) operators, one per cell.
+        x0: (B, D) start states.
+        dt: (B, T) time offsets (target time minus the cell's own time); any sign, zero allowed.
+        backend: "auto" (triton for CUDA tensors, torch otherwise), "triton", "torch" or
+            "reference" (dense matrix exponential per pair: the oracle, slow).
+        check_finite: reject NaN/Inf inputs and ||dt * A||_1 > NU_MAX with a ValueError.  This
+            costs one host synchronisation; the default (None) checks CPU tensors and skips CUDA
+            tensors.  Unchecked, a pair with such inputs yields NaN in X and V (and its cell's
+            gradients), never a finite wrong value.
+
+    Returns:
+        X, V: (B, T, D), dtype and device of the inputs (float32 or float64; one dtype for all
+        three inputs).  Differentiable with respect to A, x0 and dt through X and V; the triton
+        backend supports first derivatives only.
+    """
+    B, T, D = validate_inputs(A, x0, dt)
+    backend = resolve_backend(backend, A.device, D)
+    if check_finite is None:
+        check_finite = A.device.type != "cuda"
+    if check_finite:
+        check_values(A, x0, dt)
+    if backend == "reference":
+        return local_linear_step_reference(A, x0, dt)
+    if backend == "torch":
+        return local_linear_step_torch(A, x0, dt)
+    return _triton_impl()(A, x0, dt)

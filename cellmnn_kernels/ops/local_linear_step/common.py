@@ -1,0 +1,78 @@
+"""What every backend of ``local_linear_step`` shares: the scheme's constants and the input checks.
+
+The fast backends (``torch`` and ``triton``) use one scheme, "anchored Krylov-in-tau":
+
+* For cell b, let n = ||A||_1 (max column sum) and h = theta / n.  Along each direction of time
+  (dt >= 0 and dt < 0) the cell's exact trajectory is marched in anchor steps of length h:
+  y_0 = x0, y_{a+1} = p(sign * h * A) y_a, where p is the degree-m Taylor polynomial of exp.
+* At anchor a the Krylov vectors K_j = A^j y_a / j!  (j = 0..m+1) are formed once per cell.
+* A pair (b, k) with nu = |dt| * n sits at anchor a = floor(nu / theta) with remainder
+  r = dt - sign * a * h, |r| * n <= theta, and is evaluated with O(m D) work:
+      X = sum_{j<=m} r^j K_j          V = A X = sum_{j=1}^{m+1} j r^(j-1) K_j.
+  (A K_j = (j+1) K_{j+1}, so V costs no matrix-vector product.)
+
+Every step has ||Z||_1 <= theta, so the relative truncation error of each Taylor polynomial is at
+most theta^(m+1) / (m+1)! * e^(2 theta) (remainder bound divided by the smallest possible
+||e^Z y|| / ||y|| = e^-theta), which (theta, m) below keep under the unit roundoff.  Anchors
+only ever march forward in their own direction, so strongly decaying operators lose no
+relative accuracy to cancellation (Al-Mohy & Higham 2011 discuss the same trade-off for the
+action of the matrix exponential).  The anchor spacing h and the split of dt into anchor and
+remainder do not change the exact value of X, so gradients treat them as constants.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..utils import check_same_dtype_device, check_tensor, raise_if_nonfinite
+
+# dtype -> (theta, m): step norm bound and Taylor degree.
+#   float32: 1.0^12 / 12! * e^2   = 1.5e-8  <= 2^-24 = 6.0e-8
+#   float64: 0.5^15 / 15! * e^1   = 6.3e-17 <= 2^-53 = 1.1e-16
+TAYLOR = {torch.float32: (1.0, 11), torch.float64: (0.5, 14)}
+
+# Largest ||dt * A||_1 that is computed.  Work grows with it (about nu / theta anchor steps per
+# cell); no trained Cell-MNN operator comes near it.  Beyond it the checks raise ValueError and,
+# with checks off, the Triton kernel writes NaN for the offending pairs.
+NU_MAX = 1.0e4
+
+MAX_TRITON_D = 64
+
+
+def taylor_params(dtype: torch.dtype) -> tuple[float, int]:
+    return TAYLOR[dtype]
+
+
+def operator_norm1(A: torch.Tensor) -> torch.Tensor:
+    """||A[b]||_1, the largest absolute column sum, shape (B,)."""
+    return A.detach().abs().sum(dim=1).amax(dim=1)
+
+
+def validate_inputs(A, x0, dt) -> tuple[int, int, int]:
+    """Check types, dtypes, devices and shapes; return (B, T, D)."""
+    check_tensor("A", A, 3, "(B, D, D)")
+    check_tensor("x0", x0, 2, "(B, D)")
+    check_tensor("dt", dt, 2, "(B, T)")
+    check_same_dtype_device(A=A, x0=x0, dt=dt)
+    B, D, D2 = A.shape
+    if D != D2:
+        raise ValueError(f"A must have shape (B, D, D) with square operators; got {tuple(A.shape)}")
+    if D == 0:
+        raise ValueError("A must have D >= 1; got D = 0")
+    if tuple(x0.shape) != (B, D):
+        raise ValueError(f"x0 must have shape (B, D) = ({B}, {D}) to match A; got {tuple(x0.shape)}")
+    if dt.shape[0] != B:
+        raise ValueError(f"dt must have shape (B, T) with B = {B} to match A; got {tuple(dt.shape)}")
+    return B, dt.shape[1], D
+
+
+def check_values(A, x0, dt) -> None:
+    """Reject NaN/Inf inputs and ||dt * A||_1 beyond NU_MAX (one host synchronisation)."""
+    raise_if_nonfinite(A=A, x0=x0, dt=dt)
+    if A.shape[0] == 0 or dt.shape[1] == 0:
+        return
+    nu = (dt.detach().abs().amax(dim=1) * operator_norm1(A)).max().item()
+    if nu > NU_MAX:
+        raise ValueError(
+            f"dt * A is out of range: max ||dt * A||_1 = {nu:.4g} exceeds {NU_MAX:.0e}; "
+            "rescale the time axis or the operators"
+        )

@@ -1,0 +1,289 @@
+"""Triton backend of ``local_linear_step``: forward and backward kernels, launchers, autograd.
+
+One program owns a block of BB cells and a block of BT of their target times.  Per direction of
+time it marches the cells' anchors (``common.py``); at each anchor it forms the Krylov vectors
+K_j = A^j y / j! once per cell (M+1 matrix-vector products in registers) and adds them into X
+and V of the pairs sitting at that anchor with scalar weights (O(M D) per pair).  Nothing of
+size (B, T, D, D) is ever written; the number of anchors is decided inside the kernel from
+||A[b]||_1 and dt, so a call is one launch (forward) or one launch plus a sum over time blocks
+(backward) whatever the norms, with no host synchronisation.
+
+Backward (per cell, reverse sweep over anchors): with upstream gX, gV of the pairs,
+    Kbar_j = sum_pairs (r^j gX + j r^(j-1) gV) + [j<=M] step^j ybar_{a+1} + A^T Kbar_{j+1} / (j+1)
+    dA    += Kbar_j K_{j-1}^T / j,        ybar_a = Kbar_0,        dx0 = ybar_0 (both directions)
+    ddt    = d/dr of the pair's polynomials, dotted with gX and gV.
+The anchor states are needed in reverse order: the kernel keeps CAP checkpoints in registers
+(every c-th anchor, c = ceil(levels / CAP)) and recomputes at most c - 1 steps from the nearest
+checkpoint, so the sweep costs O(levels * (1 + (c - 1) / 2)) anchor steps.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..utils import HAS_TRITON, next_power_of_2, tl, triton
+from .common import NU_MAX, taylor_params
+
+CAP = 16  # anchor checkpoints held in registers by the backward kernel
+
+
+def block_config(D: int, T: int) -> dict:
+    """Compile-time configuration the launchers choose for (D, T); see ``all_configs``."""
+    DP = max(2, next_power_of_2(D))
+    BT = 4 if T <= 4 else 16
+    BB = max(1, min(2048 // (BT * DP), 4096 // (DP * DP), 64))
+    return dict(DP=DP, BT=BT, BB=BB, BB_BWD=max(1, BB // 2), num_warps=4 if DP <= 16 else 8)
+
+
+def all_configs():
+    """Every configuration ``block_config`` can return for D in 1..64 (for ahead-of-time compiles)."""
+    seen = {}
+    for D in range(1, 65):
+        for T in (1, 16):
+            c = block_config(D, T)
+            seen[(c["DP"], c["BT"])] = c
+    return list(seen.values())
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_block(A_ptr, x0_ptr, dt_ptr, B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt,
+                    theta, nu_max, DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr):
+        """Inputs of one program and its anchor layout (levels, remainders, anchor step)."""
+        pid = tl.program_id(0).to(tl.int64)
+        cell = (pid // n_tblocks) * BB + tl.arange(0, BB)
+        t = (pid % n_tblocks) * BT + tl.arange(0, BT)
+        d = tl.arange(0, DP)
+        cm = cell < B
+        dm = d < D
+        pm = cm[:, None] & (t < T)[None, :]
+        A = tl.load(A_ptr + cell[:, None, None] * sAb + d[None, :, None] * sAi + d[None, None, :] * sAj,
+                    mask=cm[:, None, None] & dm[None, :, None] & dm[None, None, :], other=0.0)
+        x0 = tl.load(x0_ptr + cell[:, None] * sxb + d[None, :] * sxd, mask=cm[:, None] & dm[None, :], other=0.0)
+        tau = tl.load(dt_ptr + cell[:, None] * stb + t[None, :] * stt, mask=pm, other=0.0)
+        nrm = tl.max(tl.sum(tl.abs(A), axis=1), axis=1)  # ||A||_1, (BB,)
+        nu = tl.abs(tau) * nrm[:, None]
+        ok = pm & (nu <= nu_max)  # false for NaN/Inf and out-of-range pairs
+        lev_f = tl.where(ok, tl.floor(nu / theta), 0.0)
+        h = theta / tl.where(nrm > 0, nrm, 1.0)  # unused where nrm == 0 (every level is 0)
+        t_anchor = tl.where(lev_f > 0, lev_f * h[:, None], 0.0)
+        return cell, t, d, cm, dm, pm, A, x0, tau, ok, lev_f.to(tl.int32), h, t_anchor
+
+    @triton.jit
+    def _anchor_step(A, y, step, a, n_cell, M: tl.constexpr):
+        """y_{a+1} = sum_{j<=M} step^j A^j y_a / j!, the forward march's arithmetic exactly.
+
+        Cells whose pairs need no anchor beyond a keep y (no pointless growth or overflow).
+        """
+        K = y
+        y_next = y
+        sp = step
+        for j in tl.static_range(1, M + 1):
+            K = tl.sum(A * K[:, None, :], axis=2) / j
+            y_next = y_next + sp[:, None] * K
+            sp = sp * step
+        return tl.where((a + 1 < n_cell)[:, None], y_next, y)
+
+    @triton.jit
+    def _llstep_fwd_kernel(A_ptr, x0_ptr, dt_ptr, X_ptr, V_ptr, B, T, D, n_tblocks,
+                           sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
+                           DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, M: tl.constexpr):
+        cell, t, d, cm, dm, pm, A, x0, tau, ok, lev, h, t_anchor = _load_block(
+            A_ptr, x0_ptr, dt_ptr, B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt,
+            theta, nu_max, DP, BB, BT)
+        X = tl.zeros((BB, BT, DP), dtype=A.dtype)
+        V = tl.zeros((BB, BT, DP), dtype=A.dtype)
+        for s in tl.static_range(2):
+            if s == 0:
+                in_dir = ok & (tau >= 0)
+                step = h
+                r = tau - t_anchor
+            else:
+                in_dir = ok & (tau < 0)
+                step = -h
+                r = tau + t_anchor
+            n_cell = tl.max(tl.where(in_dir, lev + 1, 0), axis=1)
+            n_lev = tl.max(n_cell)
+            y = x0
+            for a in range(0, n_lev):
+                at = (in_dir & (lev == a))[:, :, None]
+                K = y
+                X = tl.where(at, X + K[:, None, :], X)
+                pw = tl.full((BB, BT), 1.0, A.dtype)  # r^(j-1) before the update, r^j after
+                y_next = y
+                sp = step
+                for j in tl.static_range(1, M + 2):
+                    K = tl.sum(A * K[:, None, :], axis=2) / j
+                    V = tl.where(at, V + (j * pw)[:, :, None] * K[:, None, :], V)
+                    if j <= M:
+                        pw = pw * r
+                        X = tl.where(at, X + pw[:, :, None] * K[:, None, :], X)
+                        y_next = y_next + sp[:, None] * K
+                        sp = sp * step
+                y = tl.where((a + 1 < n_cell)[:, None], y_next, y)
+        bad = (pm & ~ok)[:, :, None]
+        X = tl.where(bad, float("nan"), X)
+        V = tl.where(bad, float("nan"), V)
+        off = (cell[:, None, None] * T + t[None, :, None]) * D + d[None, None, :]
+        om = pm[:, :, None] & dm[None, None, :]
+        tl.store(X_ptr + off, X, mask=om)
+        tl.store(V_ptr + off, V, mask=om)
+
+    @triton.jit
+    def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr,
+                           B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
+                           DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, M: tl.constexpr,
+                           MP: tl.constexpr, CAP: tl.constexpr):
+        cell, t, d, cm, dm, pm, A, x0, tau, ok, lev, h, t_anchor = _load_block(
+            A_ptr, x0_ptr, dt_ptr, B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt,
+            theta, nu_max, DP, BB, BT)
+        off = (cell[:, None, None] * T + t[None, :, None]) * D + d[None, None, :]
+        om = pm[:, :, None] & dm[None, None, :]
+        gX = tl.load(gX_ptr + off, mask=om, other=0.0)
+        gV = tl.load(gV_ptr + off, mask=om, other=0.0)
+        slot = tl.arange(0, MP)[None, :, None]
+        ring_slot = tl.arange(0, CAP)[None, :, None]
+        dA = tl.zeros((BB, DP, DP), dtype=A.dtype)
+        dx0 = tl.zeros((BB, DP), dtype=A.dtype)
+        dtau = tl.zeros((BB, BT), dtype=A.dtype)
+        for s in tl.static_range(2):
+            if s == 0:
+                in_dir = ok & (tau >= 0)
+                step = h
+                r = tau - t_anchor
+            else:
+                in_dir = ok & (tau < 0)
+                step = -h
+                r = tau + t_anchor
+            n_cell = tl.max(tl.where(in_dir, lev + 1, 0), axis=1)
+            n_lev = tl.max(n_cell)
+            c = (n_lev + CAP - 1) // CAP  # checkpoint stride
+            ring = tl.zeros((BB, CAP, DP), dtype=A.dtype)
+            y = x0
+            for a in range(0, n_lev):
+                keep = (ring_slot == a // c) & (a % c == 0)
+                ring = tl.where(keep, y[:, None, :], ring)
+                y = _anchor_step(A, y, step, a, n_cell, M)
+            ybar = tl.zeros((BB, DP), dtype=A.dtype)  # adjoint of the next anchor state
+            for ia in range(0, n_lev):
+                a = n_lev - 1 - ia
+                seg = a // c
+                y = tl.sum(tl.where(ring_slot == seg, ring, 0.0), axis=1)
+                for i in range(0, a - seg * c):
+                    y = _anchor_step(A, y, step, seg * c + i, n_cell, M)
+                at2 = in_dir & (lev == a)
+                at = at2[:, :, None]
+                gXa = tl.where(at, gX, 0.0)
+                gVa = tl.where(at, gV, 0.0)
+                # Ascending j: Krylov vectors, direct adjoints chat_j, step powers, ddt.
+                K = y
+                Ks = tl.where(slot == 0, K[:, None, :], 0.0)
+                Cs = tl.where(slot == 0, tl.sum(gXa, axis=1)[:, None, :], 0.0)
+                Sp = tl.where(slot == 0, 1.0, tl.zeros((BB, MP, 1), dtype=A.dtype))
+                pw = tl.full((BB, BT), 1.0, A.dtype)   # r^(j-1) before the update, r^j after
+                pwm1 = tl.zeros((BB, BT), dtype=A.dtype)  # r^(j-2) before the update
+                sp = step
+                for j in tl.static_range(1, M + 2):
+                    K = tl.sum(A * K[:, None, :], axis=2) / j
+                    Ks = tl.where(slot == j, K[:, None, :], Ks)
+                    vk = tl.sum(gVa * K[:, None, :], axis=2)
+                    dr = (j * (j - 1)) * pwm1 * vk
+                    cvec = (j * pw)[:, :, None] * gVa
+                    if j <= M:
+                        dr += j * pw * tl.sum(gXa * K[:, None, :], axis=2)
+                        cvec += (pw * r)[:, :, None] * gXa
+                        Sp = tl.where(slot == j, sp[:, None, None], Sp)
+                        sp = sp * step
+                    dtau = tl.where(at2, dtau + dr, dtau)
+                    Cs = tl.where(slot == j, tl.sum(cvec, axis=1)[:, None, :], Cs)
+                    pwm1 = pw
+                    pw = pw * r
+                # Descending j: Kbar_j, dA += Kbar_j K_{j-1}^T / j, carry A^T Kbar_j / j.
+                carry = tl.zeros((BB, DP), dtype=A.dtype)
+                for jj in tl.static_range(0, M + 1):
+                    j = M + 1 - jj
+                    kbar = tl.sum(tl.where(slot == j, Cs, 0.0), axis=1) + carry
+                    if j <= M:
+                        kbar += tl.sum(tl.where(slot == j, Sp, 0.0), axis=1) * ybar
+                    kprev = tl.sum(tl.where(slot == j - 1, Ks, 0.0), axis=1)
+                    dA += kbar[:, :, None] * kprev[:, None, :] / j
+                    carry = tl.sum(A * kbar[:, :, None], axis=1) / j
+                ybar = tl.sum(tl.where(slot == 0, Cs, 0.0), axis=1) + carry + ybar
+            dx0 += ybar
+        # A pair with NaN/Inf or out-of-range inputs poisons its cell's gradients, as it would
+        # poison a dense computation; it is never silently dropped.
+        bad = pm & ~ok
+        cell_bad = tl.max(bad.to(tl.int32), axis=1) > 0
+        dA = tl.where(cell_bad[:, None, None], float("nan"), dA)
+        dx0 = tl.where(cell_bad[:, None], float("nan"), dx0)
+        dtau = tl.where(bad, float("nan"), dtau)
+        pid_t = tl.program_id(0).to(tl.int64) % n_tblocks
+        cmd = cm[:, None] & dm[None, :]
+        tl.store(dA_ptr + ((pid_t * B + cell[:, None, None]) * D + d[None, :, None]) * D + d[None, None, :],
+                 dA, mask=cmd[:, :, None] & dm[None, None, :])
+        tl.store(dx0_ptr + (pid_t * B + cell[:, None]) * D + d[None, :], dx0, mask=cmd)
+        tl.store(ddt_ptr + cell[:, None] * T + t[None, :], dtau, mask=pm)
+
+
+def _launch_args(A, x0, dt):
+    B, D = x0.shape
+    T = dt.shape[1]
+    theta, m = taylor_params(A.dtype)
+    cfg = block_config(D, T)
+    n_tblocks = triton.cdiv(T, cfg["BT"])
+    args = (B, T, D, n_tblocks, *A.stride(), *x0.stride(), *dt.stride(), theta, NU_MAX)
+    return B, T, D, m, cfg, n_tblocks, args
+
+
+def llstep_forward(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor):
+    """Launch the forward kernel; inputs validated, any strides; returns contiguous X, V (B,T,D)."""
+    B, T, D, m, cfg, n_tblocks, args = _launch_args(A, x0, dt)
+    X = torch.empty((B, T, D), dtype=A.dtype, device=A.device)
+    V = torch.empty_like(X)
+    grid = (triton.cdiv(B, cfg["BB"]) * n_tblocks,)
+    _llstep_fwd_kernel[grid](A, x0, dt, X, V, *args, DP=cfg["DP"], BB=cfg["BB"], BT=cfg["BT"], M=m,
+                             num_warps=cfg["num_warps"])
+    return X, V
+
+
+def llstep_backward(A, x0, dt, gX, gV):
+    """Launch the backward kernel; returns dA (B,D,D), dx0 (B,D), ddt (B,T)."""
+    B, T, D, m, cfg, n_tblocks, args = _launch_args(A, x0, dt)
+    gX = torch.zeros((B, T, D), dtype=A.dtype, device=A.device) if gX is None else gX.contiguous()
+    gV = torch.zeros((B, T, D), dtype=A.dtype, device=A.device) if gV is None else gV.contiguous()
+    dA = torch.empty((n_tblocks, B, D, D), dtype=A.dtype, device=A.device)
+    dx0 = torch.empty((n_tblocks, B, D), dtype=A.dtype, device=A.device)
+    ddt = torch.empty((B, T), dtype=A.dtype, device=A.device)
+    grid = (triton.cdiv(B, cfg["BB_BWD"]) * n_tblocks,)
+    _llstep_bwd_kernel[grid](A, x0, dt, gX, gV, dA, dx0, ddt, *args, DP=cfg["DP"], BB=cfg["BB_BWD"],
+                             BT=cfg["BT"], M=m, MP=next_power_of_2(m + 2), CAP=CAP,
+                             num_warps=cfg["num_warps"])
+    if n_tblocks == 1:
+        return dA[0], dx0[0], ddt
+    return dA.sum(0), dx0.sum(0), ddt
+
+
+class LocalLinearStepFunction(torch.autograd.Function):
+    """Autograd wrapper: forward and backward are one kernel launch each (plus a time-block sum)."""
+
+    @staticmethod
+    def forward(ctx, A, x0, dt):
+        X, V = llstep_forward(A, x0, dt)
+        ctx.save_for_backward(A, x0, dt)
+        return X, V
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gX, gV):
+        A, x0, dt = ctx.saved_tensors
+        return llstep_backward(A, x0, dt, gX, gV)
+
+
+@torch.compiler.disable
+def local_linear_step_triton(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor):
+    """X, V (B,T,D) through the Triton kernels; inputs validated; differentiable in A, x0, dt."""
+    B, T = dt.shape
+    if B == 0 or T == 0:
+        X = torch.zeros((B, T, x0.shape[1]), dtype=A.dtype, device=A.device)
+        return X, X.clone()
+    return LocalLinearStepFunction.apply(A, x0, dt)

@@ -1,0 +1,71 @@
+"""Shared helpers for the ops: optional Triton import, dtype support, input checks."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: without it the torch paths serve.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    """Whether Triton kernels can run on tensors of ``device`` in this process."""
+    if not HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and triton_interpreted()
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def check_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
+    """Type, dtype and rank of one input; errors name the argument."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; only torch.float32 and torch.float64 are supported")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc}; got a {t.dim()}-d tensor of shape {tuple(t.shape)}")
+
+
+def check_same_dtype_device(**tensors: torch.Tensor) -> None:
+    names = list(tensors)
+    first = tensors[names[0]]
+    for n in names[1:]:
+        t = tensors[n]
+        if t.dtype != first.dtype:
+            raise TypeError(f"{names[0]} and {n} must share one dtype; got {first.dtype} and {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{names[0]} and {n} must be on one device; got {first.device} and {t.device}")
+
+
+def count_nonfinite(**tensors: torch.Tensor) -> dict[str, int]:
+    """Number of NaN/Inf entries per named tensor, with a single host synchronisation."""
+    names = list(tensors)
+    counts = torch.stack([(~torch.isfinite(tensors[n].detach())).sum() for n in names]).tolist()
+    return dict(zip(names, counts))
+
+
+def raise_if_nonfinite(**tensors: torch.Tensor) -> None:
+    for name, bad in count_nonfinite(**tensors).items():
+        if bad:
+            total = tensors[name].numel()
+            raise ValueError(f"{name} has {bad} non-finite entries (NaN or Inf) out of {total}")

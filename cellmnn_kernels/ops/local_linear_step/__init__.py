@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import HAS_TRITON, triton_usable_on
-from .common import MAX_TRITON_D, NU_MAX, check_values, validate_inputs
+from .common import MAX_TRITON_D, NU_MAX, check_overflow, check_values, validate_inputs
 from .naive import local_linear_step_reference
 from .torch_impl import local_linear_step_torch
 
@@ -50,10 +50,11 @@ def local_linear_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, backe
         dt: (B, T) time offsets (target time minus the cell's own time); any sign, zero allowed.
         backend: "auto" (triton for CUDA tensors, torch otherwise), "triton", "torch" or
             "reference" (dense matrix exponential per pair: the oracle, slow).
-        check_finite: reject NaN/Inf inputs and ||dt * A||_1 > NU_MAX with a ValueError.  This
-            costs one host synchronisation; the default (None) checks CPU tensors and skips CUDA
-            tensors.  Unchecked, a pair with such inputs yields NaN in X and V (and its cell's
-            gradients), never a finite wrong value.
+        check_finite: raise ValueError for NaN/Inf inputs, for ||dt * A||_1 > NU_MAX, and for
+            results that overflow the dtype (true values beyond its range).  This costs a host
+            synchronisation; the default (None) checks CPU tensors and skips CUDA tensors.
+            Unchecked, a pair with bad inputs yields NaN in X and V (and in its cell's
+            gradients), and an overflowing pair yields Inf or NaN: never a finite wrong value.
 
     Returns:
         X, V: (B, T, D), dtype and device of the inputs (float32 or float64; one dtype for all
@@ -66,8 +67,8 @@ def local_linear_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, backe
         check_finite = A.device.type != "cuda"
     if check_finite:
         check_values(A, x0, dt)
-    if backend == "reference":
-        return local_linear_step_reference(A, x0, dt)
-    if backend == "torch":
-        return local_linear_step_torch(A, x0, dt)
-    return _triton_impl()(A, x0, dt)
+    impl = {"reference": local_linear_step_reference, "torch": local_linear_step_torch}.get(backend)
+    X, V = (impl or _triton_impl())(A, x0, dt)
+    if check_finite:
+        check_overflow(X, V)
+    return X, V

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import check_same_dtype_device, check_tensor, raise_if_nonfinite
+from ..utils import check_same_dtype_device, check_tensor, count_nonfinite, raise_if_nonfinite
 
 # dtype -> (theta, m): step norm bound and Taylor degree.
 #   float32: 1.0^12 / 12! * e^2   = 1.5e-8  <= 2^-24 = 6.0e-8
@@ -75,4 +75,14 @@ def check_values(A, x0, dt) -> None:
         raise ValueError(
             f"dt * A is out of range: max ||dt * A||_1 = {nu:.4g} exceeds {NU_MAX:.0e}; "
             "rescale the time axis or the operators"
+        )
+
+
+def check_overflow(X: torch.Tensor, V: torch.Tensor) -> None:
+    """Finite inputs whose exact result exceeds the dtype's range: say so instead of returning Inf."""
+    counts = count_nonfinite(X=X, V=V)
+    if counts["X"] or counts["V"]:
+        raise ValueError(
+            f"the result overflows {X.dtype}: {counts['X']} entries of X and {counts['V']} of V are "
+            "beyond its range (||expm(dt * A) x0|| is too large); use float64 or smaller dt * A"
         )

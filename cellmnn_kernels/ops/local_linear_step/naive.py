@@ -13,7 +13,8 @@ def local_linear_step_reference(A: torch.Tensor, x0: torch.Tensor, dt: torch.Ten
 
     A (B, D, D), x0 (B, D), dt (B, T) -> X, V (B, T, D). Differentiable by autograd.
     """
-    E = torch.linalg.matrix_exp(dt[:, :, None, None] * A[:, None, :, :])
+    # .contiguous(): matrix_exp rejects some strided batches (torch 2.13, "view size is not compatible").
+    E = torch.linalg.matrix_exp((dt[:, :, None, None] * A[:, None, :, :]).contiguous())
     X = torch.einsum("btij,bj->bti", E, x0)
     V = torch.einsum("bij,btj->bti", A, X)
     return X, V

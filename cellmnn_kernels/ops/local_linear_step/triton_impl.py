@@ -21,25 +21,30 @@ from __future__ import annotations
 import torch
 
 from ..utils import HAS_TRITON, next_power_of_2, tl, triton
-from .common import NU_MAX, taylor_params
+from .common import MAX_TRITON_D, NU_MAX, taylor_params
 
 CAP = 16  # anchor checkpoints held in registers by the backward kernel
 
 
-def block_config(D: int, T: int) -> dict:
-    """Compile-time configuration the launchers choose for (D, T); see ``all_configs``."""
+def block_config(D: int, T: int, dtype: torch.dtype) -> dict:
+    """Compile-time configuration the launchers choose; ``all_configs`` lists every one.
+
+    Blocks are sized so that per-pair tensors (BB, BT, DP) hold about 1024 and the cells'
+    operators (BB, DP, DP) at most 2048 32-bit registers' worth per program (half for float64).
+    """
     DP = max(2, next_power_of_2(D))
     BT = 4 if T <= 4 else 16
-    BB = max(1, min(2048 // (BT * DP), 4096 // (DP * DP), 64))
+    scale = 2 if dtype == torch.float64 else 1
+    BB = max(1, min(1024 // (BT * DP * scale), 2048 // (DP * DP * scale), 64))
     return dict(DP=DP, BT=BT, BB=BB, BB_BWD=max(1, BB // 2), num_warps=4 if DP <= 16 else 8)
 
 
-def all_configs():
+def all_configs(dtype: torch.dtype):
     """Every configuration ``block_config`` can return for D in 1..64 (for ahead-of-time compiles)."""
     seen = {}
-    for D in range(1, 65):
+    for D in range(1, MAX_TRITON_D + 1):
         for T in (1, 16):
-            c = block_config(D, T)
+            c = block_config(D, T, dtype)
             seen[(c["DP"], c["BT"])] = c
     return list(seen.values())
 
@@ -70,6 +75,16 @@ if HAS_TRITON:
         return cell, t, d, cm, dm, pm, A, x0, tau, ok, lev_f.to(tl.int32), h, t_anchor
 
     @triton.jit
+    def _direction(tau, ok, lev, h, t_anchor, s):
+        """Pairs of direction s (0: dt >= 0, 1: dt < 0), their remainders, the anchor step and
+        the number of anchor levels each cell needs."""
+        sgn = 1.0 - 2.0 * s
+        in_dir = ok & ((tau < 0).to(tl.int32) == s)
+        r = tau - sgn * t_anchor
+        n_cell = tl.max(tl.where(in_dir, lev + 1, 0), axis=1)
+        return in_dir, r, sgn * h, n_cell
+
+    @triton.jit
     def _anchor_step(A, y, step, a, n_cell, M: tl.constexpr):
         """y_{a+1} = sum_{j<=M} step^j A^j y_a / j!, the forward march's arithmetic exactly.
 
@@ -78,7 +93,7 @@ if HAS_TRITON:
         K = y
         y_next = y
         sp = step
-        for j in tl.static_range(1, M + 1):
+        for j in range(1, M + 1):
             K = tl.sum(A * K[:, None, :], axis=2) / j
             y_next = y_next + sp[:, None] * K
             sp = sp * step
@@ -93,33 +108,25 @@ if HAS_TRITON:
             theta, nu_max, DP, BB, BT)
         X = tl.zeros((BB, BT, DP), dtype=A.dtype)
         V = tl.zeros((BB, BT, DP), dtype=A.dtype)
-        for s in tl.static_range(2):
-            if s == 0:
-                in_dir = ok & (tau >= 0)
-                step = h
-                r = tau - t_anchor
-            else:
-                in_dir = ok & (tau < 0)
-                step = -h
-                r = tau + t_anchor
-            n_cell = tl.max(tl.where(in_dir, lev + 1, 0), axis=1)
-            n_lev = tl.max(n_cell)
+        for s in range(0, 2):
+            in_dir, r, step, n_cell = _direction(tau, ok, lev, h, t_anchor, s)
             y = x0
-            for a in range(0, n_lev):
+            for a in range(0, tl.max(n_cell)):
                 at = (in_dir & (lev == a))[:, :, None]
                 K = y
                 X = tl.where(at, X + K[:, None, :], X)
-                pw = tl.full((BB, BT), 1.0, A.dtype)  # r^(j-1) before the update, r^j after
+                pw = tl.full((BB, BT), 1.0, A.dtype)  # r^(j-1) at the top of iteration j
                 y_next = y
                 sp = step
-                for j in tl.static_range(1, M + 2):
+                for j in range(1, M + 1):
                     K = tl.sum(A * K[:, None, :], axis=2) / j
                     V = tl.where(at, V + (j * pw)[:, :, None] * K[:, None, :], V)
-                    if j <= M:
-                        pw = pw * r
-                        X = tl.where(at, X + pw[:, :, None] * K[:, None, :], X)
-                        y_next = y_next + sp[:, None] * K
-                        sp = sp * step
+                    pw = pw * r
+                    X = tl.where(at, X + pw[:, :, None] * K[:, None, :], X)
+                    y_next = y_next + sp[:, None] * K
+                    sp = sp * step
+                K = tl.sum(A * K[:, None, :], axis=2) / (M + 1)  # K_{M+1}: V only
+                V = tl.where(at, V + ((M + 1) * pw)[:, :, None] * K[:, None, :], V)
                 y = tl.where((a + 1 < n_cell)[:, None], y_next, y)
         bad = (pm & ~ok)[:, :, None]
         X = tl.where(bad, float("nan"), X)
@@ -146,16 +153,8 @@ if HAS_TRITON:
         dA = tl.zeros((BB, DP, DP), dtype=A.dtype)
         dx0 = tl.zeros((BB, DP), dtype=A.dtype)
         dtau = tl.zeros((BB, BT), dtype=A.dtype)
-        for s in tl.static_range(2):
-            if s == 0:
-                in_dir = ok & (tau >= 0)
-                step = h
-                r = tau - t_anchor
-            else:
-                in_dir = ok & (tau < 0)
-                step = -h
-                r = tau + t_anchor
-            n_cell = tl.max(tl.where(in_dir, lev + 1, 0), axis=1)
+        for s in range(0, 2):
+            in_dir, r, step, n_cell = _direction(tau, ok, lev, h, t_anchor, s)
             n_lev = tl.max(n_cell)
             c = (n_lev + CAP - 1) // CAP  # checkpoint stride
             ring = tl.zeros((BB, CAP, DP), dtype=A.dtype)
@@ -175,36 +174,39 @@ if HAS_TRITON:
                 at = at2[:, :, None]
                 gXa = tl.where(at, gX, 0.0)
                 gVa = tl.where(at, gV, 0.0)
-                # Ascending j: Krylov vectors, direct adjoints chat_j, step powers, ddt.
+                # Ascending j: Krylov vectors K_j, direct adjoints chat_j, step powers, ddt.
                 K = y
                 Ks = tl.where(slot == 0, K[:, None, :], 0.0)
                 Cs = tl.where(slot == 0, tl.sum(gXa, axis=1)[:, None, :], 0.0)
                 Sp = tl.where(slot == 0, 1.0, tl.zeros((BB, MP, 1), dtype=A.dtype))
-                pw = tl.full((BB, BT), 1.0, A.dtype)   # r^(j-1) before the update, r^j after
-                pwm1 = tl.zeros((BB, BT), dtype=A.dtype)  # r^(j-2) before the update
+                pw = tl.full((BB, BT), 1.0, A.dtype)  # r^(j-1) at the top of iteration j
+                pwm1 = tl.zeros((BB, BT), dtype=A.dtype)  # r^(j-2) at the top of iteration j
                 sp = step
-                for j in tl.static_range(1, M + 2):
+                for j in range(1, M + 1):
                     K = tl.sum(A * K[:, None, :], axis=2) / j
                     Ks = tl.where(slot == j, K[:, None, :], Ks)
-                    vk = tl.sum(gVa * K[:, None, :], axis=2)
-                    dr = (j * (j - 1)) * pwm1 * vk
-                    cvec = (j * pw)[:, :, None] * gVa
-                    if j <= M:
-                        dr += j * pw * tl.sum(gXa * K[:, None, :], axis=2)
-                        cvec += (pw * r)[:, :, None] * gXa
-                        Sp = tl.where(slot == j, sp[:, None, None], Sp)
-                        sp = sp * step
+                    dr = (j * (j - 1)) * pwm1 * tl.sum(gVa * K[:, None, :], axis=2) \
+                        + j * pw * tl.sum(gXa * K[:, None, :], axis=2)
                     dtau = tl.where(at2, dtau + dr, dtau)
+                    cvec = (j * pw)[:, :, None] * gVa + (pw * r)[:, :, None] * gXa
                     Cs = tl.where(slot == j, tl.sum(cvec, axis=1)[:, None, :], Cs)
+                    Sp = tl.where(slot == j, sp[:, None, None], Sp)
+                    sp = sp * step
                     pwm1 = pw
                     pw = pw * r
+                K = tl.sum(A * K[:, None, :], axis=2) / (M + 1)  # K_{M+1} enters V only
+                Ks = tl.where(slot == M + 1, K[:, None, :], Ks)
+                dr = ((M + 1) * M) * pwm1 * tl.sum(gVa * K[:, None, :], axis=2)
+                dtau = tl.where(at2, dtau + dr, dtau)
+                cvec = ((M + 1) * pw)[:, :, None] * gVa
+                Cs = tl.where(slot == M + 1, tl.sum(cvec, axis=1)[:, None, :], Cs)
                 # Descending j: Kbar_j, dA += Kbar_j K_{j-1}^T / j, carry A^T Kbar_j / j.
+                # Sp holds 0 in slot M+1: the next anchor does not use K_{M+1}.
                 carry = tl.zeros((BB, DP), dtype=A.dtype)
-                for jj in tl.static_range(0, M + 1):
+                for jj in range(0, M + 1):
                     j = M + 1 - jj
-                    kbar = tl.sum(tl.where(slot == j, Cs, 0.0), axis=1) + carry
-                    if j <= M:
-                        kbar += tl.sum(tl.where(slot == j, Sp, 0.0), axis=1) * ybar
+                    kbar = tl.sum(tl.where(slot == j, Cs, 0.0), axis=1) + carry \
+                        + tl.sum(tl.where(slot == j, Sp, 0.0), axis=1) * ybar
                     kprev = tl.sum(tl.where(slot == j - 1, Ks, 0.0), axis=1)
                     dA += kbar[:, :, None] * kprev[:, None, :] / j
                     carry = tl.sum(A * kbar[:, :, None], axis=1) / j
@@ -229,7 +231,7 @@ def _launch_args(A, x0, dt):
     B, D = x0.shape
     T = dt.shape[1]
     theta, m = taylor_params(A.dtype)
-    cfg = block_config(D, T)
+    cfg = block_config(D, T, A.dtype)
     n_tblocks = triton.cdiv(T, cfg["BT"])
     args = (B, T, D, n_tblocks, *A.stride(), *x0.stride(), *dt.stride(), theta, NU_MAX)
     return B, T, D, m, cfg, n_tblocks, args

@@ -1,0 +1,18 @@
+import os
+
+# Triton reads TRITON_INTERPRET when a kernel is defined: set it before any kernel module loads.
+# Without a GPU the kernels then run on CPU tensors through the interpreter.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# "ci" keeps the default run short; HYPOTHESIS_PROFILE=thorough explores more.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,348 @@
+"""local_linear_step: the torch and triton backends against a float64 matrix-exponential oracle.
+
+Tolerances (the accuracy contract of the README), per (cell, time) pair with ||dt A||_1 <= 30:
+    ||X - X_ref|| <= RTOL * (||X_ref|| + 1e-6 ||x0||)
+    ||V - V_ref|| <= RTOL * (||V_ref|| + 1e-6 ||A||_1 ||x0||)      (V = A X has the scale ||A|| ||X||)
+RTOL = 1e-4 in float32: unit roundoff 6e-8, about 30 anchor steps of some ten roundings each, and
+the growth of rounding errors with non-normal operators stay well below it.  RTOL = 1e-9 in
+float64 (roundoff 1.1e-16) by the same count.  Gradients are compared as relative Frobenius
+errors over the batch: 1e-3 (float32) and 1e-7 (float64).  The oracle is always evaluated in
+float64 on the very inputs the backend saw (upcast), so input rounding is not counted.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cellmnn_kernels import local_linear_step
+from cellmnn_kernels.ops.local_linear_step import local_linear_step_reference, resolve_backend
+from cellmnn_kernels.ops.local_linear_step.common import NU_MAX
+from cellmnn_kernels.ops.utils import HAS_TRITON, triton_usable_on
+
+RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+GRAD_RTOL = {torch.float32: 1e-3, torch.float64: 1e-7}
+DTYPES = [torch.float32, torch.float64]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KINDS = ["random", "decaying", "growing", "mixed", "nonnormal", "rotation", "diagonal"]
+
+
+def backend_param(name):
+    usable = name != "triton" or triton_usable_on(torch.device(DEVICE))
+    reason = "triton is not installed" if not HAS_TRITON else "needs CUDA or TRITON_INTERPRET=1"
+    return pytest.param(name, marks=[] if usable else pytest.mark.skip(reason=reason), id=name)
+
+
+BACKENDS = [backend_param("torch"), backend_param("triton")]
+
+
+# ----------------------------------------------------------------------------- input generation
+
+def make_operator(rng, D, kind):
+    """One D x D operator of a given spectral type, unit scale (rescaled to the wanted norm later)."""
+    if kind == "random":
+        return rng.standard_normal((D, D))
+    if kind == "rotation":
+        M = rng.standard_normal((D, D))
+        return M - M.T
+    if kind == "diagonal":
+        return np.diag(rng.uniform(-1.0, 1.0, D))
+    if kind == "nonnormal":  # upper triangular, off-diagonal as large as the eigenvalues
+        return np.diag(rng.uniform(-1.0, 0.5, D)) + np.triu(rng.uniform(-1.0, 1.0, (D, D)), 1)
+    lam = {"decaying": -rng.uniform(0.01, 1.0, D),
+           "growing": rng.uniform(0.01, 1.0, D),
+           "mixed": rng.choice([-1.0, 1.0], D) * np.geomspace(1.0, 1e-3, D)}[kind]
+    S = np.eye(D) + 0.3 * rng.standard_normal((D, D)) / math.sqrt(D)
+    return S @ np.diag(lam) @ np.linalg.inv(S)
+
+
+def build_inputs(seed, B, T, D, kind, nu, sign, dtype, layout="contiguous", device=DEVICE):
+    """A (B,D,D), x0 (B,D), dt (B,T) with max_k ||dt[b,k] A[b]||_1 = nu for every cell."""
+    rng = np.random.default_rng(seed)
+    A = np.stack([make_operator(rng, D, kind) for _ in range(B)])
+    x0 = rng.standard_normal((B, D))
+    dt = rng.uniform(0.05, 1.0, (B, T))
+    if sign == "neg":
+        dt = -dt
+    elif sign == "mixed":
+        dt = dt * rng.choice([-1.0, 1.0], (B, T))
+        dt[0, 0] = 0.0
+    reach = np.abs(dt).max(axis=1) * np.abs(A).sum(axis=1).max(axis=1)
+    A = A * np.where(reach > 0, nu / np.where(reach > 0, reach, 1.0), 1.0)[:, None, None]
+    A, x0, dt = (torch.tensor(v, dtype=dtype, device=device) for v in (A, x0, dt))
+    if layout == "strided":  # same values, non-contiguous storage
+        A = A.transpose(1, 2).contiguous().transpose(1, 2)
+        big = torch.zeros(B, 2 * D, dtype=dtype, device=device)
+        big[:, ::2] = x0
+        x0 = big[:, ::2]
+        dt = dt.t().contiguous().t()
+    return A, x0, dt
+
+
+@st.composite
+def cases(draw, max_B=4, max_T=6, max_D=8, max_nu=30.0):
+    return dict(seed=draw(st.integers(0, 2**32 - 1)), B=draw(st.integers(1, max_B)),
+                T=draw(st.integers(1, max_T)), D=draw(st.integers(1, max_D)),
+                kind=draw(st.sampled_from(KINDS)), nu=draw(st.floats(0.0, max_nu)),
+                sign=draw(st.sampled_from(["pos", "neg", "mixed"])),
+                layout=draw(st.sampled_from(["contiguous", "strided"])))
+
+
+# ----------------------------------------------------------------------------- checks
+
+def oracle(A, x0, dt):
+    return local_linear_step_reference(A.double(), x0.double(), dt.double())
+
+
+def assert_pairs_close(X, V, A, x0, dt, rtol):
+    Xr, Vr = oracle(A, x0, dt)
+    nx0 = x0.double().norm(dim=-1)[:, None]
+    nA = A.double().abs().sum(dim=1).amax(dim=1)[:, None]
+    for name, Y, Yr, floor in (("X", X, Xr, nx0), ("V", V, Vr, nA * nx0)):
+        assert Y.shape == Yr.shape and Y.dtype == A.dtype and Y.device == A.device
+        err = (Y.double() - Yr).norm(dim=-1)
+        tol = rtol * (Yr.norm(dim=-1) + 1e-6 * floor)
+        if not (err <= tol).all():
+            worst = (err / tol).nan_to_num(float("inf")).max().item()
+            pytest.fail(f"{name}: worst error is {worst:.3g} x the tolerance")
+
+
+def grads(backend, A, x0, dt, gX, gV):
+    A, x0, dt = (t.detach().clone().requires_grad_() for t in (A, x0, dt))
+    X, V = local_linear_step(A, x0, dt, backend=backend)
+    torch.autograd.backward([X, V], [gX.to(X.dtype), gV.to(X.dtype)])
+    return A.grad, x0.grad, dt.grad
+
+
+def assert_grads_close(backend, A, x0, dt, rtol, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (*dt.shape, x0.shape[1])
+    gX = torch.randn(shape, generator=g, dtype=torch.float64).to(A.device)
+    gV = torch.randn(shape, generator=g, dtype=torch.float64).to(A.device)
+    got = grads(backend, A, x0, dt, gX, gV)
+    ref = grads("reference", A.double(), x0.double(), dt.double(), gX, gV)
+    for name, a, b in zip(("A", "x0", "dt"), got, ref):
+        assert a.dtype == A.dtype
+        scale = b.norm().item()
+        err = (a.double() - b).norm().item()
+        assert err <= rtol * max(scale, 1e-30), f"d{name}: relative error {err / max(scale, 1e-30):.3g}"
+
+
+# ----------------------------------------------------------------------------- property tests
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases())
+def test_forward_matches_oracle(backend, dtype, case):
+    A, x0, dt = build_inputs(dtype=dtype, **case)
+    X, V = local_linear_step(A, x0, dt, backend=backend)
+    assert_pairs_close(X, V, A, x0, dt, RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=15)
+@given(case=cases(max_B=3, max_T=4, max_D=6, max_nu=8.0))
+def test_gradients_match_oracle(backend, dtype, case):
+    A, x0, dt = build_inputs(dtype=dtype, **case)
+    assert_grads_close(backend, A, x0, dt, GRAD_RTOL[dtype], seed=case["seed"] % 1000)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["decaying", "nonnormal", "growing"])
+def test_gradients_at_the_edge_of_the_contract(backend, dtype, kind):
+    # ||dt A||_1 = 30: 30 (float32) or 60 (float64) anchors, more than the backward kernel's
+    # 16 checkpoints, so anchor states are recomputed between checkpoints.
+    A, x0, dt = build_inputs(7, 2, 3, 4, kind, 30.0, "mixed", dtype)
+    assert_grads_close(backend, A, x0, dt, GRAD_RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    A, x0, dt = build_inputs(3, 2, 3, 3, "random", 2.5, "mixed", torch.float64)
+    inputs = tuple(t.detach().clone().requires_grad_() for t in (A, x0, dt))
+    fn = lambda a, x, d: local_linear_step(a, x, d, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D,T,B", [(33, 3, 2), (64, 2, 1), (16, 37, 5), (3, 20, 40)])
+def test_large_d_and_many_blocks(backend, D, T, B):
+    # Non-power-of-two and maximal D; several time blocks and cell blocks per launch.
+    A, x0, dt = build_inputs(11, B, T, D, "random", 3.0, "mixed", torch.float32)
+    X, V = local_linear_step(A, x0, dt, backend=backend)
+    assert_pairs_close(X, V, A, x0, dt, RTOL[torch.float32])
+    assert_grads_close(backend, A, x0, dt, GRAD_RTOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------- exact cases
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_time_and_zero_operator_return_x0(backend, dtype):
+    A, x0, dt = build_inputs(1, 3, 4, 5, "random", 4.0, "pos", dtype)
+    dt[:, 1] = 0.0
+    X, V = local_linear_step(A, x0, dt, backend=backend)
+    assert torch.equal(X[:, 1], x0)
+    torch.testing.assert_close(V[:, 1], torch.einsum("bij,bj->bi", A, x0), rtol=RTOL[dtype], atol=0)
+    X, V = local_linear_step(torch.zeros_like(A), x0, dt, backend=backend)
+    assert torch.equal(X, x0[:, None, :].expand_as(X))
+    assert torch.equal(V, torch.zeros_like(V))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scalar_and_diagonal_operators_are_elementwise_exponentials(backend, dtype):
+    # Oracle independent of matrix_exp: exp of each diagonal entry.
+    rng = np.random.default_rng(5)
+    for D in (1, 6):
+        lam = rng.uniform(-20.0, 3.0, (4, D))
+        dt = rng.uniform(-1.0, 1.5, (4, 3))
+        x0 = rng.standard_normal((4, D))
+        want_X = np.exp(dt[:, :, None] * lam[:, None, :]) * x0[:, None, :]
+        want_V = lam[:, None, :] * want_X
+        A = torch.diag_embed(torch.tensor(lam, dtype=dtype))
+        X, V = local_linear_step(A, torch.tensor(x0, dtype=dtype), torch.tensor(dt, dtype=dtype),
+                                 backend=backend)
+        rtol = RTOL[dtype]
+        np.testing.assert_allclose(X.double().cpu().numpy(), want_X, rtol=rtol, atol=rtol * 1e-6)
+        np.testing.assert_allclose(V.double().cpu().numpy(), want_V, rtol=rtol, atol=rtol * 1e-6 * 20)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotation_is_cos_sin(backend, dtype):
+    w = torch.tensor([0.5, 3.0, 7.0], dtype=torch.float64)
+    A = torch.zeros(3, 2, 2, dtype=torch.float64)
+    A[:, 0, 1], A[:, 1, 0] = -w, w
+    x0 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]], dtype=torch.float64)
+    dt = torch.tensor([[0.0, 0.7, -2.0, 4.0]] * 3, dtype=torch.float64)
+    c, s = torch.cos(w[:, None] * dt), torch.sin(w[:, None] * dt)
+    want = torch.stack([c * x0[:, :1] - s * x0[:, 1:], s * x0[:, :1] + c * x0[:, 1:]], dim=-1)
+    X, _ = local_linear_step(A.to(dtype), x0.to(dtype), dt.to(dtype), backend=backend)
+    torch.testing.assert_close(X.double(), want.to(X.device), rtol=RTOL[dtype], atol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strongly_decaying_operators(backend, dtype):
+    # Eigenvalues down to -30 at dt = 1: X is e^-30 ~ 1e-13 times x0, still to full relative accuracy.
+    D = 4
+    lam = torch.tensor([[-30.0] * D, [-30.0, -10.0, -1.0, -0.1]], dtype=dtype)
+    A = torch.diag_embed(lam)
+    A[1] += torch.triu(torch.ones(D, D, dtype=dtype), 1)  # non-normal coupling
+    x0 = torch.ones(2, D, dtype=dtype)
+    dt = torch.tensor([[1.0, 0.5], [0.9, 0.3]], dtype=dtype)
+    X, V = local_linear_step(A.to(DEVICE), x0.to(DEVICE), dt.to(DEVICE), backend=backend)
+    assert_pairs_close(X, V, A.to(DEVICE), x0.to(DEVICE), dt.to(DEVICE), RTOL[dtype])
+
+
+# ----------------------------------------------------------------------------- beyond the contract
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nu", [100.0, 400.0])
+def test_beyond_the_contract_is_finite_where_the_truth_is(backend, dtype, nu):
+    A, x0, dt = build_inputs(2, 2, 3, 3, "decaying", nu, "pos", dtype)
+    X, V = local_linear_step(A, x0, dt, backend=backend)
+    Xr, Vr = oracle(A, x0, dt)
+    assert torch.isfinite(Xr).all() and torch.isfinite(X).all() and torch.isfinite(V).all()
+    # Still close: the scheme has no accuracy cliff at 30, only more anchor steps.
+    scale = x0.double().norm(dim=-1)[:, None]
+    assert ((X.double() - Xr).norm(dim=-1) <= 1e3 * RTOL[dtype] * (Xr.norm(dim=-1) + 1e-6 * scale)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflow_is_an_error_or_non_finite(backend):
+    # e^100 overflows float32: checked, a clear error; unchecked, Inf/NaN for that pair only.
+    A, x0, dt = torch.full((1, 1, 1), 100.0), torch.ones(1, 1), torch.tensor([[1.0, 0.5]])
+    with pytest.raises(ValueError, match="overflows torch.float32"):
+        local_linear_step(A, x0, dt, backend=backend)
+    X, V = local_linear_step(A, x0, dt, backend=backend, check_finite=False)
+    assert not torch.isfinite(X[0, 0]).any() and not torch.isfinite(V[0, 0]).any()
+    torch.testing.assert_close(X[0, 1], torch.exp(torch.tensor([50.0])), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_bad_values_give_nan_not_garbage(backend):
+    A, x0, dt = build_inputs(4, 3, 4, 3, "random", 2.0, "pos", torch.float32)
+    dt[1, 2] = float("nan")
+    dt[2, 0] = 10 * NU_MAX  # far out of range
+    X, V = local_linear_step(A, x0, dt, backend=backend, check_finite=False)
+    assert torch.isnan(X[1, 2]).all() and torch.isnan(V[2, 0]).all()
+    good = torch.ones(3, 4, dtype=torch.bool)
+    good[1, 2] = good[2, 0] = False
+    Xr, _ = oracle(A, x0, dt.nan_to_num(0.0))
+    assert torch.isfinite(X[good]).all()
+    torch.testing.assert_close(X[good].double(), Xr[good], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- API contract
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_shapes_dtypes_and_empty_batches(backend):
+    for B, T in ((0, 3), (2, 0)):
+        A, x0, dt = torch.zeros(B, 4, 4), torch.zeros(B, 4), torch.zeros(B, T)
+        X, V = local_linear_step(A, x0, dt, backend=backend)
+        assert X.shape == V.shape == (B, T, 4)
+    A, x0, dt = build_inputs(0, 2, 1, 3, "random", 1.0, "pos", torch.float64)
+    X, V = local_linear_step(A, x0, dt, backend=backend)
+    assert X.shape == (2, 1, 3) and X.dtype == torch.float64 and X.is_contiguous()
+
+
+def test_auto_backend_choice():
+    assert resolve_backend("auto", torch.device("cpu"), 5) == "torch"
+    if HAS_TRITON:
+        assert resolve_backend("auto", torch.device("cuda"), 5) == "triton"
+        assert resolve_backend("auto", torch.device("cuda"), 65) == "torch"
+
+
+def _bad(**over):
+    A, x0, dt = torch.randn(2, 3, 3), torch.randn(2, 3), torch.rand(2, 4)
+    args = dict(A=A, x0=x0, dt=dt)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    (_bad(A=torch.randn(3, 3)), ValueError, r"A must have shape \(B, D, D\)"),
+    (_bad(A=torch.randn(2, 3, 4)), ValueError, "square"),
+    (_bad(x0=torch.randn(3, 3)), ValueError, r"x0 must have shape \(B, D\) = \(2, 3\)"),
+    (_bad(x0=torch.randn(2, 4)), ValueError, "x0 must have shape"),
+    (_bad(dt=torch.rand(3, 4)), ValueError, "dt must have shape"),
+    (_bad(dt=torch.rand(2)), ValueError, r"dt must have shape \(B, T\)"),
+    (_bad(dt=torch.ones(2, 4, dtype=torch.int64)), TypeError, "dt has dtype torch.int64"),
+    (_bad(A=torch.randn(2, 3, 3, dtype=torch.float16)), TypeError, "A has dtype torch.float16"),
+    (_bad(x0=torch.randn(2, 3, dtype=torch.float64)), TypeError, "must share one dtype"),
+    (_bad(dt=np.ones((2, 4))), TypeError, "dt must be a torch.Tensor"),
+    (_bad(dt=torch.ones(2, 4, device="meta")), ValueError, "must be on one device"),
+    (_bad(A=torch.zeros(2, 0, 0), x0=torch.zeros(2, 0)), ValueError, "D >= 1"),
+    (_bad(dt=torch.tensor([[0.1, float("nan"), 0.2, 0.3]] * 2)), ValueError, "dt has 2 non-finite"),
+    (_bad(A=torch.full((2, 3, 3), float("inf"))), ValueError, "A has 18 non-finite"),
+    (_bad(x0=torch.tensor([[1.0, float("nan"), 0.0]] * 2)), ValueError, "x0 has 2 non-finite"),
+    (_bad(dt=torch.full((2, 4), 1e5)), ValueError, "out of range"),
+])
+def test_bad_input_is_refused(args, exc, match):
+    with pytest.raises(exc, match=match):
+        local_linear_step(**args)
+
+
+def test_bad_backend_names():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        local_linear_step(**_bad(), backend="cuda")
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="supports D <= 64"):
+            local_linear_step(torch.zeros(1, 65, 65), torch.zeros(1, 65), torch.zeros(1, 1), backend="triton")
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        local_linear_step(**_bad(), backend="triton")

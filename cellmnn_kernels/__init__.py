@@ -1,5 +1,6 @@
 """Fast ops for Cell-MNN: Triton kernels with a pure-PyTorch fallback and a dense reference."""
+from .modules import LocalLinearStep
 from .ops.local_linear_step import local_linear_step
 
-__all__ = ["local_linear_step"]
+__all__ = ["local_linear_step", "LocalLinearStep"]
 __version__ = "0.1.0"

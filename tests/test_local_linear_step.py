@@ -346,3 +346,34 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         local_linear_step(**_bad(), backend="triton")
+
+
+def test_module_layer_matches_the_op():
+    from cellmnn_kernels import LocalLinearStep
+
+    A, x0, dt = build_inputs(9, 3, 2, 4, "random", 2.0, "mixed", torch.float32)
+    layer = LocalLinearStep(backend="torch")
+    for got, want in zip(layer(A, x0, dt), local_linear_step(A, x0, dt, backend="torch")):
+        assert torch.equal(got, want)
+
+
+def test_package_imports_and_runs_without_triton():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
+        "import torch, cellmnn_kernels\n"
+        "from cellmnn_kernels.ops.utils import HAS_TRITON\n"
+        "assert not HAS_TRITON\n"
+        "X, V = cellmnn_kernels.local_linear_step(torch.eye(2)[None], torch.ones(1, 2), torch.ones(1, 3))\n"
+        "assert torch.allclose(X, torch.full((1, 3, 2), 2.718281828))\n"
+        "try:\n"
+        "    cellmnn_kernels.local_linear_step(torch.eye(2)[None], torch.ones(1, 2), torch.ones(1, 3), backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not installed' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('triton backend without triton must raise')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -54,7 +54,12 @@ if HAS_TRITON:
     @triton.jit
     def _load_block(A_ptr, x0_ptr, dt_ptr, B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt,
                     theta, nu_max, DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr):
-        """Inputs of one program and its anchor layout (levels, remainders, anchor step)."""
+        """Inputs of one program and its anchor layout.
+
+        Returns the scaled operators Z = h A with h = theta / ||A||_1 (where A = 0, h = max |dt|
+        so that gradients at A = 0 stay exact), 1/h, and per pair its level and normalised signed
+        remainder rho = (dt - anchor time) / h, |rho| <= 1.
+        """
         pid = tl.program_id(0).to(tl.int64)
         cell = (pid // n_tblocks) * BB + tl.arange(0, BB)
         t = (pid % n_tblocks) * BT + tl.arange(0, BT)
@@ -69,68 +74,72 @@ if HAS_TRITON:
         nrm = tl.max(tl.sum(tl.abs(A), axis=1), axis=1)  # ||A||_1, (BB,)
         nu = tl.abs(tau) * nrm[:, None]
         ok = pm & (nu <= nu_max)  # false for NaN/Inf and out-of-range pairs
-        lev_f = tl.where(ok, tl.floor(nu / theta), 0.0)
-        h = theta / tl.where(nrm > 0, nrm, 1.0)  # unused where nrm == 0 (every level is 0)
-        t_anchor = tl.where(lev_f > 0, lev_f * h[:, None], 0.0)
-        return cell, t, d, cm, dm, pm, A, x0, tau, ok, lev_f.to(tl.int32), h, t_anchor
+        lev = tl.floor(tl.where(ok, nu / theta, 0.0))
+        live = nrm > 0
+        reach = tl.max(tl.where(ok, tl.abs(tau), 0.0), axis=1)
+        h_dead = tl.where(reach > 0, reach, 1.0)
+        h = tl.where(live, theta / tl.where(live, nrm, 1.0), h_dead)
+        inv_h = tl.where(live, nrm / theta, 1.0 / h_dead)
+        rho = tau * inv_h[:, None] - tl.where(tau < 0, -lev, lev)
+        Z = A * h[:, None, None]
+        return cell, t, d, cm, dm, pm, Z, x0, tau, ok, lev.to(tl.int32), rho, h, inv_h
 
     @triton.jit
-    def _direction(tau, ok, lev, h, t_anchor, s):
-        """Pairs of direction s (0: dt >= 0, 1: dt < 0), their remainders, the anchor step and
-        the number of anchor levels each cell needs."""
-        sgn = 1.0 - 2.0 * s
+    def _direction(tau, ok, lev, s):
+        """Pairs of direction s (0: dt >= 0, 1: dt < 0) and the anchor levels each cell needs."""
         in_dir = ok & ((tau < 0).to(tl.int32) == s)
-        r = tau - sgn * t_anchor
         n_cell = tl.max(tl.where(in_dir, lev + 1, 0), axis=1)
-        return in_dir, r, sgn * h, n_cell
+        return in_dir, n_cell
 
     @triton.jit
-    def _anchor_step(A, y, step, a, n_cell, M: tl.constexpr):
-        """y_{a+1} = sum_{j<=M} step^j A^j y_a / j!, the forward march's arithmetic exactly.
+    def _anchor_step(Z, y, sgn, a, n_cell, M: tl.constexpr):
+        """y_{a+1} = sum_{j<=M} (sgn Z)^j y_a / j!, the forward march's arithmetic exactly.
 
         Cells whose pairs need no anchor beyond a keep y (no pointless growth or overflow).
         """
         K = y
         y_next = y
-        sp = step
+        sj = sgn
         for j in range(1, M + 1):
-            K = tl.sum(A * K[:, None, :], axis=2) / j
-            y_next = y_next + sp[:, None] * K
-            sp = sp * step
+            K = tl.sum(Z * K[:, None, :], axis=2) / j
+            y_next = y_next + sj * K
+            sj = sj * sgn
         return tl.where((a + 1 < n_cell)[:, None], y_next, y)
 
     @triton.jit
     def _llstep_fwd_kernel(A_ptr, x0_ptr, dt_ptr, X_ptr, V_ptr, B, T, D, n_tblocks,
                            sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
                            DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, M: tl.constexpr):
-        cell, t, d, cm, dm, pm, A, x0, tau, ok, lev, h, t_anchor = _load_block(
+        cell, t, d, cm, dm, pm, Z, x0, tau, ok, lev, rho, h, inv_h = _load_block(
             A_ptr, x0_ptr, dt_ptr, B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt,
             theta, nu_max, DP, BB, BT)
-        X = tl.zeros((BB, BT, DP), dtype=A.dtype)
-        V = tl.zeros((BB, BT, DP), dtype=A.dtype)
+        # K_j = Z^j y / j! at each anchor; X = sum_{j<=M} rho^j K_j; V = A X = (1/h) sum_j j rho^(j-1) K_j.
+        X = tl.zeros((BB, BT, DP), dtype=Z.dtype)
+        Vh = tl.zeros((BB, BT, DP), dtype=Z.dtype)  # h V
         for s in range(0, 2):
-            in_dir, r, step, n_cell = _direction(tau, ok, lev, h, t_anchor, s)
+            in_dir, n_cell = _direction(tau, ok, lev, s)
+            sgn = 1.0 - 2.0 * s
             y = x0
             for a in range(0, tl.max(n_cell)):
                 at = (in_dir & (lev == a))[:, :, None]
                 K = y
                 X = tl.where(at, X + K[:, None, :], X)
-                pw = tl.full((BB, BT), 1.0, A.dtype)  # r^(j-1) at the top of iteration j
+                pw = tl.full((BB, BT), 1.0, Z.dtype)  # rho^(j-1) at the top of iteration j
                 y_next = y
-                sp = step
+                sj = sgn
                 for j in range(1, M + 1):
-                    K = tl.sum(A * K[:, None, :], axis=2) / j
-                    V = tl.where(at, V + (j * pw)[:, :, None] * K[:, None, :], V)
-                    pw = pw * r
+                    K = tl.sum(Z * K[:, None, :], axis=2) / j
+                    Vh = tl.where(at, Vh + (j * pw)[:, :, None] * K[:, None, :], Vh)
+                    pw = pw * rho
                     X = tl.where(at, X + pw[:, :, None] * K[:, None, :], X)
-                    y_next = y_next + sp[:, None] * K
-                    sp = sp * step
-                K = tl.sum(A * K[:, None, :], axis=2) / (M + 1)  # K_{M+1}: V only
-                V = tl.where(at, V + ((M + 1) * pw)[:, :, None] * K[:, None, :], V)
+                    y_next = y_next + sj * K
+                    sj = sj * sgn
+                K = tl.sum(Z * K[:, None, :], axis=2) / (M + 1)  # K_{M+1}: V only
+                Vh = tl.where(at, Vh + ((M + 1) * pw)[:, :, None] * K[:, None, :], Vh)
                 y = tl.where((a + 1 < n_cell)[:, None], y_next, y)
         bad = (pm & ~ok)[:, :, None]
         X = tl.where(bad, float("nan"), X)
-        V = tl.where(bad, float("nan"), V)
+        V = tl.where(bad, float("nan"), Vh * inv_h[:, None, None])
         off = (cell[:, None, None] * T + t[None, :, None]) * D + d[None, None, :]
         om = pm[:, :, None] & dm[None, None, :]
         tl.store(X_ptr + off, X, mask=om)
@@ -141,77 +150,77 @@ if HAS_TRITON:
                            B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
                            DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, M: tl.constexpr,
                            MP: tl.constexpr, CAP: tl.constexpr):
-        cell, t, d, cm, dm, pm, A, x0, tau, ok, lev, h, t_anchor = _load_block(
+        cell, t, d, cm, dm, pm, Z, x0, tau, ok, lev, rho, h, inv_h = _load_block(
             A_ptr, x0_ptr, dt_ptr, B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt,
             theta, nu_max, DP, BB, BT)
         off = (cell[:, None, None] * T + t[None, :, None]) * D + d[None, None, :]
         om = pm[:, :, None] & dm[None, None, :]
         gX = tl.load(gX_ptr + off, mask=om, other=0.0)
-        gV = tl.load(gV_ptr + off, mask=om, other=0.0)
+        gVh = tl.load(gV_ptr + off, mask=om, other=0.0) * inv_h[:, None, None]  # upstream of h V
         slot = tl.arange(0, MP)[None, :, None]
         ring_slot = tl.arange(0, CAP)[None, :, None]
-        dA = tl.zeros((BB, DP, DP), dtype=A.dtype)
-        dx0 = tl.zeros((BB, DP), dtype=A.dtype)
-        dtau = tl.zeros((BB, BT), dtype=A.dtype)
+        dZ = tl.zeros((BB, DP, DP), dtype=Z.dtype)
+        dx0 = tl.zeros((BB, DP), dtype=Z.dtype)
+        drho = tl.zeros((BB, BT), dtype=Z.dtype)
         for s in range(0, 2):
-            in_dir, r, step, n_cell = _direction(tau, ok, lev, h, t_anchor, s)
+            in_dir, n_cell = _direction(tau, ok, lev, s)
+            sgn = 1.0 - 2.0 * s
             n_lev = tl.max(n_cell)
             c = (n_lev + CAP - 1) // CAP  # checkpoint stride
-            ring = tl.zeros((BB, CAP, DP), dtype=A.dtype)
+            ring = tl.zeros((BB, CAP, DP), dtype=Z.dtype)
             y = x0
             for a in range(0, n_lev):
                 keep = (ring_slot == a // c) & (a % c == 0)
                 ring = tl.where(keep, y[:, None, :], ring)
-                y = _anchor_step(A, y, step, a, n_cell, M)
-            ybar = tl.zeros((BB, DP), dtype=A.dtype)  # adjoint of the next anchor state
+                y = _anchor_step(Z, y, sgn, a, n_cell, M)
+            ybar = tl.zeros((BB, DP), dtype=Z.dtype)  # adjoint of the next anchor state
             for ia in range(0, n_lev):
                 a = n_lev - 1 - ia
                 seg = a // c
                 y = tl.sum(tl.where(ring_slot == seg, ring, 0.0), axis=1)
                 for i in range(0, a - seg * c):
-                    y = _anchor_step(A, y, step, seg * c + i, n_cell, M)
+                    y = _anchor_step(Z, y, sgn, seg * c + i, n_cell, M)
                 at2 = in_dir & (lev == a)
                 at = at2[:, :, None]
                 gXa = tl.where(at, gX, 0.0)
-                gVa = tl.where(at, gV, 0.0)
-                # Ascending j: Krylov vectors K_j, direct adjoints chat_j, step powers, ddt.
+                gVa = tl.where(at, gVh, 0.0)
+                # Ascending j: Krylov vectors K_j, direct adjoints chat_j, d rho.
                 K = y
                 Ks = tl.where(slot == 0, K[:, None, :], 0.0)
                 Cs = tl.where(slot == 0, tl.sum(gXa, axis=1)[:, None, :], 0.0)
-                Sp = tl.where(slot == 0, 1.0, tl.zeros((BB, MP, 1), dtype=A.dtype))
-                pw = tl.full((BB, BT), 1.0, A.dtype)  # r^(j-1) at the top of iteration j
-                pwm1 = tl.zeros((BB, BT), dtype=A.dtype)  # r^(j-2) at the top of iteration j
-                sp = step
+                pw = tl.full((BB, BT), 1.0, Z.dtype)  # rho^(j-1) at the top of iteration j
+                pwm1 = tl.zeros((BB, BT), dtype=Z.dtype)  # rho^(j-2) at the top of iteration j
                 for j in range(1, M + 1):
-                    K = tl.sum(A * K[:, None, :], axis=2) / j
+                    K = tl.sum(Z * K[:, None, :], axis=2) / j
                     Ks = tl.where(slot == j, K[:, None, :], Ks)
                     dr = (j * (j - 1)) * pwm1 * tl.sum(gVa * K[:, None, :], axis=2) \
                         + j * pw * tl.sum(gXa * K[:, None, :], axis=2)
-                    dtau = tl.where(at2, dtau + dr, dtau)
-                    cvec = (j * pw)[:, :, None] * gVa + (pw * r)[:, :, None] * gXa
+                    drho = tl.where(at2, drho + dr, drho)
+                    cvec = (j * pw)[:, :, None] * gVa + (pw * rho)[:, :, None] * gXa
                     Cs = tl.where(slot == j, tl.sum(cvec, axis=1)[:, None, :], Cs)
-                    Sp = tl.where(slot == j, sp[:, None, None], Sp)
-                    sp = sp * step
                     pwm1 = pw
-                    pw = pw * r
-                K = tl.sum(A * K[:, None, :], axis=2) / (M + 1)  # K_{M+1} enters V only
+                    pw = pw * rho
+                K = tl.sum(Z * K[:, None, :], axis=2) / (M + 1)  # K_{M+1} enters V only
                 Ks = tl.where(slot == M + 1, K[:, None, :], Ks)
                 dr = ((M + 1) * M) * pwm1 * tl.sum(gVa * K[:, None, :], axis=2)
-                dtau = tl.where(at2, dtau + dr, dtau)
+                drho = tl.where(at2, drho + dr, drho)
                 cvec = ((M + 1) * pw)[:, :, None] * gVa
                 Cs = tl.where(slot == M + 1, tl.sum(cvec, axis=1)[:, None, :], Cs)
-                # Descending j: Kbar_j, dA += Kbar_j K_{j-1}^T / j, carry A^T Kbar_j / j.
-                # Sp holds 0 in slot M+1: the next anchor does not use K_{M+1}.
-                carry = tl.zeros((BB, DP), dtype=A.dtype)
+                # Descending j: Kbar_j = chat_j + [j<=M] sgn^j ybar + Z^T Kbar_{j+1} / (j+1);
+                # dZ += Kbar_j K_{j-1}^T / j.
+                carry = tl.zeros((BB, DP), dtype=Z.dtype)
                 for jj in range(0, M + 1):
                     j = M + 1 - jj
-                    kbar = tl.sum(tl.where(slot == j, Cs, 0.0), axis=1) + carry \
-                        + tl.sum(tl.where(slot == j, Sp, 0.0), axis=1) * ybar
+                    kbar = tl.sum(tl.where(slot == j, Cs, 0.0), axis=1) + carry
+                    if jj > 0:  # j <= M: the next anchor uses K_j with coefficient sgn^j
+                        kbar += (1.0 - 2.0 * ((s * j) % 2)) * ybar
                     kprev = tl.sum(tl.where(slot == j - 1, Ks, 0.0), axis=1)
-                    dA += kbar[:, :, None] * kprev[:, None, :] / j
-                    carry = tl.sum(A * kbar[:, :, None], axis=1) / j
+                    dZ += kbar[:, :, None] * kprev[:, None, :] / j
+                    carry = tl.sum(Z * kbar[:, :, None], axis=1) / j
                 ybar = tl.sum(tl.where(slot == 0, Cs, 0.0), axis=1) + carry + ybar
             dx0 += ybar
+        dA = dZ * h[:, None, None]
+        dtau = drho * inv_h[:, None]
         # A pair with NaN/Inf or out-of-range inputs poisons its cell's gradients, as it would
         # poison a dense computation; it is never silently dropped.
         bad = pm & ~ok

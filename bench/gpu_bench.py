@@ -1,0 +1,178 @@
+"""One call on a GPU machine: correctness subset with compiled kernels, then benchmarks.
+
+    python bench/gpu_bench.py --out "$OUT" [--test-timeout 150] [--quick]
+
+1. runs the op tests on CUDA tensors (compiled Triton kernels, not the interpreter);
+2. measures the device copy bandwidth (torch copy of 1 GiB, triton.testing.do_bench median);
+3. times local_linear_step forward and forward+backward for each backend, B*T from 1e3 to 1e7
+   (T = 16) and D in {5, 16, 64}, medians from do_bench; skips sizes a backend cannot hold;
+4. prints a short table last and writes gpu_bench.json and gpu_bench.md under --out.
+Forward "roofline" counts only unavoidable bytes: A and x0 once per cell, dt read and X, V
+written once per pair.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+MEM_LIMIT = 0.6  # fraction of device memory a single benchmark may plan to use
+
+
+def run_tests(timeout: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+           os.path.join(ROOT, "tests", "test_local_linear_step.py")]
+    t0 = time.time()
+    try:
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        tail = (res.stdout + res.stderr).strip().splitlines()[-15:]
+        return {"returncode": res.returncode, "seconds": round(time.time() - t0, 1), "tail": tail}
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return {"returncode": "timeout", "seconds": timeout, "tail": out.strip().splitlines()[-15:]}
+
+
+def copy_bandwidth(do_bench) -> float:
+    n = 1 << 28  # 1 GiB of float32
+    src = torch.empty(n, device="cuda", dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    del src, dst
+    return 2 * n * 4 / (ms * 1e-3)
+
+
+def planned_bytes(backend: str, B: int, T: int, D: int, mode: str) -> float:
+    P = B * T
+    io = 4 * (B * D * D + B * D + P + 2 * P * D)
+    if backend == "reference":  # (B,T,D,D) batches; the backward runs 2D x 2D exponentials
+        return io + 4 * P * D * D * (8 if mode == "fwd" else 40)
+    if backend == "torch":  # Horner states (2m+2) x (B,D,T), plus anchor tables
+        return io + 4 * P * D * 30 * (1 if mode == "fwd" else 2)
+    return io * (1 if mode == "fwd" else 2.5)
+
+
+def bench_step(do_bench, sizes, dims, backends, budget_s):
+    from bench_local_linear_step import make_inputs
+
+    from cellmnn_kernels import local_linear_step
+
+    total_mem = torch.cuda.get_device_properties(0).total_memory
+    rows, t_start = [], time.time()
+    for D in dims:
+        for P in sizes:
+            T = 16
+            B = max(1, P // T)
+            for backend in backends:
+                for mode in ("fwd", "fwd+bwd"):
+                    row = {"D": D, "B": B, "T": T, "pairs": B * T, "backend": backend, "mode": mode}
+                    if planned_bytes(backend, B, T, D, mode) > MEM_LIMIT * total_mem:
+                        rows.append({**row, "skipped": "memory"})
+                        continue
+                    if time.time() - t_start > budget_s:
+                        rows.append({**row, "skipped": "time budget"})
+                        continue
+                    A, x0, dt = make_inputs(B, T, D, device="cuda")
+                    if mode == "fwd+bwd":
+                        A, x0, dt = (t.requires_grad_() for t in (A, x0, dt))
+                        gX = torch.ones(B, T, D, device="cuda")
+
+                        def fn():
+                            X, V = local_linear_step(A, x0, dt, backend=backend, check_finite=False)
+                            torch.autograd.backward([X, V], [gX, gX])
+                    else:
+                        def fn():
+                            local_linear_step(A, x0, dt, backend=backend, check_finite=False)
+                    try:
+                        ms = do_bench(fn, warmup=5, rep=50, grad_to_none=[A, x0, dt] if mode != "fwd" else None,
+                                      return_mode="median")
+                        row["ms"] = ms
+                    except torch.cuda.OutOfMemoryError:
+                        row["skipped"] = "out of memory"
+                    rows.append(row)
+                    del A, x0, dt
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def summarise(rows, copy_bw):
+    by_key = {(r["D"], r["pairs"], r["mode"], r["backend"]): r for r in rows if "ms" in r}
+    for r in rows:
+        if "ms" not in r:
+            continue
+        ref = by_key.get((r["D"], r["pairs"], r["mode"], "reference"))
+        if ref and r["backend"] != "reference":
+            r["speedup_vs_reference"] = ref["ms"] / r["ms"]
+        if r["mode"] == "fwd":
+            B, T, D = r["B"], r["T"], r["D"]
+            nbytes = 4 * (B * D * D + B * D + B * T + 2 * B * T * D)
+            r["GBps"] = nbytes / (r["ms"] * 1e-3) / 1e9
+            r["fraction_of_copy_bw"] = nbytes / (r["ms"] * 1e-3) / copy_bw
+    return rows
+
+
+def markdown(meta, rows) -> str:
+    lines = [f"# local_linear_step on {meta['device']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}; copy bandwidth {meta['copy_GBps']:.0f} GB/s; "
+             f"tests: {meta['tests']['returncode']} in {meta['tests']['seconds']} s", "",
+             "| D | B*T | mode | backend | median ms | x reference | GB/s | of copy BW |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ms" not in r:
+            lines.append(f"| {r['D']} | {r['pairs']:.0e} | {r['mode']} | {r['backend']} | skipped: {r['skipped']} | | | |")
+            continue
+        sp = f"{r['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in r else ""
+        gb = f"{r['GBps']:.0f}" if "GBps" in r else ""
+        fr = f"{100 * r['fraction_of_copy_bw']:.0f}%" if "fraction_of_copy_bw" in r else ""
+        lines.append(f"| {r['D']} | {r['pairs']:.0e} | {r['mode']} | {r['backend']} | {r['ms']:.4g} | {sp} | {gb} | {fr} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--test-timeout", type=int, default=150)
+    ap.add_argument("--bench-budget", type=float, default=240.0, help="seconds for the timing sweep")
+    ap.add_argument("--quick", action="store_true", help="smaller sweep (sizes up to 1e6)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to do")
+        return 2
+    import triton
+    from triton.testing import do_bench
+
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    meta["tests"] = run_tests(args.test_timeout)
+    print("tests:", meta["tests"]["returncode"], *meta["tests"]["tail"][-3:], sep="\n  ")
+    copy_bw = copy_bandwidth(do_bench)
+    meta["copy_GBps"] = copy_bw / 1e9
+    sizes = [10 ** k for k in range(3, 7 if args.quick else 8)]
+    rows = bench_step(do_bench, sizes, (5, 16, 64), ("triton", "torch", "reference"), args.bench_budget)
+    rows = summarise(rows, copy_bw)
+    write_atomic(os.path.join(args.out, "gpu_bench.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = markdown(meta, rows)
+    write_atomic(os.path.join(args.out, "gpu_bench.md"), md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

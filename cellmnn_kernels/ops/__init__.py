@@ -1,3 +1,1 @@
-from .local_linear_step import local_linear_step
-
-__all__ = ["local_linear_step"]
+"""The ops: one subpackage per op (kernels, fast torch path, reference)."""

@@ -15,6 +15,8 @@ the anchor layout is piecewise constant and carries no gradient.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .common import NU_MAX, operator_norm1, taylor_params
@@ -62,7 +64,7 @@ def _anchor_states(P: torch.Tensor, y0: torch.Tensor, active: list[int], rank, l
     D = y0.shape[1]
     n_levels = len(active)
     if n_levels == 1:
-        return y0[rank]
+        return _gather_rows(y0, rank)
     blocks = [y0.unsqueeze(-1)]  # block k holds levels [start_k, start_k + width_k) as (n, D, width)
     starts, widths = [0], [1]
     Q, span = P, 1
@@ -88,7 +90,32 @@ def _anchor_states(P: torch.Tensor, y0: torch.Tensor, active: list[int], rank, l
         start = torch.tensor(starts, device=dev)[k]
         width = torch.tensor(widths, device=dev)[k]
         row = first_row[k] + rank * width + (level - start)
-    return table[row]
+    return _gather_rows(table, row)
+
+
+def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for a (rows, D) table; index_select's backward (index_add) is much faster on
+    CPU than advanced indexing's (index_put with accumulation)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[-1])
+
+
+def _taylor_matrix(Z: torch.Tensor, m: int) -> torch.Tensor:
+    """sum_{k<=m} Z^k / k! for a batch (n, D, D), Paterson-Stockmeyer: about 2 sqrt(m) products
+    instead of m (Higham, Functions of Matrices, 2008, sec. 4.4.3)."""
+    s = max(1, math.isqrt(m))
+    eye = torch.eye(Z.shape[-1], dtype=Z.dtype, device=Z.device).expand_as(Z)
+    powers = [eye, Z]
+    for _ in range(s - 1):
+        powers.append(torch.bmm(powers[-1], Z))
+
+    def block(lo):  # sum_{k=lo}^{min(lo+s-1, m)} Z^(k-lo) / k!
+        return sum(powers[k - lo] / math.factorial(k) for k in range(lo, min(lo + s, m + 1)))
+
+    starts = list(range(0, m + 1, s))
+    P = block(starts[-1])
+    for lo in reversed(starts[:-1]):
+        P = block(lo) + torch.bmm(powers[s], P)
+    return P
 
 
 def local_linear_step_torch(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor):
@@ -105,15 +132,11 @@ def local_linear_step_torch(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor)
     lane_cell, lane_step, active, rank, level, t_anchor, ok = _anchor_layout(A, dt, theta)
 
     n0 = active[0]
-    lane_cell = lane_cell[:n0]
     P = None
-    if len(active) > 1:  # P = p(step * A) by Horner on matrices
-        eye = torch.eye(D, dtype=A.dtype, device=A.device)
-        Z = lane_step[:n0, None, None] * A[lane_cell]
-        P = eye + Z / m
-        for j in range(m - 1, 0, -1):
-            P = eye + torch.bmm(Z, P) / j
-    y = _anchor_states(P, x0[lane_cell], active, rank, level)
+    if len(active) > 1:  # anchor step p(step * A) of the lanes that march
+        n1 = active[1]
+        P = _taylor_matrix(lane_step[:n1, None, None] * A.index_select(0, lane_cell[:n1]), m)
+    y = _anchor_states(P, x0.index_select(0, lane_cell[:n0]), active, rank, level)
     X, V = _PairHorner.apply(A, y, dt - t_anchor, m)
     if not bool(ok.all()):
         X = torch.where(ok[:, :, None], X, float("nan"))
@@ -132,9 +155,11 @@ class _PairHorner(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, y, r, m):
         B, T, D = y.shape
-        # hs[i] = h_{m-i} (hs[0] = y, hs[m] = X) and Ahs[i] = A h_{m-i}, in one allocation.
-        buf = torch.empty(2 * m + 2, B, D, T, dtype=y.dtype, device=y.device)
-        hs, Ahs = buf[: m + 1], buf[m + 1 :]
+        # hs[i] = h_{m-i} (hs[0] = y, hs[m] = X) and Ahs[i] = A h_{m-i}.
+        # Two allocations rather than one: blocks under glibc's 32 MB mmap ceiling are reused
+        # between calls instead of being faulted in afresh.
+        hs = torch.empty(m + 1, B, D, T, dtype=y.dtype, device=y.device)
+        Ahs = torch.empty_like(hs)
         hs[0].copy_(y.transpose(1, 2))
         rD = r.unsqueeze(1).expand(B, D, T).contiguous()  # same-shape operands take the fast path
         for i, j in enumerate(range(m, 0, -1)):
@@ -142,15 +167,14 @@ class _PairHorner(torch.autograd.Function):
             torch.addcmul(hs[0], Ahs[i], rD, value=1.0 / j, out=hs[i + 1])
         torch.bmm(A, hs[m], out=Ahs[m])
         ctx.m = m
-        ctx.save_for_backward(A, rD, buf)
+        ctx.save_for_backward(A, rD, hs, Ahs)
         return hs[m].transpose(1, 2).contiguous(), Ahs[m].transpose(1, 2).contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gX, gV):
         m = ctx.m
-        A, rD, buf = ctx.saved_tensors
-        hs, Ahs = buf[: m + 1], buf[m + 1 :]
+        A, rD, hs, Ahs = ctx.saved_tensors
         X = hs[-1]
         At = A.transpose(1, 2)
         gbar = torch.zeros_like(X) if gX is None else gX.transpose(1, 2).contiguous()

@@ -11,8 +11,6 @@ float64 on the very inputs the backend saw (upcast), so input rounding is not co
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -23,12 +21,12 @@ from cellmnn_kernels import local_linear_step
 from cellmnn_kernels.ops.local_linear_step import local_linear_step_reference, resolve_backend
 from cellmnn_kernels.ops.local_linear_step.common import NU_MAX
 from cellmnn_kernels.ops.utils import HAS_TRITON, triton_usable_on
+from cellmnn_kernels.testing import KINDS, build_inputs as _build_inputs
 
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 GRAD_RTOL = {torch.float32: 1e-3, torch.float64: 1e-7}
 DTYPES = [torch.float32, torch.float64]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KINDS = ["random", "decaying", "growing", "mixed", "nonnormal", "rotation", "diagonal"]
 
 
 def backend_param(name):
@@ -40,47 +38,9 @@ def backend_param(name):
 BACKENDS = [backend_param("torch"), backend_param("triton")]
 
 
-# ----------------------------------------------------------------------------- input generation
-
-def make_operator(rng, D, kind):
-    """One D x D operator of a given spectral type, unit scale (rescaled to the wanted norm later)."""
-    if kind == "random":
-        return rng.standard_normal((D, D))
-    if kind == "rotation":
-        M = rng.standard_normal((D, D))
-        return M - M.T
-    if kind == "diagonal":
-        return np.diag(rng.uniform(-1.0, 1.0, D))
-    if kind == "nonnormal":  # upper triangular, off-diagonal as large as the eigenvalues
-        return np.diag(rng.uniform(-1.0, 0.5, D)) + np.triu(rng.uniform(-1.0, 1.0, (D, D)), 1)
-    lam = {"decaying": -rng.uniform(0.01, 1.0, D),
-           "growing": rng.uniform(0.01, 1.0, D),
-           "mixed": rng.choice([-1.0, 1.0], D) * np.geomspace(1.0, 1e-3, D)}[kind]
-    S = np.eye(D) + 0.3 * rng.standard_normal((D, D)) / math.sqrt(D)
-    return S @ np.diag(lam) @ np.linalg.inv(S)
-
-
-def build_inputs(seed, B, T, D, kind, nu, sign, dtype, layout="contiguous", device=DEVICE):
-    """A (B,D,D), x0 (B,D), dt (B,T) with max_k ||dt[b,k] A[b]||_1 = nu for every cell."""
-    rng = np.random.default_rng(seed)
-    A = np.stack([make_operator(rng, D, kind) for _ in range(B)])
-    x0 = rng.standard_normal((B, D))
-    dt = rng.uniform(0.05, 1.0, (B, T))
-    if sign == "neg":
-        dt = -dt
-    elif sign == "mixed":
-        dt = dt * rng.choice([-1.0, 1.0], (B, T))
-        dt[0, 0] = 0.0
-    reach = np.abs(dt).max(axis=1) * np.abs(A).sum(axis=1).max(axis=1)
-    A = A * np.where(reach > 0, nu / np.where(reach > 0, reach, 1.0), 1.0)[:, None, None]
-    A, x0, dt = (torch.tensor(v, dtype=dtype, device=device) for v in (A, x0, dt))
-    if layout == "strided":  # same values, non-contiguous storage
-        A = A.transpose(1, 2).contiguous().transpose(1, 2)
-        big = torch.zeros(B, 2 * D, dtype=dtype, device=device)
-        big[:, ::2] = x0
-        x0 = big[:, ::2]
-        dt = dt.t().contiguous().t()
-    return A, x0, dt
+def build_inputs(*args, **kwargs):
+    kwargs.setdefault("device", DEVICE)
+    return _build_inputs(*args, **kwargs)
 
 
 @st.composite
@@ -207,9 +167,9 @@ def test_scalar_and_diagonal_operators_are_elementwise_exponentials(backend, dty
         x0 = rng.standard_normal((4, D))
         want_X = np.exp(dt[:, :, None] * lam[:, None, :]) * x0[:, None, :]
         want_V = lam[:, None, :] * want_X
-        A = torch.diag_embed(torch.tensor(lam, dtype=dtype))
-        X, V = local_linear_step(A, torch.tensor(x0, dtype=dtype), torch.tensor(dt, dtype=dtype),
-                                 backend=backend)
+        A = torch.diag_embed(torch.tensor(lam, dtype=dtype, device=DEVICE))
+        X, V = local_linear_step(A, torch.tensor(x0, dtype=dtype, device=DEVICE),
+                                 torch.tensor(dt, dtype=dtype, device=DEVICE), backend=backend)
         rtol = RTOL[dtype]
         np.testing.assert_allclose(X.double().cpu().numpy(), want_X, rtol=rtol, atol=rtol * 1e-6)
         np.testing.assert_allclose(V.double().cpu().numpy(), want_V, rtol=rtol, atol=rtol * 1e-6 * 20)
@@ -225,7 +185,7 @@ def test_rotation_is_cos_sin(backend, dtype):
     dt = torch.tensor([[0.0, 0.7, -2.0, 4.0]] * 3, dtype=torch.float64)
     c, s = torch.cos(w[:, None] * dt), torch.sin(w[:, None] * dt)
     want = torch.stack([c * x0[:, :1] - s * x0[:, 1:], s * x0[:, :1] + c * x0[:, 1:]], dim=-1)
-    X, _ = local_linear_step(A.to(dtype), x0.to(dtype), dt.to(dtype), backend=backend)
+    X, _ = local_linear_step(A.to(DEVICE, dtype), x0.to(DEVICE, dtype), dt.to(DEVICE, dtype), backend=backend)
     torch.testing.assert_close(X.double(), want.to(X.device), rtol=RTOL[dtype], atol=RTOL[dtype])
 
 
@@ -261,12 +221,12 @@ def test_beyond_the_contract_is_finite_where_the_truth_is(backend, dtype, nu):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_overflow_is_an_error_or_non_finite(backend):
     # e^100 overflows float32: checked, a clear error; unchecked, Inf/NaN for that pair only.
-    A, x0, dt = torch.full((1, 1, 1), 100.0), torch.ones(1, 1), torch.tensor([[1.0, 0.5]])
+    A, x0, dt = (t.to(DEVICE) for t in (torch.full((1, 1, 1), 100.0), torch.ones(1, 1), torch.tensor([[1.0, 0.5]])))
     with pytest.raises(ValueError, match="overflows torch.float32"):
-        local_linear_step(A, x0, dt, backend=backend)
+        local_linear_step(A, x0, dt, backend=backend, check_finite=True)
     X, V = local_linear_step(A, x0, dt, backend=backend, check_finite=False)
     assert not torch.isfinite(X[0, 0]).any() and not torch.isfinite(V[0, 0]).any()
-    torch.testing.assert_close(X[0, 1], torch.exp(torch.tensor([50.0])), rtol=1e-4, atol=0)
+    torch.testing.assert_close(X[0, 1].cpu(), torch.exp(torch.tensor([50.0])), rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -288,7 +248,7 @@ def test_unchecked_bad_values_give_nan_not_garbage(backend):
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_shapes_dtypes_and_empty_batches(backend):
     for B, T in ((0, 3), (2, 0)):
-        A, x0, dt = torch.zeros(B, 4, 4), torch.zeros(B, 4), torch.zeros(B, T)
+        A, x0, dt = (torch.zeros(*shape, device=DEVICE) for shape in ((B, 4, 4), (B, 4), (B, T)))
         X, V = local_linear_step(A, x0, dt, backend=backend)
         assert X.shape == V.shape == (B, T, 4)
     A, x0, dt = build_inputs(0, 2, 1, 3, "random", 1.0, "pos", torch.float64)

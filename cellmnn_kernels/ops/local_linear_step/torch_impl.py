@@ -2,16 +2,16 @@
 
 The anchored Taylor scheme of ``common.py`` in batched-GEMM form:
 
-1. anchor states: per lane (cell, direction of time) the step matrix P = p(step * A) and the
-   states y_l = P^l x0 for every anchor level l the lane needs.  Levels are filled by doubling
-   (levels [s, 2s) are P^s applied to levels [0, s)), so a lane with L levels costs log2(L)
-   batched products; lanes are sorted by L so that one outlier does not make all lanes march;
-2. every pair from its anchor state: X = p(r A) y by Horner on vectors, V = A X, with an
-   analytic backward (``_PairHorner``).
+1. anchor states: per lane (cell, direction of time) the step matrix P = p(step * A)
+   (Paterson-Stockmeyer) and the states y_l = P^l x0 for every anchor level l the lane needs,
+   one batched product per level; lanes are sorted by the number of levels they need, so one
+   outlier does not make all lanes march;
+2. every pair from its anchor state: X = p(r A) y by Horner on vectors, V = A X, in batched GEMMs
+   with an analytic backward (``_PairHorner``).
 
-Cost per pair O(m D^2) in a handful of large batched GEMMs, against O(D^3 log ||dt A||) plus a
-2D x 2D exponential in the backward for the dense reference.  Autograd differentiates step 1;
-the anchor layout is piecewise constant and carries no gradient.
+Cost per pair O(m D^2), against O(D^3 log ||dt A||) plus a 2D x 2D exponential in the backward
+for the dense reference.  Autograd differentiates step 1; the anchor layout is piecewise
+constant and carries no gradient.
 """
 from __future__ import annotations
 
@@ -59,38 +59,20 @@ def _anchor_layout(A: torch.Tensor, dt: torch.Tensor, theta: float):
 def _anchor_states(P: torch.Tensor, y0: torch.Tensor, active: list[int], rank, level):
     """States y_l = P^l y0 for every active (lane, level), gathered per pair -> (B, T, D).
 
-    P (n0, D, D), y0 (n0, D) for the n0 = active[0] lanes in sorted order.
+    P (n1, D, D) for the lanes that march, y0 (n0, D), lanes in sorted order.  The march is one
+    step per level (each rounding error is relative to the state it is made on).
     """
-    D = y0.shape[1]
-    n_levels = len(active)
-    if n_levels == 1:
+    if len(active) == 1:
         return _gather_rows(y0, rank)
-    blocks = [y0.unsqueeze(-1)]  # block k holds levels [start_k, start_k + width_k) as (n, D, width)
-    starts, widths = [0], [1]
-    Q, span = P, 1
-    while span < n_levels:
-        n, width = active[span], min(span, n_levels - span)
-        old = torch.cat([b[:n] for b in blocks], dim=-1)[:, :, :width]
-        blocks.append(torch.bmm(Q[:n], old))
-        starts.append(span)
-        widths.append(width)
-        span *= 2
-        if span < n_levels:
-            Q = torch.bmm(Q[: active[span]], Q[: active[span]])
-    table = torch.cat([b.transpose(1, 2).reshape(-1, D) for b in blocks])
-
+    y, states = y0, [y0]
+    for n in active[1:]:
+        y = torch.bmm(P[:n], y[:n, :, None]).squeeze(-1)
+        states.append(y)
     with torch.no_grad():
-        dev = level.device
-        sizes = torch.tensor([b.shape[0] * w for b, w in zip(blocks, widths)], device=dev)
+        sizes = torch.tensor(active, device=level.device)
         first_row = torch.cumsum(sizes, 0) - sizes
-        block_of = torch.zeros(n_levels, dtype=torch.long, device=dev)
-        for k, s in enumerate(starts[1:], start=1):
-            block_of[s:] = k
-        k = block_of[level]
-        start = torch.tensor(starts, device=dev)[k]
-        width = torch.tensor(widths, device=dev)[k]
-        row = first_row[k] + rank * width + (level - start)
-    return _gather_rows(table, row)
+        row = first_row[level] + rank
+    return _gather_rows(torch.cat(states), row)
 
 
 def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -181,13 +163,13 @@ class _PairHorner(torch.autograd.Function):
         dA = torch.zeros_like(A)
         if gV is not None:
             gV = gV.transpose(1, 2).contiguous()
-            gbar = gbar + torch.bmm(At, gV)
+            gbar = torch.baddbmm(gbar, At, gV)
             dA = torch.bmm(gV, X.transpose(1, 2))
         hbar, ybar, rsum = gbar, gbar.clone(), torch.zeros_like(gbar)
-        for j in range(1, m + 1):  # undo h_{j-1} = y + (r/j) A h_j
+        for j in range(1, m + 1):  # undo h_{j-1} = y + (r/j) A h_j; 1/j folded into alpha
             rsum.addcmul_(hbar, Ahs[m - j], value=1.0 / j)
-            left = torch.mul(hbar, rD).mul_(1.0 / j)
-            dA.baddbmm_(left, hs[m - j].transpose(1, 2))
-            hbar = torch.bmm(At, left)
+            left = hbar * rD
+            dA.baddbmm_(left, hs[m - j].transpose(1, 2), alpha=1.0 / j)
+            hbar = torch.baddbmm(hbar, At, left, beta=0.0, alpha=1.0 / j)
             ybar += hbar
         return dA, ybar.transpose(1, 2), rsum.sum(1), None

@@ -1,0 +1,53 @@
+"""Test inputs for the ops: operators of chosen spectral types at a chosen ||dt A||_1.
+
+Used by the tests and the accuracy report (``bench/accuracy_local_linear_step.py``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+KINDS = ["random", "decaying", "growing", "mixed", "nonnormal", "rotation", "diagonal"]
+
+
+def make_operator(rng, D, kind):
+    """One D x D operator of a given spectral type, unit scale (rescaled to the wanted norm later)."""
+    if kind == "random":
+        return rng.standard_normal((D, D))
+    if kind == "rotation":
+        M = rng.standard_normal((D, D))
+        return M - M.T
+    if kind == "diagonal":
+        return np.diag(rng.uniform(-1.0, 1.0, D))
+    if kind == "nonnormal":  # upper triangular, off-diagonal as large as the eigenvalues
+        return np.diag(rng.uniform(-1.0, 0.5, D)) + np.triu(rng.uniform(-1.0, 1.0, (D, D)), 1)
+    lam = {"decaying": -rng.uniform(0.01, 1.0, D),
+           "growing": rng.uniform(0.01, 1.0, D),
+           "mixed": rng.choice([-1.0, 1.0], D) * np.geomspace(1.0, 1e-3, D)}[kind]
+    S = np.eye(D) + 0.3 * rng.standard_normal((D, D)) / math.sqrt(D)
+    return S @ np.diag(lam) @ np.linalg.inv(S)
+
+
+def build_inputs(seed, B, T, D, kind, nu, sign, dtype, layout="contiguous", device="cpu"):
+    """A (B,D,D), x0 (B,D), dt (B,T) with max_k ||dt[b,k] A[b]||_1 = nu for every cell."""
+    rng = np.random.default_rng(seed)
+    A = np.stack([make_operator(rng, D, kind) for _ in range(B)])
+    x0 = rng.standard_normal((B, D))
+    dt = rng.uniform(0.05, 1.0, (B, T))
+    if sign == "neg":
+        dt = -dt
+    elif sign == "mixed":
+        dt = dt * rng.choice([-1.0, 1.0], (B, T))
+        dt[0, 0] = 0.0
+    reach = np.abs(dt).max(axis=1) * np.abs(A).sum(axis=1).max(axis=1)
+    A = A * np.where(reach > 0, nu / np.where(reach > 0, reach, 1.0), 1.0)[:, None, None]
+    A, x0, dt = (torch.tensor(v, dtype=dtype, device=device) for v in (A, x0, dt))
+    if layout == "strided":  # same values, non-contiguous storage
+        A = A.transpose(1, 2).contiguous().transpose(1, 2)
+        big = torch.zeros(B, 2 * D, dtype=dtype, device=device)
+        big[:, ::2] = x0
+        x0 = big[:, ::2]
+        dt = dt.t().contiguous().t()
+    return A, x0, dt

@@ -60,10 +60,16 @@ def kernel_specs() -> list[KernelSpec]:
     return specs
 
 
-def _ptxas() -> str:
+def _ptxas(arch: int) -> str:
+    """The ptxas that Triton itself uses for ``arch`` (its PTX version must match)."""
     import triton
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, TypeError):  # older Triton layouts
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def compile_one(spec: KernelSpec, arch: int) -> dict:
@@ -88,7 +94,7 @@ def compile_one(spec: KernelSpec, arch: int) -> dict:
             path = os.path.join(tmp, "k.ptx")
             with open(path, "w") as fh:
                 fh.write(ptx)
-            res = subprocess.run([_ptxas(), "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}",
+            res = subprocess.run([_ptxas(arch), "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}",
                                   path, "-o", os.path.join(tmp, "k.cubin")],
                                  capture_output=True, text=True)
         if res.returncode != 0:

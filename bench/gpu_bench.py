@@ -1,8 +1,9 @@
 """One call on a GPU machine: correctness subset with compiled kernels, then benchmarks.
 
-    python bench/gpu_bench.py --out "$OUT" [--test-timeout 150] [--quick]
+    python bench/gpu_bench.py --out "$OUT" [--test-timeout 200] [--bench-budget 200] [--quick]
+    python bench/gpu_bench.py --dry-run --out /tmp/x    # CPU rehearsal of the script's logic
 
-1. runs the op tests on CUDA tensors (compiled Triton kernels, not the interpreter);
+1. runs the triton-backend op tests on CUDA tensors (compiled kernels, not the interpreter);
 2. measures the device copy bandwidth (torch copy of 1 GiB, triton.testing.do_bench median);
 3. times local_linear_step forward and forward+backward for each backend, B*T from 1e3 to 1e7
    (T = 16) and D in {5, 16, 64}, medians from do_bench; skips sizes a backend cannot hold;
@@ -31,7 +32,7 @@ MEM_LIMIT = 0.6  # fraction of device memory a single benchmark may plan to use
 
 def run_tests(timeout: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "triton",
            os.path.join(ROOT, "tests", "test_local_linear_step.py")]
     t0 = time.time()
     try:
@@ -43,9 +44,24 @@ def run_tests(timeout: int) -> dict:
         return {"returncode": "timeout", "seconds": timeout, "tail": out.strip().splitlines()[-15:]}
 
 
-def copy_bandwidth(do_bench) -> float:
-    n = 1 << 28  # 1 GiB of float32
-    src = torch.empty(n, device="cuda", dtype=torch.float32).uniform_()
+def cpu_do_bench(fn, warmup=1, rep=None, grad_to_none=None, return_mode="median"):
+    """Stand-in for triton.testing.do_bench in --dry-run (CPU): median of a few timed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(3):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+def copy_bandwidth(do_bench, device="cuda") -> float:
+    n = 1 << (28 if device == "cuda" else 24)  # 1 GiB of float32 on the GPU
+    src = torch.empty(n, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     del src, dst
@@ -62,12 +78,12 @@ def planned_bytes(backend: str, B: int, T: int, D: int, mode: str) -> float:
     return io * (1 if mode == "fwd" else 2.5)
 
 
-def bench_step(do_bench, sizes, dims, backends, budget_s):
+def bench_step(do_bench, sizes, dims, backends, budget_s, device="cuda"):
     from bench_local_linear_step import make_inputs
 
     from cellmnn_kernels import local_linear_step
 
-    total_mem = torch.cuda.get_device_properties(0).total_memory
+    total_mem = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 8 << 30
     rows, t_start = [], time.time()
     for D in dims:
         for P in sizes:
@@ -82,10 +98,10 @@ def bench_step(do_bench, sizes, dims, backends, budget_s):
                     if time.time() - t_start > budget_s:
                         rows.append({**row, "skipped": "time budget"})
                         continue
-                    A, x0, dt = make_inputs(B, T, D, device="cuda")
+                    A, x0, dt = make_inputs(B, T, D, device=device)
                     if mode == "fwd+bwd":
                         A, x0, dt = (t.requires_grad_() for t in (A, x0, dt))
-                        gX = torch.ones(B, T, D, device="cuda")
+                        gX = torch.ones(B, T, D, device=device)
 
                         def fn():
                             X, V = local_linear_step(A, x0, dt, backend=backend, check_finite=False)
@@ -101,7 +117,8 @@ def bench_step(do_bench, sizes, dims, backends, budget_s):
                         row["skipped"] = "out of memory"
                     rows.append(row)
                     del A, x0, dt
-                    torch.cuda.empty_cache()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
     return rows
 
 
@@ -138,6 +155,25 @@ def markdown(meta, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_summary(meta, rows) -> str:
+    """The targets, one line each: printed last."""
+    def find(D, pairs, mode, backend):
+        return next((r for r in rows if (r["D"], r["pairs"], r["mode"], r["backend"]) == (D, pairs, mode, backend)
+                     and "ms" in r), None)
+
+    big = max(r["pairs"] for r in rows)
+    lines = [f"summary on {meta['device']}: copy bandwidth {meta['copy_GBps']:.0f} GB/s; "
+             f"tests {meta['tests']['returncode']}"]
+    r = find(5, 10 ** 6, "fwd+bwd", "triton")
+    sp = f"{r['speedup_vs_reference']:.0f}x" if r and "speedup_vs_reference" in r else "n/a"
+    lines.append(f"  triton fwd+bwd vs reference, B*T=1e6, D=5: {sp} (target >= 100x)")
+    for D in sorted({r["D"] for r in rows}):
+        r = find(D, big, "fwd", "triton")
+        frac = f"{100 * r['fraction_of_copy_bw']:.0f}% ({r['GBps']:.0f} GB/s)" if r else "n/a"
+        lines.append(f"  triton fwd, B*T={big:.0e}, D={D}: {frac} of copy bandwidth (target >= 70%)")
+    return "\n".join(lines)
+
+
 def write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
@@ -148,29 +184,40 @@ def write_atomic(path: str, text: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--test-timeout", type=int, default=150)
-    ap.add_argument("--bench-budget", type=float, default=240.0, help="seconds for the timing sweep")
+    ap.add_argument("--test-timeout", type=int, default=200)
+    ap.add_argument("--bench-budget", type=float, default=200.0, help="seconds for the timing sweep")
     ap.add_argument("--quick", action="store_true", help="smaller sweep (sizes up to 1e6)")
+    ap.add_argument("--dry-run", action="store_true", help="rehearse on CPU: tiny sizes, no tests, no triton")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to do")
-        return 2
-    import triton
-    from triton.testing import do_bench
+    if args.dry_run:
+        device, do_bench = "cpu", cpu_do_bench
+        meta = {"device": "CPU (dry run)", "torch": torch.__version__, "triton": "-",
+                "tests": {"returncode": "not run", "seconds": 0, "tail": []}}
+        sizes, dims, backends = [10 ** 3, 10 ** 4], (5, 16), ("torch", "reference")
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: nothing to do (use --dry-run to rehearse on CPU)")
+            return 2
+        import triton
+        from triton.testing import do_bench
 
+        device = "cuda"
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+        meta["tests"] = run_tests(args.test_timeout)
+        print("tests:", meta["tests"]["returncode"], *meta["tests"]["tail"][-3:], sep="\n  ")
+        sizes = [10 ** k for k in range(3, 7 if args.quick else 8)]
+        dims, backends = (5, 16, 64), ("triton", "torch", "reference")
     os.makedirs(args.out, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    meta["tests"] = run_tests(args.test_timeout)
-    print("tests:", meta["tests"]["returncode"], *meta["tests"]["tail"][-3:], sep="\n  ")
-    copy_bw = copy_bandwidth(do_bench)
+    copy_bw = copy_bandwidth(do_bench, device)
     meta["copy_GBps"] = copy_bw / 1e9
-    sizes = [10 ** k for k in range(3, 7 if args.quick else 8)]
-    rows = bench_step(do_bench, sizes, (5, 16, 64), ("triton", "torch", "reference"), args.bench_budget)
+    rows = bench_step(do_bench, sizes, dims, backends, args.bench_budget, device)
     rows = summarise(rows, copy_bw)
     write_atomic(os.path.join(args.out, "gpu_bench.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = markdown(meta, rows)
-    write_atomic(os.path.join(args.out, "gpu_bench.md"), md)
+    summary = short_summary(meta, rows)
+    write_atomic(os.path.join(args.out, "gpu_bench.md"), md + "\n```\n" + summary + "\n```\n")
     print(md)
+    print(summary)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Fast ops for Cell-MNN: Triton kernels with a pure-PyTorch fallback and a dense reference."""
 from .modules import LocalLinearStep
+from .ops.laplace_mmd import laplace_mmd, laplace_mmd_grouped
 from .ops.local_linear_step import local_linear_step
 
-__all__ = ["local_linear_step", "LocalLinearStep"]
+__all__ = ["local_linear_step", "LocalLinearStep", "laplace_mmd", "laplace_mmd_grouped"]
 __version__ = "0.1.0"

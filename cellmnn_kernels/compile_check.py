@@ -57,6 +57,18 @@ def kernel_specs() -> list[KernelSpec]:
                                     (("DP", cfg["DP"]), ("BB", cfg["BB_BWD"]), ("BT", cfg["BT"]), ("M", m),
                                      ("MP", next_power_of_2(m + 2)), ("CAP", CAP)),
                                     cfg["num_warps"]))
+    mod = "cellmnn_kernels.ops.laplace_mmd.triton_impl"
+    from .ops.laplace_mmd.triton_impl import all_configs as mmd_configs
+
+    for dtype, f in _DTYPE_SIG.items():
+        for cfg in mmd_configs(dtype):
+            for g in (False, True):
+                sig = [(p, "*" + f) for p in ("Q_ptr", "K_ptr", "WK_ptr")] + [("items_ptr", "*i64"), ("params_ptr", "*" + f)] \
+                    + [(p, "*" + f) for p in ("R_ptr", "G_ptr")] + [(n, "i32") for n in ("n_out", "D", "sq", "sk", "n_splits")]
+                specs.append(KernelSpec(f"laplace_rows_{f}_DP{cfg['DP']}_BM{cfg['BM']}_BN{cfg['BN']}{'_G' if g else ''}",
+                                        f"{mod}:_laplace_rows_kernel", tuple(sig),
+                                        (("DP", cfg["DP"]), ("BM", cfg["BM"]), ("BN", cfg["BN"]), ("COMPUTE_G", g)),
+                                        cfg["num_warps"]))
     return specs
 
 

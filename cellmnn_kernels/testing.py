@@ -51,3 +51,11 @@ def build_inputs(seed, B, T, D, kind, nu, sign, dtype, layout="contiguous", devi
         x0 = big[:, ::2]
         dt = dt.t().contiguous().t()
     return A, x0, dt
+
+
+def scaled_examples(n: int) -> int:
+    """n hypothesis examples under the default "ci" profile (25 examples), proportionally more
+    under a larger profile (HYPOTHESIS_PROFILE=thorough in tests/conftest.py)."""
+    from hypothesis import settings
+
+    return max(1, n * settings.default.max_examples // 25)

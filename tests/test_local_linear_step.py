@@ -21,7 +21,7 @@ from cellmnn_kernels import local_linear_step
 from cellmnn_kernels.ops.local_linear_step import local_linear_step_reference, resolve_backend
 from cellmnn_kernels.ops.local_linear_step.common import NU_MAX
 from cellmnn_kernels.ops.utils import HAS_TRITON, triton_usable_on
-from cellmnn_kernels.testing import KINDS, build_inputs as _build_inputs
+from cellmnn_kernels.testing import KINDS, scaled_examples, build_inputs as _build_inputs
 
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 GRAD_RTOL = {torch.float32: 1e-3, torch.float64: 1e-7}
@@ -86,9 +86,15 @@ def assert_grads_close(backend, A, x0, dt, rtol, seed=0):
     gV = torch.randn(shape, generator=g, dtype=torch.float64).to(A.device)
     got = grads(backend, A, x0, dt, gX, gV)
     ref = grads("reference", A.double(), x0.double(), dt.double(), gX, gV)
+    # ddt[b,k] = gX.V + gV.(A V) can cancel: its float32 rounding scales with the sum of the
+    # absolute values of those products, which is added to the scale of the dt comparison.
+    _, V = oracle(A, x0, dt)
+    absA = A.double().abs()
+    cond_dt = (gX.abs() * V.abs()).sum(-1) + (gV.abs() * torch.einsum("bij,btj->bti", absA, V.abs())).sum(-1)
+    extra = {"A": 0.0, "x0": 0.0, "dt": cond_dt.norm().item()}
     for name, a, b in zip(("A", "x0", "dt"), got, ref):
         assert a.dtype == A.dtype
-        scale = b.norm().item()
+        scale = b.norm().item() + extra[name]
         err = (a.double() - b).norm().item()
         assert err <= rtol * max(scale, 1e-30), f"d{name}: relative error {err / max(scale, 1e-30):.3g}"
 
@@ -106,7 +112,7 @@ def test_forward_matches_oracle(backend, dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=15)
+@settings(max_examples=scaled_examples(15))
 @given(case=cases(max_B=3, max_T=4, max_D=6, max_nu=8.0))
 def test_gradients_match_oracle(backend, dtype, case):
     A, x0, dt = build_inputs(dtype=dtype, **case)

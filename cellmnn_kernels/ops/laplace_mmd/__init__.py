@@ -1,0 +1,111 @@
+"""``laplace_mmd``: biased MMD^2 under the Laplace (L1 / D) kernel, and its grouped form.
+
+    k(u, v) = exp(-max(||u - v||_1 / D, 1e-8) / sigma)
+    MMD^2(X, Y) = mean k(X, X) + mean k(Y, Y) - 2 mean k(X, Y)      (weighted means, diagonal included)
+"""
+from __future__ import annotations
+
+import torch
+
+from ..utils import HAS_TRITON, triton_usable_on
+from .common import check_offsets, check_points, check_sigma, check_values, check_weights, grouped_mmd, host_ints
+from .naive import laplace_mmd_grouped_reference, laplace_mmd_reference
+from .torch_impl import reduce_rows_torch
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+__all__ = ["laplace_mmd", "laplace_mmd_grouped", "laplace_mmd_reference", "laplace_mmd_grouped_reference"]
+
+
+def resolve_backend(backend: str, device: torch.device, D: int) -> str:
+    from .triton_impl import MAX_D
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and HAS_TRITON and D <= MAX_D else "torch"
+    if backend == "triton":
+        if D > MAX_D:
+            raise ValueError(f"x has D = {D}; backend='triton' supports D <= {MAX_D} (use 'torch')")
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if not triton_usable_on(device):
+            raise RuntimeError(f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                               f"import for CPU tensors; got tensors on {device}")
+    return backend
+
+
+def _reducer(backend):
+    if backend == "torch":
+        return reduce_rows_torch
+    from .triton_impl import reduce_rows_triton
+
+    return reduce_rows_triton
+
+
+def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weights=None, sigma=1.0,
+                        x_weights=None, y_weights=None, backend="auto", check_finite=None):
+    """Every MMD^2 term of a training step in one call.
+
+    Args:
+        x: (Nx, D) packed prediction points; ``x_offsets`` (Px + 1 host integers, like
+            cu_seqlens) cut it into segments: segment s is x[x_offsets[s]:x_offsets[s + 1]].
+        y, y_offsets: the same for the target points.
+        terms_x, terms_y: (n_terms,) host integers: term t compares x segment terms_x[t]
+            with y segment terms_y[t].
+        term_weights: (n_terms,) weights of the sum (tensor or sequence); default all 1.
+        sigma: kernel bandwidth (> 0).
+        x_weights, y_weights: optional non-negative per-point weights (weighted means within
+            each segment); differentiable.
+        backend: "auto" (triton for CUDA tensors, torch otherwise), "triton", "torch", "reference".
+        check_finite: reject NaN/Inf, negative weights and zero-weight segments (one host
+            synchronisation); default: on for CPU tensors, off for CUDA tensors.
+
+    Returns:
+        (total, per_term): sum_t term_weights[t] * MMD^2_t (scalar) and the (n_terms,) values, in the
+        dtype of x; differentiable in x, y and the point weights.  The triton backend runs a fixed
+        number of launches (at most four) whatever the number of terms, with no host
+        synchronisation.
+    """
+    check_points(x, y)
+    sigma = check_sigma(sigma)
+    x_off = check_offsets("x_offsets", x_offsets, x.shape[0])
+    y_off = check_offsets("y_offsets", y_offsets, y.shape[0])
+    tx, ty = host_ints("terms_x", terms_x), host_ints("terms_y", terms_y)
+    if len(tx) != len(ty) or not tx:
+        raise ValueError(f"terms_x and terms_y must have the same non-zero length; got {len(tx)} and {len(ty)}")
+    for name, terms, off in (("terms_x", tx, x_off), ("terms_y", ty, y_off)):
+        bad = [s for s in terms if not 0 <= s < len(off) - 1]
+        if bad:
+            raise ValueError(f"{name} has segment indices out of range [0, {len(off) - 1}): {bad[:5]}")
+        empty = sorted({s for s in terms if off[s + 1] == off[s]})
+        if empty:
+            raise ValueError(f"{name} refers to empty segment(s) {empty[:5]}")
+    if term_weights is not None:
+        n_w = len(term_weights)
+        if n_w != len(tx):
+            raise ValueError(f"term_weights must have one weight per term ({len(tx)}); got {n_w}")
+    x_weights = check_weights("x_weights", x_weights, x.shape[0], x)
+    y_weights = check_weights("y_weights", y_weights, y.shape[0], y)
+    backend = resolve_backend(backend, x.device, x.shape[1])
+    if check_finite is None:
+        check_finite = x.device.type != "cuda"
+    if check_finite:
+        check_values(x, y, x_weights, y_weights, ((x_off, sorted(set(tx))), (y_off, sorted(set(ty)))))
+    if backend == "reference":
+        return laplace_mmd_grouped_reference(x, x_off, y, y_off, tx, ty, term_weights, sigma, x_weights, y_weights)
+    return grouped_mmd(x, x_off, y, y_off, tx, ty, term_weights, sigma, x_weights, y_weights, _reducer(backend))
+
+
+def laplace_mmd(x, y, sigma=1.0, x_weights=None, y_weights=None, backend="auto", check_finite=None):
+    """Biased MMD^2 between x (N, D) and y (M, D) under the Laplace kernel on L1 / D.
+
+    Optional non-negative per-point weights give weighted means.  Returns a scalar tensor in the
+    dtype of x (float32 or float64), differentiable in x, y and the weights.  Backends and
+    ``check_finite`` as in ``laplace_mmd_grouped``; "torch" and "triton" never form the N x M
+    kernel matrix (memory O(N + M)).
+    """
+    check_points(x, y)
+    total, _ = laplace_mmd_grouped(x, [0, x.shape[0]], y, [0, y.shape[0]], [0], [0], None, sigma,
+                                   x_weights, y_weights, backend, check_finite)
+    return total

@@ -1,0 +1,263 @@
+"""What the backends of ``laplace_mmd`` share: input checks, the plan of a grouped call, the
+autograd Function over row reductions, and the combination of pair sums into MMD^2.
+
+Every MMD^2 term is built from weighted pair sums S(P, Q) = sum_i sum_j wp_i wq_j k(p_i, q_j):
+    MMD^2(X, Y) = S(X, X) / Wx^2 + S(Y, Y) / Wy^2 - 2 S(X, Y) / (Wx Wy).
+A backend only provides a *row reduction*: for query rows q_i of a job and the job's keys,
+    r_i = sum_j wk_j k_ij            G_i = sum_j wk_j k_ij [unclamped] sign(q_i - k_j)   (a D-vector)
+so that S = sum_i wq_i r_i, dS/dq_i = -wq_i G_i / (sigma D) and dS/dwq_i = r_i.  Gradients are
+formed in the same pass as the values (the exponential is evaluated once per pair); the key side
+of a cross sum S(X, Y) is the query side of S(Y, X), which is run only when y or its weights
+need gradients.  Symmetric sums S(X, X) count their rows twice.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+from ..utils import check_same_dtype_device, check_tensor, count_nonfinite
+
+CLAMP = 1e-8
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def check_sigma(sigma) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+        raise TypeError(f"sigma must be a positive real number, got {type(sigma).__name__}")
+    sigma = float(sigma)
+    if not (sigma > 0 and sigma < float("inf")):
+        raise ValueError(f"sigma must be positive and finite, got {sigma}")
+    return sigma
+
+
+def check_points(x, y):
+    check_tensor("x", x, 2, "(N, D)")
+    check_tensor("y", y, 2, "(M, D)")
+    check_same_dtype_device(x=x, y=y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must have the same dimension D; got x {tuple(x.shape)} and y {tuple(y.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError("x and y must have D >= 1")
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        raise ValueError(f"x and y must be non-empty; got {x.shape[0]} and {y.shape[0]} points")
+
+
+def check_weights(name, w, n, like):
+    if w is None:
+        return None
+    check_tensor(name, w, 1, f"({n},)")
+    check_same_dtype_device(**{"x" if name.startswith("x") else "y": like, name: w})
+    if w.shape[0] != n:
+        raise ValueError(f"{name} must have one weight per point: shape ({n},), got {tuple(w.shape)}")
+    return w
+
+
+def host_ints(name, v) -> list[int]:
+    """A 1-D integer sequence that lives on the host (list, tuple or CPU tensor)."""
+    if isinstance(v, torch.Tensor):
+        if v.device.type != "cpu":
+            raise ValueError(f"{name} must be on the host (a list or a CPU tensor) so that no device "
+                             f"synchronisation is needed; got a tensor on {v.device}")
+        if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool or v.dim() != 1:
+            raise TypeError(f"{name} must be a 1-D integer tensor; got {v.dtype} of shape {tuple(v.shape)}")
+        return [int(i) for i in v.tolist()]
+    try:
+        out = [int(i) for i in v]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a 1-D sequence of integers") from None
+    if any(isinstance(i, bool) or (not isinstance(i, numbers.Integral) and i != int(i)) for i in v):
+        raise TypeError(f"{name} must contain integers")
+    return out
+
+
+def check_offsets(name, offsets, n) -> list[int]:
+    off = host_ints(name, offsets)
+    if len(off) < 2 or off[0] != 0 or off[-1] != n:
+        raise ValueError(f"{name} must start at 0 and end at the number of points ({n}); got {off[:3]}...{off[-2:]}")
+    if any(b < a for a, b in zip(off, off[1:])):
+        raise ValueError(f"{name} must be non-decreasing")
+    return off
+
+
+def check_values(x, y, x_weights, y_weights, segments) -> None:
+    """NaN/Inf, negative weights and zero-weight segments (one host synchronisation)."""
+    tensors = {"x": x, "y": y}
+    if x_weights is not None:
+        tensors["x_weights"] = x_weights
+    if y_weights is not None:
+        tensors["y_weights"] = y_weights
+    for name, bad in count_nonfinite(**tensors).items():
+        if bad:
+            raise ValueError(f"{name} has {bad} non-finite entries (NaN or Inf) out of {tensors[name].numel()}")
+    for name, w, offs, used in (("x_weights", x_weights, *segments[0]), ("y_weights", y_weights, *segments[1])):
+        if w is None:
+            continue
+        if bool((w < 0).any()):
+            raise ValueError(f"{name} must be non-negative; it has {int((w < 0).sum())} negative entries")
+        sums = torch.stack([w[offs[s]:offs[s + 1]].sum() for s in used]).tolist()
+        zero = [s for s, v in zip(used, sums) if v == 0]
+        if zero:
+            raise ValueError(f"{name} sum to zero over segment(s) {zero[:5]}: a weighted mean is undefined")
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass
+class Launch:
+    """One row-reduction launch: queries from side q (0 = x, 1 = y), keys from side k."""
+    q_side: int
+    k_side: int
+    compute_g: bool
+    jobs: list = field(default_factory=list)  # (q0, q1, k0, k1) point ranges
+    job_s: list = field(default_factory=list)  # index into S (or -1: auxiliary, not summed)
+    job_grad_of: list = field(default_factory=list)  # S index whose upstream scales these rows
+    job_factor: list = field(default_factory=list)  # 2 for symmetric sums, else 1
+
+    @property
+    def out_starts(self):
+        starts, n = [], 0
+        for q0, q1, _, _ in self.jobs:
+            starts.append(n)
+            n += q1 - q0
+        return starts
+
+    @property
+    def n_rows(self):
+        return sum(q1 - q0 for q0, q1, _, _ in self.jobs)
+
+
+@dataclass
+class Plan:
+    launches: list
+    n_sums: int
+    term_xx: list
+    term_yy: list
+    term_xy: list
+    x_segments: list  # (start, end) per used x segment, in the order of seg_index_x
+    y_segments: list
+    term_sx: list  # per term: position of its x segment in x_segments
+    term_sy: list
+
+
+def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_wx, grad_y, grad_wy) -> Plan:
+    """Which pair sums a grouped call computes, grouped into at most four launches."""
+    xs, ys = sorted(set(terms_x)), sorted(set(terms_y))
+    pos_x = {s: i for i, s in enumerate(xs)}
+    pos_y = {s: i for i, s in enumerate(ys)}
+    xx = Launch(0, 0, grad_x)
+    yy = Launch(1, 1, grad_y)
+    xy = Launch(0, 1, grad_x)
+    yx = Launch(1, 0, grad_y)
+    n = 0
+    sum_xx, sum_yy = {}, {}
+    for s in xs:
+        a, b = x_off[s], x_off[s + 1]
+        xx.jobs.append((a, b, a, b)), xx.job_s.append(n), xx.job_grad_of.append(n), xx.job_factor.append(2.0)
+        sum_xx[s] = n
+        n += 1
+    for s in ys:
+        a, b = y_off[s], y_off[s + 1]
+        yy.jobs.append((a, b, a, b)), yy.job_s.append(n), yy.job_grad_of.append(n), yy.job_factor.append(2.0)
+        sum_yy[s] = n
+        n += 1
+    term_xy = []
+    for sx, sy in zip(terms_x, terms_y):
+        xa, xb, ya, yb = x_off[sx], x_off[sx + 1], y_off[sy], y_off[sy + 1]
+        xy.jobs.append((xa, xb, ya, yb)), xy.job_s.append(n), xy.job_grad_of.append(n), xy.job_factor.append(1.0)
+        if grad_y or grad_wy:
+            yx.jobs.append((ya, yb, xa, xb)), yx.job_s.append(-1), yx.job_grad_of.append(n), yx.job_factor.append(1.0)
+        term_xy.append(n)
+        n += 1
+    launches = [lc for lc in (xx, yy, xy, yx) if lc.jobs]
+    return Plan(launches, n, [sum_xx[s] for s in terms_x], [sum_yy[s] for s in terms_y], term_xy,
+                [(x_off[s], x_off[s + 1]) for s in xs], [(y_off[s], y_off[s + 1]) for s in ys],
+                [pos_x[s] for s in terms_x], [pos_y[s] for s in terms_y])
+
+
+def _row_maps(lc: Launch, device):
+    """Per output row: its query point, its S slot (n_sums+... for auxiliary), grad source, factor."""
+    sizes = torch.tensor([q1 - q0 for q0, q1, _, _ in lc.jobs], device=device)
+    n = lc.n_rows
+    job = torch.repeat_interleave(torch.arange(len(lc.jobs), device=device), sizes, output_size=n)
+    starts = torch.tensor(lc.out_starts, device=device)
+    q0 = torch.tensor([j[0] for j in lc.jobs], device=device)
+    point = q0[job] + torch.arange(n, device=device) - starts[job]
+    return job, point
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class PairSums(torch.autograd.Function):
+    """S (n_sums,) float64 from points and weights; one row reduction per launch of the plan."""
+
+    @staticmethod
+    def forward(ctx, x, y, wx, wy, plan: Plan, reducer, sigma: float):
+        pts, wts = (x, y), (wx, wy)
+        D = x.shape[1]
+        S = torch.zeros(plan.n_sums + 1, dtype=torch.float64, device=x.device)
+        saved = []
+        for lc in plan.launches:
+            Q, K, WQ, WK = pts[lc.q_side], pts[lc.k_side], wts[lc.q_side], wts[lc.k_side]
+            r, G = reducer(Q, K, WK, lc.jobs, lc.out_starts, lc.n_rows, lc.compute_g, sigma)
+            job, point = _row_maps(lc, x.device)
+            slot = torch.tensor([s if s >= 0 else plan.n_sums for s in lc.job_s], device=x.device)[job]
+            S.index_add_(0, slot, (WQ[point] * r).double())
+            saved.append((r, G, job, point))
+        ctx.plan, ctx.sigma, ctx.D = plan, sigma, D
+        ctx.launch_rows = saved
+        ctx.save_for_backward(wx, wy)
+        ctx.shapes = (x.shape, y.shape, x.dtype)
+        return S[: plan.n_sums]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gS):
+        plan, sigma, D = ctx.plan, ctx.sigma, ctx.D
+        wx, wy = ctx.saved_tensors
+        xshape, yshape, dtype = ctx.shapes
+        need = ctx.needs_input_grad
+        grads = [torch.zeros(xshape, dtype=dtype, device=gS.device) if need[0] else None,
+                 torch.zeros(yshape, dtype=dtype, device=gS.device) if need[1] else None,
+                 torch.zeros_like(wx) if need[2] else None,
+                 torch.zeros_like(wy) if need[3] else None]
+        wts = (wx, wy)
+        for lc, (r, G, job, point) in zip(plan.launches, ctx.launch_rows):
+            src = torch.tensor(lc.job_grad_of, device=gS.device)
+            fac = torch.tensor(lc.job_factor, dtype=torch.float64, device=gS.device)
+            coef = (gS[src] * fac)[job].to(dtype)  # per row
+            if grads[lc.q_side] is not None and G is not None:
+                scale = coef * wts[lc.q_side][point] * (-1.0 / (sigma * D))
+                grads[lc.q_side].index_add_(0, point, scale[:, None] * G)
+            if grads[2 + lc.q_side] is not None:
+                grads[2 + lc.q_side].index_add_(0, point, coef * r)
+        ctx.launch_rows = None
+        return grads[0], grads[1], grads[2], grads[3], None, None, None
+
+
+def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, wy, reducer):
+    """(sum_t w_t MMD^2_t, per-term MMD^2) through ``reducer``; inputs validated."""
+    wx_given, wy_given = wx is not None, wy is not None
+    wx = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if wx is None else wx
+    wy = torch.ones(y.shape[0], dtype=y.dtype, device=y.device) if wy is None else wy
+    plan = build_plan(x_off, y_off, terms_x, terms_y, x.requires_grad, wx_given and wx.requires_grad,
+                      y.requires_grad, wy_given and wy.requires_grad)
+    S = PairSums.apply(x, y, wx, wy, plan, reducer, sigma)
+
+    def seg_sums(w, segments):
+        c = torch.cat([w.new_zeros(1, dtype=torch.float64), torch.cumsum(w.double(), 0)])
+        a = torch.tensor([s for s, _ in segments], device=w.device)
+        b = torch.tensor([e for _, e in segments], device=w.device)
+        return c[b] - c[a]
+
+    Wx = seg_sums(wx, plan.x_segments)[torch.tensor(plan.term_sx, device=x.device)]
+    Wy = seg_sums(wy, plan.y_segments)[torch.tensor(plan.term_sy, device=x.device)]
+    idx = lambda v: torch.tensor(v, device=x.device)  # noqa: E731
+    values = S[idx(plan.term_xx)] / Wx ** 2 + S[idx(plan.term_yy)] / Wy ** 2 - 2 * S[idx(plan.term_xy)] / (Wx * Wy)
+    if term_weights is None:
+        w = torch.ones_like(values)
+    else:
+        w = torch.as_tensor(term_weights, dtype=torch.float64, device=x.device)
+    return (w * values).sum().to(x.dtype), values.to(x.dtype)

@@ -1,0 +1,115 @@
+"""Triton row reduction for ``laplace_mmd``: an online reduction that never forms N x M.
+
+One program owns a block of BM query rows of one job (their points stay in registers) and
+streams the job's keys in tiles of BN, accumulating r_i and, when gradients are wanted, the
+D-vector G_i (common.py) in registers.  Work items (job, row block) come from a small table
+built on the host from host-known segment lengths; a second grid axis splits each job's keys
+into n_splits chunks so that small problems still fill the GPU (partials are summed after).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..utils import HAS_TRITON, next_power_of_2, tl, triton, triton_interpreted
+from .common import CLAMP
+
+MAX_D = 128
+
+
+def block_config(D: int, dtype: torch.dtype) -> dict:
+    """Compile-time tile sizes; (BM, BN, DP) tiles hold 4096 values (2048 in float64)."""
+    DP = max(2, next_power_of_2(D))
+    BM = 64 if DP <= 8 else 32 if DP <= 32 else 16
+    budget = 2048 if dtype == torch.float64 else 4096
+    BN = max(1, min(32, budget // (BM * DP)))
+    return dict(DP=DP, BM=BM, BN=BN, num_warps=4)
+
+
+def all_configs(dtype: torch.dtype):
+    seen = {}
+    for D in range(1, MAX_D + 1):
+        c = block_config(D, dtype)
+        seen[c["DP"]] = c
+    return list(seen.values())
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _laplace_rows_kernel(Q_ptr, K_ptr, WK_ptr, items_ptr, params_ptr, R_ptr, G_ptr, n_out, D, sq, sk,
+                             n_splits, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             COMPUTE_G: tl.constexpr):
+        # 1 / (sigma D) and the clamp 1e-8 D come in the data's dtype (a float argument would
+        # arrive as float32 and cost float64 its accuracy).
+        scale = tl.load(params_ptr)
+        clamp_d = tl.load(params_ptr + 1)
+        item = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1).to(tl.int64)
+        q_start = tl.load(items_ptr + item * 5)
+        q_end = tl.load(items_ptr + item * 5 + 1)
+        k0 = tl.load(items_ptr + item * 5 + 2)
+        k1 = tl.load(items_ptr + item * 5 + 3)
+        o_start = tl.load(items_ptr + item * 5 + 4)
+        rows = q_start + tl.arange(0, BM)
+        rmask = rows < q_end
+        d = tl.arange(0, DP)
+        dmask = d < D
+        q = tl.load(Q_ptr + rows[:, None] * sq + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        chunk = (k1 - k0 + n_splits - 1) // n_splits
+        kb = k0 + split * chunk
+        ke = tl.minimum(kb + chunk, k1)
+        r = tl.zeros((BM,), dtype=q.dtype)
+        G = tl.zeros((BM, DP), dtype=q.dtype)
+        for kt in range(kb, ke, BN):
+            cols = kt + tl.arange(0, BN)
+            cmask = cols < ke
+            kk = tl.load(K_ptr + cols[:, None] * sk + d[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+            wk = tl.load(WK_ptr + cols, mask=cmask, other=0.0)
+            diff = q[:, None, :] - kk[None, :, :]
+            dist = tl.sum(tl.abs(diff), axis=2)
+            kv = tl.exp(-tl.maximum(dist, clamp_d) * scale) * wk[None, :]
+            r += tl.sum(kv, axis=1)
+            if COMPUTE_G:
+                c = tl.where(dist > clamp_d, kv, 0.0)  # no gradient where the clamp is active
+                sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+                G += tl.sum(c[:, :, None] * sgn, axis=1)
+        orow = split * n_out + o_start + (rows - q_start)
+        tl.store(R_ptr + orow, r, mask=rmask)
+        if COMPUTE_G:
+            tl.store(G_ptr + orow[:, None] * D + d[None, :], G, mask=rmask[:, None] & dmask[None, :])
+
+
+def _n_splits(n_items: int, max_keys: int, cfg, device) -> int:
+    if device.type != "cuda" or triton_interpreted():
+        return 1
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-target // max(1, n_items)), max_keys // (cfg["BN"] * 16)))
+
+
+def reduce_rows_triton(Q, K, WK, jobs, out_starts, n_out, compute_g, sigma):
+    """r (n_out,) and G (n_out, D) or None, as ``reduce_rows_torch``; one launch."""
+    D = Q.shape[1]
+    cfg = block_config(D, Q.dtype)
+    BM = cfg["BM"]
+    items = []
+    for (q0, q1, k0, k1), o in zip(jobs, out_starts):
+        for a in range(q0, q1, BM):
+            items.append((a, q1, k0, k1, o + a - q0))
+    max_keys = max(k1 - k0 for _, _, k0, k1 in jobs)
+    splits = _n_splits(len(items), max_keys, cfg, Q.device)
+    table = torch.tensor(items, dtype=torch.int64)
+    if Q.device.type == "cuda":  # pinned, so that the upload does not wait for queued kernels
+        table = table.pin_memory().to(Q.device, non_blocking=True)
+    Q, K, WK = Q.contiguous(), K.contiguous(), WK.contiguous()
+    R = torch.empty((splits, n_out), dtype=Q.dtype, device=Q.device)
+    G = torch.empty((splits, n_out, D), dtype=Q.dtype, device=Q.device) if compute_g else R
+    params = torch.tensor([1.0 / (sigma * D), CLAMP * D], dtype=Q.dtype)
+    if Q.device.type == "cuda":
+        params = params.pin_memory().to(Q.device, non_blocking=True)
+    _laplace_rows_kernel[(len(items), splits)](
+        Q, K, WK, table, params, R, G, n_out, D, Q.stride(0), K.stride(0), splits,
+        DP=cfg["DP"], BM=BM, BN=cfg["BN"], COMPUTE_G=compute_g, num_warps=cfg["num_warps"])
+    r = R[0] if splits == 1 else R.sum(0)
+    if not compute_g:
+        return r, None
+    return r, (G[0] if splits == 1 else G.sum(0))

@@ -1,0 +1,253 @@
+"""laplace_mmd: the torch and triton backends against the dense float64 reference.
+
+Tolerances: MMD^2 is a difference of three weighted means of kernel values in (0, 1], so the
+error is measured against their scale s = mean k(X,X) + mean k(Y,Y) + 2 mean k(X,Y) (cancellation
+can make MMD^2 itself tiny): |MMD^2 - ref| <= RTOL * s, RTOL = 1e-5 in float32 (roundoff 6e-8,
+blocked sums over up to ~10^3 terms here) and 1e-12 in float64.  Gradients: relative Frobenius
+error 1e-4 (float32) and 1e-10 (float64).  The oracle runs in float64 on the very inputs the
+backend saw.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cellmnn_kernels import laplace_mmd, laplace_mmd_grouped
+from cellmnn_kernels.ops.laplace_mmd import laplace_mmd_reference
+from cellmnn_kernels.ops.laplace_mmd.naive import laplace_kernel_dense
+from cellmnn_kernels.ops.utils import HAS_TRITON, triton_usable_on
+from cellmnn_kernels.testing import scaled_examples
+
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+GRAD_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+DTYPES = [torch.float32, torch.float64]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_param(name):
+    usable = name != "triton" or triton_usable_on(torch.device(DEVICE))
+    reason = "triton is not installed" if not HAS_TRITON else "needs CUDA or TRITON_INTERPRET=1"
+    return pytest.param(name, marks=[] if usable else pytest.mark.skip(reason=reason), id=name)
+
+
+BACKENDS = [backend_param("torch"), backend_param("triton")]
+
+
+def make_points(seed, N, M, D, dtype, duplicates=True, weighted=True):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, D))
+    y = rng.standard_normal((M, D)) + 0.3
+    if duplicates:  # zero distances within x and across x, y
+        if N > 1:
+            x[-1] = x[0]
+        y[0] = x[N // 2]
+    wx = rng.uniform(0.0, 1.0, N) if weighted else None
+    wy = rng.uniform(0.0, 1.0, M) if weighted else None
+    if weighted:
+        wx[0], wy[-1] = 0.0, 0.0  # zero weights are allowed
+        wx[-1] = wy[0] = 0.5      # but never all of them
+    t = lambda v: None if v is None else torch.tensor(v, dtype=dtype, device=DEVICE)  # noqa: E731
+    return t(x), t(y), t(wx), t(wy)
+
+
+def scale_of(x, y, wx, wy, sigma):
+    p = torch.ones(len(x), dtype=torch.float64, device=x.device) if wx is None else wx.double()
+    q = torch.ones(len(y), dtype=torch.float64, device=y.device) if wy is None else wy.double()
+    p, q = p / p.sum(), q / q.sum()
+    x, y = x.double(), y.double()
+    return (p @ laplace_kernel_dense(x, x, sigma) @ p + q @ laplace_kernel_dense(y, y, sigma) @ q
+            + 2 * p @ laplace_kernel_dense(x, y, sigma) @ q).item()
+
+
+def value_and_grads(fn, tensors):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    v = fn(*leaves)
+    v.backward()
+    return v.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def assert_grads_close(got, want, rtol):
+    # A gradient that vanishes analytically (the weight of a lone point, whose normalised weight
+    # is 1 whatever it is) is held to rtol in absolute terms: its rounding noise scales with the
+    # 1 / sum(w) ~ 1 - 10 size of the partial derivatives that cancel.
+    for name, a, b in zip(("x", "y", "x_weights", "y_weights"), got, want):
+        if b is None:
+            assert a is None, f"d{name} should not exist"
+            continue
+        err, scale = (a.double() - b).norm().item(), max(b.norm().item(), 1.0)
+        assert err <= rtol * scale, f"d{name}: relative error {err / scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=scaled_examples(20))
+@given(seed=st.integers(0, 2**32 - 1), N=st.integers(1, 40), M=st.integers(1, 40),
+       D=st.sampled_from([1, 2, 3, 5, 8, 17, 64, 128]), sigma=st.floats(0.1, 5.0),
+       weighted=st.booleans(), duplicates=st.booleans())
+def test_matches_dense_reference(backend, dtype, seed, N, M, D, sigma, weighted, duplicates):
+    x, y, wx, wy = make_points(seed, N, M, D, dtype, duplicates, weighted)
+    fn = lambda a, b, wa, wb: laplace_mmd(a, b, sigma, wa, wb, backend=backend)  # noqa: E731
+    ref = lambda a, b, wa, wb: laplace_mmd_reference(  # noqa: E731
+        a.double(), b.double(), sigma, None if wa is None else wa.double(), None if wb is None else wb.double())
+    v, g = value_and_grads(fn, (x, y, wx, wy))
+    vr, gr = value_and_grads(ref, (x, y, wx, wy))
+    assert v.dtype == dtype and v.shape == ()
+    assert abs(v.double().item() - vr.item()) <= RTOL[dtype] * scale_of(x, y, wx, wy, sigma)
+    assert_grads_close(g, gr, GRAD_RTOL[dtype])
+
+
+@st.composite
+def grouped_cases(draw):
+    n_x = draw(st.integers(1, 4))
+    n_y = draw(st.integers(1, 3))
+    x_sizes = draw(st.lists(st.integers(1, 12), min_size=n_x, max_size=n_x))
+    y_sizes = draw(st.lists(st.integers(1, 12), min_size=n_y, max_size=n_y))
+    n_terms = draw(st.integers(1, 6))
+    terms_x = draw(st.lists(st.integers(0, n_x - 1), min_size=n_terms, max_size=n_terms))
+    terms_y = draw(st.lists(st.integers(0, n_y - 1), min_size=n_terms, max_size=n_terms))
+    weights = draw(st.lists(st.floats(0.0, 2.0), min_size=n_terms, max_size=n_terms))
+    return dict(x_sizes=x_sizes, y_sizes=y_sizes, terms_x=terms_x, terms_y=terms_y, term_weights=weights,
+                seed=draw(st.integers(0, 2**32 - 1)), D=draw(st.sampled_from([1, 3, 5, 20])),
+                y_grad=draw(st.booleans()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=scaled_examples(15))
+@given(case=grouped_cases())
+def test_grouped_equals_the_sum_of_single_calls(backend, dtype, case):
+    rng = np.random.default_rng(case["seed"])
+    D = case["D"]
+    x_off = np.concatenate([[0], np.cumsum(case["x_sizes"])]).tolist()
+    y_off = np.concatenate([[0], np.cumsum(case["y_sizes"])]).tolist()
+    x = torch.tensor(rng.standard_normal((x_off[-1], D)), dtype=dtype, device=DEVICE)
+    y = torch.tensor(rng.standard_normal((y_off[-1], D)) + 0.5, dtype=dtype, device=DEVICE)
+    wx = torch.tensor(rng.uniform(0.1, 1.0, x_off[-1]), dtype=dtype, device=DEVICE)
+    tw = case["term_weights"]
+
+    def run(be, a, b, w):
+        return laplace_mmd_grouped(a, x_off, b, y_off, case["terms_x"], case["terms_y"], tw, 1.3,
+                                   x_weights=w, backend=be)
+
+    leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(case["y_grad"]), wx.clone().requires_grad_()]
+    total, values = run(backend, *leaves)
+    assert values.shape == (len(case["terms_x"]),) and total.dtype == dtype
+    total.backward()
+    ref_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    rtotal, rvalues = run("reference", *ref_leaves)
+    rtotal.backward()
+    tol = RTOL[dtype] * 4 * (1 + sum(tw))  # every kernel mean is at most 1
+    assert (values.double() - rvalues).abs().max().item() <= RTOL[dtype] * 4
+    assert abs(total.double().item() - rtotal.item()) <= tol
+    assert_grads_close([a.grad for a in leaves], [b.grad for b in ref_leaves], GRAD_RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_call_is_a_fixed_number_of_launches(backend, monkeypatch):
+    import cellmnn_kernels.ops.laplace_mmd as mmd
+
+    calls = []
+    real = mmd._reducer(backend)
+    monkeypatch.setattr(mmd, "_reducer", lambda be: lambda *a: calls.append(1) or real(*a))
+    x, y = torch.randn(60, 3, device=DEVICE, requires_grad=True), torch.randn(40, 3, device=DEVICE)
+    for n_terms in (1, 12):
+        calls.clear()
+        terms_x = [i % 6 for i in range(n_terms)]
+        terms_y = [i % 4 for i in range(n_terms)]
+        total, _ = laplace_mmd_grouped(x, list(range(0, 61, 10)), y, list(range(0, 41, 10)), terms_x, terms_y,
+                                       backend=backend)
+        total.backward()
+        assert len(calls) == 3  # XX, YY and XY launches; YX only when y needs gradients
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identical_sets_and_single_points(backend, dtype):
+    x = torch.randn(17, 4, dtype=dtype, device=DEVICE)
+    assert abs(laplace_mmd(x, x.clone(), backend=backend).item()) <= 10 * RTOL[dtype]
+    p, q = torch.zeros(1, 2, dtype=dtype, device=DEVICE), torch.ones(1, 2, dtype=dtype, device=DEVICE)
+    want = 2 * np.exp(-1e-8) - 2 * np.exp(-1.0)  # k(p, p) = exp(-1e-8): the clamp; k(p, q) = exp(-2 / 2)
+    assert abs(laplace_mmd(p, q, backend=backend).item() - want) <= 10 * RTOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_and_split_reductions(backend, monkeypatch):
+    # Force many small chunks (torch) or several key splits per job (triton).
+    import cellmnn_kernels.ops.laplace_mmd.torch_impl as ti
+
+    monkeypatch.setattr(ti, "CHUNK_ELEMS", 64)
+    if backend == "triton":
+        import cellmnn_kernels.ops.laplace_mmd.triton_impl as tr
+
+        monkeypatch.setattr(tr, "_n_splits", lambda *a: 3)
+    x, y, wx, wy = make_points(4, 70, 45, 6, torch.float64)
+    v, g = value_and_grads(lambda a, b, wa, wb: laplace_mmd(a, b, 1.0, wa, wb, backend=backend), (x, y, wx, wy))
+    vr, gr = value_and_grads(lambda a, b, wa, wb: laplace_mmd_reference(a, b, 1.0, wa, wb), (x, y, wx, wy))
+    assert abs(v.item() - vr.item()) <= 1e-12
+    assert_grads_close(g, gr, 1e-10)
+
+
+def test_memory_stays_linear():
+    # 20000 x 20000 float32 kernel values would take 1.6 GB; the chunked path keeps a few 16 MB blocks.
+    import resource
+    import subprocess
+    import sys
+
+    code = ("import resource, torch; from cellmnn_kernels import laplace_mmd\n"
+            "x = torch.randn(20000, 5, requires_grad=True); y = torch.randn(20000, 5)\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "laplace_mmd(x, y, backend='torch').backward()\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) < 512, f"peak grew by {out.stdout.strip()} MB"
+    del resource
+
+
+def _pts(**over):
+    args = dict(x=torch.randn(5, 3), y=torch.randn(4, 3))
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (_pts(y=torch.randn(4, 2)), ValueError, "same dimension D"),
+    (_pts(x=torch.randn(0, 3)), ValueError, "non-empty"),
+    (_pts(x=torch.randn(5)), ValueError, r"x must have shape \(N, D\)"),
+    (_pts(x=torch.randn(5, 3, dtype=torch.float64)), TypeError, "share one dtype"),
+    (_pts(x=torch.ones(5, 3, dtype=torch.int32)), TypeError, "x has dtype torch.int32"),
+    (_pts(sigma=0.0), ValueError, "sigma must be positive"),
+    (_pts(sigma=-1), ValueError, "sigma must be positive"),
+    (_pts(sigma=float("nan")), ValueError, "sigma must be positive"),
+    (_pts(sigma="1"), TypeError, "sigma must be a positive real number"),
+    (_pts(x_weights=torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0])), ValueError, "x_weights must be non-negative"),
+    (_pts(y_weights=torch.zeros(4)), ValueError, "y_weights sum to zero"),
+    (_pts(y_weights=torch.ones(3)), ValueError, "one weight per point"),
+    (_pts(x=torch.tensor([[float("nan"), 0.0, 0.0]] * 5)), ValueError, "x has 5 non-finite"),
+    (_pts(y=torch.tensor([[float("inf"), 0.0, 0.0]] * 4)), ValueError, "y has 4 non-finite"),
+    (_pts(x_weights=torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0])), ValueError, "x_weights has 1 non-finite"),
+    (_pts(backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_bad_input_is_refused(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        laplace_mmd(**kwargs)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(x_offsets=[1, 10]), ValueError, "x_offsets must start at 0"),
+    (dict(x_offsets=[0, 6, 4, 10]), ValueError, "non-decreasing"),
+    (dict(y_offsets=[0, 3]), ValueError, "y_offsets must start at 0 and end"),
+    (dict(terms_x=[0, 3]), ValueError, "terms_x has segment indices out of range"),
+    (dict(terms_x=[0]), ValueError, "same non-zero length"),
+    (dict(x_offsets=[0, 0, 10]), ValueError, "empty segment"),
+    (dict(term_weights=[1.0]), ValueError, "one weight per term"),
+    (dict(x_offsets=torch.tensor([0.0, 10.0])), TypeError, "integer tensor"),
+])
+def test_bad_grouped_input_is_refused(over, exc, match):
+    args = dict(x=torch.randn(10, 2), x_offsets=[0, 4, 10], y=torch.randn(6, 2), y_offsets=[0, 6],
+                terms_x=[0, 1], terms_y=[0, 0])
+    args.update(over)
+    with pytest.raises(exc, match=match):
+        laplace_mmd_grouped(**args)

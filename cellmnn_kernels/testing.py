@@ -59,3 +59,19 @@ def scaled_examples(n: int) -> int:
     from hypothesis import settings
 
     return max(1, n * settings.default.max_examples // 25)
+
+
+# A script for ``python -c`` after ``.format(N=..., backend=...)``: prints the peak resident
+# memory of one laplace_mmd forward+backward above the resident memory just before it, in MB
+# (Linux: the high-water mark is reset through /proc/self/clear_refs).
+PEAK_CODE = """
+import torch
+from cellmnn_kernels import laplace_mmd
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) // 1024
+x = torch.randn({N}, 5, requires_grad=True); y = torch.randn({N}, 5)
+open("/proc/self/clear_refs", "w").write("5")
+base = status("VmRSS:")
+laplace_mmd(x, y, backend="{backend}").backward()
+print(status("VmHWM:") - base)
+"""

@@ -43,7 +43,7 @@ def test_laplace_mmd(benchmark, backend, N, mode):
         if DEVICE == "cuda":
             torch.cuda.synchronize()
 
-    rounds = 3 if N >= 4096 else 10
+    rounds = 3 if N >= 4096 else 50
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
     RESULTS.setdefault(("laplace_mmd", f"N=M={N}", mode), {})[backend] = benchmark.stats.stats.median
 

@@ -1,13 +1,16 @@
 """One call on a GPU machine: correctness subset with compiled kernels, then benchmarks.
 
-    python bench/gpu_bench.py --out "$OUT" [--test-timeout 200] [--bench-budget 200] [--quick]
+    python bench/gpu_bench.py --out "$OUT" [--test-timeout 150] [--bench-budget 150] [--quick]
     python bench/gpu_bench.py --dry-run --out /tmp/x    # CPU rehearsal of the script's logic
 
 1. runs the triton-backend op tests on CUDA tensors (compiled kernels, not the interpreter);
 2. measures the device copy bandwidth (torch copy of 1 GiB, triton.testing.do_bench median);
 3. times local_linear_step forward and forward+backward for each backend, B*T from 1e3 to 1e7
    (T = 16) and D in {5, 16, 64}, medians from do_bench; skips sizes a backend cannot hold;
-4. prints a short table last and writes gpu_bench.json and gpu_bench.md under --out.
+4. times laplace_mmd (D = 5) for N = M from 1e3 to 1e6: each backend, and KeOps (pykeops) on
+   the same L1-Laplace formula when it is importable (``--keops-wheels DIR`` installs it from
+   wheels carried to the machine); kernel evaluations per second and peak memory;
+5. prints a short table last and writes gpu_bench.json and gpu_bench.md under --out.
 Forward "roofline" counts only unavoidable bytes: A and x0 once per cell, dt read and X, V
 written once per pair.
 """
@@ -33,7 +36,7 @@ MEM_LIMIT = 0.6  # fraction of device memory a single benchmark may plan to use
 def run_tests(timeout: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "triton",
-           os.path.join(ROOT, "tests", "test_local_linear_step.py")]
+           os.path.join(ROOT, "tests", "test_local_linear_step.py"), os.path.join(ROOT, "tests", "test_laplace_mmd.py")]
     t0 = time.time()
     try:
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -122,6 +125,60 @@ def bench_step(do_bench, sizes, dims, backends, budget_s, device="cuda"):
     return rows
 
 
+def keops_mmd(x, y, sigma=1.0):
+    """The same biased L1-Laplace MMD^2 with pykeops LazyTensors (uniform weights)."""
+    from pykeops.torch import LazyTensor
+
+    D = x.shape[1]
+
+    def mean_k(a, b):
+        dij = (LazyTensor(a[:, None, :]) - LazyTensor(b[None, :, :])).abs().sum(-1) / D
+        kij = (-(dij.relu() - 1e-8).relu().__add__(1e-8) / sigma).exp()  # max(d, 1e-8)
+        return kij.sum(dim=1).sum() / (a.shape[0] * b.shape[0])
+
+    return mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y)
+
+
+def bench_mmd(do_bench, sizes, backends, budget_s, device="cuda"):
+    from bench_laplace_mmd import make_points
+
+    from cellmnn_kernels import laplace_mmd
+
+    rows, t_start = [], time.time()
+    for N in sizes:
+        for backend in backends:
+            for mode in ("fwd", "fwd+bwd"):
+                row = {"op": "laplace_mmd", "N": N, "D": 5, "backend": backend, "mode": mode}
+                if backend == "reference" and N > 16384:
+                    rows.append({**row, "skipped": "dense N x N"})
+                    continue
+                if time.time() - t_start > budget_s:
+                    rows.append({**row, "skipped": "time budget"})
+                    continue
+                x, y = make_points(N, device=device)
+                x.requires_grad_(mode == "fwd+bwd")
+
+                def fn():
+                    v = keops_mmd(x, y) if backend == "keops" else laplace_mmd(x, y, backend=backend, check_finite=False)
+                    if mode == "fwd+bwd":
+                        v.backward()
+                try:
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    row["ms"] = do_bench(fn, warmup=1, rep=50, grad_to_none=[x] if mode != "fwd" else None,
+                                         return_mode="median")
+                    row["evals_per_s"] = 3 * N * N / (row["ms"] * 1e-3)  # k(X,X), k(Y,Y), k(X,Y)
+                    if device == "cuda":
+                        row["peak_MB"] = torch.cuda.max_memory_allocated() / 2 ** 20
+                except Exception as exc:  # out of memory, or KeOps failing to build
+                    row["skipped"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                rows.append(row)
+                del x, y
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
 def summarise(rows, copy_bw):
     by_key = {(r["D"], r["pairs"], r["mode"], r["backend"]): r for r in rows if "ms" in r}
     for r in rows:
@@ -136,6 +193,20 @@ def summarise(rows, copy_bw):
             r["GBps"] = nbytes / (r["ms"] * 1e-3) / 1e9
             r["fraction_of_copy_bw"] = nbytes / (r["ms"] * 1e-3) / copy_bw
     return rows
+
+
+def markdown_mmd(rows) -> str:
+    lines = ["", "## laplace_mmd (D = 5, N = M)", "",
+             "| N | mode | backend | median ms | x reference | kernel evals / s | peak MB |", "|---|---|---|---|---|---|---|"]
+    ref = {(r["N"], r["mode"]): r["ms"] for r in rows if r["backend"] == "reference" and "ms" in r}
+    for r in rows:
+        if "ms" not in r:
+            lines.append(f"| {r['N']:.0e} | {r['mode']} | {r['backend']} | skipped: {r['skipped']} | | | |")
+            continue
+        sp = f"{ref[(r['N'], r['mode'])] / r['ms']:.1f}" if (r["N"], r["mode"]) in ref and r["backend"] != "reference" else ""
+        lines.append(f"| {r['N']:.0e} | {r['mode']} | {r['backend']} | {r['ms']:.4g} | {sp} | "
+                     f"{r['evals_per_s']:.3g} | {r.get('peak_MB', float('nan')):.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(meta, rows) -> str:
@@ -155,7 +226,7 @@ def markdown(meta, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def short_summary(meta, rows) -> str:
+def short_summary(meta, rows, mmd_rows=()) -> str:
     """The targets, one line each: printed last."""
     def find(D, pairs, mode, backend):
         return next((r for r in rows if (r["D"], r["pairs"], r["mode"], r["backend"]) == (D, pairs, mode, backend)
@@ -171,6 +242,16 @@ def short_summary(meta, rows) -> str:
         r = find(D, big, "fwd", "triton")
         frac = f"{100 * r['fraction_of_copy_bw']:.0f}% ({r['GBps']:.0f} GB/s)" if r else "n/a"
         lines.append(f"  triton fwd, B*T={big:.0e}, D={D}: {frac} of copy bandwidth (target >= 70%)")
+    m = {(r["N"], r["mode"], r["backend"]): r for r in mmd_rows if "ms" in r}
+    t, ref = m.get((8192, "fwd+bwd", "triton")), m.get((8192, "fwd+bwd", "reference"))
+    lines.append(f"  laplace_mmd fwd+bwd N=M=8192: triton {ref['ms'] / t['ms']:.1f}x reference (target >= 10x)"
+                 if t and ref else "  laplace_mmd fwd+bwd N=M=8192: n/a")
+    big = max((r["N"] for r in mmd_rows if "ms" in r and r["backend"] == "triton"), default=None)
+    if big:
+        t, k = m.get((big, "fwd+bwd", "triton")), m.get((big, "fwd+bwd", "keops"))
+        line = f"  laplace_mmd fwd+bwd N=M={big:.0e}: triton {t['evals_per_s']:.3g} evals/s, peak {t.get('peak_MB', 0):.0f} MB" if t else ""
+        line += f"; keops {k['evals_per_s']:.3g} evals/s" if k else "; keops n/a"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -184,16 +265,19 @@ def write_atomic(path: str, text: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--test-timeout", type=int, default=200)
-    ap.add_argument("--bench-budget", type=float, default=200.0, help="seconds for the timing sweep")
+    ap.add_argument("--test-timeout", type=int, default=150)
+    ap.add_argument("--bench-budget", type=float, default=150.0, help="seconds for the local_linear_step sweep")
     ap.add_argument("--quick", action="store_true", help="smaller sweep (sizes up to 1e6)")
     ap.add_argument("--dry-run", action="store_true", help="rehearse on CPU: tiny sizes, no tests, no triton")
+    ap.add_argument("--mmd-budget", type=float, default=100.0, help="seconds for the laplace_mmd sweep")
+    ap.add_argument("--keops-wheels", default=None, help="folder of pykeops/keopscore wheels to install first")
     args = ap.parse_args(argv)
     if args.dry_run:
         device, do_bench = "cpu", cpu_do_bench
         meta = {"device": "CPU (dry run)", "torch": torch.__version__, "triton": "-",
                 "tests": {"returncode": "not run", "seconds": 0, "tail": []}}
         sizes, dims, backends = [10 ** 3, 10 ** 4], (5, 16), ("torch", "reference")
+        mmd_sizes, mmd_backends = [1000, 2000], ("torch", "reference")
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: nothing to do (use --dry-run to rehearse on CPU)")
@@ -207,14 +291,26 @@ def main(argv=None) -> int:
         print("tests:", meta["tests"]["returncode"], *meta["tests"]["tail"][-3:], sep="\n  ")
         sizes = [10 ** k for k in range(3, 7 if args.quick else 8)]
         dims, backends = (5, 16, 64), ("triton", "torch", "reference")
+        mmd_sizes = [1000, 8192, 10 ** 5] + ([] if args.quick else [10 ** 6])
+        if args.keops_wheels:
+            subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links",
+                            args.keops_wheels, "pykeops"], check=False)
+        try:
+            import pykeops  # noqa: F401
+
+            mmd_backends = ("triton", "torch", "reference", "keops")
+        except ImportError:
+            mmd_backends = ("triton", "torch", "reference")
     os.makedirs(args.out, exist_ok=True)
     copy_bw = copy_bandwidth(do_bench, device)
     meta["copy_GBps"] = copy_bw / 1e9
     rows = bench_step(do_bench, sizes, dims, backends, args.bench_budget, device)
     rows = summarise(rows, copy_bw)
-    write_atomic(os.path.join(args.out, "gpu_bench.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = markdown(meta, rows)
-    summary = short_summary(meta, rows)
+    mmd_rows = bench_mmd(do_bench, mmd_sizes, mmd_backends, args.mmd_budget, device)
+    write_atomic(os.path.join(args.out, "gpu_bench.json"),
+                 json.dumps({"meta": meta, "rows": rows, "mmd_rows": mmd_rows}, indent=1))
+    md = markdown(meta, rows) + markdown_mmd(mmd_rows)
+    summary = short_summary(meta, rows, mmd_rows)
     write_atomic(os.path.join(args.out, "gpu_bench.md"), md + "\n```\n" + summary + "\n```\n")
     print(md)
     print(summary)

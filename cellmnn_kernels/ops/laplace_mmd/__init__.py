@@ -10,7 +10,7 @@ import torch
 from ..utils import HAS_TRITON, triton_usable_on
 from .common import check_offsets, check_points, check_sigma, check_values, check_weights, grouped_mmd, host_ints
 from .naive import laplace_mmd_grouped_reference, laplace_mmd_reference
-from .torch_impl import CHUNK_ELEMS, reduce_rows_torch
+from .torch_impl import DENSE_MAX_ELEMS, reduce_rows_torch
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -103,14 +103,13 @@ def laplace_mmd(x, y, sigma=1.0, x_weights=None, y_weights=None, backend="auto",
     Optional non-negative per-point weights give weighted means.  Returns a scalar tensor in the
     dtype of x (float32 or float64), differentiable in x, y and the weights.  Backends and
     ``check_finite`` as in ``laplace_mmd_grouped``; "torch" and "triton" never form the N x M
-    kernel matrix (memory O(N + M)), except that "torch" evaluates the dense form when the whole
-    matrix is no larger than one of its chunks (max(N, M)^2 <= 2^22).
+    kernel matrix (memory O(N + M)), except that "torch" evaluates the dense form for small inputs
+    (max(N, M)^2 <= 2^18, where it is faster).
     """
     check_points(x, y)
     n = max(x.shape[0], y.shape[0])
-    if n * n <= CHUNK_ELEMS and resolve_backend(backend, x.device, x.shape[1]) == "torch":
-        # Small enough that the whole kernel matrix is one chunk: the dense form is the same
-        # memory and fewer operations.
+    if n * n <= DENSE_MAX_ELEMS and resolve_backend(backend, x.device, x.shape[1]) == "torch":
+        # Small enough that the dense form is cheaper (fewer operations, a few MB at most).
         backend = "reference"
     total, _ = laplace_mmd_grouped(x, [0, x.shape[0]], y, [0, y.shape[0]], [0], [0], None, sigma,
                                    x_weights, y_weights, backend, check_finite)

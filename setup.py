@@ -11,7 +11,9 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cellmnn", "cellmnn.*", "cellmnn_kernels", "cellmnn_kernels.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "scikit-learn", "anndata", "pot", "tqdm", "matplotlib"],
+    package_data={"cellmnn": ["datasets/*.csv", "datasets/README.md"]},
+    entry_points={"console_scripts": ["cellmnn=cellmnn.cli:main"]},
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["triton>=3.0", "pytest", "pytest-benchmark", "hypothesis"],

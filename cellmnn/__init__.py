@@ -1,0 +1,16 @@
+"""Cell-MNN: learn how single cells move between timepoints from snapshot data.
+
+    marginals = cellmnn.load_marginals("data.h5ad", time_key="day")
+    model = cellmnn.fit(marginals, holdout=2)
+    predicted = model.predict(marginals.data[1], marginals.times[1], marginals.times[2])
+    result = cellmnn.leave_one_out(marginals)        # Cell-MNN beside OT-interpolate, exact W1
+"""
+from .data import Marginals, Transform, load_marginals
+from .evaluate import LeaveOneOutResult, leave_one_out, mmd, ot_interpolate, wasserstein1
+from .io import load_model, save_model
+from .model import CellMNN
+from .train import fit
+
+__all__ = ["load_marginals", "Marginals", "Transform", "CellMNN", "fit", "leave_one_out", "LeaveOneOutResult",
+           "wasserstein1", "mmd", "ot_interpolate", "save_model", "load_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,227 @@
+"""The ``cellmnn`` command line.
+
+    cellmnn demo [--out DIR]                      leave-one-out on the embedded A549 EMT data
+    cellmnn fit DATA --holdout K --out DIR        train one model and save it
+    cellmnn evaluate DATA [--json FILE]           leave-one-out, Cell-MNN beside OT-interpolate
+    cellmnn predict MODEL DATA --from-time T0 --to-time T1 [T2 ...] --out FILE.csv
+
+DATA is a .h5ad, .npz or .csv file, or ``emt-a549`` for the embedded dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+EMBEDDED = "emt-a549"
+
+
+def _data_args(p):
+    p.add_argument("data", help=f"a .h5ad, .npz or .csv file, or {EMBEDDED!r} for the embedded dataset")
+    p.add_argument("--time-key", default=None, help="time column (obs key, CSV column or npz array)")
+    p.add_argument("--embedding", default=None, help="obsm key of an AnnData embedding (e.g. X_pca)")
+    p.add_argument("--n-components", type=int, default=5, help="PCA components / embedding columns (default 5)")
+    p.add_argument("--no-standardize", action="store_true", help="do not z-score the model space")
+    p.add_argument("--drop-nonfinite", action="store_true", help="drop rows with NaN/Inf instead of failing")
+
+
+def _train_args(p, max_epochs=None):
+    g = p.add_argument_group("training (defaults: the paper's)")
+    g.add_argument("--parameterization", choices=("direct", "eigen"), default=None)
+    g.add_argument("--num-const-dims", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--depth", type=int, default=None)
+    g.add_argument("--init-scale", type=float, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--gamma", type=float, default=None)
+    g.add_argument("--sigma", type=float, default=None)
+    g.add_argument("--velocity-weight", type=float, default=None)
+    g.add_argument("--max-epochs", type=int, default=max_epochs)
+    g.add_argument("--check-every", type=int, default=None)
+    g.add_argument("--patience", type=int, default=None)
+    g.add_argument("--val-fraction", type=float, default=None)
+    g.add_argument("--select-on-holdout", action="store_true",
+                   help="select the model on the held-out timepoint (the authors' choice; uses test data)")
+    g.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default=None)
+    g.add_argument("--device", default=None, help="cpu, cuda or auto")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _hparams(args) -> dict:
+    names = ["parameterization", "num_const_dims", "width", "depth", "init_scale", "lr", "weight_decay",
+             "batch_size", "gamma", "sigma", "velocity_weight", "max_epochs", "check_every", "patience",
+             "val_fraction", "backend", "device"]
+    hp = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.select_on_holdout:
+        hp["select_on_holdout"] = True
+    hp["verbose"] = not args.quiet
+    return hp
+
+
+def _load(args):
+    from .data import load_marginals
+
+    source = None if args.data == EMBEDDED else args.data
+    return load_marginals(source, time_key=args.time_key, embedding=args.embedding,
+                          n_components=args.n_components, standardize=not args.no_standardize,
+                          drop_nonfinite=args.drop_nonfinite)
+
+
+def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):
+    from .evaluate import leave_one_out, ot_interpolate
+
+    t0 = time.time()
+    result, models = leave_one_out(marginals, holdouts=holdouts, seeds=seeds, return_models=True, **hp)
+    print(marginals)
+    print(result.format())
+    print(f"wall time {time.time() - t0:.0f} s")
+    if json_path:
+        result.to_json(json_path)
+        print(f"wrote {json_path}")
+    if plot_path:
+        from .plots import plot_holdouts
+
+        ks = sorted({k for k, _ in models})
+        first_seed = min(s for _, s in models)
+        preds, base = {}, {}
+        for k in ks:
+            t_prev, t_k, t_next = (float(marginals.times[i]) for i in (k - 1, k, k + 1))
+            preds[k] = models[(k, first_seed)].predict(marginals.data[k - 1].astype(np.float32), t_prev, t_k)
+            base[k] = ot_interpolate(marginals.data[k - 1], marginals.data[k + 1], (t_k - t_prev) / (t_next - t_prev))
+        plot_holdouts(marginals, preds, base, plot_path)
+        print(f"wrote {plot_path}")
+    return result
+
+
+def cmd_demo(args):
+    from .data import load_marginals
+
+    marginals = load_marginals()
+    hp = _hparams(args)
+    print(f"Leave-one-out on the embedded A549 EMT time course (seeds {args.seeds}, at most "
+          f"{hp['max_epochs']} epochs per model; `cellmnn evaluate {EMBEDDED}` runs the full protocol).")
+    _evaluate(marginals, None, args.seeds, hp, args.json, args.plot)
+    return 0
+
+
+def cmd_fit(args):
+    from .io import save_model
+    from .train import fit
+
+    marginals = _load(args)
+    model = fit(marginals, holdout=args.holdout, seed=args.seed, **_hparams(args))
+    path = save_model(model, args.out)
+    info = model.fit_info
+    print(f"trained on {marginals} (holdout {args.holdout}): {info.epochs} epochs, best validation "
+          f"{info.best_score:.5f} at epoch {info.best_epoch}; saved to {path}")
+    return 0
+
+
+def cmd_evaluate(args):
+    _evaluate(_load(args), args.holdouts, args.seeds, _hparams(args), args.json, args.plot)
+    return 0
+
+
+def cmd_predict(args):
+    import csv
+    import os
+    import tempfile
+
+    from .io import load_model
+
+    model = load_model(args.model)
+    if model.transform is None:
+        raise ValueError(f"{args.model} carries no data transform; it cannot map new data")
+    # Raw features of the data, mapped with the model's own transform (its PCA and z-scoring).
+    from .data import load_marginals
+
+    raw = load_marginals(None if args.data == EMBEDDED else args.data, time_key=args.time_key,
+                         embedding=args.embedding, n_components=None, standardize=False,
+                         drop_nonfinite=args.drop_nonfinite)
+    matches = np.nonzero(np.isclose(raw.times, args.from_time))[0]
+    if len(matches) == 0:
+        raise ValueError(f"--from-time {args.from_time:g} is not a timepoint of the data; times are "
+                         f"{[float(t) for t in raw.times]}")
+    x_raw = raw.data[matches[0]]
+    tr = model.transform
+    n_in = tr.pca_components.shape[1] if tr.pca_components is not None else len(tr.mean)
+    if x_raw.shape[1] < n_in:
+        raise ValueError(f"the data have {x_raw.shape[1]} features; the model was fitted on {n_in}")
+    x0 = tr.to_model(x_raw[:, :n_in])
+    pred = model.predict(x0.astype(np.float32), args.from_time, list(args.to_time))  # (n, T, D)
+    if args.features and model.transform is not None:
+        pred = np.stack([model.transform.to_features(pred[:, j]) for j in range(pred.shape[1])], axis=1)
+    names = [f"x{i + 1}" for i in range(pred.shape[2])]
+    if args.features and model.transform is not None and model.transform.feature_names:
+        names = list(model.transform.feature_names)
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=parent)
+    with os.fdopen(fd, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["cell", "from_time", "time", *names])
+        for j, t in enumerate(args.to_time):
+            for i in range(pred.shape[0]):
+                w.writerow([i, args.from_time, t, *[f"{v:.6g}" for v in pred[i, j]]])
+    os.replace(tmp, args.out)
+    print(f"wrote {pred.shape[0]} cells x {len(args.to_time)} times to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cellmnn", description="Cell-MNN: learn cell dynamics from snapshots.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="leave-one-out on the embedded A549 EMT data, with a figure")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--json", default=None, help="write the table as JSON")
+    p.add_argument("--plot", default="cellmnn_demo.png", help="PNG of predicted vs observed held-out cells")
+    _train_args(p, max_epochs=300)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("fit", help="train one model and save it")
+    _data_args(p)
+    p.add_argument("--holdout", type=int, default=None, help="index of an interior timepoint to leave out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="model directory to write")
+    _train_args(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("evaluate", help="leave-one-out: Cell-MNN beside OT-interpolate (exact W1, MMD)")
+    _data_args(p)
+    p.add_argument("--holdouts", type=int, nargs="+", default=None, help="interior indices (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--json", default=None, help="write the table as JSON")
+    p.add_argument("--plot", default=None, help="PNG of predicted vs observed held-out cells")
+    _train_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="push the cells of one timepoint to other times with a saved model")
+    p.add_argument("model", help="a model directory written by `cellmnn fit`")
+    p.add_argument("data", help=f"a .h5ad, .npz or .csv file with the same features, or {EMBEDDED!r}")
+    p.add_argument("--time-key", default=None)
+    p.add_argument("--embedding", default=None)
+    p.add_argument("--drop-nonfinite", action="store_true")
+    p.add_argument("--from-time", type=float, required=True)
+    p.add_argument("--to-time", type=float, nargs="+", required=True)
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--features", action="store_true", help="write feature space (undo z-score and PCA)")
+    p.set_defaults(func=cmd_predict)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"cellmnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

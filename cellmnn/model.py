@@ -1,0 +1,98 @@
+"""The Cell-MNN model: an MLP predicts a local linear operator A(x, t) per cell, and the cell's
+trajectory is decoded in closed form, x(t') = expm((t' - t) A) x, by ``local_linear_step``."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellmnn_kernels import local_linear_step
+
+PARAMETERIZATIONS = ("direct", "eigen")
+
+
+class CellMNN(nn.Module):
+    """A(x, t) from an MLP on (x, t), decoded with ``local_linear_step``.
+
+    parameterization "direct": A = reshape(D^2 outputs).  "eigen" (the paper's): A = P diag(l) P^-1
+    with P = I + reshape(D^2 outputs), real eigenvalues l from D - num_const_dims outputs and
+    num_const_dims eigenvalues fixed at 0; ``operator(..., return_penalty=True)`` also returns the
+    invertibility penalty mean 1 / (|det P| + 1e-4).  This one convention for P holds for decoding
+    and for every read-out of A.  Times enter the MLP as (t - time_offset) / time_scale.
+    """
+
+    def __init__(self, dim: int, width: int = 96, depth: int = 4, init_scale: float = 0.01,
+                 parameterization: str = "direct", num_const_dims: int = 0, backend: str = "auto",
+                 time_offset: float = 0.0, time_scale: float = 1.0):
+        super().__init__()
+        for name, v in (("dim", dim), ("width", width), ("depth", depth)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        if not 0 <= num_const_dims <= dim or (num_const_dims and parameterization != "eigen"):
+            raise ValueError(f"num_const_dims must be in [0, dim] and needs parameterization='eigen'; "
+                             f"got {num_const_dims} with {parameterization!r}")
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be positive, got {time_scale}")
+        self.dim, self.width, self.depth = int(dim), int(width), int(depth)
+        self.init_scale, self.parameterization = float(init_scale), parameterization
+        self.num_const_dims, self.backend = int(num_const_dims), backend
+        self.time_offset, self.time_scale = float(time_offset), float(time_scale)
+        n_out = dim * dim + (dim - num_const_dims if parameterization == "eigen" else 0)
+        layers, n_in = [], dim + 1
+        for _ in range(depth):
+            layers += [nn.Linear(n_in, width), nn.LeakyReLU()]
+            n_in = width
+        layers.append(nn.Linear(n_in, n_out))
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="leaky_relu")
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():  # A ~ 0 at the start
+            self.mlp[-1].weight.mul_(init_scale)
+
+    def config(self) -> dict:
+        return dict(dim=self.dim, width=self.width, depth=self.depth, init_scale=self.init_scale,
+                    parameterization=self.parameterization, num_const_dims=self.num_const_dims,
+                    backend=self.backend, time_offset=self.time_offset, time_scale=self.time_scale)
+
+    def operator(self, x: torch.Tensor, t: torch.Tensor, return_penalty: bool = False):
+        """A (B, D, D) for cells x (B, D) at times t (B,); with the eigen penalty if asked."""
+        B, D = x.shape
+        h = self.mlp(torch.cat([x, ((t - self.time_offset) / self.time_scale)[:, None]], dim=1))
+        if self.parameterization == "direct":
+            A, penalty = h.view(B, D, D), x.new_zeros(())
+        else:
+            P = torch.eye(D, dtype=x.dtype, device=x.device) + h[:, : D * D].view(B, D, D)
+            lam = torch.cat([h[:, D * D:], h.new_zeros(B, self.num_const_dims)], dim=1)
+            # A = P diag(lam) P^-1, i.e. the solution of A P = P diag(lam): solve P^T A^T = (P diag(lam))^T.
+            A = torch.linalg.solve(P.transpose(1, 2), (P * lam[:, None, :]).transpose(1, 2)).transpose(1, 2)
+            penalty = (1.0 / (torch.linalg.det(P).abs() + 1e-4)).mean()
+        return (A, penalty) if return_penalty else A
+
+    def forward(self, x0: torch.Tensor, t0: torch.Tensor, t: torch.Tensor, return_penalty: bool = False):
+        """Decode cells x0 (B, D) observed at t0 (B,) to times t (B, T): X, V (B, T, D)."""
+        A, penalty = self.operator(x0, t0, return_penalty=True)
+        X, V = local_linear_step(A, x0, t - t0[:, None], backend=self.backend)
+        return (X, V, penalty) if return_penalty else (X, V)
+
+    @torch.no_grad()
+    def predict(self, x0, t0, t):
+        """Push cells x0 (n, D) observed at time(s) t0 to time(s) t.
+
+        t0 is a number or (n,); t a number (returns (n, D)) or a sequence of T times (returns
+        (n, T, D)).  Accepts and returns numpy arrays, or tensors if x0 is a tensor.
+        """
+        as_numpy = not isinstance(x0, torch.Tensor)
+        p = next(self.parameters())
+        x0 = torch.as_tensor(np.asarray(x0) if as_numpy else x0, dtype=p.dtype, device=p.device)
+        if x0.dim() != 2 or x0.shape[1] != self.dim:
+            raise ValueError(f"x0 must have shape (n, {self.dim}); got {tuple(x0.shape)}")
+        t0 = torch.as_tensor(t0, dtype=p.dtype, device=p.device).expand(x0.shape[0])
+        scalar = np.ndim(t) == 0
+        tt = torch.as_tensor(np.atleast_1d(t), dtype=p.dtype, device=p.device)[None, :].expand(x0.shape[0], -1)
+        X, _ = self(x0, t0, tt)
+        X = X[:, 0] if scalar else X
+        return X.cpu().numpy() if as_numpy else X

@@ -1,0 +1,207 @@
+"""Training Cell-MNN on snapshot marginals (the paper's objective and defaults).
+
+Per step: ``batch_size`` initial cells spread over the source timepoints (every kept timepoint but
+the last) and, for every kept timepoint, ``batch_size`` observed cells drawn with replacement;
+loss = sum over sources s and later kept timepoints f of gamma^(r-1) MMD^2(cells of s decoded to
+t_f, cells observed at t_f), r the rank of f after s, + velocity_weight * mean ||V||^2 + the
+eigen penalty.  All MMD terms of a step are one ``laplace_mmd_grouped`` call.  Early stopping
+checks a validation loss on cells of the kept timepoints held back from training (never the
+held-out timepoint, unless ``select_on_holdout`` asks for the authors' choice).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cellmnn_kernels import laplace_mmd, laplace_mmd_grouped
+
+from .data import Marginals
+from .model import CellMNN
+
+DEFAULTS = dict(width=96, depth=4, init_scale=0.01, parameterization="direct", num_const_dims=0,
+                lr=2e-4, weight_decay=1e-5, batch_size=200, gamma=0.1, sigma=1.0, velocity_weight=0.1,
+                max_epochs=1000, check_every=10, patience=10, val_fraction=0.1, select_on_holdout=False,
+                backend="auto", device="cpu", verbose=True)
+
+
+@dataclass
+class FitInfo:
+    holdout: int | None
+    seed: int
+    hparams: dict
+    epochs: int = 0
+    best_epoch: int = 0
+    best_score: float = float("inf")
+    history: list = field(default_factory=list)  # (epoch, mean train loss, validation score)
+
+
+def check_holdout(marginals: Marginals, holdout) -> int | None:
+    if holdout is None:
+        return None
+    K = len(marginals)
+    if K < 3:
+        raise ValueError(f"leaving a timepoint out needs at least 3 timepoints; the data have {K}")
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)) or not 0 < holdout < K - 1:
+        raise ValueError(f"holdout must be the index of an interior timepoint, 1..{K - 2}; got {holdout!r}")
+    return int(holdout)
+
+
+class _Objective:
+    """The loss of one batch: cells of every source decoded to every later kept time."""
+
+    def __init__(self, times, kept, gamma, sigma, velocity_weight, backend):
+        self.kept = kept
+        self.sources = kept[:-1]
+        self.targets = kept[1:]
+        self.kept_times = torch.tensor([times[i] for i in kept])
+        self.gamma, self.sigma, self.vw, self.backend = gamma, sigma, velocity_weight, backend
+
+    def __call__(self, model, src_cells, obs_cells, dtype, device):
+        """src_cells: {source index: (n_s, D) array}; obs_cells: {target index: (m, D) array}."""
+        x0 = torch.as_tensor(np.concatenate([src_cells[s] for s in self.sources]), dtype=dtype, device=device)
+        t0 = torch.cat([torch.full((len(src_cells[s]),), float(self.kept_times[self.kept.index(s)]))
+                        for s in self.sources]).to(dtype=dtype, device=device)
+        t = self.kept_times.to(dtype=dtype, device=device)[None, :].expand(len(x0), -1)
+        X, V, penalty = model(x0, t0, t, return_penalty=True)
+        xs, vs, x_off, terms_y, weights, start = [], [], [0], [], [], 0
+        for s in self.sources:
+            n = len(src_cells[s])
+            col = self.kept.index(s)
+            for r, f in enumerate(self.kept[col + 1:], start=1):
+                xs.append(X[start:start + n, col + r])
+                vs.append(V[start:start + n, col + r])
+                x_off.append(x_off[-1] + n)
+                terms_y.append(self.targets.index(f))
+                weights.append(self.gamma ** (r - 1))
+            start += n
+        ys = [torch.as_tensor(obs_cells[f], dtype=dtype, device=device) for f in self.targets]
+        y_off = np.concatenate([[0], np.cumsum([len(y) for y in ys])]).tolist()
+        mmd, per_term = laplace_mmd_grouped(torch.cat(xs), x_off, torch.cat(ys), y_off,
+                                            list(range(len(xs))), terms_y, weights, self.sigma,
+                                            backend=self.backend, check_finite=False)
+        vel = torch.cat(vs).pow(2).sum(-1).mean()
+        return mmd + self.vw * vel + penalty, mmd
+
+
+def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN:
+    """Train a Cell-MNN on ``marginals``, leaving out timepoint index ``holdout`` (or none).
+
+    Hyperparameters (paper defaults): width 96, depth 4, init_scale 0.01, parameterization
+    "direct" or "eigen", AdamW lr 2e-4 and weight_decay 1e-5, batch_size 200, gamma 0.1, sigma 1,
+    velocity_weight 0.1, max_epochs 1000 (an epoch is kept cells / batch_size steps), validation
+    every check_every = 10 epochs with patience 10 checks on val_fraction = 10% of the kept
+    cells; select_on_holdout=True instead selects on the held-out timepoint (the authors'
+    choice: it uses the test marginal); device "cpu", "cuda" or "auto".  Returns the model with
+    the best validation score, with ``.fit_info`` (history) and ``.marginals_info`` attached.
+    Seeded: the same inputs and seed give the same model.
+    """
+    unknown = set(hparams) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown hyperparameter(s): {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    hp = {**DEFAULTS, **hparams}
+    holdout = check_holdout(marginals, holdout)
+    if hp["select_on_holdout"] and holdout is None:
+        raise ValueError("select_on_holdout=True needs a holdout timepoint")
+    if not 0 <= hp["val_fraction"] < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {hp['val_fraction']}")
+    for name in ("batch_size", "max_epochs", "check_every", "patience"):
+        if int(hp[name]) != hp[name] or hp[name] < 1:
+            raise ValueError(f"{name} must be a positive integer, got {hp[name]!r}")
+    device = torch.device("cuda" if hp["device"] == "auto" and torch.cuda.is_available()
+                          else ("cpu" if hp["device"] == "auto" else hp["device"]))
+    dtype = torch.float32
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+
+    K, times = len(marginals), [float(t) for t in marginals.times]
+    kept = [i for i in range(K) if i != holdout]
+    if len(kept) < 2:
+        raise ValueError("training needs at least two kept timepoints")
+    # Split each kept timepoint into training and validation cells (fixed for the run).
+    train, val = {}, {}
+    for i in kept:
+        perm = rng.permutation(len(marginals.data[i]))
+        n_val = int(round(hp["val_fraction"] * len(perm))) if len(perm) > 1 else 0
+        val[i], train[i] = marginals.data[i][perm[:n_val]], marginals.data[i][perm[n_val:]]
+
+    span = max(times) - min(times)
+    model = CellMNN(marginals.dim, hp["width"], hp["depth"], hp["init_scale"], hp["parameterization"],
+                    hp["num_const_dims"], hp["backend"], time_offset=min(times),
+                    time_scale=span if span > 0 else 1.0).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    objective = _Objective(times, kept, hp["gamma"], hp["sigma"], hp["velocity_weight"], hp["backend"])
+    n_src = len(objective.sources)
+    per_src = [hp["batch_size"] // n_src + (k < hp["batch_size"] % n_src) for k in range(n_src)]
+    steps = max(1, math.ceil(sum(len(marginals.data[i]) for i in kept) / hp["batch_size"]))
+
+    def sample(i, n):
+        return train[i][rng.integers(0, len(train[i]), n)]
+
+    def validation_score():
+        model.eval()
+        with torch.no_grad():
+            if hp["select_on_holdout"]:
+                prev = holdout - 1
+                pred = model.predict(torch.as_tensor(marginals.data[prev], dtype=dtype, device=device),
+                                     times[prev], times[holdout])
+                score = laplace_mmd(pred, torch.as_tensor(marginals.data[holdout], dtype=dtype, device=device),
+                                    hp["sigma"], backend=hp["backend"])
+            else:
+                if any(len(val[i]) == 0 for i in kept):
+                    return float("nan")
+                _, score = objective(model, {s: val[s] for s in objective.sources},
+                                     {f: val[f] for f in objective.targets}, dtype, device)
+        model.train()
+        return float(score)
+
+    info = FitInfo(holdout, seed, hp)
+    best_state, bad_checks = copy.deepcopy(model.state_dict()), 0
+    progress = _progress(hp["max_epochs"], hp["verbose"], holdout, seed)
+    model.train()
+    for epoch in range(1, hp["max_epochs"] + 1):
+        total = 0.0
+        for _ in range(steps):
+            src = {s: sample(s, n) for s, n in zip(objective.sources, per_src)}
+            obs = {f: sample(f, hp["batch_size"]) for f in objective.targets}
+            loss, _ = objective(model, src, obs, dtype, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        info.epochs = epoch
+        score = None
+        if epoch % hp["check_every"] == 0 or epoch == hp["max_epochs"]:
+            score = validation_score()
+            if math.isnan(score):  # no validation cells: keep the last model
+                best_state, info.best_epoch = copy.deepcopy(model.state_dict()), epoch
+            elif score < info.best_score:
+                info.best_score, info.best_epoch, bad_checks = score, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_checks += 1
+        info.history.append((epoch, total / steps, score))
+        progress.update(1)
+        progress.set_postfix(loss=f"{total / steps:.4f}", val=f"{info.best_score:.4f}")
+        if not math.isfinite(total):
+            progress.close()
+            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {total / steps}); "
+                                     "try a smaller lr or init_scale")
+        if bad_checks >= hp["patience"]:
+            break
+    progress.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    model.fit_info = info
+    model.marginals_info = {"times": times, "transform": marginals.transform.to_dict(), "source": marginals.source}
+    return model
+
+
+def _progress(total, verbose, holdout, seed):
+    from tqdm.auto import tqdm
+
+    desc = f"Cell-MNN (holdout {holdout}, seed {seed})" if holdout is not None else f"Cell-MNN (seed {seed})"
+    return tqdm(total=total, desc=desc, disable=not verbose, leave=False, unit="epoch")

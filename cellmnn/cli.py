@@ -131,7 +131,7 @@ def cmd_predict(args):
     import os
     import tempfile
 
-    from .io import load_model
+    from .io import load_model, publish
 
     model = load_model(args.model)
     if model.transform is None:
@@ -167,7 +167,7 @@ def cmd_predict(args):
         for j, t in enumerate(args.to_time):
             for i in range(pred.shape[0]):
                 w.writerow([i, args.from_time, t, *[f"{v:.6g}" for v in pred[i, j]]])
-    os.replace(tmp, args.out)
+    publish(tmp, args.out)
     print(f"wrote {pred.shape[0]} cells x {len(args.to_time)} times to {args.out}")
     return 0
 

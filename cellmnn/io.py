@@ -20,6 +20,21 @@ FORMAT = "cellmnn-model"
 VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str, path: str, directory: bool = False) -> None:
+    """Give a finished temporary file (or directory) ordinary permissions and move it into place.
+
+    ``tempfile`` creates private (0600/0700) entries; a published result gets the mode that a
+    plain ``open``/``mkdir`` would have given it under the current umask."""
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+    os.replace(tmp, path)
+
+
 def write_text_atomic(path: str, text: str) -> None:
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -30,7 +45,7 @@ def write_text_atomic(path: str, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -56,16 +71,18 @@ def save_model(model: CellMNN, path: str) -> str:
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(config, fh, indent=1)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, "weights.pt"))
+        for name in ("config.json", "weights.pt"):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~_umask())
         if os.path.isdir(path):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
             os.rmdir(old)
             os.replace(path, old)
-            os.replace(tmp, path)
+            publish(tmp, path, directory=True)
             shutil.rmtree(old, ignore_errors=True)
         else:
             if os.path.exists(path):
                 raise FileExistsError(f"{path} exists and is not a model directory")
-            os.replace(tmp, path)
+            publish(tmp, path, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

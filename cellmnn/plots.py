@@ -6,6 +6,8 @@ import tempfile
 
 import numpy as np
 
+from .io import publish
+
 
 def plot_holdouts(marginals, predictions: dict, baselines: dict, path: str, dims=(0, 1)) -> str:
     """One panel per held-out timepoint k: observed cells at t_k, Cell-MNN's prediction from t_{k-1}
@@ -40,7 +42,7 @@ def plot_holdouts(marginals, predictions: dict, baselines: dict, path: str, dims
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

@@ -18,21 +18,11 @@ from hypothesis import strategies as st
 from cellmnn_kernels import laplace_mmd, laplace_mmd_grouped
 from cellmnn_kernels.ops.laplace_mmd import laplace_mmd_reference
 from cellmnn_kernels.ops.laplace_mmd.naive import laplace_kernel_dense
-from cellmnn_kernels.ops.utils import HAS_TRITON, triton_usable_on
-from cellmnn_kernels.testing import scaled_examples
+from cellmnn_kernels.testing import DEVICE, backend_param, scaled_examples
 
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 GRAD_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 DTYPES = [torch.float32, torch.float64]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def backend_param(name):
-    usable = name != "triton" or triton_usable_on(torch.device(DEVICE))
-    reason = "triton is not installed" if not HAS_TRITON else "needs CUDA or TRITON_INTERPRET=1"
-    return pytest.param(name, marks=[] if usable else pytest.mark.skip(reason=reason), id=name)
-
-
 BACKENDS = [backend_param("torch"), backend_param("triton")]
 
 

@@ -20,21 +20,13 @@ from hypothesis import strategies as st
 from cellmnn_kernels import local_linear_step
 from cellmnn_kernels.ops.local_linear_step import local_linear_step_reference, resolve_backend
 from cellmnn_kernels.ops.local_linear_step.common import NU_MAX
-from cellmnn_kernels.ops.utils import HAS_TRITON, triton_usable_on
-from cellmnn_kernels.testing import KINDS, scaled_examples, build_inputs as _build_inputs
+from cellmnn_kernels.ops.utils import HAS_TRITON
+from cellmnn_kernels.testing import DEVICE, KINDS, backend_param, scaled_examples
+from cellmnn_kernels.testing import build_inputs as _build_inputs
 
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 GRAD_RTOL = {torch.float32: 1e-3, torch.float64: 1e-7}
 DTYPES = [torch.float32, torch.float64]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def backend_param(name):
-    usable = name != "triton" or triton_usable_on(torch.device(DEVICE))
-    reason = "triton is not installed" if not HAS_TRITON else "needs CUDA or TRITON_INTERPRET=1"
-    return pytest.param(name, marks=[] if usable else pytest.mark.skip(reason=reason), id=name)
-
-
 BACKENDS = [backend_param("torch"), backend_param("triton")]
 
 

@@ -22,6 +22,15 @@ def blobs(n=40, times=(0.0, 1.0, 2.5, 4.0), D=2, seed=0):
     return [rng.normal(0.0, 0.3, (n, D)) + t * drift for t in times], list(times)
 
 
+def write_csv(path, arrays, times, header, row):
+    """A time-course CSV: ``header`` line, then ``row(t, cell)`` for every cell."""
+    with open(path, "w") as fh:
+        fh.write(header + "\n")
+        for a, t in zip(arrays, times):
+            for cell in a:
+                fh.write(row(t, cell) + "\n")
+
+
 @pytest.fixture
 def marginals():
     arrays, times = blobs()
@@ -43,11 +52,7 @@ def test_arrays_loader_standardizes_and_keeps_the_transform(marginals):
 def test_csv_loader_with_uneven_non_integer_times(tmp_path):
     arrays, times = blobs(times=(0.5, 2.0, 2.25, 7.0), D=3)
     path = tmp_path / "cells.csv"
-    with open(path, "w") as fh:
-        fh.write("x1,stage,x2,x3\n")
-        for a, t in zip(arrays, times):
-            for row in a:
-                fh.write(f"{row[0]},{t},{row[1]},{row[2]}\n")
+    write_csv(path, arrays, times, "x1,stage,x2,x3", lambda t, c: f"{c[0]},{t},{c[1]},{c[2]}")
     m = cellmnn.load_marginals(str(path), time_key="stage")
     np.testing.assert_array_equal(m.times, [0.5, 2.0, 2.25, 7.0])
     assert m.dim == 3 and m.transform.pca_components is None
@@ -287,11 +292,7 @@ def test_corrupt_or_incompatible_models_are_refused(marginals, tmp_path):
 def test_cli_fit_evaluate_predict(tmp_path, capsys):
     arrays, times = blobs(n=30, D=3)
     data = tmp_path / "cells.csv"
-    with open(data, "w") as fh:
-        fh.write("time,a,b,c\n")
-        for a, t in zip(arrays, times):
-            for row in a:
-                fh.write(f"{t},{row[0]},{row[1]},{row[2]}\n")
+    write_csv(data, arrays, times, "time,a,b,c", lambda t, c: f"{t},{c[0]},{c[1]},{c[2]}")
     fast = ["--max-epochs", "2", "--check-every", "1", "--batch-size", "32", "--quiet"]
     assert cli_main(["fit", str(data), "--holdout", "1", "--out", str(tmp_path / "model"), *fast]) == 0
     assert cli_main(["evaluate", str(data), "--seeds", "0", "--json", str(tmp_path / "r.json"),

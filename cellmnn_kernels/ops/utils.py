@@ -32,6 +32,29 @@ def triton_usable_on(device: torch.device) -> bool:
     return device.type == "cpu" and triton_interpreted()
 
 
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+def resolve_backend(backend: str, device: torch.device, D: int, max_triton_d: int, arg: str) -> str:
+    """The backend an op runs: "auto" is triton for CUDA tensors (when D fits), torch otherwise.
+
+    ``arg`` names the input whose dimension D is reported in errors.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and HAS_TRITON and D <= max_triton_d else "torch"
+    if backend == "triton":
+        if D > max_triton_d:
+            raise ValueError(f"{arg} has D = {D}; backend='triton' supports D <= {max_triton_d} (use 'torch')")
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if not triton_usable_on(device):
+            raise RuntimeError(f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                               f"import for CPU tensors; got tensors on {device}")
+    return backend
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import HAS_TRITON, triton_usable_on
+from ..utils import resolve_backend as _resolve
 from .common import check_offsets, check_points, check_sigma, check_values, check_weights, grouped_mmd, host_ints
 from .naive import laplace_mmd_grouped_reference, laplace_mmd_reference
 from .torch_impl import DENSE_MAX_ELEMS, reduce_rows_torch
-
-BACKENDS = ("auto", "triton", "torch", "reference")
 
 __all__ = ["laplace_mmd", "laplace_mmd_grouped", "laplace_mmd_reference", "laplace_mmd_grouped_reference"]
 
@@ -20,19 +18,7 @@ __all__ = ["laplace_mmd", "laplace_mmd_grouped", "laplace_mmd_reference", "lapla
 def resolve_backend(backend: str, device: torch.device, D: int) -> str:
     from .triton_impl import MAX_D
 
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and HAS_TRITON and D <= MAX_D else "torch"
-    if backend == "triton":
-        if D > MAX_D:
-            raise ValueError(f"x has D = {D}; backend='triton' supports D <= {MAX_D} (use 'torch')")
-        if not HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        if not triton_usable_on(device):
-            raise RuntimeError(f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                               f"import for CPU tensors; got tensors on {device}")
-    return backend
+    return _resolve(backend, device, D, MAX_D, "x")
 
 
 def _reducer(backend):

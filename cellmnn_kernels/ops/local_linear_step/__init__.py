@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import HAS_TRITON, triton_usable_on
+from ..utils import BACKENDS, resolve_backend as _resolve
 from .common import MAX_TRITON_D, NU_MAX, check_overflow, check_values, validate_inputs
 from .naive import local_linear_step_reference
 from .torch_impl import local_linear_step_torch
-
-BACKENDS = ("auto", "triton", "torch", "reference")
 
 __all__ = ["local_linear_step", "local_linear_step_reference", "local_linear_step_torch", "BACKENDS"]
 
@@ -23,21 +21,7 @@ def _triton_impl():
 
 
 def resolve_backend(backend: str, device: torch.device, D: int) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and HAS_TRITON and D <= MAX_TRITON_D else "torch"
-    if backend == "triton":
-        if D > MAX_TRITON_D:
-            raise ValueError(f"A has D = {D}; backend='triton' supports D <= {MAX_TRITON_D} (use 'torch')")
-        if not HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        if not triton_usable_on(device):
-            raise RuntimeError(
-                f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before import for "
-                f"CPU tensors; got tensors on {device}"
-            )
-    return backend
+    return _resolve(backend, device, D, MAX_TRITON_D, "A")
 
 
 def local_linear_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, backend: str = "auto",

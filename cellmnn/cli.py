@@ -75,7 +75,8 @@ def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):
     from .evaluate import leave_one_out, ot_interpolate
 
     t0 = time.time()
-    result, models = leave_one_out(marginals, holdouts=holdouts, seeds=seeds, return_models=True, **hp)
+    result, models = leave_one_out(marginals, holdouts=holdouts, seeds=seeds, return_models=True, report=False,
+                                   **hp)
     print(marginals)
     print(result.format())
     print(f"wall time {time.time() - t0:.0f} s")

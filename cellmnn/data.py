@@ -233,11 +233,11 @@ def _build(x, t, n_components, standardize, drop_nonfinite, source, names, force
         if not drop_nonfinite:
             raise ValueError(f"{source}: {int(bad.sum())} rows contain NaN or Inf ({desc}); "
                              "pass drop_nonfinite=True to drop them")
-        warnings.warn(f"{source}: dropped {int(bad.sum())} rows with NaN or Inf ({desc})", stacklevel=3)
         emptied = sorted(set(np.unique(t)) - set(np.unique(t[~bad])))
         if emptied:
             raise ValueError(f"{source}: timepoint(s) {[float(v) for v in emptied]} have no cells left "
                              "after dropping rows with NaN or Inf")
+        warnings.warn(f"{source}: dropped {int(bad.sum())} rows with NaN or Inf ({desc})", stacklevel=3)
         x, t, dropped = x[~bad], t[~bad], per_t
     pca_components = pca_mean = None
     if n_components is not None and (force_pca or x.shape[1] > n_components):

@@ -72,17 +72,19 @@ class LeaveOneOutResult:
             out[method] = stats
         return out
 
-    def format(self) -> str:
-        lines = [f"{'method':<16} {'holdout':>7} {'time':>6} {'seed':>5} {'W1':>8} {'MMD':>9}"]
-        for r in self.rows:
-            seed = "-" if r["seed"] is None else str(r["seed"])
-            lines.append(f"{r['method']:<16} {r['holdout']:>7} {r['time']:>6g} {seed:>5} {r['W1']:>8.4f} {r['MMD']:>9.5f}")
-        lines.append("")
-        lines.append("mean over held-out timepoints, mean +- std over seeds:")
+    def format_summary(self) -> str:
+        lines = ["mean over held-out timepoints, mean +- std over seeds:"]
         for method, st in self.summary().items():
             lines.append(f"  {method:<16} W1 {st['W1'][0]:.4f} +- {st['W1'][1]:.4f}   "
                          f"MMD {st['MMD'][0]:.5f} +- {st['MMD'][1]:.5f}")
         return "\n".join(lines)
+
+    def format(self) -> str:
+        lines = [f"{'method':<16} {'holdout':>7} {'time':>6} {'seed':>5} {'W1':>8} {'MMD':>9}"]
+        for r in self.rows:
+            lines.append(f"{r['method']:<16} {r['holdout']:>7} {r['time']:>6g} {r['seed']:>5} "
+                         f"{r['W1']:>8.4f} {r['MMD']:>9.5f}")
+        return "\n".join(lines) + "\n\n" + self.format_summary()
 
     def to_json(self, path: str) -> None:
         from .io import write_text_atomic
@@ -91,9 +93,10 @@ class LeaveOneOutResult:
 
 
 def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline: bool = True,
-                  return_models: bool = False, **hparams):
+                  return_models: bool = False, report: bool = True, **hparams):
     """Run the leave-one-timepoint-out protocol; returns a ``LeaveOneOutResult``
-    (and the trained models keyed by (holdout, seed) if ``return_models``).
+    (and the trained models keyed by (holdout, seed) if ``return_models``) and, with ``report``,
+    prints the mean +- std over seeds of the mean over held-out timepoints.
 
     ``holdouts``: interior timepoint indices (default: all); ``seeds``: training seeds;
     ``hparams``: passed to ``fit``.  The OT-interpolate baseline (deterministic) is scored on the
@@ -125,5 +128,7 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
             for seed in seeds:  # deterministic: the same value on every seed's row
                 rows.append(dict(method="OT-interpolate", holdout=k, time=t_k, seed=seed, W1=w1, MMD=m))
     result = LeaveOneOutResult(rows)
+    if report:
+        print(result.format_summary())
     return (result, models) if return_models else result
 

@@ -4,13 +4,17 @@
     model = cellmnn.fit(marginals, holdout=2)
     predicted = model.predict(marginals.data[1], marginals.times[1], marginals.times[2])
     result = cellmnn.leave_one_out(marginals)        # Cell-MNN beside OT-interpolate, exact W1
+    w = cellmnn.gene_interactions(model, marginals, pairs=[("JUN", "FOS")])   # gene-space weights
 """
 from .data import Marginals, Transform, load_marginals
 from .evaluate import LeaveOneOutResult, leave_one_out, mmd, ot_interpolate, wasserstein1
+from .interactions import Interactions, gene_interactions
 from .io import load_model, save_model
 from .model import CellMNN
 from .train import fit
+from .validation import read_trrust, recovery_scores, trrust_validation
 
 __all__ = ["load_marginals", "Marginals", "Transform", "CellMNN", "fit", "leave_one_out", "LeaveOneOutResult",
-           "wasserstein1", "mmd", "ot_interpolate", "save_model", "load_model"]
+           "wasserstein1", "mmd", "ot_interpolate", "save_model", "load_model", "gene_interactions",
+           "Interactions", "read_trrust", "trrust_validation", "recovery_scores"]
 __version__ = "0.1.0"

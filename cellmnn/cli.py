@@ -4,6 +4,7 @@
     cellmnn fit DATA --holdout K --out DIR        train one model and save it
     cellmnn evaluate DATA [--json FILE]           leave-one-out, Cell-MNN beside OT-interpolate
     cellmnn predict MODEL DATA --from-time T0 --to-time T1 [T2 ...] --out FILE.csv
+    cellmnn interactions MODEL DATA (--genes G ... | --pairs S:T ... | --trrust TSV) --out FILE.csv
 
 DATA is a .h5ad, .npz or .csv file, or ``emt-a549`` for the embedded dataset.
 """
@@ -127,6 +128,58 @@ def cmd_evaluate(args):
     return 0
 
 
+def _in_model_space(model, args):
+    """The data's raw features mapped with the model's own transform (its PCA and z-scoring)."""
+    from .data import Marginals, load_marginals
+
+    if model.transform is None:
+        raise ValueError(f"{args.model} carries no data transform; it cannot map new data")
+    raw = load_marginals(None if args.data == EMBEDDED else args.data, time_key=args.time_key,
+                         embedding=args.embedding, n_components=None, standardize=False,
+                         drop_nonfinite=args.drop_nonfinite)
+    tr = model.transform
+    n_in = tr.pca_components.shape[1] if tr.pca_components is not None else len(tr.mean)
+    if raw.dim < n_in:
+        raise ValueError(f"the data have {raw.dim} features; the model was fitted on {n_in}")
+    if tr.feature_names is None and raw.transform.feature_names:
+        tr.feature_names = list(raw.transform.feature_names[:n_in])
+    return Marginals([tr.to_model(d[:, :n_in]) for d in raw.data], raw.times, tr, raw.source)
+
+
+def cmd_interactions(args):
+    from .interactions import gene_interactions
+    from .io import load_model
+    from .plots import plot_heatmap
+
+    model = load_model(args.model)
+    marginals = _in_model_space(model, args)
+    if args.trrust:
+        from .validation import trrust_validation
+
+        report = trrust_validation(model, marginals, args.trrust, tfs=args.tfs)
+        print(report.format())
+        report.to_csv(args.out)
+        print(f"wrote {len(report.edges)} edges to {args.out}")
+        genes = sorted({e["tf"] for e in report.edges} | {e["target"] for e in report.edges})
+        pairs = [(e["tf"], e["target"]) for e in report.edges]
+    else:
+        pairs = None if args.pairs is None else [tuple(p.split(":", 1)) for p in args.pairs]
+        if pairs is not None and any(len(p) != 2 for p in pairs):
+            raise ValueError("--pairs takes SOURCE:TARGET items")
+        agg = None if args.aggregate == "cell" else args.aggregate
+        result = gene_interactions(model, marginals, genes=args.genes, pairs=pairs, aggregate=agg, kind=args.kind)
+        result.to_csv(args.out)
+        print(f"wrote {len(result.pairs)} gene pairs ({args.aggregate}) to {args.out}")
+        genes = args.genes or sorted({g for p in pairs for g in p})
+        pairs = result.pairs
+    if args.heatmap:
+        overall = gene_interactions(model, marginals, pairs=pairs, aggregate="all", kind=args.kind)
+        plot_heatmap(overall.matrix(genes), genes, args.heatmap,
+                     f"mean {'w_(j->i)' if args.kind == 'weight' else 'J_ij'} over all cells")
+        print(f"wrote {args.heatmap}")
+    return 0
+
+
 def cmd_predict(args):
     import csv
     import os
@@ -135,24 +188,12 @@ def cmd_predict(args):
     from .io import load_model, publish
 
     model = load_model(args.model)
-    if model.transform is None:
-        raise ValueError(f"{args.model} carries no data transform; it cannot map new data")
-    # Raw features of the data, mapped with the model's own transform (its PCA and z-scoring).
-    from .data import load_marginals
-
-    raw = load_marginals(None if args.data == EMBEDDED else args.data, time_key=args.time_key,
-                         embedding=args.embedding, n_components=None, standardize=False,
-                         drop_nonfinite=args.drop_nonfinite)
-    matches = np.nonzero(np.isclose(raw.times, args.from_time))[0]
+    marginals = _in_model_space(model, args)
+    matches = np.nonzero(np.isclose(marginals.times, args.from_time))[0]
     if len(matches) == 0:
         raise ValueError(f"--from-time {args.from_time:g} is not a timepoint of the data; times are "
-                         f"{[float(t) for t in raw.times]}")
-    x_raw = raw.data[matches[0]]
-    tr = model.transform
-    n_in = tr.pca_components.shape[1] if tr.pca_components is not None else len(tr.mean)
-    if x_raw.shape[1] < n_in:
-        raise ValueError(f"the data have {x_raw.shape[1]} features; the model was fitted on {n_in}")
-    x0 = tr.to_model(x_raw[:, :n_in])
+                         f"{[float(t) for t in marginals.times]}")
+    x0 = marginals.data[matches[0]]
     pred = model.predict(x0.astype(np.float32), args.from_time, list(args.to_time))  # (n, T, D)
     if args.features and model.transform is not None:
         pred = np.stack([model.transform.to_features(pred[:, j]) for j in range(pred.shape[1])], axis=1)
@@ -212,6 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--features", action="store_true", help="write feature space (undo z-score and PCA)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("interactions", help="gene interactions of a saved model (CSV, heatmap, TRRUST check)")
+    p.add_argument("model", help="a model directory written by `cellmnn fit`")
+    p.add_argument("data", help=f"a .h5ad, .npz or .csv file with the model's features, or {EMBEDDED!r}")
+    p.add_argument("--time-key", default=None)
+    p.add_argument("--embedding", default=None)
+    p.add_argument("--drop-nonfinite", action="store_true")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--genes", nargs="+", help="a block of genes: every ordered pair among them")
+    which.add_argument("--pairs", nargs="+", help="SOURCE:TARGET gene pairs")
+    which.add_argument("--trrust", help="a TRRUST TSV: sign validation of its Activation/Repression edges")
+    p.add_argument("--tfs", nargs="+", default=None, help="with --trrust: only these TFs")
+    p.add_argument("--aggregate", choices=("timepoint", "all", "cell"), default="timepoint")
+    p.add_argument("--kind", choices=("weight", "jacobian"), default="weight")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--heatmap", default=None, help="PNG heatmap of the mean over all cells")
+    p.set_defaults(func=cmd_interactions)
     return ap
 
 

@@ -35,6 +35,32 @@ def plot_holdouts(marginals, predictions: dict, baselines: dict, path: str, dims
         ax.set_ylabel(f"dim {b + 1}")
     axes[0][0].legend(loc="best", fontsize=8, markerscale=2)
     fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_heatmap(matrix, genes, path: str, title: str = "") -> str:
+    """A targets x sources heatmap (diverging colours, NaN blank), written atomically (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    M = np.asarray(matrix, dtype=np.float64)
+    lim = np.nanmax(np.abs(M)) if np.isfinite(M).any() else 1.0
+    size = 2.5 + 0.35 * len(genes)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    im = ax.imshow(np.ma.masked_invalid(M), cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(len(genes)), genes, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(genes)), genes, fontsize=8)
+    ax.set_xlabel("source gene j")
+    ax.set_ylabel("target gene i")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path):
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)

@@ -1,0 +1,147 @@
+"""Validating gene interactions: curated TRRUST edges and networks with known ground truth.
+
+TRRUST: for each transcription factor and each Activation/Repression edge TF -> target whose genes
+are in the data, the per-cell interaction weight w_{TF->target} (``gene_interactions``, averaged
+over an ensemble of fitted models) is compared in sign with the curated mode.  Per edge: the
+fraction of cells whose sign agrees, and the edge score = fraction of cells with w > 0; an edge is
+called an activation when its score exceeds 1/2.  Per TF (and pooled): sign accuracy of those
+calls; precision, recall and F1 with Activation as the positive class; AUROC of the edge score
+against the curated mode (defined when both modes are present).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .interactions import gene_interactions
+from .io import publish
+
+TRRUST_MODES = ("Activation", "Repression", "Unknown")
+
+
+def read_trrust(path) -> list:
+    """(TF, target, mode) rows of a TRRUST TSV (TF, target, mode, PubMed ids), header line or not."""
+    rows = []
+    with open(path, newline="") as fh:
+        for n, line in enumerate(fh, start=1):
+            parts = line.rstrip("\r\n").split("\t")
+            if not line.strip():
+                continue
+            if len(parts) < 3:
+                raise ValueError(f"{path}:{n}: expected tab-separated TF, target, mode (and PubMed ids); got {line!r}")
+            tf, target, mode = (p.strip() for p in parts[:3])
+            if mode not in TRRUST_MODES:
+                if n == 1:  # a header line
+                    continue
+                raise ValueError(f"{path}:{n}: mode must be one of {TRRUST_MODES}, got {mode!r}")
+            rows.append((tf, target, mode))
+    if not rows:
+        raise ValueError(f"{path}: no TRRUST rows")
+    return rows
+
+
+def _metrics(truth_act: np.ndarray, score: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    pred = score > 0.5
+    tp = int((pred & truth_act).sum())
+    fp = int((pred & ~truth_act).sum())
+    fn = int((~pred & truth_act).sum())
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if tp else (0.0 if tp + fp + fn else float("nan"))
+    both = truth_act.any() and (~truth_act).any()
+    return dict(n_edges=len(score), n_activation=int(truth_act.sum()), n_repression=int((~truth_act).sum()),
+                sign_accuracy=float((pred == truth_act).mean()) if len(score) else float("nan"),
+                precision=precision, recall=recall, f1=f1,
+                auroc=float(roc_auc_score(truth_act, score)) if both else float("nan"))
+
+
+@dataclass
+class TrrustReport:
+    edges: list  # per edge: tf, target, mode, score, cell_agreement
+    per_tf: list  # per TF: tf + metrics + mean cell agreement
+    overall: dict
+    skipped_conflicting: list
+
+    def format(self) -> str:
+        head = (f"{'TF':<10} {'edges':>5} {'act':>4} {'rep':>4} {'sign acc':>8} {'prec':>6} {'recall':>6} "
+                f"{'F1':>6} {'AUROC':>6} {'cell agr':>8}")
+        lines = [head]
+        for r in self.per_tf + [dict(self.overall, tf="all")]:
+            lines.append(f"{r['tf']:<10} {r['n_edges']:>5} {r['n_activation']:>4} {r['n_repression']:>4} "
+                         f"{r['sign_accuracy']:>8.3f} {r['precision']:>6.3f} {r['recall']:>6.3f} {r['f1']:>6.3f} "
+                         f"{r['auroc']:>6.3f} {r['cell_agreement']:>8.3f}")
+        return "\n".join(lines)
+
+    def to_csv(self, path: str) -> None:
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=parent)
+        with os.fdopen(fd, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["tf", "target", "mode", "score", "cell_agreement"])
+            for e in self.edges:
+                w.writerow([e["tf"], e["target"], e["mode"], f"{e['score']:.4f}", f"{e['cell_agreement']:.4f}"])
+        publish(tmp, path)
+
+
+def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustReport:
+    """Sign validation of TRRUST Activation/Repression edges (module docstring).
+
+    ``models``: one fitted model or a list (an ensemble: per-cell weights are averaged);
+    ``data``: the ``Marginals`` whose cells are scored; ``trrust``: a TSV path or (TF, target,
+    mode) rows; ``tfs``: restrict to these TFs; ``cells``: timepoint indices (default all).
+    """
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    rows = read_trrust(trrust) if isinstance(trrust, (str, os.PathLike)) else list(trrust)
+    names = set(data.transform.feature_names or [])
+    modes = {}
+    for tf, tgt, mode in rows:
+        if mode == "Unknown" or tf == tgt or tf not in names or tgt not in names:
+            continue
+        if tfs is not None and tf not in tfs:
+            continue
+        modes.setdefault((tf, tgt), set()).add(mode)
+    conflicting = sorted(k for k, v in modes.items() if len(v) > 1)
+    edges = sorted(k for k, v in modes.items() if len(v) == 1)
+    if not edges:
+        raise ValueError("no Activation/Repression edge of the TRRUST table has both genes in the data")
+    weights = np.mean([gene_interactions(m, data, pairs=edges, cells=cells, aggregate=None).values
+                       for m in models], axis=0)  # (cells, edges)
+    truth_act = np.array([modes[e] == {"Activation"} for e in edges])
+    score = (weights > 0).mean(axis=0)
+    expected = np.where(truth_act, 1.0, -1.0)
+    agreement = (np.sign(weights) == expected).mean(axis=0)
+    edge_rows = [dict(tf=e[0], target=e[1], mode="Activation" if a else "Repression", score=float(s),
+                      cell_agreement=float(g)) for e, a, s, g in zip(edges, truth_act, score, agreement)]
+    per_tf = []
+    for tf in sorted({e[0] for e in edges}):
+        sel = np.array([e[0] == tf for e in edges])
+        per_tf.append(dict(tf=tf, **_metrics(truth_act[sel], score[sel]),
+                           cell_agreement=float(agreement[sel].mean())))
+    overall = dict(_metrics(truth_act, score), cell_agreement=float(agreement.mean()))
+    return TrrustReport(edge_rows, per_tf, overall, conflicting)
+
+
+def recovery_scores(J: np.ndarray, truth: np.ndarray) -> dict:
+    """Scores of a recovered signed interaction matrix J against a signed ground truth (both
+    targets x sources, zero = no edge), on off-diagonal entries: AUROC and AUPRC of |J| for edges
+    against non-edges, and the sign accuracy of J on the true edges."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    J, truth = np.asarray(J, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    if J.shape != truth.shape or J.ndim != 2 or J.shape[0] != J.shape[1]:
+        raise ValueError(f"J and truth must be square and of one shape; got {J.shape} and {truth.shape}")
+    off = ~np.eye(len(J), dtype=bool)
+    edge = truth[off] != 0
+    if edge.all() or not edge.any():
+        raise ValueError("the ground truth needs both edges and non-edges off the diagonal")
+    score = np.abs(J[off])
+    return dict(auroc=float(roc_auc_score(edge, score)), auprc=float(average_precision_score(edge, score)),
+                sign_accuracy=float((np.sign(J[off][edge]) == np.sign(truth[off][edge])).mean()),
+                n_edges=int(edge.sum()), n_non_edges=int((~edge).sum()), edge_fraction=float(edge.mean()))

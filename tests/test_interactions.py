@@ -1,0 +1,190 @@
+"""Gene interactions: the gene-space mapping, aggregation, TRRUST validation, ground-truth scores,
+the network simulators and the CLI."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cellmnn
+from cellmnn.cli import main as cli_main
+from cellmnn.grn import krumsiek_network, linear_system, sample_linear, simulate_krumsiek
+
+GENES = [f"G{i}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def adata_marginals():
+    import anndata
+
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(8, 8))
+    X = np.concatenate([rng.normal(size=(40, 8)) @ mix + t for t in range(3)]).astype(np.float32)
+    ad = anndata.AnnData(X)
+    ad.var_names = GENES
+    ad.obs["day"] = np.repeat([0.0, 1.0, 2.0], 40)
+    return ad, cellmnn.load_marginals(ad, n_components=3)
+
+
+@pytest.fixture(scope="module")
+def model(adata_marginals):
+    torch.manual_seed(0)
+    return cellmnn.CellMNN(3, width=16, depth=2, init_scale=0.5).double()
+
+
+def test_weights_add_up_to_the_gene_space_velocity_of_the_decoded_trajectory(adata_marginals, model):
+    # sum_j w_{j->i} = d/dt of the decoded trajectory mapped back to genes (finite differences).
+    _, m = adata_marginals
+    res = cellmnn.gene_interactions(model, m, genes=GENES, cells=[1], aggregate=None)
+    W = res.values.reshape(-1, 8, 8)  # pairs are (source, target) for target in genes for source in genes
+    z = torch.tensor(m.data[1])
+    t0 = torch.full((len(z),), 1.0, dtype=torch.float64)
+    eps = 1e-5
+    X, _ = model(z, t0, t0[:, None] + torch.tensor([[-eps, eps]], dtype=torch.float64))
+    xg = [m.transform.to_features(X[:, j].detach().numpy()) for j in range(2)]
+    velocity = (xg[1] - xg[0]) / (2 * eps)
+    np.testing.assert_allclose(W.sum(-1), velocity, rtol=1e-6, atol=1e-6 * np.abs(velocity).max())
+
+
+def test_jacobian_is_the_gene_space_operator(adata_marginals, model):
+    _, m = adata_marginals
+    res = cellmnn.gene_interactions(model, m, pairs=[("G1", "G2"), ("G3", "G0")], cells=[0], aggregate=None,
+                                    kind="jacobian")
+    z = torch.tensor(m.data[0])
+    A = model.operator(z, torch.zeros(len(z), dtype=torch.float64)).detach().numpy()
+    W, s = m.transform.pca_components, m.transform.std
+    J = np.einsum("da,nde,eb->nab", s[:, None] * W, A, W / s[:, None])  # W^T S A S^-1 W per cell
+    np.testing.assert_allclose(res.values[:, 0], J[:, 2, 1], rtol=1e-10)
+    np.testing.assert_allclose(res.values[:, 1], J[:, 0, 3], rtol=1e-10)
+
+
+def test_aggregates_agree(adata_marginals, model):
+    _, m = adata_marginals
+    pairs = [("G1", "G2"), ("G2", "G1")]
+    cells = cellmnn.gene_interactions(model, m, pairs=pairs, aggregate=None)
+    per_t = cellmnn.gene_interactions(model, m, pairs=pairs, aggregate="timepoint")
+    overall = cellmnn.gene_interactions(model, m, pairs=pairs, aggregate="all")
+    assert cells.values.shape == (120, 2) and per_t.values.shape == (3, 2) and overall.values.shape == (2,)
+    np.testing.assert_allclose(per_t.values[1], cells.values[40:80].mean(0), rtol=1e-12)
+    np.testing.assert_allclose(overall.values, cells.values.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(overall.positive, (cells.values > 0).mean(0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "exactly one of genes"),
+    (dict(genes=["G1"], pairs=[("G1", "G2")]), "exactly one of genes"),
+    (dict(genes=["G1", "NOPE"]), "genes not in the data"),
+    (dict(pairs=[("G1", "NOPE")]), "genes not in the data"),
+    (dict(pairs=[("G1",)]), "source, target"),
+    (dict(genes=["G1"], aggregate="median"), "aggregate must be"),
+    (dict(genes=["G1"], kind="effect"), "kind must be"),
+    (dict(genes=["G1"], cells=[5]), "timepoint indices"),
+])
+def test_interaction_errors(adata_marginals, model, kwargs, match):
+    _, m = adata_marginals
+    with pytest.raises(ValueError, match=match):
+        cellmnn.gene_interactions(model, m, **kwargs)
+
+
+class ConstantOperator(nn.Module):
+    """A model whose operator is one fixed matrix for every cell (for exact expectations)."""
+
+    def __init__(self, A):
+        super().__init__()
+        self.A = nn.Parameter(torch.as_tensor(A, dtype=torch.float64), requires_grad=False)
+        self.dim = len(A)
+
+    def operator(self, x, t):
+        return self.A.expand(len(x), -1, -1)
+
+
+def test_trrust_validation_metrics_on_a_known_operator(tmp_path):
+    # Genes in model space = genes (no PCA); every cell has x - x* > 0 in gene 0 and gene 1, so
+    # w_{j->i} has the sign of J_ij = A_ij s_i / s_j.
+    rng = np.random.default_rng(0)
+    arrays = [np.abs(rng.normal(size=(20, 3))) + 5.0 for _ in range(2)]
+    arrays[0][:, :2] += 10.0  # x above its mean in genes 0, 1 for every cell of timepoint 0
+    m = cellmnn.load_marginals(arrays, times=[0, 1], n_components=None)
+    m.transform.feature_names = ["TFA", "T1", "T2"]
+    A = np.array([[0.0, 0.0, 0.0],     # targets x sources
+                  [1.0, 0.0, 0.0],     # TFA -> T1 positive
+                  [-1.0, 1.0, 0.0]])   # TFA -> T2 negative, T1 -> T2 positive
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("TF\tTarget\tMode\tPMID\nTFA\tT1\tActivation\t1\nTFA\tT2\tActivation\t2\n"
+                   "T1\tT2\tRepression\t3\nTFA\tT9\tActivation\t4\nTFA\tT1\tUnknown\t5\n")
+    report = cellmnn.trrust_validation(ConstantOperator(A), m, str(tsv), cells=[0])
+    scores = {(e["tf"], e["target"]): e["score"] for e in report.edges}
+    assert scores == {("TFA", "T1"): 1.0, ("TFA", "T2"): 0.0, ("T1", "T2"): 1.0}
+    o = report.overall  # calls: act, rep, act; truth: act, act, rep
+    assert o["n_edges"] == 3 and o["sign_accuracy"] == pytest.approx(1 / 3)
+    assert o["precision"] == pytest.approx(0.5) and o["recall"] == pytest.approx(0.5)
+    # AUROC: positive scores {1, 0} against negative {1}: a tie (1/2) and a loss (0) -> 1/4.
+    assert o["f1"] == pytest.approx(0.5) and o["auroc"] == pytest.approx(0.25)
+    assert "TFA" in report.format()
+
+
+def test_trrust_files_with_and_without_header(tmp_path):
+    body = "JUN\tFOS\tActivation\t1;2\nJUN\tMYC\tRepression\t3\nFOS\tJUN\tUnknown\t4\n"
+    (tmp_path / "a.tsv").write_text(body)
+    (tmp_path / "b.tsv").write_text("TF\tTarget\tMode of regulation\tReferences (PMID)\n" + body)
+    rows = cellmnn.read_trrust(tmp_path / "a.tsv")
+    assert rows == cellmnn.read_trrust(tmp_path / "b.tsv") == [("JUN", "FOS", "Activation"), ("JUN", "MYC", "Repression"), ("FOS", "JUN", "Unknown")]
+    (tmp_path / "c.tsv").write_text(body + "JUN\tX\tMaybe\t5\n")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        cellmnn.read_trrust(tmp_path / "c.tsv")
+    (tmp_path / "d.tsv").write_text("JUN FOS Activation\n")
+    with pytest.raises(ValueError, match="tab-separated"):
+        cellmnn.read_trrust(tmp_path / "d.tsv")
+
+
+def test_shipped_trrust_subsets_parse():
+    import os
+
+    for tf in ("JUN", "FOS", "POU5F1"):
+        path = os.path.join(os.path.dirname(__file__), "data", f"{tf}_targets.human.tsv")
+        rows = cellmnn.read_trrust(path)
+        assert rows and all(r[0] == tf for r in rows)
+
+
+def test_recovery_scores_exact_cases():
+    truth = linear_system(8, seed=1)
+    perfect = cellmnn.recovery_scores(truth, truth)
+    assert perfect["auroc"] == 1.0 and perfect["sign_accuracy"] == 1.0 and perfect["auprc"] == 1.0
+    flipped = cellmnn.recovery_scores(-truth, truth)
+    assert flipped["auroc"] == 1.0 and flipped["sign_accuracy"] == 0.0
+    with pytest.raises(ValueError, match="both edges and non-edges"):
+        cellmnn.recovery_scores(np.ones((3, 3)), np.ones((3, 3)))
+
+
+def test_network_simulators():
+    genes, rules, C = krumsiek_network()
+    assert len(genes) == 11 and (C != 0).sum() == 30 and C[genes.index("Pu.1"), genes.index("Gata1")] < 0
+    m = simulate_krumsiek(times=(0.0, 0.5, 1.0), n_cells=30, seed=1)
+    assert m.sizes == [30, 30, 30] and m.transform.feature_names == genes
+    raw = m.transform.to_features(m.data[2])
+    assert np.isfinite(raw).all() and (raw >= 0).all()
+    M = linear_system(6, seed=2)
+    assert np.linalg.eigvals(M).real.max() < 0
+    lin = sample_linear(M, times=(0.0, 1.0), n_cells=25)
+    assert lin.sizes == [25, 25] and lin.dim == 6
+
+
+def test_cli_interactions(adata_marginals, tmp_path, capsys):
+    ad, _ = adata_marginals
+    data = tmp_path / "cells.h5ad"
+    ad.write_h5ad(data)
+    fast = ["--max-epochs", "2", "--check-every", "1", "--batch-size", "32", "--quiet", "--n-components", "3"]
+    assert cli_main(["fit", str(data), "--out", str(tmp_path / "model"), *fast]) == 0
+    assert cli_main(["interactions", str(tmp_path / "model"), str(data), "--genes", "G0", "G1", "G2",
+                     "--out", str(tmp_path / "w.csv"), "--heatmap", str(tmp_path / "w.png")]) == 0
+    lines = (tmp_path / "w.csv").read_text().splitlines()
+    assert lines[0] == "source,target,time,n_cells,mean_weight,fraction_positive" and len(lines) == 1 + 3 * 9
+    assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("G0\tG1\tActivation\t1\nG0\tG2\tRepression\t2\nG3\tG4\tActivation\t3\n")
+    assert cli_main(["interactions", str(tmp_path / "model"), str(data), "--trrust", str(tsv),
+                     "--out", str(tmp_path / "v.csv")]) == 0
+    assert "sign acc" in capsys.readouterr().out
+    assert cli_main(["interactions", str(tmp_path / "model"), str(data), "--pairs", "G0:NOPE",
+                     "--out", str(tmp_path / "x.csv")]) == 2

@@ -1,6 +1,6 @@
 """Ground-truth recovery of gene interactions by Cell-MNN (D = number of genes, no PCA).
 
-    python bench/grn_recovery.py [--seeds 0 1 2] [--max-epochs 1000] [--json FILE] [hparams as key=value]
+    python bench/grn_recovery.py [--cases linear krumsiek] [--seeds 0 1 2] [--json FILE] [--set key=value ...]
 
 Two cases: a linear ODE dx/dt = M x with a random sparse signed M (10 genes), and the 11-gene
 Krumsiek myeloid network in Hill form with noise (``cellmnn.grn``).  For each seed: simulate
@@ -51,7 +51,8 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="+", default=["linear", "krumsiek"], choices=["linear", "krumsiek"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--json", default=None)
-    ap.add_argument("hparams", nargs="*", help="fit hyperparameters as key=value (e.g. velocity_weight=0)")
+    ap.add_argument("--set", nargs="*", default=[], dest="hparams",
+                    help="fit hyperparameters as key=value (e.g. velocity_weight=0)")
     args = ap.parse_args(argv)
     hp = {"verbose": False}
     for kv in args.hparams:

@@ -78,8 +78,14 @@ if HAS_TRITON:
         live = nrm > 0
         reach = tl.max(tl.where(ok, tl.abs(tau), 0.0), axis=1)
         h_dead = tl.where(reach > 0, reach, 1.0)
-        h = tl.where(live, theta / tl.where(live, nrm, 1.0), h_dead)
-        inv_h = tl.where(live, nrm / theta, 1.0 / h_dead)
+        # Subnormal norms are raised to the smallest normal number, so that theta / n cannot
+        # overflow; h and 1/h stay exact partners (Z = h A and rho = dt / h).
+        if A.dtype == tl.float64:
+            n_safe = tl.maximum(nrm, 2.2250738585072014e-308)
+        else:
+            n_safe = tl.maximum(nrm, 1.1754943508222875e-38)
+        h = tl.where(live, theta / n_safe, h_dead)
+        inv_h = tl.where(live, n_safe / theta, 1.0 / h_dead)
         rho = tau * inv_h[:, None] - tl.where(tau < 0, -lev, lev)
         Z = A * h[:, None, None]
         return cell, t, d, cm, dm, pm, Z, x0, tau, ok, lev.to(tl.int32), rho, h, inv_h

@@ -28,6 +28,14 @@ def _data_args(p):
     p.add_argument("--drop-nonfinite", action="store_true", help="drop rows with NaN/Inf instead of failing")
 
 
+def _model_data_args(p):
+    p.add_argument("model", help="a model directory written by `cellmnn fit`")
+    p.add_argument("data", help=f"a .h5ad, .npz or .csv file with the model's raw features, or {EMBEDDED!r}")
+    p.add_argument("--time-key", default=None)
+    p.add_argument("--embedding", default=None)
+    p.add_argument("--drop-nonfinite", action="store_true")
+
+
 def _train_args(p, max_epochs=None):
     g = p.add_argument_group("training (defaults: the paper's)")
     g.add_argument("--parameterization", choices=("direct", "eigen"), default=None)
@@ -181,11 +189,7 @@ def cmd_interactions(args):
 
 
 def cmd_predict(args):
-    import csv
-    import os
-    import tempfile
-
-    from .io import load_model, publish
+    from .io import load_model, write_csv_atomic
 
     model = load_model(args.model)
     marginals = _in_model_space(model, args)
@@ -200,16 +204,9 @@ def cmd_predict(args):
     names = [f"x{i + 1}" for i in range(pred.shape[2])]
     if args.features and model.transform is not None and model.transform.feature_names:
         names = list(model.transform.feature_names)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=parent)
-    with os.fdopen(fd, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["cell", "from_time", "time", *names])
-        for j, t in enumerate(args.to_time):
-            for i in range(pred.shape[0]):
-                w.writerow([i, args.from_time, t, *[f"{v:.6g}" for v in pred[i, j]]])
-    publish(tmp, args.out)
+    rows = [[i, args.from_time, t, *[f"{v:.6g}" for v in pred[i, j]]]
+            for j, t in enumerate(args.to_time) for i in range(pred.shape[0])]
+    write_csv_atomic(args.out, ["cell", "from_time", "time", *names], rows)
     print(f"wrote {pred.shape[0]} cells x {len(args.to_time)} times to {args.out}")
     return 0
 
@@ -243,11 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="push the cells of one timepoint to other times with a saved model")
-    p.add_argument("model", help="a model directory written by `cellmnn fit`")
-    p.add_argument("data", help=f"a .h5ad, .npz or .csv file with the same features, or {EMBEDDED!r}")
-    p.add_argument("--time-key", default=None)
-    p.add_argument("--embedding", default=None)
-    p.add_argument("--drop-nonfinite", action="store_true")
+    _model_data_args(p)
     p.add_argument("--from-time", type=float, required=True)
     p.add_argument("--to-time", type=float, nargs="+", required=True)
     p.add_argument("--out", required=True, help="CSV to write")
@@ -255,11 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("interactions", help="gene interactions of a saved model (CSV, heatmap, TRRUST check)")
-    p.add_argument("model", help="a model directory written by `cellmnn fit`")
-    p.add_argument("data", help=f"a .h5ad, .npz or .csv file with the model's features, or {EMBEDDED!r}")
-    p.add_argument("--time-key", default=None)
-    p.add_argument("--embedding", default=None)
-    p.add_argument("--drop-nonfinite", action="store_true")
+    _model_data_args(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--genes", nargs="+", help="a block of genes: every ordered pair among them")
     which.add_argument("--pairs", nargs="+", help="SOURCE:TARGET gene pairs")

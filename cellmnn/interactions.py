@@ -18,15 +18,12 @@ are computed: per cell D x |sources| numbers, never genes x genes.
 """
 from __future__ import annotations
 
-import csv
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .io import publish
+from .io import write_csv_atomic
 
 AGGREGATES = ("timepoint", "all", None)
 KINDS = ("weight", "jacobian")
@@ -76,14 +73,7 @@ class Interactions:
                 for p, (s, g) in enumerate(self.pairs):
                     rows.append([c, f"{self.times[c]:g}", s, g, f"{self.values[c, p]:.6g}"])
             header = ["cell", "time", "source", "target", self.kind]
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=parent)
-        with os.fdopen(fd, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(header)
-            w.writerows(rows)
-        publish(tmp, path)
+        write_csv_atomic(path, header, rows)
 
 
 def _gene_names(transform, G):

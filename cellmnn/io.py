@@ -52,6 +52,26 @@ def write_text_atomic(path: str, text: str) -> None:
         raise
 
 
+def write_csv_atomic(path: str, header, rows) -> None:
+    """A CSV (``header`` then ``rows``) written to a temporary sibling and moved into place."""
+    import csv
+
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(rows)
+        publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def save_model(model: CellMNN, path: str) -> str:
     """Write ``model`` (and the data transform and times it was fitted with) to directory ``path``."""
     path = os.path.abspath(os.fspath(path))

@@ -10,15 +10,13 @@ against the curated mode (defined when both modes are present).
 """
 from __future__ import annotations
 
-import csv
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from .interactions import gene_interactions
-from .io import publish
+from .io import write_csv_atomic
 
 TRRUST_MODES = ("Activation", "Repression", "Unknown")
 
@@ -79,15 +77,9 @@ class TrrustReport:
         return "\n".join(lines)
 
     def to_csv(self, path: str) -> None:
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=parent)
-        with os.fdopen(fd, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["tf", "target", "mode", "score", "cell_agreement"])
-            for e in self.edges:
-                w.writerow([e["tf"], e["target"], e["mode"], f"{e['score']:.4f}", f"{e['cell_agreement']:.4f}"])
-        publish(tmp, path)
+        write_csv_atomic(path, ["tf", "target", "mode", "score", "cell_agreement"],
+                         [[e["tf"], e["target"], e["mode"], f"{e['score']:.4f}", f"{e['cell_agreement']:.4f}"]
+                          for e in self.edges])
 
 
 def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustReport:

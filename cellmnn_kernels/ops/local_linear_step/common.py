@@ -1,15 +1,18 @@
 """What every backend of ``local_linear_step`` shares: the scheme's constants and the input checks.
 
-The fast backends (``torch`` and ``triton``) use one scheme, "anchored Krylov-in-tau":
+The fast backends (``torch`` and ``triton``) use one scheme, "anchored Taylor steps":
 
 * For cell b, let n = ||A||_1 (max column sum) and h = theta / n.  Along each direction of time
   (dt >= 0 and dt < 0) the cell's exact trajectory is marched in anchor steps of length h:
   y_0 = x0, y_{a+1} = p(sign * h * A) y_a, where p is the degree-m Taylor polynomial of exp.
-* At anchor a the Krylov vectors K_j = A^j y_a / j!  (j = 0..m+1) are formed once per cell.
 * A pair (b, k) with nu = |dt| * n sits at anchor a = floor(nu / theta) with remainder
-  r = dt - sign * a * h, |r| * n <= theta, and is evaluated with O(m D) work:
-      X = sum_{j<=m} r^j K_j          V = A X = sum_{j=1}^{m+1} j r^(j-1) K_j.
-  (A K_j = (j+1) K_{j+1}, so V costs no matrix-vector product.)
+  r = dt - sign * a * h, |r| * n <= theta, and is finished with one more polynomial:
+  X = p(r A) y_a, V = A X.
+* The backends differ in how they evaluate the polynomials.  Triton forms, once per cell and
+  anchor, the Krylov vectors K_j = Z^j y_a / j! of the scaled operator Z = h A (every one
+  bounded by theta^j / j! ||y_a||) and finishes each pair in O(m D) with rho = r / h:
+  X = sum_{j<=m} rho^j K_j and V = (1/h) sum_{j=1}^{m+1} j rho^(j-1) K_j (Z K_j = (j+1) K_{j+1},
+  so V needs no extra product).  The torch path runs Horner on vectors in batched GEMMs.
 
 Every step has ||Z||_1 <= theta, so the relative truncation error of each Taylor polynomial is at
 most theta^(m+1) / (m+1)! * e^(2 theta) (remainder bound divided by the smallest possible

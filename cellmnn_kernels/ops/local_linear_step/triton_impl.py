@@ -2,16 +2,16 @@
 
 One program owns a block of BB cells and a block of BT of their target times.  Per direction of
 time it marches the cells' anchors (``common.py``); at each anchor it forms the Krylov vectors
-K_j = A^j y / j! once per cell (M+1 matrix-vector products in registers) and adds them into X
-and V of the pairs sitting at that anchor with scalar weights (O(M D) per pair).  Nothing of
+K_j = Z^j y / j! of Z = h A once per cell (M+1 matrix-vector products in registers) and adds them
+into X and V of the pairs sitting at that anchor with scalar weights (O(M D) per pair).  Nothing of
 size (B, T, D, D) is ever written; the number of anchors is decided inside the kernel from
 ||A[b]||_1 and dt, so a call is one launch (forward) or one launch plus a sum over time blocks
 (backward) whatever the norms, with no host synchronisation.
 
-Backward (per cell, reverse sweep over anchors): with upstream gX, gV of the pairs,
-    Kbar_j = sum_pairs (r^j gX + j r^(j-1) gV) + [j<=M] step^j ybar_{a+1} + A^T Kbar_{j+1} / (j+1)
-    dA    += Kbar_j K_{j-1}^T / j,        ybar_a = Kbar_0,        dx0 = ybar_0 (both directions)
-    ddt    = d/dr of the pair's polynomials, dotted with gX and gV.
+Backward (per cell, reverse sweep over anchors): with upstream gX and gV/h of the pairs,
+    Kbar_j = sum_pairs (rho^j gX + j rho^(j-1) gV/h) + [j<=M] sign^j ybar_{a+1} + Z^T Kbar_{j+1} / (j+1)
+    dZ    += Kbar_j K_{j-1}^T / j,        ybar_a = Kbar_0,        dx0 = ybar_0 (both directions)
+    dA = h dZ,   ddt = (1/h) d/drho of the pair's polynomials, dotted with gX and gV/h.
 The anchor states are needed in reverse order: the kernel keeps CAP checkpoints in registers
 (every c-th anchor, c = ceil(levels / CAP)) and recomputes at most c - 1 steps from the nearest
 checkpoint, so the sweep costs O(levels * (1 + (c - 1) / 2)) anchor steps.

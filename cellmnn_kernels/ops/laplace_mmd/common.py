@@ -142,7 +142,7 @@ class Plan:
     term_sy: list
 
 
-def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_wx, grad_y, grad_wy) -> Plan:
+def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy) -> Plan:
     """Which pair sums a grouped call computes, grouped into at most four launches."""
     xs, ys = sorted(set(terms_x)), sorted(set(terms_y))
     pos_x = {s: i for i, s in enumerate(xs)}
@@ -239,11 +239,11 @@ class PairSums(torch.autograd.Function):
 
 def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, wy, reducer):
     """(sum_t w_t MMD^2_t, per-term MMD^2) through ``reducer``; inputs validated."""
-    wx_given, wy_given = wx is not None, wy is not None
     wx = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if wx is None else wx
     wy = torch.ones(y.shape[0], dtype=y.dtype, device=y.device) if wy is None else wy
-    plan = build_plan(x_off, y_off, terms_x, terms_y, x.requires_grad, wx_given and wx.requires_grad,
-                      y.requires_grad, wy_given and wy.requires_grad)
+    # Weight gradients come from the row sums every launch computes, except those of y, which
+    # need the S(Y, X) launch.
+    plan = build_plan(x_off, y_off, terms_x, terms_y, x.requires_grad, y.requires_grad, wy.requires_grad)
     S = PairSums.apply(x, y, wx, wy, plan, reducer, sigma)
 
     def seg_sums(w, segments):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import BACKENDS, resolve_backend as _resolve
-from .common import MAX_TRITON_D, NU_MAX, check_overflow, check_values, validate_inputs
+from .common import MAX_TRITON_D, check_overflow, check_values, validate_inputs
 from .naive import local_linear_step_reference
 from .torch_impl import local_linear_step_torch
 

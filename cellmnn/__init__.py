@@ -8,13 +8,13 @@
 """
 from .data import Marginals, Transform, load_marginals
 from .evaluate import LeaveOneOutResult, leave_one_out, mmd, ot_interpolate, wasserstein1
-from .interactions import Interactions, gene_interactions
+from .interactions import Interactions, centered_expression, gene_interactions
 from .io import load_model, save_model
 from .model import CellMNN
 from .train import fit
 from .validation import read_trrust, recovery_scores, trrust_validation
 
 __all__ = ["load_marginals", "Marginals", "Transform", "CellMNN", "fit", "leave_one_out", "LeaveOneOutResult",
-           "wasserstein1", "mmd", "ot_interpolate", "save_model", "load_model", "gene_interactions",
+           "wasserstein1", "mmd", "ot_interpolate", "save_model", "load_model", "gene_interactions", "centered_expression",
            "Interactions", "read_trrust", "trrust_validation", "recovery_scores"]
 __version__ = "0.1.0"

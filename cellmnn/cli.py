@@ -4,7 +4,7 @@
     cellmnn fit DATA --holdout K --out DIR        train one model and save it
     cellmnn evaluate DATA [--json FILE]           leave-one-out, Cell-MNN beside OT-interpolate
     cellmnn predict MODEL DATA --from-time T0 --to-time T1 [T2 ...] --out FILE.csv
-    cellmnn interactions MODEL DATA (--genes G ... | --pairs S:T ... | --trrust TSV) --out FILE.csv
+    cellmnn interactions MODEL DATA (--genes G ... | --pairs S:T ... | --trrust TSV [--ensemble MODEL ...]) --out FILE.csv
 
 DATA is a .h5ad, .npz or .csv file, or ``emt-a549`` for the embedded dataset.
 """
@@ -154,6 +154,17 @@ def _in_model_space(model, args):
     return Marginals([tr.to_model(d[:, :n_in]) for d in raw.data], raw.times, tr, raw.source)
 
 
+def _same_transform(other, model, path):
+    a, b = other.transform, model.transform
+    same = a is not None and all(
+        (x is None and y is None) or (x is not None and y is not None and np.shape(x) == np.shape(y) and np.allclose(x, y))
+        for x, y in ((a.pca_components, b.pca_components), (a.pca_mean, b.pca_mean), (a.mean, b.mean), (a.std, b.std)))
+    if not same or other.dim != model.dim:
+        raise ValueError(f"--ensemble {path}: its data transform differs from the first model's; "
+                         "an ensemble needs models fitted on one transform (one dataset, one PCA)")
+    return other
+
+
 def cmd_interactions(args):
     from .interactions import gene_interactions
     from .io import load_model
@@ -164,7 +175,8 @@ def cmd_interactions(args):
     if args.trrust:
         from .validation import trrust_validation
 
-        report = trrust_validation(model, marginals, args.trrust, tfs=args.tfs)
+        models = [model] + [_same_transform(load_model(path), model, path) for path in args.ensemble or []]
+        report = trrust_validation(models, marginals, args.trrust, tfs=args.tfs)
         print(report.format())
         report.to_csv(args.out)
         print(f"wrote {len(report.edges)} edges to {args.out}")
@@ -254,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--pairs", nargs="+", help="SOURCE:TARGET gene pairs")
     which.add_argument("--trrust", help="a TRRUST TSV: sign validation of its Activation/Repression edges")
     p.add_argument("--tfs", nargs="+", default=None, help="with --trrust: only these TFs")
+    p.add_argument("--ensemble", nargs="+", default=None, metavar="MODEL",
+                   help="with --trrust: more saved models (same data transform) whose weights are averaged")
     p.add_argument("--aggregate", choices=("timepoint", "all", "cell"), default="timepoint")
     p.add_argument("--kind", choices=("weight", "jacobian"), default="weight")
     p.add_argument("--out", required=True, help="CSV to write")

@@ -103,6 +103,30 @@ def _resolve_pairs(names, genes, pairs):
     return pairs, [index[s] for s, _ in pairs], [index[t] for _, t in pairs]
 
 
+def centered_expression(data, genes, cells=None, transform=None) -> np.ndarray:
+    """x_j - x*_j = (W^T S z)_j for ``genes`` (names, repeats allowed) of every cell of timepoints
+    ``cells`` (default all), in the order ``gene_interactions(..., aggregate=None)`` lists cells:
+    (n_cells, len(genes)), float64.  x* is the gene-space image of the model-space origin
+    (module docstring): each gene's mean when the transform was fitted on these cells."""
+    transform = data.transform if transform is None else transform
+    W = np.eye(data.dim) if transform.pca_components is None else np.asarray(transform.pca_components, dtype=np.float64)
+    names = _gene_names(transform, W.shape[1])
+    index = {g: i for i, g in enumerate(names)}
+    missing = [g for g in genes if g not in index]
+    if missing:
+        raise ValueError(f"genes not in the data: {missing[:10]}")
+    ks = _timepoints(data, cells)
+    U = np.asarray(transform.std, dtype=np.float64)[:, None] * W[:, [index[g] for g in genes]]
+    return np.concatenate([np.asarray(data.data[k], dtype=np.float64) @ U for k in ks])
+
+
+def _timepoints(data, cells):
+    ks = list(range(len(data))) if cells is None else [int(k) for k in cells]
+    if any(not 0 <= k < len(data) for k in ks) or not ks:
+        raise ValueError(f"cells must be timepoint indices in [0, {len(data)}); got {cells!r}")
+    return ks
+
+
 @torch.no_grad()
 def gene_interactions(model, data, genes=None, pairs=None, cells=None, aggregate="timepoint",
                       kind="weight", transform=None, batch_size=4096) -> Interactions:
@@ -129,9 +153,7 @@ def gene_interactions(model, data, genes=None, pairs=None, cells=None, aggregate
                          f"and the model {model.dim}")
     names = _gene_names(transform, W.shape[1])
     pairs, src, tgt = _resolve_pairs(names, genes, pairs)
-    ks = list(range(len(data))) if cells is None else [int(k) for k in cells]
-    if any(not 0 <= k < len(data) for k in ks) or not ks:
-        raise ValueError(f"cells must be timepoint indices in [0, {len(data)}); got {cells!r}")
+    ks = _timepoints(data, cells)
 
     p = next(model.parameters())
     s = np.asarray(transform.std, dtype=np.float64)

@@ -7,6 +7,15 @@ fraction of cells whose sign agrees, and the edge score = fraction of cells with
 called an activation when its score exceeds 1/2.  Per TF (and pooled): sign accuracy of those
 calls; precision, recall and F1 with Activation as the positive class; AUROC of the edge score
 against the curated mode (defined when both modes are present).
+
+The paper's definitions (``TrrustReport.paper``; reproduced from the authors' validation script,
+labelled as theirs): per edge, only cells with the TF above x* in gene space count
+(x_TF - x*_TF > 0: above its mean when the transform was fitted on these cells), and the edge is
+"correct" when more than half of them have the curated sign.  Then TP = Activation edges called
+correct, FP = Activation edges called wrong, TN = Repression edges called wrong, FN = Repression
+edges called correct; precision = TP / (TP + FP) (the sign accuracy on Activation edges) and
+recall = TP / (TP + FN) (correct activations among all correct edges).  Their script scores the
+first 200 cells of each day; here every requested cell.
 """
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .interactions import gene_interactions
+from .interactions import centered_expression, gene_interactions
 from .io import write_csv_atomic
 
 TRRUST_MODES = ("Activation", "Repression", "Unknown")
@@ -59,12 +68,24 @@ def _metrics(truth_act: np.ndarray, score: np.ndarray) -> dict:
                 auroc=float(roc_auc_score(truth_act, score)) if both else float("nan"))
 
 
+def _paper_metrics(truth_act: np.ndarray, correct: np.ndarray) -> dict:
+    tp = int((truth_act & correct).sum())
+    fp = int((truth_act & ~correct).sum())
+    tn = int((~truth_act & ~correct).sum())
+    fn = int((~truth_act & correct).sum())
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if tp else (0.0 if tp + fp + fn else float("nan"))
+    return dict(tp=tp, fp=fp, tn=tn, fn=fn, precision=precision, recall=recall, f1=f1)
+
+
 @dataclass
 class TrrustReport:
-    edges: list  # per edge: tf, target, mode, score, cell_agreement
+    edges: list  # per edge: tf, target, mode, score, cell_agreement, paper_agreement, paper_cells
     per_tf: list  # per TF: tf + metrics + mean cell agreement
     overall: dict
     skipped_conflicting: list
+    paper: list = None  # per TF and "all": the paper's TP/FP/TN/FN, precision, recall, F1
 
     def format(self) -> str:
         head = (f"{'TF':<10} {'edges':>5} {'act':>4} {'rep':>4} {'sign acc':>8} {'prec':>6} {'recall':>6} "
@@ -74,12 +95,19 @@ class TrrustReport:
             lines.append(f"{r['tf']:<10} {r['n_edges']:>5} {r['n_activation']:>4} {r['n_repression']:>4} "
                          f"{r['sign_accuracy']:>8.3f} {r['precision']:>6.3f} {r['recall']:>6.3f} {r['f1']:>6.3f} "
                          f"{r['auroc']:>6.3f} {r['cell_agreement']:>8.3f}")
+        if self.paper:
+            lines += ["", "the paper's definitions (not standard: TP/FP = Activation edges right/wrong, "
+                      "TN/FN = Repression edges wrong/right)",
+                      f"{'TF':<10} {'TP':>4} {'FP':>4} {'TN':>4} {'FN':>4} {'prec':>6} {'recall':>6} {'F1':>6}"]
+            for r in self.paper:
+                lines.append(f"{r['tf']:<10} {r['tp']:>4} {r['fp']:>4} {r['tn']:>4} {r['fn']:>4} "
+                             f"{r['precision']:>6.3f} {r['recall']:>6.3f} {r['f1']:>6.3f}")
         return "\n".join(lines)
 
     def to_csv(self, path: str) -> None:
-        write_csv_atomic(path, ["tf", "target", "mode", "score", "cell_agreement"],
-                         [[e["tf"], e["target"], e["mode"], f"{e['score']:.4f}", f"{e['cell_agreement']:.4f}"]
-                          for e in self.edges])
+        write_csv_atomic(path, ["tf", "target", "mode", "score", "cell_agreement", "paper_agreement", "paper_cells"],
+                         [[e["tf"], e["target"], e["mode"], f"{e['score']:.4f}", f"{e['cell_agreement']:.4f}",
+                           f"{e['paper_agreement']:.4f}", e["paper_cells"]] for e in self.edges])
 
 
 def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustReport:
@@ -109,15 +137,23 @@ def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustRepor
     score = (weights > 0).mean(axis=0)
     expected = np.where(truth_act, 1.0, -1.0)
     agreement = (np.sign(weights) == expected).mean(axis=0)
+    # The paper's count: cells whose TF is above its mean in gene space.
+    active = centered_expression(data, [e[0] for e in edges], cells=cells) > 0  # (cells, edges)
+    paper_cells = active.sum(axis=0)
+    paper_agree = ((np.sign(weights) == expected) & active).sum(axis=0) / np.maximum(paper_cells, 1)
+    paper_correct = (paper_agree > 0.5) & (paper_cells > 0)
     edge_rows = [dict(tf=e[0], target=e[1], mode="Activation" if a else "Repression", score=float(s),
-                      cell_agreement=float(g)) for e, a, s, g in zip(edges, truth_act, score, agreement)]
-    per_tf = []
+                      cell_agreement=float(g), paper_agreement=float(pa) if n else float("nan"), paper_cells=int(n))
+                 for e, a, s, g, pa, n in zip(edges, truth_act, score, agreement, paper_agree, paper_cells)]
+    per_tf, paper = [], []
     for tf in sorted({e[0] for e in edges}):
         sel = np.array([e[0] == tf for e in edges])
         per_tf.append(dict(tf=tf, **_metrics(truth_act[sel], score[sel]),
                            cell_agreement=float(agreement[sel].mean())))
+        paper.append(dict(tf=tf, **_paper_metrics(truth_act[sel], paper_correct[sel])))
     overall = dict(_metrics(truth_act, score), cell_agreement=float(agreement.mean()))
-    return TrrustReport(edge_rows, per_tf, overall, conflicting)
+    paper.append(dict(tf="all", **_paper_metrics(truth_act, paper_correct)))
+    return TrrustReport(edge_rows, per_tf, overall, conflicting, paper)
 
 
 def recovery_scores(J: np.ndarray, truth: np.ndarray) -> dict:

@@ -121,7 +121,45 @@ def test_trrust_validation_metrics_on_a_known_operator(tmp_path):
     assert o["precision"] == pytest.approx(0.5) and o["recall"] == pytest.approx(0.5)
     # AUROC: positive scores {1, 0} against negative {1}: a tie (1/2) and a loss (0) -> 1/4.
     assert o["f1"] == pytest.approx(0.5) and o["auroc"] == pytest.approx(0.25)
-    assert "TFA" in report.format()
+    # The paper's counts: TFA->T1 Activation right (TP), TFA->T2 Activation wrong (FP),
+    # T1->T2 Repression wrong (TN); precision 1/2, recall 1/1.
+    p = report.paper[-1]
+    assert p["tf"] == "all" and (p["tp"], p["fp"], p["tn"], p["fn"]) == (1, 1, 1, 0)
+    assert p["precision"] == pytest.approx(0.5) and p["recall"] == 1.0 and p["f1"] == pytest.approx(2 / 3)
+    assert "TFA" in report.format() and "paper's definitions" in report.format()
+
+
+def test_paper_definitions_count_only_cells_with_the_tf_above_its_mean(tmp_path):
+    # Constant A with TF -> T positive: w has the sign of x_TF - x*_TF.  Standard agreement is
+    # the fraction of cells above the mean; the paper's agreement (those cells only) is 1 for
+    # the Activation edge and 0 for the Repression edge.
+    rng = np.random.default_rng(3)
+    m = cellmnn.load_marginals([rng.normal(size=(31, 3)) for _ in range(2)], times=[0, 1], n_components=None)
+    m.transform.feature_names = ["TF", "T", "U"]
+    A = np.zeros((3, 3))
+    A[1, 0] = A[2, 0] = 0.7
+    rows = [("TF", "T", "Activation"), ("TF", "U", "Repression")]
+    report = cellmnn.trrust_validation(ConstantOperator(A), m, rows, cells=[1])
+    above = m.data[1][:, 0] > 0
+    assert 0 < above.sum() < len(above)
+    by = {e["target"]: e for e in report.edges}
+    assert by["T"]["paper_cells"] == by["U"]["paper_cells"] == above.sum()
+    assert by["T"]["cell_agreement"] == pytest.approx(above.mean())
+    assert by["T"]["paper_agreement"] == 1.0 and by["U"]["paper_agreement"] == 0.0
+    p = report.paper[-1]
+    assert (p["tp"], p["fp"], p["tn"], p["fn"]) == (1, 0, 1, 0) and p["recall"] == 1.0
+    report.to_csv(str(tmp_path / "e.csv"))
+    assert (tmp_path / "e.csv").read_text().splitlines()[0].endswith("paper_agreement,paper_cells")
+
+
+def test_centered_expression_is_the_gene_space_image_minus_x_star(adata_marginals):
+    _, m = adata_marginals
+    got = cellmnn.centered_expression(m, ["G3", "G0", "G3"], cells=[2, 0])
+    z = np.concatenate([m.data[2], m.data[0]])
+    full = m.transform.to_features(z) - m.transform.to_features(np.zeros((1, m.dim)))
+    np.testing.assert_allclose(got, full[:, [3, 0, 3]], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="genes not in the data"):
+        cellmnn.centered_expression(m, ["NOPE"])
 
 
 def test_trrust_files_with_and_without_header(tmp_path):
@@ -183,8 +221,21 @@ def test_cli_interactions(adata_marginals, tmp_path, capsys):
     assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
     tsv = tmp_path / "t.tsv"
     tsv.write_text("G0\tG1\tActivation\t1\nG0\tG2\tRepression\t2\nG3\tG4\tActivation\t3\n")
+    assert cli_main(["fit", str(data), "--out", str(tmp_path / "model2"), "--seed", "1", *fast]) == 0
     assert cli_main(["interactions", str(tmp_path / "model"), str(data), "--trrust", str(tsv),
-                     "--out", str(tmp_path / "v.csv")]) == 0
-    assert "sign acc" in capsys.readouterr().out
+                     "--ensemble", str(tmp_path / "model2"), "--out", str(tmp_path / "v.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "sign acc" in out and "paper's definitions" in out
+    # The ensemble's edge scores are those of the API on the two models.
+    models = [cellmnn.load_model(tmp_path / d) for d in ("model", "model2")]
+    mm = cellmnn.Marginals([models[0].transform.to_model(ad.X[ad.obs["day"].values == t]) for t in (0.0, 1.0, 2.0)],
+                           [0.0, 1.0, 2.0], models[0].transform)
+    api = cellmnn.trrust_validation(models, mm, str(tsv))
+    rows = (tmp_path / "v.csv").read_text().splitlines()[1:]
+    assert [float(r.split(",")[3]) for r in rows] == pytest.approx([e["score"] for e in api.edges], abs=1e-4)
+    assert cli_main(["fit", str(data), "--out", str(tmp_path / "model4"), *fast[:-1], "4"]) == 0
+    assert cli_main(["interactions", str(tmp_path / "model"), str(data), "--trrust", str(tsv),
+                     "--ensemble", str(tmp_path / "model4"), "--out", str(tmp_path / "y.csv")]) == 2
+    assert "transform differs" in capsys.readouterr().err
     assert cli_main(["interactions", str(tmp_path / "model"), str(data), "--pairs", "G0:NOPE",
                      "--out", str(tmp_path / "x.csv")]) == 2

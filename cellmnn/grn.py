@@ -32,17 +32,24 @@ def linear_system(D: int = 10, density: float = 0.15, seed: int = 0, scale: floa
 
 
 def sample_linear(M: np.ndarray, times=(0.0, 0.5, 1.0, 1.5, 2.0), n_cells: int = 400, seed: int = 0,
-                  noise: float = 0.01) -> Marginals:
-    """Independent snapshots of dx/dt = M x from a three-component Gaussian mixture of starts."""
+                  noise: float = 0.01, n_states: int = 20) -> Marginals:
+    """Independent snapshots of dx/dt = M x from a Gaussian mixture of ``n_states`` starting states.
+
+    Starts: centres N(0, 2^2 I), per-state scales U(0.2, 0.8) per gene.  Snapshots only identify
+    M on what the population spans: with n_states < D the centre trajectories expm(t M) c_k
+    leave most directions of M unconstrained.
+    """
     from scipy.linalg import expm
 
+    if isinstance(n_states, bool) or not isinstance(n_states, (int, np.integer)) or n_states < 1:
+        raise ValueError(f"n_states must be a positive integer, got {n_states!r}")
     rng = np.random.default_rng(seed)
     D = len(M)
-    centers = rng.normal(0.0, 2.0, (3, D))
-    scales = rng.uniform(0.2, 0.8, (3, D))
+    centers = rng.normal(0.0, 2.0, (n_states, D))
+    scales = rng.uniform(0.2, 0.8, (n_states, D))
     arrays = []
     for t in times:
-        comp = rng.integers(0, 3, n_cells)
+        comp = rng.integers(0, n_states, n_cells)
         x0 = centers[comp] + scales[comp] * rng.normal(size=(n_cells, D))
         arrays.append(x0 @ expm(t * M).T + noise * rng.normal(size=(n_cells, D)))
     m = load_marginals(arrays, times=list(times), n_components=None)
@@ -112,22 +119,29 @@ def _compile_rules(genes, rules):
 
 
 def simulate_krumsiek(times=(0.0, 1.0, 2.0, 3.0, 4.0), n_cells: int = 400, seed: int = 0, noise: float = 0.03,
-                      hill_n: float = 4.0, k: float = 0.5, dt: float = 0.01, path=None) -> Marginals:
+                      hill_n: float = 4.0, k: float = 0.5, dt: float = 0.01, start: str = "progenitor",
+                      path=None) -> Marginals:
     """Independent cells of the Hill-form Krumsiek network sampled at ``times`` (module docstring).
 
-    Cells start as progenitors (Gata2 in [0.2, 0.8], the lineage factors Gata1, Pu.1 and Cebpa drawn
-    uniformly in [0.1, 0.8], the rest low) and branch towards the erythroid/megakaryocyte or the
-    myeloid fates depending on that balance.
+    start "progenitor": cells start as progenitors (Gata2 in [0.2, 0.8], the lineage factors
+    Gata1, Pu.1 and Cebpa uniform in [0.1, 0.8], the rest low) and branch towards the
+    erythroid/megakaryocyte or the myeloid fates depending on that balance.  start "uniform":
+    every gene uniform in [0, 1], so that every gene varies across the population.
     """
+    if start not in ("progenitor", "uniform"):
+        raise ValueError(f"start must be 'progenitor' or 'uniform', got {start!r}")
     genes, rules, _ = krumsiek_network(path)
     ident, fns = _compile_rules(genes, rules)
     rng = np.random.default_rng(seed)
     G = len(genes)
     n = n_cells * len(times)
-    x = np.clip(0.1 + 0.05 * rng.normal(size=(n, G)), 0.0, None)
-    x[:, genes.index("Gata2")] = rng.uniform(0.2, 0.8, n)
-    for g in ("Gata1", "Pu.1", "Cebpa"):  # the lineage choice depends on their balance
-        x[:, genes.index(g)] = rng.uniform(0.1, 0.8, n)
+    if start == "uniform":
+        x = rng.uniform(0.0, 1.0, (n, G))
+    else:
+        x = np.clip(0.1 + 0.05 * rng.normal(size=(n, G)), 0.0, None)
+        x[:, genes.index("Gata2")] = rng.uniform(0.2, 0.8, n)
+        for g in ("Gata1", "Pu.1", "Cebpa"):  # the lineage choice depends on their balance
+            x[:, genes.index(g)] = rng.uniform(0.1, 0.8, n)
     arrays = {float(t): None for t in times}
     owner = np.repeat(np.arange(len(times)), n_cells)  # each cell is sampled at exactly one time
     sorted_times = sorted(arrays)

@@ -202,10 +202,17 @@ def test_network_simulators():
     assert m.sizes == [30, 30, 30] and m.transform.feature_names == genes
     raw = m.transform.to_features(m.data[2])
     assert np.isfinite(raw).all() and (raw >= 0).all()
+    uni = simulate_krumsiek(times=(0.0, 0.5), n_cells=200, seed=1, start="uniform")
+    raw0 = uni.transform.to_features(uni.data[0])
+    assert raw0.min() >= 0 and raw0.max() <= 1 and raw0.std(axis=0).min() > 0.2  # every gene varies
+    with pytest.raises(ValueError, match="start must be"):
+        simulate_krumsiek(start="stem")
     M = linear_system(6, seed=2)
     assert np.linalg.eigvals(M).real.max() < 0
     lin = sample_linear(M, times=(0.0, 1.0), n_cells=25)
     assert lin.sizes == [25, 25] and lin.dim == 6
+    with pytest.raises(ValueError, match="n_states"):
+        sample_linear(M, n_states=0)
 
 
 def test_cli_interactions(adata_marginals, tmp_path, capsys):

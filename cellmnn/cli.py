@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", nargs="+", default=None, metavar="MODEL",
                    help="with --trrust: more saved models (same data transform) whose weights are averaged")
     p.add_argument("--aggregate", choices=("timepoint", "all", "cell"), default="timepoint")
-    p.add_argument("--kind", choices=("weight", "jacobian"), default="weight")
+    p.add_argument("--kind", choices=("weight", "jacobian", "velocity_jacobian"), default="weight")
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--heatmap", default=None, help="PNG heatmap of the mean over all cells")
     p.set_defaults(func=cmd_interactions)

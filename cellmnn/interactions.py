@@ -15,6 +15,12 @@ The interaction weight of gene j on gene i in a cell is the j-th term of that su
 so the weights of all genes j on gene i add up to the cell's velocity of gene i.  (The paper uses
 J = W A W^T and J_ij x_j, ignoring the z-scoring and the PCA mean.)  Only the requested entries
 are computed: per cell D x |sources| numbers, never genes x genes.
+
+``kind="velocity_jacobian"`` reads the Jacobian of the learned velocity field instead of A: in
+model space v(z, t) = A(z, t) z has Jacobian dv/dz = A + (dA/dz) z, mapped to gene space the same
+way, W^T S (dv/dz) S^-1 W.  For a linear system the two agree; for nonlinear dynamics A(x) is a
+secant (A(x) z = v(z)) and dv/dz is the local sensitivity d(dx_i/dt)/dx_j that network edges
+describe.  It costs D backward passes per batch of cells.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import torch
 from .io import write_csv_atomic
 
 AGGREGATES = ("timepoint", "all", None)
-KINDS = ("weight", "jacobian")
+KINDS = ("weight", "jacobian", "velocity_jacobian")
 
 
 @dataclass
@@ -35,8 +41,8 @@ class Interactions:
 
     ``values``: (n_cells, P) per cell if ``aggregate`` is None, (K, P) means per timepoint
     (``times``) for "timepoint", (P,) for "all"; ``positive`` the matching fraction of cells
-    with a positive value (per cell: 1 or 0).  ``kind``: "weight" (J_ij (x_j - x*_j)) or
-    "jacobian" (J_ij).
+    with a positive value (per cell: 1 or 0).  ``kind``: "weight" (J_ij (x_j - x*_j)),
+    "jacobian" (J_ij) or "velocity_jacobian" (the gene-space Jacobian of the velocity field).
     """
     pairs: list
     values: np.ndarray
@@ -120,6 +126,17 @@ def centered_expression(data, genes, cells=None, transform=None) -> np.ndarray:
     return np.concatenate([np.asarray(data.data[k], dtype=np.float64) @ U for k in ks])
 
 
+def _velocity_jacobian(model, z, t):
+    """dv/dz (n, D, D) of v(z, t) = A(z, t) z, one backward pass per output dimension (cells are
+    independent, so the gradient of a column sum gives every cell's row)."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        v = torch.einsum("bde,be->bd", model.operator(z, t), z)
+        rows = [torch.autograd.grad(v[:, d].sum(), z, retain_graph=d + 1 < v.shape[1])[0]
+                for d in range(v.shape[1])]
+    return torch.stack(rows, dim=1)
+
+
 def _timepoints(data, cells):
     ks = list(range(len(data))) if cells is None else [int(k) for k in cells]
     if any(not 0 <= k < len(data) for k in ks) or not ks:
@@ -139,7 +156,8 @@ def gene_interactions(model, data, genes=None, pairs=None, cells=None, aggregate
         pairs: (source, target) gene pairs; gene names are the transform's feature names.
         cells: timepoint indices to include (default: all).
         aggregate: "timepoint" (mean per timepoint), "all" (mean over cells) or None (per cell).
-        kind: "weight" for w_{j->i} = J_ij (x_j - x*_j), "jacobian" for J_ij (module docstring).
+        kind: "weight" for w_{j->i} = J_ij (x_j - x*_j), "jacobian" for J_ij, "velocity_jacobian"
+            for d(dx_i/dt)/dx_j of the learned velocity field (module docstring).
         transform: the data transform (default: ``data.transform``).
     """
     if aggregate not in AGGREGATES:
@@ -168,7 +186,7 @@ def gene_interactions(model, data, genes=None, pairs=None, cells=None, aggregate
         for a in range(0, len(z_all), batch_size):
             z = z_all[a:a + batch_size]
             t = torch.full((len(z),), float(data.times[k]), dtype=p.dtype, device=p.device)
-            A = model.operator(z, t)
+            A = model.operator(z, t) if kind != "velocity_jacobian" else _velocity_jacobian(model, z, t)
             J = torch.einsum("dp,bde,ep->bp", u_tgt, A, v_src)  # (n, P): u_i^T A v_j
             vals = J * (z @ u_src) if kind == "weight" else J
             total += vals.double().sum(0)

@@ -1,7 +1,13 @@
 """Ground-truth recovery of gene interactions by Cell-MNN (D = number of genes, no PCA).
 
-    python bench/grn_recovery.py [--cases linear krumsiek] [--seeds 0 1 2] [--json FILE] [--set key=value ...]
-                                 [--n-cells 1000] [--linear-states 40] [--krumsiek-start uniform]
+    python bench/grn_recovery.py [--cases linear krumsiek krumsiek-pca] [--seeds 0 1 2] [--ensemble 1]
+                                 [--set key=value ...] [--n-cells 1000] [--linear-states 40]
+                                 [--krumsiek-start uniform] [--krumsiek-times 0 1 2 3 4] [--json FILE]
+
+The README's numbers: ``--seeds 2 3 4 --krumsiek-times 0 0.5 1 1.5 2`` with ``--ensemble 3
+--set velocity_weight=0`` and with the paper's defaults (``--ensemble 1``), and ``--n-cells 400 --linear-states 3
+--krumsiek-start progenitor --cases linear krumsiek`` (with and without ``--set
+velocity_weight=0``) for the few-states design.
 
 Two cases: a linear ODE dx/dt = M x with a random sparse signed M (10 genes), and the 11-gene
 Krumsiek myeloid network in Hill form with noise (``cellmnn.grn``).  For each seed: simulate

@@ -1,21 +1,25 @@
 """Validating gene interactions: curated TRRUST edges and networks with known ground truth.
 
 TRRUST: for each transcription factor and each Activation/Repression edge TF -> target whose genes
-are in the data, the per-cell interaction weight w_{TF->target} (``gene_interactions``, averaged
-over an ensemble of fitted models) is compared in sign with the curated mode.  Per edge: the
-fraction of cells whose sign agrees, and the edge score = fraction of cells with w > 0; an edge is
-called an activation when its score exceeds 1/2.  Per TF (and pooled): sign accuracy of those
-calls; precision, recall and F1 with Activation as the positive class; AUROC of the edge score
-against the curated mode (defined when both modes are present).
+are in the data, the per-cell interaction weight w_{TF->target} = J (x_TF - x*_TF)
+(``gene_interactions``, averaged over an ensemble of fitted models) is compared in sign with the
+curated mode.  Its sign is the sign of the regulation only in cells with the TF above x* (its mean
+when the transform was fitted on these cells): below it, an activator's weight is negative.  So,
+as in the paper, an edge is judged on the cells with x_TF > x*_TF: its score is the fraction of
+them with w > 0 and its agreement the fraction with the curated sign.
 
-The paper's definitions (``TrrustReport.paper``; reproduced from the authors' validation script,
-labelled as theirs): per edge, only cells with the TF above x* in gene space count
-(x_TF - x*_TF > 0: above its mean when the transform was fitted on these cells), and the edge is
-"correct" when more than half of them have the curated sign.  Then TP = Activation edges called
-correct, FP = Activation edges called wrong, TN = Repression edges called wrong, FN = Repression
-edges called correct; precision = TP / (TP + FP) (the sign accuracy on Activation edges) and
-recall = TP / (TP + FN) (correct activations among all correct edges).  Their script scores the
-first 200 cells of each day; here every requested cell.
+Standard metrics, per TF and pooled, over edges with at least one such cell: an edge is called an
+activation when its score exceeds 1/2; sign accuracy of those calls; precision, recall and F1 with
+Activation as the positive class; AUROC of the score against the curated mode (defined when both
+modes are present); mean agreement.  Beside them, a reference that needs no model: the sign and
+AUROC of the TF-target Pearson correlation over the same cells in gene space (x - x*).
+
+The paper's definitions (``TrrustReport.paper``; from the authors' validation script, labelled as
+theirs): an edge is "correct" when its agreement exceeds 1/2 (no cell: not correct); then
+TP = Activation edges correct, FP = Activation edges not correct, TN = Repression edges not
+correct, FN = Repression edges correct; precision = TP / (TP + FP) (the sign accuracy on
+Activation edges) and recall = TP / (TP + FN) (the share of activations among correct edges).
+Their script scores the first 200 cells of each day; here every cell of the requested timepoints.
 """
 from __future__ import annotations
 
@@ -81,20 +85,25 @@ def _paper_metrics(truth_act: np.ndarray, correct: np.ndarray) -> dict:
 
 @dataclass
 class TrrustReport:
-    edges: list  # per edge: tf, target, mode, score, cell_agreement, paper_agreement, paper_cells
-    per_tf: list  # per TF: tf + metrics + mean cell agreement
-    overall: dict
+    edges: list  # per edge: tf, target, mode, score, agreement, n_cells (cells with the TF above x*), correlation
+    per_tf: list  # per TF: tf + standard metrics + mean agreement
+    overall: dict  # pooled standard metrics; n_without_cells; correlation_sign_accuracy, correlation_auroc
     skipped_conflicting: list
     paper: list = None  # per TF and "all": the paper's TP/FP/TN/FN, precision, recall, F1
 
     def format(self) -> str:
         head = (f"{'TF':<10} {'edges':>5} {'act':>4} {'rep':>4} {'sign acc':>8} {'prec':>6} {'recall':>6} "
-                f"{'F1':>6} {'AUROC':>6} {'cell agr':>8}")
+                f"{'F1':>6} {'AUROC':>6} {'agree':>6}")
         lines = [head]
         for r in self.per_tf + [dict(self.overall, tf="all")]:
             lines.append(f"{r['tf']:<10} {r['n_edges']:>5} {r['n_activation']:>4} {r['n_repression']:>4} "
                          f"{r['sign_accuracy']:>8.3f} {r['precision']:>6.3f} {r['recall']:>6.3f} {r['f1']:>6.3f} "
-                         f"{r['auroc']:>6.3f} {r['cell_agreement']:>8.3f}")
+                         f"{r['auroc']:>6.3f} {r['agreement']:>6.3f}")
+        lines.append(f"reference without a model, the sign of the TF-target correlation over these cells: "
+                     f"sign accuracy {self.overall['correlation_sign_accuracy']:.3f}, "
+                     f"AUROC {self.overall['correlation_auroc']:.3f}")
+        if self.overall.get("n_without_cells"):
+            lines.append(f"({self.overall['n_without_cells']} edge(s) left out: no cell has the TF above x*)")
         if self.paper:
             lines += ["", "the paper's definitions (not standard: TP/FP = Activation edges right/wrong, "
                       "TN/FN = Repression edges wrong/right)",
@@ -105,9 +114,9 @@ class TrrustReport:
         return "\n".join(lines)
 
     def to_csv(self, path: str) -> None:
-        write_csv_atomic(path, ["tf", "target", "mode", "score", "cell_agreement", "paper_agreement", "paper_cells"],
-                         [[e["tf"], e["target"], e["mode"], f"{e['score']:.4f}", f"{e['cell_agreement']:.4f}",
-                           f"{e['paper_agreement']:.4f}", e["paper_cells"]] for e in self.edges])
+        write_csv_atomic(path, ["tf", "target", "mode", "score", "agreement", "n_cells", "correlation"],
+                         [[e["tf"], e["target"], e["mode"], f"{e['score']:.4f}", f"{e['agreement']:.4f}", e["n_cells"],
+                           f"{e['correlation']:.4f}"] for e in self.edges])
 
 
 def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustReport:
@@ -134,25 +143,38 @@ def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustRepor
     weights = np.mean([gene_interactions(m, data, pairs=edges, cells=cells, aggregate=None).values
                        for m in models], axis=0)  # (cells, edges)
     truth_act = np.array([modes[e] == {"Activation"} for e in edges])
-    score = (weights > 0).mean(axis=0)
     expected = np.where(truth_act, 1.0, -1.0)
-    agreement = (np.sign(weights) == expected).mean(axis=0)
-    # The paper's count: cells whose TF is above its mean in gene space.
-    active = centered_expression(data, [e[0] for e in edges], cells=cells) > 0  # (cells, edges)
-    paper_cells = active.sum(axis=0)
-    paper_agree = ((np.sign(weights) == expected) & active).sum(axis=0) / np.maximum(paper_cells, 1)
-    paper_correct = (paper_agree > 0.5) & (paper_cells > 0)
+    x_tf = centered_expression(data, [e[0] for e in edges], cells=cells)  # (cells, edges)
+    active = x_tf > 0  # cells with the TF above x*
+    n_cells = active.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = ((weights > 0) & active).sum(axis=0) / n_cells  # NaN where no cell judges the edge
+        agreement = ((np.sign(weights) == expected) & active).sum(axis=0) / n_cells
+    judged = n_cells > 0
+    correct = judged & (np.nan_to_num(agreement) > 0.5)
     edge_rows = [dict(tf=e[0], target=e[1], mode="Activation" if a else "Repression", score=float(s),
-                      cell_agreement=float(g), paper_agreement=float(pa) if n else float("nan"), paper_cells=int(n))
-                 for e, a, s, g, pa, n in zip(edges, truth_act, score, agreement, paper_agree, paper_cells)]
+                      agreement=float(g), n_cells=int(n))
+                 for e, a, s, g, n in zip(edges, truth_act, score, agreement, n_cells)]
     per_tf, paper = [], []
     for tf in sorted({e[0] for e in edges}):
         sel = np.array([e[0] == tf for e in edges])
-        per_tf.append(dict(tf=tf, **_metrics(truth_act[sel], score[sel]),
-                           cell_agreement=float(agreement[sel].mean())))
-        paper.append(dict(tf=tf, **_paper_metrics(truth_act[sel], paper_correct[sel])))
-    overall = dict(_metrics(truth_act, score), cell_agreement=float(agreement.mean()))
-    paper.append(dict(tf="all", **_paper_metrics(truth_act, paper_correct)))
+        use = sel & judged
+        per_tf.append(dict(tf=tf, **_metrics(truth_act[use], score[use]),
+                           agreement=float(agreement[use].mean()) if use.any() else float("nan")))
+        paper.append(dict(tf=tf, **_paper_metrics(truth_act[sel], correct[sel])))
+    # A reference that needs no model: the TF-target correlation over the same cells in gene space.
+    x_tg = centered_expression(data, [e[1] for e in edges], cells=cells)
+    xc, yc = x_tf - x_tf.mean(0), x_tg - x_tg.mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (xc * yc).sum(0) / np.sqrt((xc ** 2).sum(0) * (yc ** 2).sum(0))
+    for row, c in zip(edge_rows, corr):
+        row["correlation"] = float(c)
+    ref = _metrics(truth_act, (np.nan_to_num(corr) + 1) / 2)  # called an activation when corr > 0
+    overall = dict(_metrics(truth_act[judged], score[judged]),
+                   agreement=float(agreement[judged].mean()) if judged.any() else float("nan"),
+                   n_without_cells=int((~judged).sum()),
+                   correlation_sign_accuracy=ref["sign_accuracy"], correlation_auroc=ref["auroc"])
+    paper.append(dict(tf="all", **_paper_metrics(truth_act, correct)))
     return TrrustReport(edge_rows, per_tf, overall, conflicting, paper)
 
 

@@ -86,6 +86,30 @@ def test_velocity_jacobian_is_the_gene_space_jacobian_of_the_learned_velocity(ad
     np.testing.assert_allclose(const[0], const[1], rtol=1e-10, atol=1e-12)
 
 
+def test_twenty_thousand_genes_touch_only_the_requested_entries():
+    # genes x genes per cell would be 3.2 GB a cell here; only D x |pairs| numbers are formed.
+    rng = np.random.default_rng(5)
+    G, D = 20_000, 5
+    W = np.linalg.qr(rng.normal(size=(G, D)))[0].T  # orthonormal rows
+    names = [f"gene{i}" for i in range(G)]
+    tr = cellmnn.Transform(rng.normal(size=D), rng.uniform(0.5, 2.0, D), W, rng.normal(size=G), names)
+    m = cellmnn.Marginals([rng.normal(size=(300, D)) for _ in range(3)], np.array([0.0, 1.0, 2.0]), tr)
+    torch.manual_seed(0)
+    net = cellmnn.CellMNN(D, width=16, depth=2, init_scale=0.5).double()
+    pairs = [(names[a], names[b]) for a, b in rng.integers(0, G, size=(40, 2))]
+    got = cellmnn.gene_interactions(net, m, pairs=pairs, aggregate=None)
+    z = np.concatenate(m.data)
+    t = torch.as_tensor(np.repeat(m.times, 300))
+    A = net.operator(torch.as_tensor(z), t).detach().numpy()
+    src = [names.index(s) for s, _ in pairs]
+    tgt = [names.index(g) for _, g in pairs]
+    s = tr.std[:, None]
+    J = np.einsum("dp,nde,ep->np", s * W[:, tgt], A, W[:, src] / s)
+    np.testing.assert_allclose(got.values, J * (z @ (s * W[:, src])), rtol=1e-9, atol=1e-12)
+    block = cellmnn.gene_interactions(net, m, genes=names[-30:], aggregate="all", kind="velocity_jacobian")
+    assert block.values.shape == (900,) and np.isfinite(block.values).all()
+
+
 def test_aggregates_agree(adata_marginals, model):
     _, m = adata_marginals
     pairs = [("G1", "G2"), ("G2", "G1")]
@@ -156,27 +180,55 @@ def test_trrust_validation_metrics_on_a_known_operator(tmp_path):
     assert "TFA" in report.format() and "paper's definitions" in report.format()
 
 
-def test_paper_definitions_count_only_cells_with_the_tf_above_its_mean(tmp_path):
-    # Constant A with TF -> T positive: w has the sign of x_TF - x*_TF.  Standard agreement is
-    # the fraction of cells above the mean; the paper's agreement (those cells only) is 1 for
-    # the Activation edge and 0 for the Repression edge.
+def test_edges_are_judged_on_cells_with_the_tf_above_x_star(tmp_path):
+    # Constant A with TF -> T and TF -> U positive: w = J (x_TF - x*_TF) has the sign of the TF's
+    # deviation, so over all cells only the fraction above x* is positive; on the cells with the
+    # TF above x* every weight is positive: T (Activation) agrees, U (Repression) does not.
     rng = np.random.default_rng(3)
     m = cellmnn.load_marginals([rng.normal(size=(31, 3)) for _ in range(2)], times=[0, 1], n_components=None)
     m.transform.feature_names = ["TF", "T", "U"]
     A = np.zeros((3, 3))
     A[1, 0] = A[2, 0] = 0.7
-    rows = [("TF", "T", "Activation"), ("TF", "U", "Repression")]
-    report = cellmnn.trrust_validation(ConstantOperator(A), m, rows, cells=[1])
+    model = ConstantOperator(A)
     above = m.data[1][:, 0] > 0
     assert 0 < above.sum() < len(above)
+    w = cellmnn.gene_interactions(model, m, pairs=[("TF", "T")], cells=[1], aggregate=None).values[:, 0]
+    np.testing.assert_array_equal(w > 0, above)
+    rows = [("TF", "T", "Activation"), ("TF", "U", "Repression")]
+    report = cellmnn.trrust_validation(model, m, rows, cells=[1])
     by = {e["target"]: e for e in report.edges}
-    assert by["T"]["paper_cells"] == by["U"]["paper_cells"] == above.sum()
-    assert by["T"]["cell_agreement"] == pytest.approx(above.mean())
-    assert by["T"]["paper_agreement"] == 1.0 and by["U"]["paper_agreement"] == 0.0
-    p = report.paper[-1]
-    assert (p["tp"], p["fp"], p["tn"], p["fn"]) == (1, 0, 1, 0) and p["recall"] == 1.0
+    assert by["T"]["n_cells"] == by["U"]["n_cells"] == above.sum()
+    assert by["T"]["score"] == by["U"]["score"] == 1.0
+    assert by["T"]["agreement"] == 1.0 and by["U"]["agreement"] == 0.0
+    o = report.overall
+    assert o["sign_accuracy"] == 0.5 and o["precision"] == 0.5 and o["recall"] == 1.0 and o["auroc"] == 0.5
+    p = report.paper[-1]  # T: Activation right (TP); U: Repression wrong (TN)
+    assert (p["tp"], p["fp"], p["tn"], p["fn"]) == (1, 0, 1, 0) and p["precision"] == 1.0 and p["recall"] == 1.0
+    # The model-free reference: TF-target correlations over the same cells.
+    c = [np.corrcoef(m.data[1][:, 0], m.data[1][:, k])[0, 1] for k in (1, 2)]
+    assert by["T"]["correlation"] == pytest.approx(c[0]) and by["U"]["correlation"] == pytest.approx(c[1])
+    assert o["correlation_sign_accuracy"] == ((c[0] > 0) + (c[1] < 0)) / 2
+    assert "reference without a model" in report.format()
     report.to_csv(str(tmp_path / "e.csv"))
-    assert (tmp_path / "e.csv").read_text().splitlines()[0].endswith("paper_agreement,paper_cells")
+    lines = (tmp_path / "e.csv").read_text().splitlines()
+    assert lines[0] == "tf,target,mode,score,agreement,n_cells,correlation"
+    assert lines[1].split(",")[5] == str(above.sum())
+
+
+def test_an_edge_no_cell_can_judge_is_reported_and_left_out():
+    # The TF never rises above x* in timepoint 0 (all its cells are below the pooled mean).
+    rng = np.random.default_rng(4)
+    arrays = [rng.normal(size=(20, 2)), rng.normal(size=(20, 2))]
+    arrays[1][:, 0] += 50.0
+    m = cellmnn.load_marginals(arrays, times=[0, 1], n_components=None)
+    m.transform.feature_names = ["TF", "T"]
+    A = np.array([[0.0, 0.0], [1.0, 0.0]])
+    report = cellmnn.trrust_validation(ConstantOperator(A), m, [("TF", "T", "Activation")], cells=[0])
+    assert report.edges[0]["n_cells"] == 0 and np.isnan(report.edges[0]["score"])
+    assert report.overall["n_without_cells"] == 1 and report.overall["n_edges"] == 0
+    assert "no cell has the TF above x*" in report.format()
+    p = report.paper[-1]
+    assert (p["tp"], p["fp"]) == (0, 1)  # the authors count it as not correct
 
 
 def test_centered_expression_is_the_gene_space_image_minus_x_star(adata_marginals):

@@ -4,10 +4,12 @@
                                  [--set key=value ...] [--n-cells 1000] [--linear-states 40]
                                  [--krumsiek-start uniform] [--krumsiek-times 0 1 2 3 4] [--json FILE]
 
-The README's numbers: ``--seeds 2 3 4 --krumsiek-times 0 0.5 1 1.5 2`` with ``--ensemble 3
---set velocity_weight=0`` and with the paper's defaults (``--ensemble 1``), and ``--n-cells 400 --linear-states 3
---krumsiek-start progenitor --cases linear krumsiek`` (with and without ``--set
-velocity_weight=0``) for the few-states design.
+The README's numbers, design 2: ``--seeds 2 3 4 --krumsiek-times 0 0.5 1 1.5 2`` with
+``--cases linear krumsiek --ensemble 3 --set velocity_weight=0``, with ``--cases linear krumsiek``
+(the paper's defaults), with ``--cases krumsiek-pca`` (with and without ``--set
+velocity_weight=0``) and with ``--correlation-only``; design 1: ``--seeds 0 1 2 --n-cells 400
+--linear-states 3 --krumsiek-start progenitor --cases linear krumsiek`` (with and without
+``--set velocity_weight=0``, and ``--correlation-only``).
 
 Two cases: a linear ODE dx/dt = M x with a random sparse signed M (10 genes), and the 11-gene
 Krumsiek myeloid network in Hill form with noise (``cellmnn.grn``).  For each seed: simulate
@@ -57,8 +59,7 @@ def recovered_jacobian(model, marginals, kind="jacobian"):
 def krumsiek_pca(seed, sim, n_components):
     """The Krumsiek snapshots in gene space, reduced by PCA to ``n_components`` and z-scored."""
     genes = krumsiek_network()[0]
-    m = simulate_krumsiek(seed=seed, n_cells=sim["n_cells"], start=sim["krumsiek_start"],
-                              times=sim["krumsiek_times"])
+    m = simulate_krumsiek(seed=seed, n_cells=sim["n_cells"], start=sim["krumsiek_start"], times=sim["krumsiek_times"])
     pca = cellmnn.load_marginals([m.transform.to_features(d) for d in m.data], times=list(m.times),
                                  n_components=n_components)
     pca.transform.feature_names = list(genes)

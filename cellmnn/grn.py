@@ -32,7 +32,7 @@ def linear_system(D: int = 10, density: float = 0.15, seed: int = 0, scale: floa
 
 
 def sample_linear(M: np.ndarray, times=(0.0, 0.5, 1.0, 1.5, 2.0), n_cells: int = 400, seed: int = 0,
-                  noise: float = 0.01, n_states: int = 20) -> Marginals:
+                  noise: float = 0.01, n_states: int = 40) -> Marginals:
     """Independent snapshots of dx/dt = M x from a Gaussian mixture of ``n_states`` starting states.
 
     Starts: centres N(0, 2^2 I), per-state scales U(0.2, 0.8) per gene.  Snapshots only identify

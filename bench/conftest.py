@@ -1,6 +1,6 @@
 """Benchmarks (pytest-benchmark).  Run: python -m pytest bench -q
 
-Each op file records its medians in RESULTS; the session ends with a table of speed-ups of every
+Each op file records its medians in RESULTS; the pytest run ends with a table of speed-ups of every
 backend over "reference" at the same size, measured in the same run."""
 import os
 import platform

@@ -59,7 +59,7 @@ def recovered_jacobian(model, marginals, kind="jacobian"):
 def krumsiek_pca(seed, sim, n_components):
     """The Krumsiek snapshots in gene space, reduced by PCA to ``n_components`` and z-scored."""
     genes = krumsiek_network()[0]
-    m = simulate_krumsiek(seed=seed, n_cells=sim["n_cells"], start=sim["krumsiek_start"], times=sim["krumsiek_times"])
+    _, m = simulate("krumsiek", seed, sim)
     pca = cellmnn.load_marginals([m.transform.to_features(d) for d in m.data], times=list(m.times),
                                  n_components=n_components)
     pca.transform.feature_names = list(genes)

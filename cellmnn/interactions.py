@@ -87,23 +87,33 @@ def _gene_names(transform, G):
     return list(names) if names is not None and len(names) == G else [f"x{i + 1}" for i in range(G)]
 
 
+def _loadings(data, transform):
+    """The transform (default ``data.transform``), its loadings W (D x G, float64; the identity
+    without PCA) and the gene names."""
+    transform = data.transform if transform is None else transform
+    W = np.eye(data.dim) if transform.pca_components is None else np.asarray(transform.pca_components, dtype=np.float64)
+    return transform, W, _gene_names(transform, W.shape[1])
+
+
+def _check_genes(index, genes):
+    missing = [g for g in genes if g not in index]
+    if missing:
+        raise ValueError(f"genes not in the data: {missing[:10]}")
+
+
 def _resolve_pairs(names, genes, pairs):
     if (genes is None) == (pairs is None):
         raise ValueError("give exactly one of genes= (a block of genes) or pairs= ((source, target) pairs)")
     index = {g: i for i, g in enumerate(names)}
     if genes is not None:
-        missing = [g for g in genes if g not in index]
-        if missing:
-            raise ValueError(f"genes not in the data: {missing[:10]}")
+        _check_genes(index, genes)
         pairs = [(s, t) for t in genes for s in genes]
     else:
         pairs = [tuple(p) for p in pairs]
         bad = [p for p in pairs if len(p) != 2]
         if bad:
             raise ValueError(f"pairs must be (source, target) couples; got {bad[:3]}")
-        missing = sorted({g for p in pairs for g in p if g not in index})
-        if missing:
-            raise ValueError(f"genes not in the data: {missing[:10]}")
+        _check_genes(index, sorted({g for p in pairs for g in p}))
     if not pairs:
         raise ValueError("no gene pairs requested")
     return pairs, [index[s] for s, _ in pairs], [index[t] for _, t in pairs]
@@ -114,13 +124,9 @@ def centered_expression(data, genes, cells=None, transform=None) -> np.ndarray:
     ``cells`` (default all), in the order ``gene_interactions(..., aggregate=None)`` lists cells:
     (n_cells, len(genes)), float64.  x* is the gene-space image of the model-space origin
     (module docstring): each gene's mean when the transform was fitted on these cells."""
-    transform = data.transform if transform is None else transform
-    W = np.eye(data.dim) if transform.pca_components is None else np.asarray(transform.pca_components, dtype=np.float64)
-    names = _gene_names(transform, W.shape[1])
+    transform, W, names = _loadings(data, transform)
     index = {g: i for i, g in enumerate(names)}
-    missing = [g for g in genes if g not in index]
-    if missing:
-        raise ValueError(f"genes not in the data: {missing[:10]}")
+    _check_genes(index, genes)
     ks = _timepoints(data, cells)
     U = np.asarray(transform.std, dtype=np.float64)[:, None] * W[:, [index[g] for g in genes]]
     return np.concatenate([np.asarray(data.data[k], dtype=np.float64) @ U for k in ks])
@@ -164,12 +170,10 @@ def gene_interactions(model, data, genes=None, pairs=None, cells=None, aggregate
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    transform = data.transform if transform is None else transform
-    W = np.eye(data.dim) if transform.pca_components is None else np.asarray(transform.pca_components)
+    transform, W, names = _loadings(data, transform)
     if W.shape[0] != data.dim or W.shape[0] != model.dim:
         raise ValueError(f"the transform maps to {W.shape[0]} dimensions; the data have {data.dim} "
                          f"and the model {model.dim}")
-    names = _gene_names(transform, W.shape[1])
     pairs, src, tgt = _resolve_pairs(names, genes, pairs)
     ks = _timepoints(data, cells)
 

@@ -55,6 +55,13 @@ def read_trrust(path) -> list:
     return rows
 
 
+def _precision_recall_f1(tp: int, fp: int, fn: int) -> dict:
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if tp else (0.0 if tp + fp + fn else float("nan"))
+    return dict(precision=precision, recall=recall, f1=f1)
+
+
 def _metrics(truth_act: np.ndarray, score: np.ndarray) -> dict:
     from sklearn.metrics import roc_auc_score
 
@@ -62,13 +69,10 @@ def _metrics(truth_act: np.ndarray, score: np.ndarray) -> dict:
     tp = int((pred & truth_act).sum())
     fp = int((pred & ~truth_act).sum())
     fn = int((~pred & truth_act).sum())
-    precision = tp / (tp + fp) if tp + fp else float("nan")
-    recall = tp / (tp + fn) if tp + fn else float("nan")
-    f1 = 2 * precision * recall / (precision + recall) if tp else (0.0 if tp + fp + fn else float("nan"))
     both = truth_act.any() and (~truth_act).any()
     return dict(n_edges=len(score), n_activation=int(truth_act.sum()), n_repression=int((~truth_act).sum()),
                 sign_accuracy=float((pred == truth_act).mean()) if len(score) else float("nan"),
-                precision=precision, recall=recall, f1=f1,
+                **_precision_recall_f1(tp, fp, fn),
                 auroc=float(roc_auc_score(truth_act, score)) if both else float("nan"))
 
 
@@ -77,10 +81,7 @@ def _paper_metrics(truth_act: np.ndarray, correct: np.ndarray) -> dict:
     fp = int((truth_act & ~correct).sum())
     tn = int((~truth_act & ~correct).sum())
     fn = int((~truth_act & correct).sum())
-    precision = tp / (tp + fp) if tp + fp else float("nan")
-    recall = tp / (tp + fn) if tp + fn else float("nan")
-    f1 = 2 * precision * recall / (precision + recall) if tp else (0.0 if tp + fp + fn else float("nan"))
-    return dict(tp=tp, fp=fp, tn=tn, fn=fn, precision=precision, recall=recall, f1=f1)
+    return dict(tp=tp, fp=fp, tn=tn, fn=fn, **_precision_recall_f1(tp, fp, fn))
 
 
 @dataclass
@@ -144,7 +145,8 @@ def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustRepor
                        for m in models], axis=0)  # (cells, edges)
     truth_act = np.array([modes[e] == {"Activation"} for e in edges])
     expected = np.where(truth_act, 1.0, -1.0)
-    x_tf = centered_expression(data, [e[0] for e in edges], cells=cells)  # (cells, edges)
+    x = centered_expression(data, [e[0] for e in edges] + [e[1] for e in edges], cells=cells)
+    x_tf, x_tg = x[:, :len(edges)], x[:, len(edges):]  # (cells, edges) each
     active = x_tf > 0  # cells with the TF above x*
     n_cells = active.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -163,7 +165,6 @@ def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustRepor
                            agreement=float(agreement[use].mean()) if use.any() else float("nan")))
         paper.append(dict(tf=tf, **_paper_metrics(truth_act[sel], correct[sel])))
     # A reference that needs no model: the TF-target correlation over the same cells in gene space.
-    x_tg = centered_expression(data, [e[1] for e in edges], cells=cells)
     xc, yc = x_tf - x_tf.mean(0), x_tg - x_tg.mean(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = (xc * yc).sum(0) / np.sqrt((xc ** 2).sum(0) * (yc ** 2).sum(0))

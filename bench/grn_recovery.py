@@ -41,8 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cellmnn  # noqa: E402
 from cellmnn.grn import krumsiek_network, linear_system, sample_linear, simulate_krumsiek  # noqa: E402
 from cellmnn.interactions import gene_interactions  # noqa: E402
-from cellmnn.io import write_text_atomic  # noqa: E402
+from cellmnn.io import check_output, json_kind, write_text_atomic  # noqa: E402
 from cellmnn.validation import recovery_scores  # noqa: E402
+
+JSON_KIND = json_kind("cellmnn-grn-recovery", ("hparams", "rows", "summary"))
 
 
 METRICS = ("auroc", "auprc", "sign_accuracy")
@@ -150,6 +152,8 @@ def main(argv=None):
     ap.add_argument("--krumsiek-start", default="uniform", choices=["uniform", "progenitor"])
     ap.add_argument("--krumsiek-times", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 4.0])
     args = ap.parse_args(argv)
+    if args.json:
+        check_output(args.json, JSON_KIND, "--json")
     sim = {"n_cells": args.n_cells, "linear_states": args.linear_states, "krumsiek_start": args.krumsiek_start,
            "krumsiek_times": args.krumsiek_times}
     hp = {"verbose": False}
@@ -192,7 +196,9 @@ def main(argv=None):
                   f"{name} models [{r['seconds']} s]\n{r[name]['report']}\n", flush=True)
 
     if args.json:
-        write_text_atomic(args.json, json.dumps({"hparams": hp, "simulation": sim, "ensemble": args.ensemble, "rows": rows, "summary": summary}, indent=1))
+        write_text_atomic(args.json, json.dumps({"format": "cellmnn-grn-recovery", "hparams": hp, "simulation": sim,
+                                                 "ensemble": args.ensemble, "rows": rows, "summary": summary},
+                                                indent=1), JSON_KIND)
 
 
 if __name__ == "__main__":

@@ -107,9 +107,19 @@ def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):
     return result
 
 
+def _check_outputs(args):
+    """Every output path of the command, checked before any work (``io.check_output``)."""
+    from . import io
+
+    for attr, kind in (("json", io.LOO_JSON), ("plot", io.FIGURE), ("heatmap", io.FIGURE)):
+        if getattr(args, attr, None):
+            io.check_output(getattr(args, attr), kind, f"--{attr}")
+
+
 def cmd_demo(args):
     from .data import load_marginals
 
+    _check_outputs(args)
     marginals = load_marginals()
     hp = _hparams(args)
     print(f"Leave-one-out on the embedded A549 EMT time course (seeds {args.seeds}, at most "
@@ -119,9 +129,10 @@ def cmd_demo(args):
 
 
 def cmd_fit(args):
-    from .io import save_model
+    from .io import check_model_destination, save_model
     from .train import fit
 
+    check_model_destination(args.out)
     marginals = _load(args)
     model = fit(marginals, holdout=args.holdout, seed=args.seed, **_hparams(args))
     path = save_model(model, args.out)
@@ -132,12 +143,14 @@ def cmd_fit(args):
 
 
 def cmd_evaluate(args):
+    _check_outputs(args)
     _evaluate(_load(args), args.holdouts, args.seeds, _hparams(args), args.json, args.plot)
     return 0
 
 
 def _in_model_space(model, args):
-    """The data's raw features mapped with the model's own transform (its PCA and z-scoring)."""
+    """The data's raw features, matched to the model's by name (``Transform.align``) and mapped with
+    the model's own transform (its PCA and z-scoring)."""
     from .data import Marginals, load_marginals
 
     if model.transform is None:
@@ -146,17 +159,14 @@ def _in_model_space(model, args):
                          embedding=args.embedding, n_components=None, standardize=False,
                          drop_nonfinite=args.drop_nonfinite)
     tr = model.transform
-    n_in = tr.pca_components.shape[1] if tr.pca_components is not None else len(tr.mean)
-    if raw.dim < n_in:
-        raise ValueError(f"the data have {raw.dim} features; the model was fitted on {n_in}")
-    if tr.feature_names is None and raw.transform.feature_names:
-        tr.feature_names = list(raw.transform.feature_names[:n_in])
-    return Marginals([tr.to_model(d[:, :n_in]) for d in raw.data], raw.times, tr, raw.source)
+    names = raw.transform.feature_names
+    data = [tr.to_model(tr.align(d, names, f"DATA {args.data}")) for d in raw.data]
+    return Marginals(data, raw.times, tr, raw.source)
 
 
 def _same_transform(other, model, path):
     a, b = other.transform, model.transform
-    same = a is not None and all(
+    same = a is not None and a.feature_names == b.feature_names and all(
         (x is None and y is None) or (x is not None and y is not None and np.shape(x) == np.shape(y) and np.allclose(x, y))
         for x, y in ((a.pca_components, b.pca_components), (a.pca_mean, b.pca_mean), (a.mean, b.mean), (a.std, b.std)))
     if not same or other.dim != model.dim:
@@ -167,9 +177,13 @@ def _same_transform(other, model, path):
 
 def cmd_interactions(args):
     from .interactions import gene_interactions
-    from .io import load_model
+    from .io import INTERACTIONS, TRRUST_REPORT, check_output, load_model
     from .plots import plot_heatmap
 
+    if not args.trrust and (args.tfs or args.ensemble):
+        raise ValueError(f"{'--tfs' if args.tfs else '--ensemble'} is used only with --trrust")
+    check_output(args.out, TRRUST_REPORT if args.trrust else INTERACTIONS, "--out")
+    _check_outputs(args)
     model = load_model(args.model)
     marginals = _in_model_space(model, args)
     if args.trrust:
@@ -201,11 +215,12 @@ def cmd_interactions(args):
 
 
 def cmd_predict(args):
-    from .io import load_model, write_csv_atomic
+    from .io import PREDICTIONS, check_output, load_model, write_csv_atomic
 
+    check_output(args.out, PREDICTIONS, "--out")
     model = load_model(args.model)
     marginals = _in_model_space(model, args)
-    matches = np.nonzero(np.isclose(marginals.times, args.from_time))[0]
+    matches = np.nonzero(np.isclose(marginals.times, args.from_time, rtol=1e-9, atol=0.0))[0]
     if len(matches) == 0:
         raise ValueError(f"--from-time {args.from_time:g} is not a timepoint of the data; times are "
                          f"{[float(t) for t in marginals.times]}")
@@ -218,7 +233,7 @@ def cmd_predict(args):
         names = list(model.transform.feature_names)
     rows = [[i, args.from_time, t, *[f"{v:.6g}" for v in pred[i, j]]]
             for j, t in enumerate(args.to_time) for i in range(pred.shape[0])]
-    write_csv_atomic(args.out, ["cell", "from_time", "time", *names], rows)
+    write_csv_atomic(args.out, ["cell", "from_time", "time", *names], rows, PREDICTIONS)
     print(f"wrote {pred.shape[0]} cells x {len(args.to_time)} times to {args.out}")
     return 0
 
@@ -276,13 +291,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _describe(exc: BaseException) -> str:
+    """A one-line account of an error: OS errors with their file, others with their message."""
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc) or type(exc).__name__
+
+
 def main(argv=None) -> int:
+    """Run the command line; every failure is one line on stderr and a non-zero exit code
+    (2 for bad input, 1 for anything unexpected; ``CELLMNN_TRACEBACK=1`` shows the traceback)."""
+    import os
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"cellmnn {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"cellmnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the command line reports every failure in one line
+        if os.environ.get("CELLMNN_TRACEBACK") == "1":
+            raise
+        expected = isinstance(exc, (ValueError, TypeError, OSError, FloatingPointError, LookupError))
+        hint = "" if expected else f" ({type(exc).__name__}; set CELLMNN_TRACEBACK=1 to see where)"
+        print(f"cellmnn {args.command}: error: {_describe(exc)}{hint}", file=sys.stderr)
+        return 2 if expected else 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from cellmnn_kernels import laplace_mmd
 
 from .data import Marginals
-from .train import check_holdout, fit
+from .train import DEFAULTS, check_holdout, check_hparams, check_seed, fit
 
 OT_MAX_ITER = 1_000_000
 
@@ -87,9 +87,10 @@ class LeaveOneOutResult:
         return "\n".join(lines) + "\n\n" + self.format_summary()
 
     def to_json(self, path: str) -> None:
-        from .io import write_text_atomic
+        from .io import LOO_JSON, write_text_atomic
 
-        write_text_atomic(path, json.dumps({"rows": self.rows, "summary": self.summary()}, indent=1))
+        write_text_atomic(path, json.dumps({"format": "cellmnn-leave-one-out", "rows": self.rows,
+                                            "summary": self.summary()}, indent=1), LOO_JSON)
 
 
 def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline: bool = True,
@@ -102,13 +103,25 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
     ``hparams``: passed to ``fit``.  The OT-interpolate baseline (deterministic) is scored on the
     same splits.
     """
+    if not isinstance(marginals, Marginals):
+        raise TypeError(f"marginals must be a Marginals from cellmnn.load_marginals(...), got "
+                        f"{type(marginals).__name__}")
+    unknown = set(hparams) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown hyperparameter(s): {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     K = len(marginals)
     holdouts = list(range(1, K - 1)) if holdouts is None else [check_holdout(marginals, k) for k in holdouts]
     if not holdouts:
         raise ValueError(f"no interior timepoint to hold out: the data have {K} timepoints")
-    seeds = list(seeds)
+    seeds = [check_seed(s) for s in ([seeds] if isinstance(seeds, (int, np.integer)) else seeds)]
     if not seeds:
         raise ValueError("seeds must name at least one seed")
+    for name, values in (("holdouts", holdouts), ("seeds", seeds)):
+        dup = sorted({v for v in values if values.count(v) > 1})
+        if dup:
+            raise ValueError(f"{name} repeats {dup}; each must appear once (a repeat would count twice in the "
+                             "summary)")
+    check_hparams({**DEFAULTS, **hparams})
     rows, models = [], {}
     sigma = hparams.get("sigma", 1.0)
     for k in holdouts:

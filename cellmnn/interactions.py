@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .io import write_csv_atomic
+from .io import INTERACTIONS, write_csv_atomic
 
 AGGREGATES = ("timepoint", "all", None)
 KINDS = ("weight", "jacobian", "velocity_jacobian")
@@ -79,7 +79,7 @@ class Interactions:
                 for p, (s, g) in enumerate(self.pairs):
                     rows.append([c, f"{self.times[c]:g}", s, g, f"{self.values[c, p]:.6g}"])
             header = ["cell", "time", "source", "target", self.kind]
-        write_csv_atomic(path, header, rows)
+        write_csv_atomic(path, header, rows, INTERACTIONS)
 
 
 def _gene_names(transform, G):
@@ -93,6 +93,32 @@ def _loadings(data, transform):
     transform = data.transform if transform is None else transform
     W = np.eye(data.dim) if transform.pca_components is None else np.asarray(transform.pca_components, dtype=np.float64)
     return transform, W, _gene_names(transform, W.shape[1])
+
+
+def _model_transform(model):
+    """The transform a model was fitted with: ``model.transform`` (loaded models) or the record
+    ``fit`` attaches; None when unknown."""
+    from .data import Transform
+
+    tr = getattr(model, "transform", None)
+    if tr is None and (getattr(model, "marginals_info", None) or {}).get("transform"):
+        tr = Transform.from_dict(model.marginals_info["transform"])
+    return tr
+
+
+def _check_same_space(model, transform):
+    """Refuse data mapped by another transform than the model's: its model space means other genes."""
+    own = _model_transform(model)
+    if own is None:
+        return
+    pairs = ((own.pca_components, transform.pca_components), (own.pca_mean, transform.pca_mean),
+             (own.mean, transform.mean), (own.std, transform.std))
+    same = (own.feature_names or None) == (transform.feature_names or None) and all(
+        (a is None and b is None) or (a is not None and b is not None and np.shape(a) == np.shape(b)
+                                      and np.allclose(a, b, rtol=1e-6, atol=1e-9)) for a, b in pairs)
+    if not same:
+        raise ValueError("the data were mapped with another transform (features, PCA or z-score) than the model "
+                         "was fitted with; map raw data with model.transform (its align and to_model)")
 
 
 def _check_genes(index, genes):
@@ -170,7 +196,11 @@ def gene_interactions(model, data, genes=None, pairs=None, cells=None, aggregate
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    genes = [genes] if isinstance(genes, str) else genes
     transform, W, names = _loadings(data, transform)
+    _check_same_space(model, transform)
     if W.shape[0] != data.dim or W.shape[0] != model.dim:
         raise ValueError(f"the transform maps to {W.shape[0]} dimensions; the data have {data.dim} "
                          f"and the model {model.dim}")

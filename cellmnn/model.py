@@ -83,16 +83,46 @@ class CellMNN(nn.Module):
         """Push cells x0 (n, D) observed at time(s) t0 to time(s) t.
 
         t0 is a number or (n,); t a number (returns (n, D)) or a sequence of T times (returns
-        (n, T, D)).  Accepts and returns numpy arrays, or tensors if x0 is a tensor.
+        (n, T, D)).  Accepts and returns numpy arrays, or tensors if x0 is a tensor.  Non-numeric,
+        NaN/Inf or wrongly shaped inputs are a ValueError/TypeError naming the argument.
         """
         as_numpy = not isinstance(x0, torch.Tensor)
         p = next(self.parameters())
-        x0 = torch.as_tensor(np.asarray(x0) if as_numpy else x0, dtype=p.dtype, device=p.device)
+        if as_numpy:
+            x0 = np.asarray(x0)
+            if x0.dtype.kind not in "fiu":
+                raise TypeError(f"x0 must be a numeric array of shape (n, {self.dim}); got dtype {x0.dtype}")
+        x0 = torch.as_tensor(x0, dtype=p.dtype, device=p.device)
         if x0.dim() != 2 or x0.shape[1] != self.dim:
             raise ValueError(f"x0 must have shape (n, {self.dim}); got {tuple(x0.shape)}")
-        t0 = torch.as_tensor(t0, dtype=p.dtype, device=p.device).expand(x0.shape[0])
-        scalar = np.ndim(t) == 0
-        tt = torch.as_tensor(np.atleast_1d(t), dtype=p.dtype, device=p.device)[None, :].expand(x0.shape[0], -1)
-        X, _ = self(x0, t0, tt)
+        bad = (~torch.isfinite(x0).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"x0 has {len(bad)} cell(s) with NaN or Inf (rows {bad[:5]}{' ...' if len(bad) > 5 else ''})")
+        n = x0.shape[0]
+        t0 = _times("t0", t0, p)
+        if t0.dim() > 1 or (t0.dim() == 1 and t0.shape[0] != n):
+            raise ValueError(f"t0 must be a number or have one time per cell ({n}); got shape {tuple(t0.shape)}")
+        t0 = t0.expand(n)
+        scalar = isinstance(t, (int, float, np.integer, np.floating)) or (hasattr(t, "ndim") and t.ndim == 0)
+        tt = _times("t", t, p)
+        if tt.dim() > 1:
+            raise ValueError(f"t must be a number or a 1-d sequence of times; got shape {tuple(tt.shape)}")
+        X, _ = self(x0, t0, tt.reshape(1, -1).expand(n, -1))
         X = X[:, 0] if scalar else X
         return X.cpu().numpy() if as_numpy else X
+
+
+def _times(name, v, like) -> torch.Tensor:
+    """A number or sequence of times as a tensor like ``like``; non-numeric or non-finite -> error."""
+    if isinstance(v, torch.Tensor):
+        if v.dtype == torch.bool or v.is_complex():
+            raise TypeError(f"{name} must be real numbers, got a {v.dtype} tensor")
+        tt = v.detach().to(dtype=like.dtype, device=like.device)
+    else:
+        arr = np.asarray(v) if not isinstance(v, str) else np.asarray([v])
+        if arr.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be a number or a sequence of numbers, got {v!r}")
+        tt = torch.as_tensor(arr, dtype=like.dtype, device=like.device)
+    if not torch.isfinite(tt).all():
+        raise ValueError(f"{name} has NaN or Inf: {v!r}")
+    return tt

@@ -1,18 +1,16 @@
 """Figures: predicted against observed cells at held-out timepoints."""
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 
-from .io import publish
+from .io import check_output, FIGURE, save_figure
 
 
 def plot_holdouts(marginals, predictions: dict, baselines: dict, path: str, dims=(0, 1)) -> str:
     """One panel per held-out timepoint k: observed cells at t_k, Cell-MNN's prediction from t_{k-1}
     (``predictions[k]``, (n, D)) and the OT-interpolate support (``baselines[k]`` = (points,
-    weights)); written atomically to ``path`` (PNG)."""
+    weights)); written atomically to ``path`` (PNG; replaces only an earlier cellmnn figure)."""
+    check_output(path, FIGURE)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,6 +38,7 @@ def plot_holdouts(marginals, predictions: dict, baselines: dict, path: str, dims
 
 def plot_heatmap(matrix, genes, path: str, title: str = "") -> str:
     """A targets x sources heatmap (diverging colours, NaN blank), written atomically (PNG)."""
+    check_output(path, FIGURE)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,16 +60,7 @@ def plot_heatmap(matrix, genes, path: str, title: str = "") -> str:
 
 
 def _save(fig, plt, path):
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        publish(tmp, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from cellmnn_kernels import laplace_mmd, laplace_mmd_grouped
+from cellmnn_kernels.ops.utils import BACKENDS
 
 from .data import Marginals
 from .model import CellMNN
@@ -48,6 +49,64 @@ def check_holdout(marginals: Marginals, holdout) -> int | None:
     if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)) or not 0 < holdout < K - 1:
         raise ValueError(f"holdout must be the index of an interior timepoint, 1..{K - 2}; got {holdout!r}")
     return int(holdout)
+
+
+def _number(name, v, low=None, high=None, low_open=False, high_open=True):
+    """A finite real ``v`` within the stated bounds, or a ValueError/TypeError naming ``name``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {v!r}")
+    v = float(v)
+    bounds = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+    if not math.isfinite(v) or (low is not None and (v < low or low_open and v == low)) or \
+            (high is not None and (v > high or high_open and v == high)):
+        raise ValueError(f"{name} must be a finite number in {bounds.replace('None', 'inf')}, got {v!r}")
+    return v
+
+
+def _positive_int(name, v):
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1:
+        return int(v)
+    if isinstance(v, (float, np.floating)) and math.isfinite(v) and v.is_integer() and v >= 1:
+        return int(v)
+    raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
+def check_hparams(hp: dict) -> None:
+    """Every hyperparameter of ``fit``, checked before any work; errors name the argument."""
+    for name in ("batch_size", "max_epochs", "check_every", "patience", "width", "depth"):
+        hp[name] = _positive_int(name, hp[name])
+    _number("lr", hp["lr"], 0, None, low_open=True)
+    for name in ("weight_decay", "gamma", "velocity_weight", "init_scale"):
+        _number(name, hp[name], 0, None)
+    _number("sigma", hp["sigma"], 0, None, low_open=True)
+    _number("val_fraction", hp["val_fraction"], 0, 1)
+    for name in ("select_on_holdout", "verbose"):
+        if not isinstance(hp[name], bool):
+            raise TypeError(f"{name} must be True or False, got {hp[name]!r}")
+    if hp["backend"] not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {hp['backend']!r}")
+    resolve_device(hp["device"])
+
+
+def resolve_device(device) -> torch.device:
+    """"auto" (CUDA when available), or a torch device string/object that exists here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device={device!r}, but {'CUDA is not available here' if not torch.cuda.is_available() else f'only {torch.cuda.device_count()} CUDA device(s) exist'}; use 'cpu' or 'auto'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+    return dev
 
 
 class _Objective:
@@ -99,20 +158,20 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN
     the best validation score, with ``.fit_info`` (history) and ``.marginals_info`` attached.
     Seeded: the same inputs and seed give the same model.
     """
+    if not isinstance(marginals, Marginals):
+        raise TypeError(f"marginals must be a Marginals from cellmnn.load_marginals(...), got "
+                        f"{type(marginals).__name__}" + (" (for arrays, pass load_marginals(arrays, times=...))"
+                                                         if isinstance(marginals, (list, tuple)) else ""))
     unknown = set(hparams) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown hyperparameter(s): {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     hp = {**DEFAULTS, **hparams}
+    seed = check_seed(seed)
+    check_hparams(hp)
     holdout = check_holdout(marginals, holdout)
     if hp["select_on_holdout"] and holdout is None:
         raise ValueError("select_on_holdout=True needs a holdout timepoint")
-    if not 0 <= hp["val_fraction"] < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {hp['val_fraction']}")
-    for name in ("batch_size", "max_epochs", "check_every", "patience"):
-        if int(hp[name]) != hp[name] or hp[name] < 1:
-            raise ValueError(f"{name} must be a positive integer, got {hp[name]!r}")
-    device = torch.device("cuda" if hp["device"] == "auto" and torch.cuda.is_available()
-                          else ("cpu" if hp["device"] == "auto" else hp["device"]))
+    device = resolve_device(hp["device"])
     dtype = torch.float32
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -122,10 +181,17 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN
     if len(kept) < 2:
         raise ValueError("training needs at least two kept timepoints")
     # Split each kept timepoint into training and validation cells (fixed for the run).
+    n_src = len(kept) - 1
+    if hp["batch_size"] < n_src:
+        raise ValueError(f"batch_size must be at least the number of source timepoints ({n_src}), so that each "
+                         f"gets a cell per step; got {hp['batch_size']}")
     train, val = {}, {}
     for i in kept:
         perm = rng.permutation(len(marginals.data[i]))
         n_val = int(round(hp["val_fraction"] * len(perm))) if len(perm) > 1 else 0
+        if n_val >= len(perm):
+            raise ValueError(f"val_fraction={hp['val_fraction']} leaves no training cell at t = {times[i]:g} "
+                             f"({len(perm)} cells); use a smaller val_fraction")
         val[i], train[i] = marginals.data[i][perm[:n_val]], marginals.data[i][perm[n_val:]]
 
     span = max(times) - min(times)
@@ -134,7 +200,6 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN
                     time_scale=span if span > 0 else 1.0).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
     objective = _Objective(times, kept, hp["gamma"], hp["sigma"], hp["velocity_weight"], hp["backend"])
-    n_src = len(objective.sources)
     per_src = [hp["batch_size"] // n_src + (k < hp["batch_size"] % n_src) for k in range(n_src)]
     steps = max(1, math.ceil(sum(len(marginals.data[i]) for i in kept) / hp["batch_size"]))
 
@@ -162,42 +227,57 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN
     best_state, bad_checks = copy.deepcopy(model.state_dict()), 0
     progress = _progress(hp["max_epochs"], hp["verbose"], holdout, seed)
     model.train()
-    for epoch in range(1, hp["max_epochs"] + 1):
-        total = 0.0
-        for _ in range(steps):
-            src = {s: sample(s, n) for s, n in zip(objective.sources, per_src)}
-            obs = {f: sample(f, hp["batch_size"]) for f in objective.targets}
-            loss, _ = objective(model, src, obs, dtype, device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        info.epochs = epoch
-        score = None
-        if epoch % hp["check_every"] == 0 or epoch == hp["max_epochs"]:
-            score = validation_score()
-            if math.isnan(score):  # no validation cells: keep the last model
-                best_state, info.best_epoch = copy.deepcopy(model.state_dict()), epoch
-            elif score < info.best_score:
-                info.best_score, info.best_epoch, bad_checks = score, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_checks += 1
-        info.history.append((epoch, total / steps, score))
-        progress.update(1)
-        progress.set_postfix(loss=f"{total / steps:.4f}", val=f"{info.best_score:.4f}")
-        if not math.isfinite(total):
-            progress.close()
-            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {total / steps}); "
-                                     "try a smaller lr or init_scale")
-        if bad_checks >= hp["patience"]:
-            break
-    progress.close()
+    try:
+        for epoch in range(1, hp["max_epochs"] + 1):
+            total = 0.0
+            for step in range(steps):
+                src = {s: sample(s, n) for s, n in zip(objective.sources, per_src)}
+                obs = {f: sample(f, hp["batch_size"]) for f in objective.targets}
+                try:
+                    loss, _ = objective(model, src, obs, dtype, device)
+                except ValueError as exc:  # the engine's range checks: operators out of range
+                    if epoch == 1 and step == 0:
+                        raise ValueError(f"the untrained model is out of range ({exc}); try a smaller "
+                                         f"init_scale (now {hp['init_scale']})") from None
+                    raise _diverged(epoch, hp, str(exc)) from None
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise _diverged(epoch, hp, f"loss {value}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += value
+            info.epochs = epoch
+            score = None
+            if epoch % hp["check_every"] == 0 or epoch == hp["max_epochs"]:
+                try:
+                    score = validation_score()
+                except ValueError as exc:
+                    raise _diverged(epoch, hp, str(exc)) from None
+                if math.isnan(score):  # no validation cells: keep the last model
+                    best_state, info.best_epoch = copy.deepcopy(model.state_dict()), epoch
+                elif score < info.best_score:
+                    info.best_score, info.best_epoch, bad_checks = score, epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad_checks += 1
+            info.history.append((epoch, total / steps, score))
+            progress.update(1)
+            progress.set_postfix(loss=f"{total / steps:.4f}", val=f"{info.best_score:.4f}")
+            if bad_checks >= hp["patience"]:
+                break
+    finally:
+        progress.close()
     model.load_state_dict(best_state)
     model.eval()
     model.fit_info = info
     model.marginals_info = {"times": times, "transform": marginals.transform.to_dict(), "source": marginals.source}
     return model
+
+
+def _diverged(epoch, hp, what) -> FloatingPointError:
+    return FloatingPointError(f"training diverged at epoch {epoch} ({what}); try a smaller lr (now {hp['lr']:g})"
+                              f" or init_scale (now {hp['init_scale']:g})")
 
 
 def _progress(total, verbose, holdout, seed):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .interactions import centered_expression, gene_interactions
-from .io import write_csv_atomic
+from .io import TRRUST_REPORT, write_csv_atomic
 
 TRRUST_MODES = ("Activation", "Repression", "Unknown")
 
@@ -117,7 +117,7 @@ class TrrustReport:
     def to_csv(self, path: str) -> None:
         write_csv_atomic(path, ["tf", "target", "mode", "score", "agreement", "n_cells", "correlation"],
                          [[e["tf"], e["target"], e["mode"], f"{e['score']:.4f}", f"{e['agreement']:.4f}", e["n_cells"],
-                           f"{e['correlation']:.4f}"] for e in self.edges])
+                           f"{e['correlation']:.4f}"] for e in self.edges], TRRUST_REPORT)
 
 
 def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustReport:
@@ -127,20 +127,45 @@ def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustRepor
     ``data``: the ``Marginals`` whose cells are scored; ``trrust``: a TSV path or (TF, target,
     mode) rows; ``tfs``: restrict to these TFs; ``cells``: timepoint indices (default all).
     """
+    from .model import CellMNN
+
     models = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not models:
+        raise ValueError("models is empty: give a fitted CellMNN or a list of them")
+    bad = [type(m).__name__ for m in models if not isinstance(m, CellMNN)]
+    if bad:
+        raise TypeError(f"models must be fitted CellMNN models; got {bad[:3]}")
+    if isinstance(tfs, str):
+        tfs = [tfs]
+    if tfs is not None:
+        tfs = list(tfs)
+        if not tfs or not all(isinstance(tf, str) for tf in tfs):
+            raise ValueError(f"tfs must be a non-empty list of gene names, got {tfs!r}")
     rows = read_trrust(trrust) if isinstance(trrust, (str, os.PathLike)) else list(trrust)
     names = set(data.transform.feature_names or [])
-    modes = {}
+    modes, why = {}, dict(unknown=0, self=0, missing=0, other_tf=0)
+    missing = set()
     for tf, tgt, mode in rows:
-        if mode == "Unknown" or tf == tgt or tf not in names or tgt not in names:
-            continue
-        if tfs is not None and tf not in tfs:
-            continue
-        modes.setdefault((tf, tgt), set()).add(mode)
+        if mode == "Unknown":
+            why["unknown"] += 1
+        elif tf == tgt:
+            why["self"] += 1
+        elif tf not in names or tgt not in names:
+            why["missing"] += 1
+            missing.update(g for g in (tf, tgt) if g not in names)
+        elif tfs is not None and tf not in tfs:
+            why["other_tf"] += 1
+        else:
+            modes.setdefault((tf, tgt), set()).add(mode)
     conflicting = sorted(k for k, v in modes.items() if len(v) > 1)
     edges = sorted(k for k, v in modes.items() if len(v) == 1)
     if not edges:
-        raise ValueError("no Activation/Repression edge of the TRRUST table has both genes in the data")
+        raise ValueError(
+            f"no TRRUST edge can be scored: of {len(rows)} rows, {why['unknown']} have mode Unknown, "
+            f"{why['self']} are self-edges, {why['missing']} name a gene not in the data"
+            + (f" (e.g. {sorted(missing)[:5]})" if missing else "")
+            + (f", {why['other_tf']} have a TF not in tfs={tfs}" if tfs is not None else "")
+            + f", and {len(conflicting)} pair(s) are listed as both Activation and Repression")
     weights = np.mean([gene_interactions(m, data, pairs=edges, cells=cells, aggregate=None).values
                        for m in models], axis=0)  # (cells, edges)
     truth_act = np.array([modes[e] == {"Activation"} for e in edges])

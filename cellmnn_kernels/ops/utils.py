@@ -92,3 +92,28 @@ def raise_if_nonfinite(**tensors: torch.Tensor) -> None:
         if bad:
             total = tensors[name].numel()
             raise ValueError(f"{name} has {bad} non-finite entries (NaN or Inf) out of {total}")
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """Identity on a gradient, tied to the op's inputs, whose own backward raises ``message``."""
+
+    @staticmethod
+    def forward(ctx, message, grad, *inputs):
+        ctx.message = message
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def first_order_only(message: str, grads: tuple, inputs: tuple) -> tuple:
+    """For a custom backward with first derivatives only: when it runs with ``create_graph=True``,
+    tie each gradient to ``inputs`` through a node that raises ``message`` if it is
+    differentiated again (instead of silently treating the gradient as a constant)."""
+    if not torch.is_grad_enabled():
+        return grads
+    anchors = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
+    if not anchors:
+        return grads
+    return tuple(g if g is None else _NotTwiceDifferentiable.apply(message, g, *anchors) for g in grads)

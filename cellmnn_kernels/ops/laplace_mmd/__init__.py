@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..utils import resolve_backend as _resolve
-from .common import check_offsets, check_points, check_sigma, check_values, check_weights, grouped_mmd, host_ints
+from .common import (check_offsets, check_points, check_sigma, check_term_weights, check_values, check_weights,
+                     grouped_mmd, host_ints)
 from .naive import laplace_mmd_grouped_reference, laplace_mmd_reference
 from .torch_impl import DENSE_MAX_ELEMS, reduce_rows_torch
 
@@ -67,17 +68,14 @@ def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weigh
         empty = sorted({s for s in terms if off[s + 1] == off[s]})
         if empty:
             raise ValueError(f"{name} refers to empty segment(s) {empty[:5]}")
-    if term_weights is not None:
-        n_w = len(term_weights)
-        if n_w != len(tx):
-            raise ValueError(f"term_weights must have one weight per term ({len(tx)}); got {n_w}")
+    term_weights = check_term_weights(term_weights, len(tx), x.device)
     x_weights = check_weights("x_weights", x_weights, x.shape[0], x)
     y_weights = check_weights("y_weights", y_weights, y.shape[0], y)
     backend = resolve_backend(backend, x.device, x.shape[1])
     if check_finite is None:
         check_finite = x.device.type != "cuda"
     if check_finite:
-        check_values(x, y, x_weights, y_weights, ((x_off, sorted(set(tx))), (y_off, sorted(set(ty)))))
+        check_values(x, y, x_weights, y_weights, ((x_off, sorted(set(tx))), (y_off, sorted(set(ty)))), term_weights)
     if backend == "reference":
         return laplace_mmd_grouped_reference(x, x_off, y, y_off, tx, ty, term_weights, sigma, x_weights, y_weights)
     return grouped_mmd(x, x_off, y, y_off, tx, ty, term_weights, sigma, x_weights, y_weights, _reducer(backend))

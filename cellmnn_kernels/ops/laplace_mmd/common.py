@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..utils import check_same_dtype_device, check_tensor, count_nonfinite
+from ..utils import check_same_dtype_device, check_tensor, count_nonfinite, first_order_only
+
+SECOND_ORDER = ("laplace_mmd: the torch and triton backends have first derivatives only; use backend='reference' "
+                "for second derivatives")
 
 CLAMP = 1e-8
 
@@ -82,9 +85,24 @@ def check_offsets(name, offsets, n) -> list[int]:
     return off
 
 
-def check_values(x, y, x_weights, y_weights, segments) -> None:
+def check_term_weights(term_weights, n_terms: int, device):
+    """(n_terms,) float64 tensor of the terms' weights (differentiable if given as such), or None."""
+    if term_weights is None:
+        return None
+    try:
+        w = torch.as_tensor(term_weights, dtype=torch.float64, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"term_weights must be numbers, one per term; got {term_weights!r}") from None
+    if w.shape != (n_terms,):
+        raise ValueError(f"term_weights must have one weight per term ({n_terms}); got shape {tuple(w.shape)}")
+    return w
+
+
+def check_values(x, y, x_weights, y_weights, segments, term_weights=None) -> None:
     """NaN/Inf, negative weights and zero-weight segments (one host synchronisation)."""
     tensors = {"x": x, "y": y}
+    if term_weights is not None:
+        tensors["term_weights"] = term_weights
     if x_weights is not None:
         tensors["x_weights"] = x_weights
     if y_weights is not None:
@@ -208,15 +226,20 @@ class PairSums(torch.autograd.Function):
             saved.append((r, G, job, point))
         ctx.plan, ctx.sigma, ctx.D = plan, sigma, D
         ctx.launch_rows = saved
-        ctx.save_for_backward(wx, wy)
+        ctx.save_for_backward(x, y, wx, wy)
         ctx.shapes = (x.shape, y.shape, x.dtype)
         return S[: plan.n_sums]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gS):
+        x, y, wx, wy = ctx.saved_tensors
+        with torch.no_grad():
+            grads = PairSums._backward(ctx, gS, wx, wy)
+        return (*first_order_only(SECOND_ORDER, grads, (x, y, wx, wy)), None, None, None)
+
+    @staticmethod
+    def _backward(ctx, gS, wx, wy):
         plan, sigma, D = ctx.plan, ctx.sigma, ctx.D
-        wx, wy = ctx.saved_tensors
         xshape, yshape, dtype = ctx.shapes
         need = ctx.needs_input_grad
         grads = [torch.zeros(xshape, dtype=dtype, device=gS.device) if need[0] else None,
@@ -234,7 +257,7 @@ class PairSums(torch.autograd.Function):
             if grads[2 + lc.q_side] is not None:
                 grads[2 + lc.q_side].index_add_(0, point, coef * r)
         ctx.launch_rows = None
-        return grads[0], grads[1], grads[2], grads[3], None, None, None
+        return tuple(grads)
 
 
 def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, wy, reducer):
@@ -259,5 +282,5 @@ def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, w
     if term_weights is None:
         w = torch.ones_like(values)
     else:
-        w = torch.as_tensor(term_weights, dtype=torch.float64, device=x.device)
+        w = check_term_weights(term_weights, len(values), x.device)
     return (w * values).sum().to(x.dtype), values.to(x.dtype)

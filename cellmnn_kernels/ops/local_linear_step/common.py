@@ -40,6 +40,16 @@ NU_MAX = 1.0e4
 
 MAX_TRITON_D = 64
 
+SECOND_ORDER = ("local_linear_step: the torch and triton backends have first derivatives only; use "
+                "backend='reference' for second derivatives (e.g. create_graph=True and a gradient of a gradient)")
+
+
+def empty_result(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor):
+    """X, V of shape (B, T, D) when B or T is 0: empty, and tied to every input so that backward
+    works (with zero gradients) as it does for the reference."""
+    X = torch.einsum("bij,bj->bi", A, x0)[:, None, :] * dt[:, :, None]
+    return X, X.clone()
+
 
 def taylor_params(dtype: torch.dtype) -> tuple[float, int]:
     return TAYLOR[dtype]

@@ -19,7 +19,8 @@ import math
 
 import torch
 
-from .common import NU_MAX, operator_norm1, taylor_params
+from ..utils import first_order_only
+from .common import NU_MAX, SECOND_ORDER, empty_result, operator_norm1, taylor_params
 
 
 @torch.no_grad()
@@ -108,8 +109,7 @@ def local_linear_step_torch(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor)
     B, T = dt.shape
     D = x0.shape[1]
     if B == 0 or T == 0:
-        empty = x0[:, None, :].expand(B, T, D) * dt[:, :, None]
-        return empty, empty.clone()
+        return empty_result(A, x0, dt)
     theta, m = taylor_params(A.dtype)
     lane_cell, lane_step, active, rank, level, t_anchor, ok = _anchor_layout(A, dt, theta)
 
@@ -148,15 +148,19 @@ class _PairHorner(torch.autograd.Function):
             torch.bmm(A, hs[i], out=Ahs[i])
             torch.addcmul(hs[0], Ahs[i], rD, value=1.0 / j, out=hs[i + 1])
         torch.bmm(A, hs[m], out=Ahs[m])
-        ctx.m = m
+        ctx.m, ctx.y, ctx.r = m, y, r  # y and r only tie a second derivative to its error
         ctx.save_for_backward(A, rD, hs, Ahs)
         return hs[m].transpose(1, 2).contiguous(), Ahs[m].transpose(1, 2).contiguous()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gX, gV):
-        m = ctx.m
         A, rD, hs, Ahs = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _PairHorner._backward(ctx.m, A, rD, hs, Ahs, gX, gV)
+        return (*first_order_only(SECOND_ORDER, grads, (A, ctx.y, ctx.r)), None)
+
+    @staticmethod
+    def _backward(m, A, rD, hs, Ahs, gX, gV):
         X = hs[-1]
         At = A.transpose(1, 2)
         gbar = torch.zeros_like(X) if gX is None else gX.transpose(1, 2).contiguous()
@@ -172,4 +176,4 @@ class _PairHorner(torch.autograd.Function):
             dA.baddbmm_(left, hs[m - j].transpose(1, 2), alpha=1.0 / j)
             hbar = torch.baddbmm(hbar, At, left, beta=0.0, alpha=1.0 / j)
             ybar += hbar
-        return dA, ybar.transpose(1, 2), rsum.sum(1), None
+        return dA, ybar.transpose(1, 2), rsum.sum(1)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import HAS_TRITON, next_power_of_2, tl, triton
-from .common import MAX_TRITON_D, NU_MAX, taylor_params
+from ..utils import HAS_TRITON, first_order_only, next_power_of_2, tl, triton
+from .common import MAX_TRITON_D, NU_MAX, SECOND_ORDER, empty_result, taylor_params
 
 CAP = 16  # anchor checkpoints held in registers by the backward kernel
 
@@ -290,10 +290,11 @@ class LocalLinearStepFunction(torch.autograd.Function):
         return X, V
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gX, gV):
         A, x0, dt = ctx.saved_tensors
-        return llstep_backward(A, x0, dt, gX, gV)
+        with torch.no_grad():
+            grads = llstep_backward(A, x0, dt, gX, gV)
+        return first_order_only(SECOND_ORDER, grads, (A, x0, dt))
 
 
 @torch.compiler.disable
@@ -301,6 +302,5 @@ def local_linear_step_triton(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor
     """X, V (B,T,D) through the Triton kernels; inputs validated; differentiable in A, x0, dt."""
     B, T = dt.shape
     if B == 0 or T == 0:
-        X = torch.zeros((B, T, x0.shape[1]), dtype=A.dtype, device=A.device)
-        return X, X.clone()
+        return empty_result(A, x0, dt)
     return LocalLinearStepFunction.apply(A, x0, dt)

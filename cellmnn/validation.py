@@ -127,14 +127,12 @@ def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustRepor
     ``data``: the ``Marginals`` whose cells are scored; ``trrust``: a TSV path or (TF, target,
     mode) rows; ``tfs``: restrict to these TFs; ``cells``: timepoint indices (default all).
     """
-    from .model import CellMNN
-
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     if not models:
         raise ValueError("models is empty: give a fitted CellMNN or a list of them")
-    bad = [type(m).__name__ for m in models if not isinstance(m, CellMNN)]
+    bad = [type(m).__name__ for m in models if not callable(getattr(m, "operator", None))]
     if bad:
-        raise TypeError(f"models must be fitted CellMNN models; got {bad[:3]}")
+        raise TypeError(f"models must be fitted CellMNN models (with an operator(x, t) method); got {bad[:3]}")
     if isinstance(tfs, str):
         tfs = [tfs]
     if tfs is not None:

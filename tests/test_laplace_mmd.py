@@ -239,6 +239,8 @@ def test_bad_input_is_refused(kwargs, exc, match):
     (dict(terms_x=[0]), ValueError, "same non-zero length"),
     (dict(x_offsets=[0, 0, 10]), ValueError, "empty segment"),
     (dict(term_weights=[1.0]), ValueError, "one weight per term"),
+    (dict(term_weights=[1.0, float("nan")]), ValueError, "term_weights has 1 non-finite"),
+    (dict(term_weights=["a", 1.0]), TypeError, "term_weights must be numbers"),
     (dict(x_offsets=torch.tensor([0.0, 10.0])), TypeError, "integer tensor"),
 ])
 def test_bad_grouped_input_is_refused(over, exc, match):
@@ -247,3 +249,17 @@ def test_bad_grouped_input_is_refused(over, exc, match):
     args.update(over)
     with pytest.raises(exc, match=match):
         laplace_mmd_grouped(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivatives_are_refused_not_wrong(backend):
+    # The fused backward is first order: a gradient of a gradient raises instead of treating the
+    # first gradient as a constant.
+    x = torch.randn(10, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = torch.randn(6, 2, dtype=torch.float64, device=DEVICE)
+    total, _ = laplace_mmd_grouped(x, [0, 10], y, [0, 6], [0], [0], backend=backend)
+    (gx,) = torch.autograd.grad(total, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(gx.pow(2).sum(), x)
+    total, _ = laplace_mmd_grouped(x, [0, 10], y, [0, 6], [0], [0], backend=backend)
+    torch.testing.assert_close(torch.autograd.grad(total, x)[0], gx.detach(), rtol=0, atol=0)

@@ -246,12 +246,32 @@ def test_unchecked_bad_values_give_nan_not_garbage(backend):
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_shapes_dtypes_and_empty_batches(backend):
     for B, T in ((0, 3), (2, 0)):
-        A, x0, dt = (torch.zeros(*shape, device=DEVICE) for shape in ((B, 4, 4), (B, 4), (B, T)))
+        A, x0, dt = (torch.zeros(*shape, device=DEVICE, requires_grad=True) for shape in ((B, 4, 4), (B, 4), (B, T)))
         X, V = local_linear_step(A, x0, dt, backend=backend)
         assert X.shape == V.shape == (B, T, 4)
+        (X.sum() + V.sum()).backward()  # empty outputs still take part in autograd, as the reference's do
+        assert all(t.grad is not None and not t.grad.any() for t in (A, x0, dt))
     A, x0, dt = build_inputs(0, 2, 1, 3, "random", 1.0, "pos", torch.float64)
     X, V = local_linear_step(A, x0, dt, backend=backend)
     assert X.shape == (2, 1, 3) and X.dtype == torch.float64 and X.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivatives_are_refused_not_wrong(backend):
+    # First-order backward kernels: differentiating a gradient again raises (it used to return a
+    # wrong value: the gradient was treated as a constant).  The reference differentiates twice.
+    A, x0, dt = build_inputs(1, 3, 2, 3, "random", 1.0, "pos", torch.float64)
+    A.requires_grad_(True)
+    X, _ = local_linear_step(A, x0, dt, backend=backend)
+    (gA,) = torch.autograd.grad(X.pow(2).sum(), A, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(gA.sum(), A)
+    X, _ = local_linear_step(A, x0, dt, backend=backend)
+    (plain,) = torch.autograd.grad(X.pow(2).sum(), A)
+    torch.testing.assert_close(gA.detach(), plain, rtol=0, atol=0)  # create_graph changes no value
+    X, _ = local_linear_step(A, x0, dt, backend="reference")
+    (gA,) = torch.autograd.grad(X.pow(2).sum(), A, create_graph=True)
+    assert torch.isfinite(torch.autograd.grad(gA.sum(), A)[0]).all()
 
 
 def test_auto_backend_choice():

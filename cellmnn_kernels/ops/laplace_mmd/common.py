@@ -19,8 +19,8 @@ import torch
 
 from ..utils import check_same_dtype_device, check_tensor, count_nonfinite, first_order_only
 
-SECOND_ORDER = ("laplace_mmd: the torch and triton backends have first derivatives only; use backend='reference' "
-                "for second derivatives")
+SECOND_ORDER = ("laplace_mmd: the torch and triton backends have first derivatives only (second derivatives of "
+                "the Laplace MMD are not supported)")
 
 CLAMP = 1e-8
 

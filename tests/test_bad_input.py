@@ -1,0 +1,234 @@
+"""Bad input is a clear error naming the argument, before any long work; nothing is silently wrong:
+features are matched by name, arguments of fit/predict/evaluate/interactions are checked, and the
+command line reports every failure in one line."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cellmnn
+from cellmnn.cli import main as cli_main
+
+FAST = dict(max_epochs=2, check_every=1, patience=2, batch_size=32, verbose=False)
+CLI_FAST = ["--max-epochs", "2", "--check-every", "1", "--batch-size", "32", "--quiet"]
+
+
+def blobs(n=30, times=(0.0, 1.0, 2.0, 3.0), D=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0.0, 0.3, (n, D)) + t * np.linspace(1.0, -0.5, D) for t in times], list(times)
+
+
+@pytest.fixture
+def marginals():
+    arrays, times = blobs()
+    return cellmnn.load_marginals(arrays, times=times)
+
+
+def write_table(path, header, arrays, times, order):
+    """A CSV with columns ``header`` (a time column "time" and genes), rows in gene ``order``."""
+    lines = [",".join(header)]
+    for a, t in zip(arrays, times):
+        for cell in a:
+            values = dict(zip(order, cell), time=t)
+            lines.append(",".join(str(values[h]) for h in header))
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- features by name
+
+@pytest.fixture
+def fitted(tmp_path):
+    arrays, times = blobs(D=3)
+    write_table(tmp_path / "train.csv", ["time", "GATA1", "SPI1", "CEBPA"], arrays, times, ["GATA1", "SPI1", "CEBPA"])
+    assert cli_main(["fit", str(tmp_path / "train.csv"), "--out", str(tmp_path / "model"), *CLI_FAST]) == 0
+    return tmp_path, arrays, times
+
+
+def predict_csv(tmp_path, data, out, *extra):
+    code = cli_main(["predict", str(tmp_path / "model"), str(data), "--from-time", "1", "--to-time", "2",
+                     "--out", str(tmp_path / out), "--features", *extra])
+    return code, (tmp_path / out).read_text() if code == 0 else None
+
+
+def test_predict_matches_genes_by_name_not_by_column_order(fitted, capsys):
+    tmp_path, arrays, times = fitted
+    genes = ["GATA1", "SPI1", "CEBPA"]
+    write_table(tmp_path / "same.csv", ["time", *genes], arrays, times, genes)
+    # The same cells with the columns in another order, and an extra gene the model never saw.
+    shuffled = [np.concatenate([a, np.ones((len(a), 1))], axis=1) for a in arrays]
+    write_table(tmp_path / "shuffled.csv", ["CEBPA", "EXTRA", "time", "GATA1", "SPI1"], shuffled, times,
+                [*genes, "EXTRA"])
+    code, same = predict_csv(tmp_path, tmp_path / "same.csv", "a.csv")
+    assert code == 0
+    code, other = predict_csv(tmp_path, tmp_path / "shuffled.csv", "b.csv")
+    assert code == 0 and other == same and same.splitlines()[0] == "cell,from_time,time,GATA1,SPI1,CEBPA"
+    # Other genes: a clear error naming the missing ones, not the first columns.
+    write_table(tmp_path / "other.csv", ["time", "GATA1", "MYC", "FOS"], arrays, times, ["GATA1", "MYC", "FOS"])
+    assert predict_csv(tmp_path, tmp_path / "other.csv", "c.csv")[0] == 2
+    err = capsys.readouterr().err
+    assert "SPI1" in err and "CEBPA" in err and "missing" in err
+
+
+def test_predict_without_names_checks_the_count(fitted, capsys):
+    tmp_path, arrays, times = fitted
+    np.savez(tmp_path / "three.npz", pcs=np.concatenate(arrays), sample_labels=np.repeat(times, len(arrays[0])))
+    np.savez(tmp_path / "four.npz", pcs=np.concatenate([np.c_[a, a[:, :1]] for a in arrays]),
+             sample_labels=np.repeat(times, len(arrays[0])))
+    assert predict_csv(tmp_path, tmp_path / "three.npz", "a.csv")[0] == 0
+    assert predict_csv(tmp_path, tmp_path / "four.npz", "b.csv")[0] == 2
+    err = capsys.readouterr().err
+    assert "4 features" in err and "fitted on 3" in err and "names" in err
+
+
+def test_interactions_refuse_data_mapped_by_another_transform(marginals):
+    model = cellmnn.fit(marginals, **FAST)
+    arrays, times = blobs(seed=5)
+    other = cellmnn.load_marginals(arrays, times=times)  # its own z-scoring
+    with pytest.raises(ValueError, match="another transform"):
+        cellmnn.gene_interactions(model, other, genes=["x1", "x2"])
+    assert cellmnn.gene_interactions(model, marginals, genes=["x1", "x2"]).values.shape == (4, 4)
+
+
+# ----------------------------------------------------------------------------- fit arguments
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(velocity_weight=-0.1), ValueError, r"velocity_weight must be a finite number in \[0, inf\)"),
+    (dict(lr="fast"), TypeError, "lr must be a number"),
+    (dict(lr=0.0), ValueError, "lr must be"),
+    (dict(gamma=math.nan), ValueError, "gamma must be a finite number"),
+    (dict(init_scale=math.nan), ValueError, "init_scale must be a finite number"),
+    (dict(sigma=0.0), ValueError, "sigma must be"),
+    (dict(max_epochs=math.inf), ValueError, "max_epochs must be a positive integer"),
+    (dict(batch_size=2.5), ValueError, "batch_size must be a positive integer"),
+    (dict(val_fraction=0.99), ValueError, "val_fraction=0.99 leaves no training cell"),
+    (dict(val_fraction=-0.1), ValueError, "val_fraction must be"),
+    (dict(batch_size=2), ValueError, "batch_size must be at least the number of source timepoints"),
+    (dict(device="gpu"), ValueError, "device must be"),
+    (dict(device="cuda:7"), ValueError, "device="),
+    (dict(backend="fast"), ValueError, "backend must be one of"),
+    (dict(verbose="yes"), TypeError, "verbose must be True or False"),
+    (dict(seed=-1), ValueError, "seed must be an integer"),
+    (dict(seed=1.5), ValueError, "seed must be an integer"),
+    (dict(seed=None), ValueError, "seed must be an integer"),
+])
+def test_fit_argument_errors_name_the_argument(kwargs, exc, match):
+    arrays, times = blobs(n=20)
+    m = cellmnn.load_marginals(arrays, times=times)
+    with pytest.raises(exc, match=match):
+        cellmnn.fit(m, **{**FAST, "max_epochs": 1, "batch_size": 16, **kwargs})
+
+
+def test_fit_wants_marginals_not_a_list():
+    arrays, _ = blobs()
+    with pytest.raises(TypeError, match=r"Marginals from cellmnn.load_marginals.*times="):
+        cellmnn.fit(arrays, **FAST)
+
+
+def test_divergence_is_reported_as_divergence(marginals):
+    with pytest.raises(FloatingPointError, match=r"training diverged at epoch \d+ .*smaller lr \(now 1e\+06\)"):
+        cellmnn.fit(marginals, **{**FAST, "lr": 1e6, "max_epochs": 20})
+
+
+def test_leave_one_out_refuses_repeated_holdouts_and_seeds(marginals):
+    with pytest.raises(ValueError, match=r"holdouts repeats \[1\]"):
+        cellmnn.leave_one_out(marginals, holdouts=[1, 1], seeds=[0], **FAST)
+    with pytest.raises(ValueError, match=r"seeds repeats \[0\]"):
+        cellmnn.leave_one_out(marginals, holdouts=[1], seeds=[0, 0], **FAST)
+    with pytest.raises(ValueError, match="velocity_weight"):  # checked before the first fit
+        cellmnn.leave_one_out(marginals, seeds=[0], velocity_weight=-1, **FAST)
+
+
+# ----------------------------------------------------------------------------- predict arguments
+
+@pytest.mark.parametrize("x0,t0,t,exc,match", [
+    (np.array([[0.0, np.nan, 0.0], [0.0, 0.0, 0.0]]), 0.0, 1.0, ValueError, r"x0 has 1 cell\(s\) with NaN"),
+    (np.zeros((2, 3)), math.nan, 1.0, ValueError, "t0 has NaN"),
+    (np.zeros((2, 3)), 0.0, [1.0, math.inf], ValueError, "t has NaN or Inf"),
+    (np.zeros((2, 3)), [0.0, 1.0, 2.0], 1.0, ValueError, r"t0 must be a number or have one time per cell \(2\)"),
+    (np.zeros((2, 3)), 0.0, "1.0", TypeError, "t must be a number"),
+    (np.zeros((2, 3)), "zero", 1.0, TypeError, "t0 must be a number"),
+    (np.array([["a", "b", "c"]]), 0.0, 1.0, TypeError, "x0 must be a numeric array"),
+    (np.zeros((2, 4)), 0.0, 1.0, ValueError, r"x0 must have shape \(n, 3\)"),
+])
+def test_predict_argument_errors(x0, t0, t, exc, match):
+    model = cellmnn.CellMNN(3, width=8, depth=1)
+    with pytest.raises(exc, match=match):
+        model.predict(x0, t0, t)
+
+
+# ----------------------------------------------------------------------------- interactions
+
+def test_interaction_arguments_are_checked(marginals):
+    model = cellmnn.fit(marginals, **FAST)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        cellmnn.gene_interactions(model, marginals, genes=["x1", "x2"], batch_size=-1)
+    with pytest.raises(ValueError, match="models is empty"):
+        cellmnn.trrust_validation([], marginals, [("x1", "x2", "Activation")])
+
+
+def test_tfs_are_whole_names_not_substrings():
+    rng = np.random.default_rng(0)
+    m = cellmnn.load_marginals([rng.normal(size=(20, 3)) for _ in range(2)], times=[0, 1], n_components=None)
+    m.transform.feature_names = ["MYC", "MYCN", "T"]
+    model = cellmnn.CellMNN(3, width=8, depth=1)
+    rows = [("MYC", "T", "Activation"), ("MYCN", "T", "Repression")]
+    report = cellmnn.trrust_validation(model, m, rows, tfs="MYCN")
+    assert [(e["tf"], e["target"]) for e in report.edges] == [("MYCN", "T")]
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([("A", "A", "Activation"), ("B", "B", "Repression")], "2 are self-edges"),
+    ([("A", "B", "Activation"), ("A", "B", "Repression")], r"1 pair\(s\) are listed as both Activation and Repression"),
+    ([("A", "Z", "Activation")], r"1 name a gene not in the data \(e.g. \['Z'\]\)"),
+    ([("A", "B", "Unknown")], "1 have mode Unknown"),
+])
+def test_trrust_tables_with_nothing_to_score_say_why(rows, match):
+    rng = np.random.default_rng(0)
+    m = cellmnn.load_marginals([rng.normal(size=(20, 2)) for _ in range(2)], times=[0, 1], n_components=None)
+    m.transform.feature_names = ["A", "B"]
+    with pytest.raises(ValueError, match=match):
+        cellmnn.trrust_validation(cellmnn.CellMNN(2, width=8, depth=1), m, rows)
+
+
+def test_cli_tfs_and_ensemble_need_trrust(fitted, capsys):
+    tmp_path, _, _ = fitted
+    for extra in (["--tfs", "GATA1"], ["--ensemble", str(tmp_path / "model")]):
+        assert cli_main(["interactions", str(tmp_path / "model"), str(tmp_path / "train.csv"), "--genes", "GATA1",
+                         "SPI1", "--out", str(tmp_path / "w.csv"), *extra]) == 2
+        assert "only with --trrust" in capsys.readouterr().err
+    assert not (tmp_path / "w.csv").exists()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_cli_reports_every_failure_in_one_line(fitted, capsys, monkeypatch):
+    tmp_path, _, _ = fitted
+    data = str(tmp_path / "train.csv")
+    (tmp_path / "a-folder.csv").mkdir()
+    cases = [
+        (["fit", str(tmp_path / "a-folder.csv"), "--out", str(tmp_path / "m1")], "is a directory"),
+        (["fit", data, "--out", str(tmp_path / "m2"), "--device", "gpu"], "device must be"),
+        (["fit", data, "--out", str(tmp_path / "m3"), "--lr", "1e6", "--max-epochs", "20"], "training diverged"),
+        (["fit", data, "--out", str(tmp_path / "m4"), "--velocity-weight", "-1"], "velocity_weight"),
+        (["evaluate", data, "--holdouts", "1", "1"], "holdouts repeats"),
+        (["predict", str(tmp_path / "model"), data, "--from-time", "1", "--to-time", "nan",
+          "--out", str(tmp_path / "p.csv")], "t has NaN"),
+    ]
+    for argv, message in cases:
+        code = cli_main(argv + CLI_FAST)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"cellmnn {argv[0]}: error: ") and message in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # Something unexpected is still one line, with the exception's type and how to see more.
+    import cellmnn.cli
+
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cellmnn.cli, "cmd_fit", broken)
+    assert cli_main(["fit", data, "--out", str(tmp_path / "m5")]) == 1
+    err = capsys.readouterr().err
+    assert err == "cellmnn fit: error: boom (RuntimeError; set CELLMNN_TRACEBACK=1 to see where)\n"

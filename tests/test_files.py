@@ -231,6 +231,11 @@ def test_bit_flipped_weights_and_bad_transform_are_refused(tmp_path):
     open(cfg, "w").write(json.dumps(config))
     with pytest.raises(ValueError, match="transform"):
         cellmnn.load_model(path)
+    with torch.no_grad():
+        model.mlp[0].weight[0, 0] = float("nan")
+    cellmnn.save_model(model, path)
+    with pytest.raises(ValueError, match="NaN or Inf weights"):
+        cellmnn.load_model(path)
 
 
 def test_version_1_saves_still_load(tmp_path):

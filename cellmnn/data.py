@@ -2,14 +2,28 @@
 from __future__ import annotations
 
 import csv
+import io
+import numbers
 import os
+import re
 import warnings
+import zipfile
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 
 import numpy as np
 
 DEFAULT_TIME_KEYS = ("day", "time", "timepoint", "sample_labels")
+MISSING = ("", "na", "nan")  # CSV fields read as NaN (compared lower-cased, stripped)
+_MISSING_FIELDS = ((re.compile(r",[ \t]*(?:nan?)?[ \t]*(?=[,\n])", re.I), ",nan"),  # 2nd.. field
+                   (re.compile(r"^[ \t]*(?:nan?)?[ \t]*,", re.I | re.M), "nan,"))  # first field
+TIME_RTOL = 1e-9  # times closer than this (relative) are one timepoint
+
+
+def _duplicates(names) -> list:
+    return [n for n, c in Counter(names).items() if c > 1]
 
 
 @dataclass
@@ -17,13 +31,79 @@ class Transform:
     """Raw features -> model space:  z = ((x - pca_mean) @ pca_components.T - mean) / std.
 
     ``pca_components`` (D, n_features) and ``pca_mean`` are None when no PCA was applied; ``mean``
-    and ``std`` are zeros and ones when the data were not standardised.
+    and ``std`` are zeros and ones when the data were not standardised.  Checked on creation:
+    finite values, ``std > 0``, consistent shapes, unique ``feature_names`` (one per raw feature).
     """
     mean: np.ndarray
     std: np.ndarray
     pca_components: np.ndarray | None = None
     pca_mean: np.ndarray | None = None
     feature_names: list | None = None
+
+    def __post_init__(self):
+        def arr(name, ndim):
+            try:
+                a = np.asarray(getattr(self, name), dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError(f"transform {name} must be numeric") from None
+            if a.ndim != ndim or a.size == 0:
+                raise ValueError(f"transform {name} must be a non-empty {ndim}-D array; got shape {a.shape}")
+            if name != "std" and not np.isfinite(a).all():  # std: checked below, with zeros
+                raise ValueError(f"transform {name} has {int((~np.isfinite(a)).sum())} non-finite entries")
+            return a
+
+        self.mean, self.std = arr("mean", 1), arr("std", 1)
+        D = len(self.mean)
+        if self.std.shape != (D,):
+            raise ValueError(f"transform std must have the length of mean ({D}); got {len(self.std)}")
+        bad = int((~(np.isfinite(self.std) & (self.std > 0))).sum())
+        if bad:
+            raise ValueError(f"transform std has {bad} zero or non-finite entries; it must be positive")
+        if (self.pca_components is None) != (self.pca_mean is None):
+            raise ValueError("transform pca_components and pca_mean must both be given or both be None")
+        if self.pca_components is not None:
+            self.pca_components, self.pca_mean = arr("pca_components", 2), arr("pca_mean", 1)
+            if self.pca_components.shape[0] != D or len(self.pca_mean) != self.pca_components.shape[1]:
+                raise ValueError(f"transform pca_components must be (D, F) = ({D}, len(pca_mean) = "
+                                 f"{len(self.pca_mean)}); got {self.pca_components.shape}")
+        if self.feature_names is not None:
+            names = self.feature_names
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+                raise ValueError("transform feature_names must be a list of strings")
+            if len(names) != self.n_features:
+                raise ValueError(f"transform feature_names has {len(names)} names for {self.n_features} features")
+            if _duplicates(names):
+                raise ValueError(f"transform feature_names has duplicates: {_duplicates(names)[:10]}")
+            self.feature_names = list(names)
+
+    @property
+    def n_features(self) -> int:
+        """F, the number of raw input features."""
+        return len(self.mean) if self.pca_components is None else self.pca_components.shape[1]
+
+    def align(self, x, names=None, what="the data") -> np.ndarray:
+        """``x`` (n, k) raw features as an (n, F) float64 array in this transform's feature order:
+        matched by name when both sides have names (extra columns unused), else by position."""
+        x = _as_float(x, what)
+        if x.ndim != 2:
+            raise ValueError(f"{what} must be a 2-D (cells x features) table; got shape {x.shape}")
+        F = self.n_features
+        if self.feature_names and names is not None:
+            names = [str(n) for n in names]
+            if len(names) != x.shape[1]:
+                raise ValueError(f"{what}: {len(names)} feature names for {x.shape[1]} columns")
+            if _duplicates(names):
+                raise ValueError(f"{what} has duplicate feature names: {_duplicates(names)[:10]}")
+            index = {n: i for i, n in enumerate(names)}
+            missing = [n for n in self.feature_names if n not in index]
+            if missing:
+                raise ValueError(f"{len(missing)} of the model's {F} features are missing from {what}: "
+                                 f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+            return x[:, [index[n] for n in self.feature_names]]
+        if x.shape[1] != F:
+            raise ValueError(f"{what} has {x.shape[1]} features; the model was fitted on {F}, and there are "
+                             "no feature names to match them by")
+        return x
 
     def to_model(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -45,9 +125,13 @@ class Transform:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Transform":
-        arr = lambda a: None if a is None else np.asarray(a, dtype=np.float64)  # noqa: E731
-        return cls(arr(d["mean"]), arr(d["std"]), arr(d.get("pca_components")), arr(d.get("pca_mean")),
-                   d.get("feature_names"))
+        """The inverse of ``to_dict``; a ValueError naming the field when it is malformed."""
+        if not isinstance(d, dict):
+            raise ValueError(f"transform must be a dict; got {type(d).__name__}")
+        missing = [k for k in ("mean", "std") if d.get(k) is None]
+        if missing:
+            raise ValueError(f"transform has no {' or '.join(missing)}")
+        return cls(d["mean"], d["std"], d.get("pca_components"), d.get("pca_mean"), d.get("feature_names"))
 
 
 @dataclass
@@ -88,11 +172,20 @@ def load_marginals(source=None, time_key=None, embedding=None, n_components=5, s
     ``n_components`` columns are reduced by PCA; precomputed embeddings (obsm, npz ``pcs``) keep
     their first ``n_components`` columns.  ``n_components=None`` keeps every column.  With
     ``standardize`` the model space is z-scored with mean and std pooled over all timepoints.
-    Rows with NaN/Inf are an error, reported with counts, unless ``drop_nonfinite``.
+    Rows with NaN/Inf are an error, reported with counts, unless ``drop_nonfinite``.  Times equal
+    up to float rounding (relative difference <= 1e-9) are one timepoint, with a warning.
     """
-    if n_components is not None and (isinstance(n_components, bool) or int(n_components) != n_components
-                                     or n_components < 1):
-        raise ValueError(f"n_components must be a positive integer or None, got {n_components!r}")
+    if n_components is not None:
+        if isinstance(n_components, (bool, np.bool_)) or not isinstance(n_components, numbers.Integral) \
+                or n_components < 1:
+            raise ValueError(f"n_components must be a positive integer or None, got {n_components!r}")
+        n_components = int(n_components)
+    for name, value in (("time_key", time_key), ("embedding", embedding)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a string or None, got {type(value).__name__} {value!r}")
+    for name, value in (("standardize", standardize), ("drop_nonfinite", drop_nonfinite)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     if source is None:
         source = resources.files("cellmnn") / "datasets" / "emt_a549_3d.csv"
         with resources.as_file(source) as path:
@@ -100,6 +193,8 @@ def load_marginals(source=None, time_key=None, embedding=None, n_components=5, s
     if isinstance(source, (list, tuple)):
         if times is None:
             raise ValueError("times is required when source is a list of arrays (one time per array)")
+        if len(source) == 0:
+            raise ValueError("source is an empty list; pass one (cells x features) array per timepoint")
         return _from_arrays(source, times, n_components, standardize, drop_nonfinite)
     if times is not None:
         raise ValueError("times is only used with a list of arrays; other sources carry their own times")
@@ -107,17 +202,27 @@ def load_marginals(source=None, time_key=None, embedding=None, n_components=5, s
         path = os.fspath(source)
         if not os.path.exists(path):
             raise FileNotFoundError(f"source file not found: {path}")
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory; expected a .h5ad, .npz or .csv file")
         ext = os.path.splitext(path)[1].lower()
+        if ext not in (".h5ad", ".npz", ".csv"):
+            raise ValueError(f"cannot read {path!r}: expected a .h5ad, .npz or .csv file")
+        try:
+            with open(path, "rb"):
+                pass
+        except PermissionError:
+            raise PermissionError(f"cannot read {path}: permission denied") from None
         if ext == ".h5ad":
             import anndata
 
-            return _from_anndata(anndata.read_h5ad(path), time_key, embedding, n_components, standardize,
-                                 drop_nonfinite, path)
+            try:
+                adata = anndata.read_h5ad(path)
+            except Exception as exc:  # h5py and anndata raise many types for damaged files
+                raise ValueError(f"cannot read {path} as .h5ad: {exc}") from None
+            return _from_anndata(adata, time_key, embedding, n_components, standardize, drop_nonfinite, path)
         if ext == ".npz":
             return _from_npz(path, time_key, n_components, standardize, drop_nonfinite)
-        if ext == ".csv":
-            return _from_csv(path, time_key, n_components, standardize, drop_nonfinite)
-        raise ValueError(f"cannot read {path!r}: expected a .h5ad, .npz or .csv file")
+        return _from_csv(path, time_key, n_components, standardize, drop_nonfinite)
     try:
         import anndata
 
@@ -131,12 +236,36 @@ def load_marginals(source=None, time_key=None, embedding=None, n_components=5, s
 
 # ----------------------------------------------------------------------------- readers
 
-def _numeric_times(values, what):
+def _as_float(a, what):
+    """Numbers (not strings, not other Python objects) as a float64 array, or a ValueError naming ``what``."""
     try:
-        return np.asarray(values, dtype=np.float64)
+        arr = np.asarray(a)
+    except (TypeError, ValueError) as exc:  # ragged nested lists
+        raise ValueError(f"{what} must be a numeric (cells x features) array: {exc}") from None
+    if arr.dtype.kind == "O" and all(isinstance(v, numbers.Real) for v in arr.flat):
+        arr = arr.astype(np.float64)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{what} must be numeric; got dtype {arr.dtype} with values such as "
+                         f"{arr.ravel()[:3].tolist()}")
+    return arr.astype(np.float64)
+
+
+def _numeric_times(values, what):
+    """Times as float64: numbers and numeric strings are fine, anything else is a ValueError naming ``what``."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "biuf":
+        return arr.astype(np.float64)
+    try:
+        return arr.astype(object).astype(np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be numeric (times as numbers); got values such as "
-                         f"{list(values[:3])}") from None
+        def bad(v):
+            try:
+                float(v)
+                return False
+            except (TypeError, ValueError):
+                return True
+        examples = [v for v in arr.ravel().tolist() if bad(v)][:3]
+        raise ValueError(f"{what} must be numeric (times as numbers); got values such as {examples}") from None
 
 
 def _from_anndata(adata, time_key, embedding, n_components, standardize, drop_nonfinite, name):
@@ -146,30 +275,46 @@ def _from_anndata(adata, time_key, embedding, n_components, standardize, drop_no
                          if time_key is not None else
                          f"no time column found in obs (tried {list(DEFAULT_TIME_KEYS)}); pass time_key= "
                          f"one of {list(adata.obs.columns)}")
-    t = _numeric_times(np.asarray(adata.obs[keys[0]]), f"obs[{keys[0]!r}]")
+    col = adata.obs[keys[0]]  # categoricals and pandas strings as plain objects, missing as NaN
+    t = _numeric_times(col.to_numpy(dtype=object, na_value=np.nan), f"{name}: obs[{keys[0]!r}]")
     if embedding is not None:
         if embedding not in adata.obsm:
             raise ValueError(f"embedding {embedding!r} not found in obsm; available: {list(adata.obsm.keys())}")
-        x = np.asarray(adata.obsm[embedding], dtype=np.float64)
-        if n_components is not None:
+        x = _as_float(adata.obsm[embedding], f"{name}: obsm[{embedding!r}]")
+        if x.ndim == 2 and n_components is not None:
             x = x[:, :n_components]
         return _build(x, t, None, standardize, drop_nonfinite, f"{name} obsm[{embedding!r}]", None)
-    X = adata.X
-    if hasattr(X, "toarray"):
-        X = X.toarray()
+    if adata.X is None:
+        raise ValueError(f"{name} has no X; pass embedding= one of {list(adata.obsm.keys())}")
     names = [str(v) for v in adata.var_names]
-    return _build(np.asarray(X, dtype=np.float64), t, n_components, standardize, drop_nonfinite,
+    if _duplicates(names):
+        raise ValueError(f"{name}: duplicate var_names {_duplicates(names)[:10]}; call adata.var_names_make_unique() "
+                         "or pass embedding=")
+    X = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X
+    return _build(_as_float(X, f"{name}: X"), t, n_components, standardize, drop_nonfinite,
                   f"{name} X (PCA)", names, force_pca=True)
 
 
 def _from_npz(path, time_key, n_components, standardize, drop_nonfinite):
-    with np.load(path, allow_pickle=False) as f:
-        if "pcs" not in f or (time_key or "sample_labels") not in f:
-            raise ValueError(f"{path}: a TrajectoryNet-style .npz needs arrays 'pcs' and "
-                             f"{time_key or 'sample_labels'!r}; it has {list(f.keys())}")
-        x = np.asarray(f["pcs"], dtype=np.float64)
-        t = _numeric_times(f[time_key or "sample_labels"], f"{path}[{time_key or 'sample_labels'!r}]")
-    if x.ndim != 2 or len(t) != len(x):
+    key = time_key or "sample_labels"
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an archive of named arrays")
+        with f:
+            keys = list(f.keys())
+            pcs, labels = (f["pcs"], f[key]) if "pcs" in keys and key in keys else (None, None)
+    except ValueError as exc:
+        if "Object arrays" in str(exc):
+            raise ValueError(f"{path}: its arrays must be numeric, not Python objects (object arrays)") from None
+        raise ValueError(f"{path} is not a valid .npz file ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{path} is not a valid .npz file ({exc})") from None
+    if pcs is None:
+        raise ValueError(f"{path}: a TrajectoryNet-style .npz needs arrays 'pcs' and {key!r}; it has {keys}")
+    x = _as_float(pcs, f"{path}['pcs']")
+    t = _numeric_times(labels, f"{path}[{key!r}]")
+    if x.ndim != 2 or t.ndim != 1 or len(t) != len(x):
         raise ValueError(f"{path}: 'pcs' must be (n, k) with one label per row; got {x.shape} and {t.shape}")
     if n_components is not None:
         x = x[:, :n_components]
@@ -177,35 +322,98 @@ def _from_npz(path, time_key, n_components, standardize, drop_nonfinite):
 
 
 def _from_csv(path, time_key, n_components, standardize, drop_nonfinite):
-    with open(path, newline="") as fh:
-        header = next(csv.reader(fh), None)
-    if not header:
-        raise ValueError(f"{path}: empty CSV")
-    header = [h.strip() for h in header]
-    key = time_key or "time"
-    if key not in header:
-        raise ValueError(f"time key {key!r} not found in the CSV header of {path}; columns: {header}")
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
-    except ValueError as exc:
-        raise ValueError(f"{path}: every column must be numeric ({exc})") from None
-    if table.shape[1] != len(header):
-        raise ValueError(f"{path}: {table.shape[1]} columns of data but {len(header)} names in the header")
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            header = [h.strip() for h in next(csv.reader(fh), [])]
+        if not header:
+            raise ValueError(f"{path}: empty CSV (no header)")
+        if "" in header:
+            raise ValueError(f"{path}: header column {header.index('') + 1} has no name; every column needs one")
+        key = time_key or "time"
+        if key not in header:
+            raise ValueError(f"time key {key!r} not found in the CSV header of {path}; columns: {header}")
+        if header.count(key) > 1:
+            raise ValueError(f"{path}: the time column {key!r} appears {header.count(key)} times in the header")
+        if _duplicates(header):
+            raise ValueError(f"{path}: duplicate column names {_duplicates(header)}")
+        if len(header) < 2:
+            raise ValueError(f"{path}: no feature columns besides {key!r}")
+        table = _loadtxt(path, len(header))  # C parser: clean numeric files
+        if table is None:  # missing values (empty, NA, nan) as "nan", still at C speed
+            with open(path, encoding="utf-8-sig") as fh:
+                text = fh.read() + "\n"
+            for pattern, nan in _MISSING_FIELDS:
+                text = pattern.sub(nan, text)
+            table = _loadtxt(io.StringIO(text), len(header))
+        if table is None:  # anything else: field by field, to name the problem
+            table = _parse_csv_slowly(path, header)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; re-save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
+    except csv.Error as exc:  # e.g. a NUL byte
+        raise ValueError(f"{path}: not a readable CSV ({exc})") from None
     ti = header.index(key)
     names = [h for i, h in enumerate(header) if i != ti]
-    if not names:
-        raise ValueError(f"{path}: no feature columns besides {key!r}")
-    x = np.delete(table, ti, axis=1)
-    return _build(x, table[:, ti], n_components, standardize, drop_nonfinite, path, names)
+    return _build(np.delete(table, ti, axis=1), table[:, ti], n_components, standardize, drop_nonfinite, path, names)
+
+
+def _loadtxt(source, n_columns):
+    """The CSV body as an (n, n_columns) float64 array, or None if np.loadtxt cannot read it that way."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
+            table = np.loadtxt(source, delimiter=",", skiprows=1, ndmin=2, encoding="utf-8-sig", quotechar='"',
+                               comments=None)
+    except UnicodeDecodeError:
+        raise
+    except ValueError:
+        return None
+    return table if table.shape[1] == n_columns and len(table) else None
+
+
+def _parse_csv_slowly(path, header):
+    """The CSV body field by field: empty, NA and nan fields are NaN; anything else that is not a number
+    or a row with the wrong number of fields is a ValueError naming the line (the header is line 1)."""
+    rows, lines = [], []
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        next(reader)
+        for row in reader:
+            if not row:
+                continue  # blank line
+            if len(row) != len(header):
+                raise ValueError(f"{path}, line {reader.line_num}: {len(row)} fields but the header has "
+                                 f"{len(header)} columns")
+            rows.append(row)
+            lines.append(reader.line_num)
+    if not rows:
+        raise ValueError(f"{path}: the CSV has a header but no data rows")
+    cells = np.char.strip(np.array(rows, dtype=str))
+    cells = np.where(np.isin(np.char.lower(cells), MISSING), "nan", cells)
+    try:
+        return cells.astype(np.float64)
+    except ValueError:
+        for r, row in enumerate(cells):
+            for c, value in enumerate(row):
+                try:
+                    float(value)
+                except ValueError:
+                    raise ValueError(f"{path}, line {lines[r]}, column {header[c]!r}: {str(value)!r} is not a number; "
+                                     "every column must be numeric (empty, NA and nan are missing values)") from None
+        raise
 
 
 def _from_arrays(arrays, times, n_components, standardize, drop_nonfinite):
-    times = _numeric_times(list(times), "times")
+    times = list(times) if hasattr(times, "__iter__") and not isinstance(times, (str, bytes)) else [times]
+    if not all(isinstance(v, numbers.Real) for v in times):
+        raise ValueError(f"times must be a list of numbers, one per array; got {times[:5]!r}")
+    times = np.array(times, dtype=np.float64)
+    if not np.isfinite(times).all():
+        raise ValueError(f"times must be finite; got {times.tolist()}")
     if len(times) != len(arrays):
         raise ValueError(f"times must have one entry per array: {len(arrays)} arrays, {len(times)} times")
     mats = []
     for i, a in enumerate(arrays):
-        a = np.asarray(a, dtype=np.float64)
+        a = _as_float(a, f"array {i}")
         if a.ndim != 2:
             raise ValueError(f"array {i} must be 2-D (cells x features); got shape {a.shape}")
         if len(a) == 0:
@@ -220,11 +428,32 @@ def _from_arrays(arrays, times, n_components, standardize, drop_nonfinite):
 
 # ----------------------------------------------------------------------------- common tail
 
+def _merge_close_times(t, source):
+    """Times equal up to float rounding (sorted neighbours within TIME_RTOL, chained) as one timepoint:
+    the group's most frequent value (ties: the smallest), with a warning."""
+    values, counts = np.unique(t, return_counts=True)
+    close = np.diff(values) <= TIME_RTOL * np.maximum(np.abs(values[:-1]), np.abs(values[1:]))
+    if not close.any():
+        return t
+    group = np.concatenate([[0], np.cumsum(~close)])
+    kept, merged = np.empty(group[-1] + 1), []
+    for g in range(len(kept)):
+        v, c = values[group == g], counts[group == g]
+        kept[g] = v[np.argmax(c)]
+        if len(v) > 1:
+            merged.append(f"{[float(u) for u in v]} -> {float(kept[g])!r}")
+    warnings.warn(f"{source}: times equal up to float rounding are one timepoint: {'; '.join(merged)}", stacklevel=5)
+    return kept[group[np.searchsorted(values, t)]]
+
+
 def _build(x, t, n_components, standardize, drop_nonfinite, source, names, force_pca=False) -> Marginals:
     if x.ndim != 2 or x.shape[1] == 0 or len(x) == 0:
         raise ValueError(f"{source}: need a non-empty cells x features table; got shape {x.shape}")
+    if t.ndim != 1 or len(t) != len(x):
+        raise ValueError(f"{source}: need one time per cell; got {t.shape} times for {len(x)} cells")
     if not np.isfinite(t).all():
         raise ValueError(f"{source}: {int((~np.isfinite(t)).sum())} cells have a non-finite time")
+    t = _merge_close_times(t, source)
     bad = ~np.isfinite(x).all(axis=1)
     dropped = {}
     if bad.any():
@@ -248,10 +477,13 @@ def _build(x, t, n_components, standardize, drop_nonfinite, source, names, force
         pca_components, pca_mean = pca.components_, pca.mean_
         x = (x - pca_mean) @ pca_components.T
     if standardize:
-        mean, std = x.mean(axis=0), x.std(axis=0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean, std = x.mean(axis=0), x.std(axis=0)
         std = np.where(std > 0, std, 1.0)
     else:
         mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise ValueError(f"{source}: feature values too large to standardize (overflow); rescale them")
     transform = Transform(mean, std, pca_components, pca_mean, names)
     z = (x - mean) / std
     times = np.unique(t)

@@ -208,8 +208,14 @@ def test_cli_reports_every_failure_in_one_line(fitted, capsys, monkeypatch):
     tmp_path, _, _ = fitted
     data = str(tmp_path / "train.csv")
     (tmp_path / "a-folder.csv").mkdir()
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    (tmp_path / "broken.h5ad").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
+    (tmp_path / "latin1.csv").write_bytes("time,g\u00e8ne\n0,1\n1,2\n".encode("latin-1"))
     cases = [
         (["fit", str(tmp_path / "a-folder.csv"), "--out", str(tmp_path / "m1")], "is a directory"),
+        (["fit", str(tmp_path / "broken.npz"), "--out", str(tmp_path / "m1")], "is not a valid .npz file"),
+        (["fit", str(tmp_path / "broken.h5ad"), "--out", str(tmp_path / "m1")], "cannot read"),
+        (["fit", str(tmp_path / "latin1.csv"), "--out", str(tmp_path / "m1")], "is not UTF-8 text"),
         (["fit", data, "--out", str(tmp_path / "m2"), "--device", "gpu"], "device must be"),
         (["fit", data, "--out", str(tmp_path / "m3"), "--lr", "1e6", "--max-epochs", "20"], "training diverged"),
         (["fit", data, "--out", str(tmp_path / "m4"), "--velocity-weight", "-1"], "velocity_weight"),
@@ -218,7 +224,7 @@ def test_cli_reports_every_failure_in_one_line(fitted, capsys, monkeypatch):
           "--out", str(tmp_path / "p.csv")], "t has NaN"),
     ]
     for argv, message in cases:
-        code = cli_main(argv + CLI_FAST)
+        code = cli_main(argv + (CLI_FAST if argv[0] in ("fit", "evaluate") else []))
         err = capsys.readouterr().err
         assert code == 2 and err.startswith(f"cellmnn {argv[0]}: error: ") and message in err, (argv, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

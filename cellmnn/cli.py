@@ -295,7 +295,7 @@ def _describe(exc: BaseException) -> str:
     """A one-line account of an error: OS errors with their file, others with their message."""
     if isinstance(exc, OSError) and exc.filename and exc.strerror:
         return f"{exc.strerror}: {exc.filename}"
-    return str(exc) or type(exc).__name__
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv=None) -> int:

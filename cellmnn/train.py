@@ -102,8 +102,10 @@ def resolve_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device={device!r}, but {'CUDA is not available here' if not torch.cuda.is_available() else f'only {torch.cuda.device_count()} CUDA device(s) exist'}; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but CUDA is not available here; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
     return dev
@@ -235,7 +237,7 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN
                 obs = {f: sample(f, hp["batch_size"]) for f in objective.targets}
                 try:
                     loss, _ = objective(model, src, obs, dtype, device)
-                except ValueError as exc:  # the engine's range checks: operators out of range
+                except (ValueError, torch.linalg.LinAlgError) as exc:  # operators out of range, singular P
                     if epoch == 1 and step == 0:
                         raise ValueError(f"the untrained model is out of range ({exc}); try a smaller "
                                          f"init_scale (now {hp['init_scale']})") from None
@@ -252,7 +254,7 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN
             if epoch % hp["check_every"] == 0 or epoch == hp["max_epochs"]:
                 try:
                     score = validation_score()
-                except ValueError as exc:
+                except (ValueError, torch.linalg.LinAlgError) as exc:
                     raise _diverged(epoch, hp, str(exc)) from None
                 if math.isnan(score):  # no validation cells: keep the last model
                     best_state, info.best_epoch = copy.deepcopy(model.state_dict()), epoch

@@ -65,6 +65,11 @@ def test_predict_matches_genes_by_name_not_by_column_order(fitted, capsys):
     assert code == 0
     code, other = predict_csv(tmp_path, tmp_path / "shuffled.csv", "b.csv")
     assert code == 0 and other == same and same.splitlines()[0] == "cell,from_time,time,GATA1,SPI1,CEBPA"
+    # Gene interactions read the same genes from either file.
+    for name, data in (("w1.csv", "same.csv"), ("w2.csv", "shuffled.csv")):
+        assert cli_main(["interactions", str(tmp_path / "model"), str(tmp_path / data), "--pairs", "GATA1:SPI1",
+                         "CEBPA:GATA1", "--out", str(tmp_path / name)]) == 0
+    assert (tmp_path / "w1.csv").read_text() == (tmp_path / "w2.csv").read_text()
     # Other genes: a clear error naming the missing ones, not the first columns.
     write_table(tmp_path / "other.csv", ["time", "GATA1", "MYC", "FOS"], arrays, times, ["GATA1", "MYC", "FOS"])
     assert predict_csv(tmp_path, tmp_path / "other.csv", "c.csv")[0] == 2

@@ -49,6 +49,9 @@ def _train_args(p, max_epochs=None):
     g.add_argument("--gamma", type=float, default=None)
     g.add_argument("--sigma", type=float, default=None)
     g.add_argument("--velocity-weight", type=float, default=None)
+    g.add_argument("--kinetic", choices=("kept_times", "future", "grid"), default=None,
+                   help="kinetic term: V^2 at every kept time (default, the authors'), at later kept times "
+                        "(summed over coordinates), or on a grid of step 0.1 time units")
     g.add_argument("--max-epochs", type=int, default=max_epochs)
     g.add_argument("--check-every", type=int, default=None)
     g.add_argument("--patience", type=int, default=None)
@@ -62,7 +65,7 @@ def _train_args(p, max_epochs=None):
 
 def _hparams(args) -> dict:
     names = ["parameterization", "num_const_dims", "width", "depth", "init_scale", "lr", "weight_decay",
-             "batch_size", "gamma", "sigma", "velocity_weight", "max_epochs", "check_every", "patience",
+             "batch_size", "gamma", "sigma", "velocity_weight", "kinetic", "max_epochs", "check_every", "patience",
              "val_fraction", "backend", "device"]
     hp = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.select_on_holdout:

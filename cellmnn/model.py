@@ -19,11 +19,16 @@ class CellMNN(nn.Module):
     num_const_dims eigenvalues fixed at 0; ``operator(..., return_penalty=True)`` also returns the
     invertibility penalty mean 1 / (|det P| + 1e-4).  This one convention for P holds for decoding
     and for every read-out of A.  Times enter the MLP as (t - time_offset) / time_scale.
+
+    ``time_unit`` makes the model independent of the unit of time: the MLP's outputs are the
+    operator per ``time_unit`` (``fit`` uses the mean gap between timepoints), so that
+    ``operator`` returns A = outputs / time_unit in the data's own units and the same network
+    decodes the same trajectories whatever unit the times were given in.
     """
 
     def __init__(self, dim: int, width: int = 96, depth: int = 4, init_scale: float = 0.01,
                  parameterization: str = "direct", num_const_dims: int = 0, backend: str = "auto",
-                 time_offset: float = 0.0, time_scale: float = 1.0):
+                 time_offset: float = 0.0, time_scale: float = 1.0, time_unit: float = 1.0):
         super().__init__()
         for name, v in (("dim", dim), ("width", width), ("depth", depth)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -33,12 +38,13 @@ class CellMNN(nn.Module):
         if not 0 <= num_const_dims <= dim or (num_const_dims and parameterization != "eigen"):
             raise ValueError(f"num_const_dims must be in [0, dim] and needs parameterization='eigen'; "
                              f"got {num_const_dims} with {parameterization!r}")
-        if not time_scale > 0:
-            raise ValueError(f"time_scale must be positive, got {time_scale}")
+        for name, v in (("time_scale", time_scale), ("time_unit", time_unit)):
+            if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
         self.dim, self.width, self.depth = int(dim), int(width), int(depth)
         self.init_scale, self.parameterization = float(init_scale), parameterization
         self.num_const_dims, self.backend = int(num_const_dims), backend
-        self.time_offset, self.time_scale = float(time_offset), float(time_scale)
+        self.time_offset, self.time_scale, self.time_unit = float(time_offset), float(time_scale), float(time_unit)
         n_out = dim * dim + (dim - num_const_dims if parameterization == "eigen" else 0)
         layers, n_in = [], dim + 1
         for _ in range(depth):
@@ -56,12 +62,15 @@ class CellMNN(nn.Module):
     def config(self) -> dict:
         return dict(dim=self.dim, width=self.width, depth=self.depth, init_scale=self.init_scale,
                     parameterization=self.parameterization, num_const_dims=self.num_const_dims,
-                    backend=self.backend, time_offset=self.time_offset, time_scale=self.time_scale)
+                    backend=self.backend, time_offset=self.time_offset, time_scale=self.time_scale,
+                    time_unit=self.time_unit)
 
     def operator(self, x: torch.Tensor, t: torch.Tensor, return_penalty: bool = False):
-        """A (B, D, D) for cells x (B, D) at times t (B,); with the eigen penalty if asked."""
+        """A (B, D, D) for cells x (B, D) at times t (B,), per unit of the data's time; with the eigen
+        penalty if asked."""
         B, D = x.shape
-        h = self.mlp(torch.cat([x, ((t - self.time_offset) / self.time_scale)[:, None]], dim=1))
+        tin = ((t - self.time_offset) / self.time_scale).to(x.dtype)  # in t's dtype first (float64 keeps offsets)
+        h = self.mlp(torch.cat([x, tin[:, None]], dim=1))
         if self.parameterization == "direct":
             A, penalty = h.view(B, D, D), x.new_zeros(())
         else:
@@ -70,12 +79,16 @@ class CellMNN(nn.Module):
             # A = P diag(lam) P^-1, i.e. the solution of A P = P diag(lam): solve P^T A^T = (P diag(lam))^T.
             A = torch.linalg.solve(P.transpose(1, 2), (P * lam[:, None, :]).transpose(1, 2)).transpose(1, 2)
             penalty = (1.0 / (torch.linalg.det(P).abs() + 1e-4)).mean()
+        if self.time_unit != 1.0:
+            A = A / self.time_unit
         return (A, penalty) if return_penalty else A
 
     def forward(self, x0: torch.Tensor, t0: torch.Tensor, t: torch.Tensor, return_penalty: bool = False):
-        """Decode cells x0 (B, D) observed at t0 (B,) to times t (B, T): X, V (B, T, D)."""
+        """Decode cells x0 (B, D) observed at t0 (B,) to times t (B, T): X, V (B, T, D).
+
+        Times may be float64 while x0 is float32: offsets t - t0 are then taken in float64."""
         A, penalty = self.operator(x0, t0, return_penalty=True)
-        X, V = local_linear_step(A, x0, t - t0[:, None], backend=self.backend)
+        X, V = local_linear_step(A, x0, (t - t0[:, None]).to(x0.dtype), backend=self.backend)
         return (X, V, penalty) if return_penalty else (X, V)
 
     @torch.no_grad()
@@ -113,16 +126,17 @@ class CellMNN(nn.Module):
 
 
 def _times(name, v, like) -> torch.Tensor:
-    """A number or sequence of times as a tensor like ``like``; non-numeric or non-finite -> error."""
+    """A number or sequence of times as a float64 tensor on ``like``'s device (offsets between large
+    times stay exact); non-numeric or non-finite -> error."""
     if isinstance(v, torch.Tensor):
         if v.dtype == torch.bool or v.is_complex():
             raise TypeError(f"{name} must be real numbers, got a {v.dtype} tensor")
-        tt = v.detach().to(dtype=like.dtype, device=like.device)
+        tt = v.detach().to(dtype=torch.float64, device=like.device)
     else:
         arr = np.asarray(v) if not isinstance(v, str) else np.asarray([v])
         if arr.dtype.kind not in "fiu":
             raise TypeError(f"{name} must be a number or a sequence of numbers, got {v!r}")
-        tt = torch.as_tensor(arr, dtype=like.dtype, device=like.device)
+        tt = torch.as_tensor(arr, dtype=torch.float64, device=like.device)
     if not torch.isfinite(tt).all():
         raise ValueError(f"{name} has NaN or Inf: {v!r}")
     return tt

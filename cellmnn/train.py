@@ -1,12 +1,15 @@
 """Training Cell-MNN on snapshot marginals (the paper's objective and defaults).
 
 Per step: ``batch_size`` initial cells spread over the source timepoints (every kept timepoint but
-the last) and, for every kept timepoint, ``batch_size`` observed cells drawn with replacement;
-loss = sum over sources s and later kept timepoints f of gamma^(r-1) MMD^2(cells of s decoded to
-t_f, cells observed at t_f), r the rank of f after s, + velocity_weight * mean ||V||^2 + the
-eigen penalty.  All MMD terms of a step are one ``laplace_mmd_grouped`` call.  Early stopping
-checks a validation loss on cells of the kept timepoints held back from training (never the
-held-out timepoint, unless ``select_on_holdout`` asks for the authors' choice).
+the last) and, for every kept timepoint, ``batch_size`` observed cells drawn with replacement.
+Every initial cell is decoded to every kept time; loss = sum over sources s and later kept
+timepoints f of gamma^(r-1) MMD^2(cells of s decoded to t_f, cells observed at t_f), r the rank
+of f after s, + velocity_weight * the kinetic term (``kinetic``, default the authors' mean of
+V^2 over cells x kept times x coordinates) + the eigen penalty.  Times enter in units of the
+mean gap between timepoints, so the unit of time does not matter.  All MMD terms of a step are
+one ``laplace_mmd_grouped`` call.  Early stopping checks a validation loss on cells of the kept
+timepoints held back from training (never the held-out timepoint, unless ``select_on_holdout``
+asks for the authors' choice).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from .model import CellMNN
 
 DEFAULTS = dict(width=96, depth=4, init_scale=0.01, parameterization="direct", num_const_dims=0,
                 lr=2e-4, weight_decay=1e-5, batch_size=200, gamma=0.1, sigma=1.0, velocity_weight=0.1,
-                max_epochs=1000, check_every=10, patience=10, val_fraction=0.1, select_on_holdout=False,
+                kinetic="kept_times", max_epochs=1000, check_every=10, patience=10, val_fraction=0.1,
+                select_on_holdout=False,
                 backend="auto", device="cpu", verbose=True)
 
 
@@ -89,6 +93,8 @@ def check_hparams(hp: dict) -> None:
     for name in ("select_on_holdout", "verbose"):
         if not isinstance(hp[name], bool):
             raise TypeError(f"{name} must be True or False, got {hp[name]!r}")
+    if hp["kinetic"] not in KINETIC:
+        raise ValueError(f"kinetic must be one of {KINETIC}, got {hp['kinetic']!r}")
     if hp["backend"] not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {hp['backend']!r}")
     resolve_device(hp["device"])
@@ -111,22 +117,40 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-class _Objective:
-    """The loss of one batch: cells of every source decoded to every later kept time."""
+KINETIC = ("kept_times", "future", "grid")
+GRID_STEP = 0.1  # the "grid" kinetic form: decode points every 0.1 time units (the authors' older grid)
 
-    def __init__(self, times, kept, gamma, sigma, velocity_weight, backend):
+
+class _Objective:
+    """The loss of one batch: cells of every source decoded to every kept time; MMD between the
+    cells decoded to each later kept time and the cells observed there, plus the kinetic term.
+
+    Kinetic forms, on the velocity V in units of ``time_unit`` (so the term does not depend on
+    the unit of time): "kept_times" (the authors' objective), mean of V^2 over cells x every
+    kept time (earlier ones decoded backwards, the cell's own included) x coordinates; "future",
+    mean over cells x later kept times of ||V||^2 (summed over coordinates: D times heavier);
+    "grid", mean of V^2 over a grid of step 0.1 time units from the first to the last timepoint.
+    """
+
+    def __init__(self, times, kept, gamma, sigma, velocity_weight, backend, kinetic="kept_times", time_unit=1.0):
         self.kept = kept
         self.sources = kept[:-1]
         self.targets = kept[1:]
-        self.kept_times = torch.tensor([times[i] for i in kept])
+        self.kept_times = torch.tensor([times[i] for i in kept], dtype=torch.float64)
         self.gamma, self.sigma, self.vw, self.backend = gamma, sigma, velocity_weight, backend
+        self.kinetic, self.time_unit = kinetic, time_unit
+        self.grid = torch.zeros(0, dtype=torch.float64)
+        if kinetic == "grid":
+            n = int(math.floor((max(times) - min(times)) / (GRID_STEP * time_unit) + 1e-9)) + 1
+            self.grid = min(times) + GRID_STEP * time_unit * torch.arange(n, dtype=torch.float64)
 
     def __call__(self, model, src_cells, obs_cells, dtype, device):
         """src_cells: {source index: (n_s, D) array}; obs_cells: {target index: (m, D) array}."""
         x0 = torch.as_tensor(np.concatenate([src_cells[s] for s in self.sources]), dtype=dtype, device=device)
-        t0 = torch.cat([torch.full((len(src_cells[s]),), float(self.kept_times[self.kept.index(s)]))
-                        for s in self.sources]).to(dtype=dtype, device=device)
-        t = self.kept_times.to(dtype=dtype, device=device)[None, :].expand(len(x0), -1)
+        t0 = torch.cat([torch.full((len(src_cells[s]),), float(self.kept_times[self.kept.index(s)]),
+                                   dtype=torch.float64) for s in self.sources]).to(device)
+        n_kept = len(self.kept)
+        t = torch.cat([self.kept_times, self.grid]).to(device)[None, :].expand(len(x0), -1)
         X, V, penalty = model(x0, t0, t, return_penalty=True)
         xs, vs, x_off, terms_y, weights, start = [], [], [0], [], [], 0
         for s in self.sources:
@@ -144,8 +168,18 @@ class _Objective:
         mmd, per_term = laplace_mmd_grouped(torch.cat(xs), x_off, torch.cat(ys), y_off,
                                             list(range(len(xs))), terms_y, weights, self.sigma,
                                             backend=self.backend, check_finite=False)
-        vel = torch.cat(vs).pow(2).sum(-1).mean()
+        if self.kinetic == "future":
+            vel = (torch.cat(vs) * self.time_unit).pow(2).sum(-1).mean()
+        else:
+            vel = (V[:, :n_kept] if self.kinetic == "kept_times" else V[:, n_kept:]).mul(self.time_unit).pow(2).mean()
         return mmd + self.vw * vel + penalty, mmd
+
+
+def time_unit(times) -> float:
+    """The internal unit of time: the mean gap between consecutive timepoints (1 if undefined)."""
+    times = sorted(float(t) for t in times)
+    span = times[-1] - times[0] if times else 0.0
+    return span / (len(times) - 1) if span > 0 else 1.0
 
 
 def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN:
@@ -153,7 +187,7 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN
 
     Hyperparameters (paper defaults): width 96, depth 4, init_scale 0.01, parameterization
     "direct" or "eigen", AdamW lr 2e-4 and weight_decay 1e-5, batch_size 200, gamma 0.1, sigma 1,
-    velocity_weight 0.1, max_epochs 1000 (an epoch is kept cells / batch_size steps), validation
+    velocity_weight 0.1, kinetic "kept_times" ("future" or "grid": ``_Objective``), max_epochs 1000 (an epoch is kept cells / batch_size steps), validation
     every check_every = 10 epochs with patience 10 checks on val_fraction = 10% of the kept
     cells; select_on_holdout=True instead selects on the held-out timepoint (the authors'
     choice: it uses the test marginal); device "cpu", "cuda" or "auto".  Returns the model with
@@ -196,12 +230,13 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN
                              f"({len(perm)} cells); use a smaller val_fraction")
         val[i], train[i] = marginals.data[i][perm[:n_val]], marginals.data[i][perm[n_val:]]
 
-    span = max(times) - min(times)
+    span, unit = max(times) - min(times), time_unit(times)
     model = CellMNN(marginals.dim, hp["width"], hp["depth"], hp["init_scale"], hp["parameterization"],
                     hp["num_const_dims"], hp["backend"], time_offset=min(times),
-                    time_scale=span if span > 0 else 1.0).to(device)
+                    time_scale=span if span > 0 else 1.0, time_unit=unit).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
-    objective = _Objective(times, kept, hp["gamma"], hp["sigma"], hp["velocity_weight"], hp["backend"])
+    objective = _Objective(times, kept, hp["gamma"], hp["sigma"], hp["velocity_weight"], hp["backend"],
+                           hp["kinetic"], unit)
     per_src = [hp["batch_size"] // n_src + (k < hp["batch_size"] % n_src) for k in range(n_src)]
     steps = max(1, math.ceil(sum(len(marginals.data[i]) for i in kept) / hp["batch_size"]))
 

@@ -221,6 +221,50 @@ def test_leaving_out_needs_three_timepoints():
         cellmnn.leave_one_out(m, **FAST)
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e3])
+def test_the_unit_of_time_does_not_matter(scale):
+    # The same data with every time multiplied by `scale`: the same model (operators per unit of
+    # time scaled by 1/scale), so the same predictions.  Float32 training: rounding differences
+    # of the time inputs stay at the 1e-5 level over a few epochs.
+    arrays, times = blobs(n=60, times=(0.0, 1.0, 2.0, 3.0), D=3)
+    preds = []
+    for c in (1.0, scale):
+        m = cellmnn.load_marginals(arrays, times=[c * t for t in times])
+        model = cellmnn.fit(m, holdout=2, seed=0, **{**FAST, "max_epochs": 5, "lr": 3e-3})
+        preds.append(model.predict(m.data[1].astype(np.float32), m.times[1], m.times[2]))
+        assert model.time_unit == pytest.approx(c)
+    assert np.abs(preds[0] - m.data[1]).mean() > 0.05  # the model did move the cells
+    np.testing.assert_allclose(preds[1], preds[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("kinetic", ["kept_times", "future", "grid"])
+def test_kinetic_forms_are_what_they_say(marginals, kinetic):
+    from cellmnn.train import _Objective
+
+    torch.manual_seed(0)
+    unit = 1.5
+    model = cellmnn.CellMNN(2, width=8, depth=1, init_scale=1.0, time_unit=unit).double()
+    times, kept = [0.0, 1.0, 2.5, 4.0], [0, 1, 3]  # timepoint 2 held out
+    src = {0: marginals.data[0][:5], 1: marginals.data[1][:4]}
+    obs = {1: marginals.data[1][4:10], 3: marginals.data[3][:6]}
+    objective = _Objective(times, kept, 0.1, 1.0, 1.0, "torch", kinetic, unit)
+    loss, mmd = objective(model, src, obs, torch.float64, "cpu")
+    x0 = torch.tensor(np.concatenate([src[0], src[1]]))
+    t0 = torch.tensor([0.0] * 5 + [1.0] * 4, dtype=torch.float64)
+
+    def velocity(ts):
+        return model(x0, t0, torch.tensor(ts, dtype=torch.float64).expand(9, -1))[1].detach() * unit
+
+    if kinetic == "kept_times":  # every kept time, earlier ones and the cell's own included
+        expected = velocity([0.0, 1.0, 4.0]).pow(2).mean()
+    elif kinetic == "future":  # later kept times only, summed over coordinates
+        V = velocity([1.0, 4.0])
+        expected = torch.cat([V[:5, 0], V[:5, 1], V[5:, 1]]).pow(2).sum(-1).mean()
+    else:  # steps of 0.1 time units = 0.15 from 0 to 4: 27 points
+        expected = velocity([0.15 * k for k in range(27)]).pow(2).mean()
+    torch.testing.assert_close(loss - mmd, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_select_on_holdout_and_eigen_train(marginals):
     model = cellmnn.fit(marginals, holdout=1, select_on_holdout=True, parameterization="eigen", **FAST)
     assert model.fit_info.hparams["select_on_holdout"] and np.isfinite(model.fit_info.best_score)

@@ -79,18 +79,45 @@ class LeaveOneOutResult:
                          f"MMD {st['MMD'][0]:.5f} +- {st['MMD'][1]:.5f}")
         return "\n".join(lines)
 
+    def winners(self) -> list:
+        """Per held-out timepoint: (holdout, time, Cell-MNN W1 mean over seeds, OT-interpolate W1,
+        the method with the lower W1)."""
+        out = []
+        for k in dict.fromkeys(r["holdout"] for r in self.rows):
+            w = {m: [r["W1"] for r in self.rows if r["holdout"] == k and r["method"] == m]
+                 for m in ("Cell-MNN", "OT-interpolate")}
+            if w["Cell-MNN"] and w["OT-interpolate"]:
+                ours, ot = float(np.mean(w["Cell-MNN"])), float(np.mean(w["OT-interpolate"]))
+                time = next(r["time"] for r in self.rows if r["holdout"] == k)
+                out.append((k, time, ours, ot, "Cell-MNN" if ours < ot else "OT-interpolate"))
+        return out
+
+    def format_winners(self) -> str:
+        rows = self.winners()
+        if not rows:
+            return ""
+        lines = ["who wins on each held-out timepoint (W1, mean over seeds; lower is better):"]
+        lines += [f"  holdout {k} (t = {t:g}): Cell-MNN {a:.4f}, OT-interpolate {b:.4f} -> {win}"
+                  for k, t, a, b, win in rows]
+        n = sum(win == "Cell-MNN" for *_, win in rows)
+        lines.append(f"  Cell-MNN wins {n} of {len(rows)}")
+        return "\n".join(lines)
+
     def format(self) -> str:
         lines = [f"{'method':<16} {'holdout':>7} {'time':>6} {'seed':>5} {'W1':>8} {'MMD':>9}"]
         for r in self.rows:
             lines.append(f"{r['method']:<16} {r['holdout']:>7} {r['time']:>6g} {r['seed']:>5} "
                          f"{r['W1']:>8.4f} {r['MMD']:>9.5f}")
-        return "\n".join(lines) + "\n\n" + self.format_summary()
+        winners = self.format_winners()
+        return "\n".join(lines) + "\n\n" + self.format_summary() + ("\n" + winners if winners else "")
 
     def to_json(self, path: str) -> None:
         from .io import LOO_JSON, write_text_atomic
 
+        winners = [dict(holdout=k, time=t, cell_mnn_W1=a, ot_interpolate_W1=b, winner=w)
+                   for k, t, a, b, w in self.winners()]
         write_text_atomic(path, json.dumps({"format": "cellmnn-leave-one-out", "rows": self.rows,
-                                            "summary": self.summary()}, indent=1), LOO_JSON)
+                                            "summary": self.summary(), "winners": winners}, indent=1), LOO_JSON)
 
 
 def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline: bool = True,
@@ -143,5 +170,6 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
     result = LeaveOneOutResult(rows)
     if report:
         print(result.format_summary())
+        print(result.format_winners())
     return (result, models) if return_models else result
 

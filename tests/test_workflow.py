@@ -289,6 +289,13 @@ def test_leave_one_out_table(marginals):
     assert set(summary) == {"Cell-MNN", "OT-interpolate"}
     assert summary["OT-interpolate"]["W1"][1] == 0.0  # deterministic baseline
     assert "mean over held-out timepoints" in result.format()
+    winners = result.winners()  # who wins each held-out timepoint, on the mean W1 over seeds
+    assert [w[0] for w in winners] == [1, 2]
+    for k, t, ours, ot, win in winners:
+        rows = [r for r in result.rows if r["holdout"] == k]
+        assert ours == pytest.approx(np.mean([r["W1"] for r in rows if r["method"] == "Cell-MNN"]))
+        assert win == ("Cell-MNN" if ours < ot else "OT-interpolate")
+        assert f"holdout {k} (t = {t:g})" in result.format()
 
 
 # ----------------------------------------------------------------------------- save / load

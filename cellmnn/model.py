@@ -41,6 +41,8 @@ class CellMNN(nn.Module):
         for name, v in (("time_scale", time_scale), ("time_unit", time_unit)):
             if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if not (isinstance(time_offset, (int, float)) and np.isfinite(time_offset)):
+            raise ValueError(f"time_offset must be a finite number, got {time_offset!r}")
         self.dim, self.width, self.depth = int(dim), int(width), int(depth)
         self.init_scale, self.parameterization = float(init_scale), parameterization
         self.num_const_dims, self.backend = int(num_const_dims), backend

@@ -85,6 +85,8 @@ def check_hparams(hp: dict) -> None:
     """Every hyperparameter of ``fit``, checked before any work; errors name the argument."""
     for name in ("batch_size", "max_epochs", "check_every", "patience", "width", "depth"):
         hp[name] = _positive_int(name, hp[name])
+    if hp["num_const_dims"] != 0:
+        hp["num_const_dims"] = _positive_int("num_const_dims", hp["num_const_dims"])
     _number("lr", hp["lr"], 0, None, low_open=True)
     for name in ("weight_decay", "gamma", "velocity_weight", "init_scale"):
         _number(name, hp[name], 0, None)
@@ -187,11 +189,12 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN
 
     Hyperparameters (paper defaults): width 96, depth 4, init_scale 0.01, parameterization
     "direct" or "eigen", AdamW lr 2e-4 and weight_decay 1e-5, batch_size 200, gamma 0.1, sigma 1,
-    velocity_weight 0.1, kinetic "kept_times" ("future" or "grid": ``_Objective``), max_epochs 1000 (an epoch is kept cells / batch_size steps), validation
-    every check_every = 10 epochs with patience 10 checks on val_fraction = 10% of the kept
-    cells; select_on_holdout=True instead selects on the held-out timepoint (the authors'
-    choice: it uses the test marginal); device "cpu", "cuda" or "auto".  Returns the model with
-    the best validation score, with ``.fit_info`` (history) and ``.marginals_info`` attached.
+    velocity_weight 0.1, kinetic "kept_times" ("future" or "grid": ``_Objective``), max_epochs
+    1000 (an epoch is kept cells / batch_size steps), validation every check_every = 10 epochs
+    with patience 10 checks on val_fraction = 10% of the kept cells; select_on_holdout=True
+    instead selects on the held-out timepoint (the authors' choice: it uses the test marginal);
+    device "cpu", "cuda" or "auto".  Returns the model with the best validation score, with
+    ``.fit_info`` (history) and ``.marginals_info`` attached.
     Seeded: the same inputs and seed give the same model.
     """
     if not isinstance(marginals, Marginals):

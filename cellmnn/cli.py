@@ -56,6 +56,9 @@ def _train_args(p, max_epochs=None):
     g.add_argument("--check-every", type=int, default=None)
     g.add_argument("--patience", type=int, default=None)
     g.add_argument("--val-fraction", type=float, default=None)
+    g.add_argument("--select", choices=("inner",), default=None,
+                   help="choose velocity_weight and sigma by an inner leave-one-out over the kept timepoints "
+                        "(never the held-out one); costs 4 x (kept timepoints - 2) + 1 fits per model")
     g.add_argument("--select-on-holdout", action="store_true",
                    help="select the model on the held-out timepoint (the authors' choice; uses test data)")
     g.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default=None)
@@ -68,6 +71,8 @@ def _hparams(args) -> dict:
              "batch_size", "gamma", "sigma", "velocity_weight", "kinetic", "max_epochs", "check_every", "patience",
              "val_fraction", "backend", "device"]
     hp = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.select:
+        hp["select"] = args.select
     if args.select_on_holdout:
         hp["select_on_holdout"] = True
     hp["verbose"] = not args.quiet

@@ -121,14 +121,15 @@ class LeaveOneOutResult:
 
 
 def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline: bool = True,
-                  return_models: bool = False, report: bool = True, **hparams):
+                  return_models: bool = False, report: bool = True, select=None, select_grid=None, **hparams):
     """Run the leave-one-timepoint-out protocol; returns a ``LeaveOneOutResult``
     (and the trained models keyed by (holdout, seed) if ``return_models``) and, with ``report``,
     prints the mean +- std over seeds of the mean over held-out timepoints.
 
     ``holdouts``: interior timepoint indices (default: all); ``seeds``: training seeds;
-    ``hparams``: passed to ``fit``.  The OT-interpolate baseline (deterministic) is scored on the
-    same splits.
+    ``select``, ``select_grid`` and ``hparams``: passed to ``fit`` (``select="inner"`` chooses
+    hyperparameters per held-out timepoint and seed without that timepoint; the choice is in each
+    row's "selected").  The OT-interpolate baseline (deterministic) is scored on the same splits.
     """
     if not isinstance(marginals, Marginals):
         raise TypeError(f"marginals must be a Marginals from cellmnn.load_marginals(...), got "
@@ -155,11 +156,13 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
         t_prev, t_k, t_next = (float(marginals.times[i]) for i in (k - 1, k, k + 1))
         observed, previous = marginals.data[k], marginals.data[k - 1]
         for seed in seeds:
-            model = fit(marginals, holdout=k, seed=seed, **hparams)
+            model = fit(marginals, holdout=k, seed=seed, select=select, select_grid=select_grid, **hparams)
             pred = model.predict(previous.astype(np.float32), t_prev, t_k)
             rows.append(dict(method="Cell-MNN", holdout=k, time=t_k, seed=seed,
                              W1=wasserstein1(pred, observed), MMD=mmd(pred, observed, sigma=sigma),
                              epochs=model.fit_info.epochs, best_epoch=model.fit_info.best_epoch))
+            if model.fit_info.selection:
+                rows[-1]["selected"] = min(model.fit_info.selection, key=lambda r: r["mean_W1"])["hparams"]
             if return_models:
                 models[(k, seed)] = model
         if baseline:

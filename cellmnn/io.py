@@ -344,7 +344,9 @@ def save_model(model: CellMNN, path) -> str:
         "training": None if info is None else {
             "holdout": info.holdout, "seed": info.seed, "epochs": info.epochs, "best_epoch": info.best_epoch,
             "best_score": info.best_score if info.best_score != float("inf") else None,
-            "hparams": {k: v for k, v in info.hparams.items()}},
+            "hparams": {k: v for k, v in info.hparams.items()},
+            "selection": [dict(r, inner_W1={str(k): v for k, v in r["inner_W1"].items()}) for r in info.selection]
+            if info.selection else None},
     }
     text = json.dumps(config, indent=1).encode("utf-8")
     try:

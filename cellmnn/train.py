@@ -42,6 +42,7 @@ class FitInfo:
     best_epoch: int = 0
     best_score: float = float("inf")
     history: list = field(default_factory=list)  # (epoch, mean train loss, validation score)
+    selection: list | None = None  # select="inner": per candidate, inner W1 scores
 
 
 def check_holdout(marginals: Marginals, holdout) -> int | None:
@@ -184,7 +185,7 @@ def time_unit(times) -> float:
     return span / (len(times) - 1) if span > 0 else 1.0
 
 
-def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN:
+def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_grid=None, **hparams) -> CellMNN:
     """Train a Cell-MNN on ``marginals``, leaving out timepoint index ``holdout`` (or none).
 
     Hyperparameters (paper defaults): width 96, depth 4, init_scale 0.01, parameterization
@@ -196,6 +197,13 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN
     device "cpu", "cuda" or "auto".  Returns the model with the best validation score, with
     ``.fit_info`` (history) and ``.marginals_info`` attached.
     Seeded: the same inputs and seed give the same model.
+
+    ``select="inner"`` chooses hyperparameters without the held-out timepoint: every candidate of
+    ``select_grid`` (default ``SELECT_GRID``: velocity_weight 0.1 or 0 x sigma 1 or 0.3) is
+    trained once per interior kept timepoint with that timepoint also left out and scored by
+    the exact W1 of its prediction from the previous kept timepoint; the candidate with the
+    lowest mean W1 is then trained on every kept timepoint.  Cost: len(grid) x (kept
+    timepoints - 2) + 1 fits.  The scores are in ``model.fit_info.selection``.
     """
     if not isinstance(marginals, Marginals):
         raise TypeError(f"marginals must be a Marginals from cellmnn.load_marginals(...), got "
@@ -210,13 +218,71 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, **hparams) -> CellMNN
     holdout = check_holdout(marginals, holdout)
     if hp["select_on_holdout"] and holdout is None:
         raise ValueError("select_on_holdout=True needs a holdout timepoint")
+    if select is None:
+        if select_grid is not None:
+            raise ValueError("select_grid is used only with select='inner'")
+        return _train(marginals, holdout, seed, hp)
+    if select != "inner":
+        raise ValueError(f"select must be None or 'inner', got {select!r}")
+    if hp["select_on_holdout"]:
+        raise ValueError("select='inner' and select_on_holdout=True exclude each other")
+    grid = _check_grid(SELECT_GRID if select_grid is None else select_grid, hp)
+    table = _select_inner(marginals, holdout, seed, hp, grid)
+    best = min(table, key=lambda row: row["mean_W1"])
+    model = _train(marginals, holdout, seed, {**hp, **best["hparams"]})
+    model.fit_info.selection = table
+    return model
+
+
+SELECT_GRID = ({"velocity_weight": 0.1, "sigma": 1.0}, {"velocity_weight": 0.1, "sigma": 0.3},
+               {"velocity_weight": 0.0, "sigma": 1.0}, {"velocity_weight": 0.0, "sigma": 0.3})
+
+
+def _check_grid(grid, hp) -> list:
+    grid = list(grid) if isinstance(grid, (list, tuple)) else None
+    if not grid or not all(isinstance(c, dict) and c for c in grid):
+        raise ValueError("select_grid must be a non-empty list of non-empty dicts of hyperparameters")
+    for cand in grid:
+        unknown = set(cand) - set(DEFAULTS) | ({"select_on_holdout"} & set(cand))
+        if unknown:
+            raise ValueError(f"select_grid: {sorted(unknown)} cannot be selected; known: {sorted(DEFAULTS)}")
+        check_hparams({**hp, **cand})
+    return [dict(c) for c in grid]
+
+
+def _select_inner(marginals, holdout, seed, hp, grid) -> list:
+    """Per candidate: the exact W1 at every interior kept timepoint j of a model trained without
+    j (and without ``holdout``), predicting j from the kept timepoint before it."""
+    from .evaluate import wasserstein1
+
+    times = [float(t) for t in marginals.times]
+    kept = [i for i in range(len(marginals)) if i != holdout]
+    inner = kept[1:-1]
+    if not inner:
+        raise ValueError(f"select='inner' needs an interior kept timepoint to leave out; the data keep "
+                         f"{len(kept)} timepoints")
+    table = []
+    for cand in grid:
+        hpc = {**hp, **cand, "verbose": False}
+        scores = {}
+        for j in inner:
+            model = _train(marginals, j, seed, hpc, exclude=(holdout,))
+            prev = kept[kept.index(j) - 1]
+            pred = model.predict(marginals.data[prev].astype(np.float32), times[prev], times[j])
+            scores[j] = wasserstein1(pred, marginals.data[j])
+        table.append(dict(hparams=cand, inner_W1=scores, mean_W1=float(np.mean(list(scores.values())))))
+    return table
+
+
+def _train(marginals: Marginals, holdout, seed: int, hp: dict, exclude=()) -> CellMNN:
+    """``fit`` on checked arguments; timepoints ``exclude`` are left out besides ``holdout``."""
     device = resolve_device(hp["device"])
     dtype = torch.float32
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
 
     K, times = len(marginals), [float(t) for t in marginals.times]
-    kept = [i for i in range(K) if i != holdout]
+    kept = [i for i in range(K) if i != holdout and i not in exclude]
     if len(kept) < 2:
         raise ValueError("training needs at least two kept timepoints")
     # Split each kept timepoint into training and validation cells (fixed for the run).

@@ -265,6 +265,55 @@ def test_kinetic_forms_are_what_they_say(marginals, kinetic):
     torch.testing.assert_close(loss - mmd, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_inner_selection_never_touches_the_held_out_timepoint(monkeypatch):
+    import cellmnn.train as train
+
+    arrays, times = blobs(n=30, times=(0.0, 1.0, 2.0, 3.0, 4.0))
+    m = cellmnn.load_marginals(arrays, times=times)
+    # The same data with other cells at the held-out timepoint 2 (same transform, so the same model space).
+    other = cellmnn.Marginals([d if k != 2 else d[::-1] * 3.0 + 5.0 for k, d in enumerate(m.data)], m.times,
+                              m.transform)
+    grid = [{"velocity_weight": 0.1, "sigma": 1.0}, {"velocity_weight": 0.0, "sigma": 0.3}]
+    calls = []
+    real = train._train
+    monkeypatch.setattr(train, "_train", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    models = [cellmnn.fit(data, holdout=2, seed=0, select="inner", select_grid=grid, **FAST) for data in (m, other)]
+    # kept timepoints 0, 1, 3, 4: inner holdouts 1 and 3 for each candidate, then the final fit.
+    assert calls == [1, 3, 1, 3, 2] * 2
+    a, b = (mm.fit_info.selection for mm in models)
+    assert a == b and [r["hparams"] for r in a] == grid and set(a[0]["inner_W1"]) == {1, 3}
+    for x, y in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        assert torch.equal(x, y)
+    best = min(a, key=lambda r: r["mean_W1"])["hparams"]
+    assert {k: models[0].fit_info.hparams[k] for k in best} == best
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(select="outer"), "select must be None or 'inner'"),
+    (dict(select_grid=[{"sigma": 0.3}]), "select_grid is used only with select='inner'"),
+    (dict(select="inner", select_grid=[{"learning_rate": 1.0}]), "cannot be selected"),
+    (dict(select="inner", select_grid=[{"sigma": -1.0}]), "sigma must be"),
+    (dict(select="inner", select_on_holdout=True), "exclude each other"),
+])
+def test_selection_errors(marginals, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cellmnn.fit(marginals, holdout=1, **{**FAST, **kwargs})
+
+
+def test_leave_one_out_with_inner_selection_records_the_choice(marginals):
+    grid = [{"velocity_weight": 0.1}, {"velocity_weight": 0.0}]
+    result = cellmnn.leave_one_out(marginals, seeds=(0,), select="inner", select_grid=grid, report=False, **FAST)
+    ours = [r for r in result.rows if r["method"] == "Cell-MNN"]
+    assert len(ours) == 2 and all(r["selected"] in grid for r in ours)
+
+
+def test_inner_selection_needs_an_interior_kept_timepoint():
+    arrays, times = blobs(times=(0.0, 1.0, 2.0))
+    m = cellmnn.load_marginals(arrays, times=times)
+    with pytest.raises(ValueError, match="needs an interior kept timepoint"):
+        cellmnn.fit(m, holdout=1, select="inner", **FAST)
+
+
 def test_select_on_holdout_and_eigen_train(marginals):
     model = cellmnn.fit(marginals, holdout=1, select_on_holdout=True, parameterization="eigen", **FAST)
     assert model.fit_info.hparams["select_on_holdout"] and np.isfinite(model.fit_info.best_score)

@@ -173,11 +173,7 @@ def _in_model_space(model, args):
 
 
 def _same_transform(other, model, path):
-    a, b = other.transform, model.transform
-    same = a is not None and a.feature_names == b.feature_names and all(
-        (x is None and y is None) or (x is not None and y is not None and np.shape(x) == np.shape(y) and np.allclose(x, y))
-        for x, y in ((a.pca_components, b.pca_components), (a.pca_mean, b.pca_mean), (a.mean, b.mean), (a.std, b.std)))
-    if not same or other.dim != model.dim:
+    if other.transform is None or not other.transform.same_as(model.transform) or other.dim != model.dim:
         raise ValueError(f"--ensemble {path}: its data transform differs from the first model's; "
                          "an ensemble needs models fitted on one transform (one dataset, one PCA)")
     return other

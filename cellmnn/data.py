@@ -105,6 +105,14 @@ class Transform:
                              "no feature names to match them by")
         return x
 
+    def same_as(self, other: "Transform") -> bool:
+        """Whether ``other`` maps raw features to the same model space (names, PCA, z-score)."""
+        pairs = ((self.pca_components, other.pca_components), (self.pca_mean, other.pca_mean),
+                 (self.mean, other.mean), (self.std, other.std))
+        return (self.feature_names or None) == (other.feature_names or None) and all(
+            (a is None and b is None) or (a is not None and b is not None and np.shape(a) == np.shape(b)
+                                          and np.allclose(a, b, rtol=1e-6, atol=1e-9)) for a, b in pairs)
+
     def to_model(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
         if self.pca_components is not None:

@@ -17,7 +17,7 @@ import torch
 from cellmnn_kernels import laplace_mmd
 
 from .data import Marginals
-from .train import DEFAULTS, check_holdout, check_hparams, check_seed, fit
+from .train import best_candidate, check_holdout, check_inputs, check_seed, fit
 
 OT_MAX_ITER = 1_000_000
 
@@ -131,12 +131,7 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
     hyperparameters per held-out timepoint and seed without that timepoint; the choice is in each
     row's "selected").  The OT-interpolate baseline (deterministic) is scored on the same splits.
     """
-    if not isinstance(marginals, Marginals):
-        raise TypeError(f"marginals must be a Marginals from cellmnn.load_marginals(...), got "
-                        f"{type(marginals).__name__}")
-    unknown = set(hparams) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown hyperparameter(s): {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    check_inputs(marginals, hparams)
     K = len(marginals)
     holdouts = list(range(1, K - 1)) if holdouts is None else [check_holdout(marginals, k) for k in holdouts]
     if not holdouts:
@@ -149,7 +144,6 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
         if dup:
             raise ValueError(f"{name} repeats {dup}; each must appear once (a repeat would count twice in the "
                              "summary)")
-    check_hparams({**DEFAULTS, **hparams})
     rows, models = [], {}
     sigma = hparams.get("sigma", 1.0)
     for k in holdouts:
@@ -162,7 +156,7 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
                              W1=wasserstein1(pred, observed), MMD=mmd(pred, observed, sigma=sigma),
                              epochs=model.fit_info.epochs, best_epoch=model.fit_info.best_epoch))
             if model.fit_info.selection:
-                rows[-1]["selected"] = min(model.fit_info.selection, key=lambda r: r["mean_W1"])["hparams"]
+                rows[-1]["selected"] = best_candidate(model.fit_info.selection)
             if return_models:
                 models[(k, seed)] = model
         if baseline:

@@ -109,14 +109,7 @@ def _model_transform(model):
 def _check_same_space(model, transform):
     """Refuse data mapped by another transform than the model's: its model space means other genes."""
     own = _model_transform(model)
-    if own is None:
-        return
-    pairs = ((own.pca_components, transform.pca_components), (own.pca_mean, transform.pca_mean),
-             (own.mean, transform.mean), (own.std, transform.std))
-    same = (own.feature_names or None) == (transform.feature_names or None) and all(
-        (a is None and b is None) or (a is not None and b is not None and np.shape(a) == np.shape(b)
-                                      and np.allclose(a, b, rtol=1e-6, atol=1e-9)) for a, b in pairs)
-    if not same:
+    if own is not None and not own.same_as(transform):
         raise ValueError("the data were mapped with another transform (features, PCA or z-score) than the model "
                          "was fitted with; map raw data with model.transform (its align and to_model)")
 

@@ -82,6 +82,21 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def check_inputs(marginals, hparams: dict) -> dict:
+    """The checks ``fit`` and ``leave_one_out`` share: the data type and every hyperparameter.
+    Returns the full hyperparameters (defaults filled in)."""
+    if not isinstance(marginals, Marginals):
+        raise TypeError(f"marginals must be a Marginals from cellmnn.load_marginals(...), got "
+                        f"{type(marginals).__name__}" + (" (for arrays, pass load_marginals(arrays, times=...))"
+                                                         if isinstance(marginals, (list, tuple)) else ""))
+    unknown = set(hparams) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown hyperparameter(s): {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    hp = {**DEFAULTS, **hparams}
+    check_hparams(hp)
+    return hp
+
+
 def check_hparams(hp: dict) -> None:
     """Every hyperparameter of ``fit``, checked before any work; errors name the argument."""
     for name in ("batch_size", "max_epochs", "check_every", "patience", "width", "depth"):
@@ -205,16 +220,8 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_g
     lowest mean W1 is then trained on every kept timepoint.  Cost: len(grid) x (kept
     timepoints - 2) + 1 fits.  The scores are in ``model.fit_info.selection``.
     """
-    if not isinstance(marginals, Marginals):
-        raise TypeError(f"marginals must be a Marginals from cellmnn.load_marginals(...), got "
-                        f"{type(marginals).__name__}" + (" (for arrays, pass load_marginals(arrays, times=...))"
-                                                         if isinstance(marginals, (list, tuple)) else ""))
-    unknown = set(hparams) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown hyperparameter(s): {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    hp = {**DEFAULTS, **hparams}
+    hp = check_inputs(marginals, hparams)
     seed = check_seed(seed)
-    check_hparams(hp)
     holdout = check_holdout(marginals, holdout)
     if hp["select_on_holdout"] and holdout is None:
         raise ValueError("select_on_holdout=True needs a holdout timepoint")
@@ -228,10 +235,14 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_g
         raise ValueError("select='inner' and select_on_holdout=True exclude each other")
     grid = _check_grid(SELECT_GRID if select_grid is None else select_grid, hp)
     table = _select_inner(marginals, holdout, seed, hp, grid)
-    best = min(table, key=lambda row: row["mean_W1"])
-    model = _train(marginals, holdout, seed, {**hp, **best["hparams"]})
+    model = _train(marginals, holdout, seed, {**hp, **best_candidate(table)})
     model.fit_info.selection = table
     return model
+
+
+def best_candidate(table) -> dict:
+    """The hyperparameters of the candidate with the lowest mean inner W1."""
+    return min(table, key=lambda row: row["mean_W1"])["hparams"]
 
 
 SELECT_GRID = ({"velocity_weight": 0.1, "sigma": 1.0}, {"velocity_weight": 0.1, "sigma": 0.3},

@@ -107,7 +107,6 @@ def local_linear_step_torch(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor)
     Inputs are assumed validated (``common.validate_inputs``); differentiable in A, x0 and dt.
     """
     B, T = dt.shape
-    D = x0.shape[1]
     if B == 0 or T == 0:
         return empty_result(A, x0, dt)
     theta, m = taylor_params(A.dtype)

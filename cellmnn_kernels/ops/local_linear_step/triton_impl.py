@@ -1,287 +1,536 @@
-"""Triton backend of ``local_linear_step``: forward and backward kernels, launchers, autograd.
+"""Triton backend of ``local_linear_step``: register-resident kernels, launchers, autograd.
 
-One program owns a block of BB cells and a block of BT of their target times.  Per direction of
-time it marches the cells' anchors (``common.py``); at each anchor it forms the Krylov vectors
-K_j = Z^j y / j! of Z = h A once per cell (M+1 matrix-vector products in registers) and adds them
-into X and V of the pairs sitting at that anchor with scalar weights (O(M D) per pair).  Nothing of
-size (B, T, D, D) is ever written; the number of anchors is decided inside the kernel from
-||A[b]||_1 and dt, so a call is one launch (forward) or one launch plus a sum over time blocks
-(backward) whatever the norms, with no host synchronisation.
+Layout (D <= REG_MAX_D): one cell per lane, BB = 32 cells per program (one warp).  Every
+quantity of a cell is a tuple of 1-D tensors over the program's cells, unrolled over D at
+compile time: the operator is D*D registers, a state D registers, and a matrix-vector product
+is D*D FMAs inside one thread, with no cross-lane traffic (no shared memory, no barriers).
 
-Backward (per cell, reverse sweep over anchors): with upstream gX and gV/h of the pairs,
-    Kbar_j = sum_pairs (rho^j gX + j rho^(j-1) gV/h) + [j<=M] sign^j ybar_{a+1} + Z^T Kbar_{j+1} / (j+1)
-    dZ    += Kbar_j K_{j-1}^T / j,        ybar_a = Kbar_0,        dx0 = ybar_0 (both directions)
-    dA = h dZ,   ddt = (1/h) d/drho of the pair's polynomials, dotted with gX and gV/h.
-The anchor states are needed in reverse order: the kernel keeps CAP checkpoints in registers
-(every c-th anchor, c = ceil(levels / CAP)) and recomputes at most c - 1 steps from the nearest
-checkpoint, so the sweep costs O(levels * (1 + (c - 1) / 2)) anchor steps.
+Scheme (the anchored Taylor steps of ``common.py``, evaluated for registers):
+
+* per cell once: Z = h A with h = theta / ||A||_1, and the anchor-step matrices
+  E+ = p_M(Z), E- = p_M(-Z) (degree-M Taylor polynomial, Horner on D x D matrices), each only
+  if some pair of the program needs it;
+* per block of BT target times: the anchors y_a = E^a x0 of each direction are marched once
+  (one matvec per level) and every pair captures the state at its own level: the nearest
+  anchor, so that its signed remainder rho = dt / h - (+-a) has |rho| <= 1/2;
+* every pair is then finished once: X = p_MF(rho Z) y_a by Horner on vectors (MF matvecs; MF is
+  lower than M because |rho Z| <= theta / 2), and V = A X = (Z X) / h.
+
+Backward, per cell (``_llstep_bwd_kernel``): each pair's Horner is recomputed and run in reverse
+(dZ += sum_j (rho/j) Xbar_j X_{j+1}^T, Ybar, drho); the anchor march is reversed level by level
+(dE += ybar_{a} y_{a-1}^T, ybar_{a-1} = E^T ybar_a + the captured pairs' Ybar) with the states
+y_{a-1} recomputed from CAP checkpoints; finally dZ += L_p(Z^T, dE+) - L_p(-Z^T, dE-), the
+Frechet derivative of the Taylor polynomial evaluated as the upper-right block of
+p([[Z^T, dE], [0, Z^T]]) by Horner (Mathias 1996).  The same @jit helpers compute the anchor
+states in both kernels, so the backward sees bit for bit the forward's states.
+
+16 < D <= 64 uses the lane-tiled kernels of ``triton_tiled.py``.
 """
 from __future__ import annotations
 
 import torch
 
-from ..utils import HAS_TRITON, first_order_only, next_power_of_2, tl, triton
-from .common import MAX_TRITON_D, NU_MAX, SECOND_ORDER, empty_result, taylor_params
+from ..utils import HAS_TRITON, first_order_only, tl, triton
+from . import triton_tiled
+from .common import NU_MAX, SECOND_ORDER, empty_result, taylor_params
 
-CAP = 16  # anchor checkpoints held in registers by the backward kernel
+REG_MAX_D = 8  # largest D of the register-resident kernels
+BB = 32  # cells per program: one warp, one cell per lane
+CAP = 4  # anchor checkpoints per direction in the backward
+# Finish degree for |rho Z| <= theta / 2 (theta from common.TAYLOR):
+#   float32: 0.5^9 / 9! * e^1      = 1.5e-8 <= 2^-24
+#   float64: 0.25^13 / 13! * e^0.5 = 3.9e-18 <= 2^-53
+FINISH = {torch.float32: 8, torch.float64: 12}
 
 
-def block_config(D: int, T: int, dtype: torch.dtype) -> dict:
-    """Compile-time configuration the launchers choose; ``all_configs`` lists every one.
-
-    Blocks are sized so that per-pair tensors (BB, BT, DP) hold about 1024 and the cells'
-    operators (BB, DP, DP) at most 2048 32-bit registers' worth per program (half for float64).
-    """
-    DP = max(2, next_power_of_2(D))
-    BT = 4 if T <= 4 else 16
-    scale = 2 if dtype == torch.float64 else 1
-    BB = max(1, min(1024 // (BT * DP * scale), 2048 // (DP * DP * scale), 64))
-    return dict(DP=DP, BT=BT, BB=BB, BB_BWD=max(1, BB // 2), num_warps=4 if DP <= 16 else 8)
+def block_config(D: int, dtype: torch.dtype) -> dict:
+    """Compile-time configuration of the register kernels for D <= REG_MAX_D."""
+    theta, m = taylor_params(dtype)
+    return dict(D=D, BB=BB, BT=8 if D <= 4 else 4, BT_BWD=4 if D <= 4 else 2, M=m, MF=FINISH[dtype],
+                CAP=CAP, num_warps=1)
 
 
 def all_configs(dtype: torch.dtype):
-    """Every configuration ``block_config`` can return for D in 1..64 (for ahead-of-time compiles)."""
-    seen = {}
-    for D in range(1, MAX_TRITON_D + 1):
-        for T in (1, 16):
-            c = block_config(D, T, dtype)
-            seen[(c["DP"], c["BT"])] = c
-    return list(seen.values())
+    """Every configuration the launchers can choose (register kernels; tiled ones separately)."""
+    return [block_config(D, dtype) for D in range(1, REG_MAX_D + 1)]
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _load_block(A_ptr, x0_ptr, dt_ptr, B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt,
-                    theta, nu_max, DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr):
-        """Inputs of one program and its anchor layout.
+    def _mv(Z, v, D: tl.constexpr):
+        """Z v: Z a row-major D*D tuple, v a D tuple."""
+        out = ()
+        for i in tl.static_range(D):
+            acc = Z[i * D] * v[0]
+            for j in tl.static_range(1, D):
+                acc = tl.fma(Z[i * D + j], v[j], acc)
+            out = out + (acc,)
+        return out
 
-        Returns the scaled operators Z = h A with h = theta / ||A||_1 (where A = 0, h = max |dt|
-        so that gradients at A = 0 stay exact), 1/h, and per pair its level and normalised signed
-        remainder rho = (dt - anchor time) / h, |rho| <= 1.
+    @triton.jit
+    def _mtv(Z, v, D: tl.constexpr):
+        """Z^T v."""
+        out = ()
+        for j in tl.static_range(D):
+            acc = Z[j] * v[0]
+            for i in tl.static_range(1, D):
+                acc = tl.fma(Z[i * D + j], v[i], acc)
+            out = out + (acc,)
+        return out
+
+    @triton.jit
+    def _mm(P, Q, D: tl.constexpr, TP: tl.constexpr):
+        """P Q, or P^T Q when TP."""
+        out = ()
+        for i in tl.static_range(D):
+            for k in tl.static_range(D):
+                if TP:
+                    acc = P[i] * Q[k]
+                else:
+                    acc = P[i * D] * Q[k]
+                for j in tl.static_range(1, D):
+                    if TP:
+                        acc = tl.fma(P[j * D + i], Q[j * D + k], acc)
+                    else:
+                        acc = tl.fma(P[i * D + j], Q[j * D + k], acc)
+                out = out + (acc,)
+        return out
+
+    @triton.jit
+    def _rank1(G, u, v, D: tl.constexpr):
+        """G + u v^T."""
+        out = ()
+        for i in tl.static_range(D):
+            for j in tl.static_range(D):
+                out = out + (tl.fma(u[i], v[j], G[i * D + j]),)
+        return out
+
+    @triton.jit
+    def _plus_identity(P, c, D: tl.constexpr):
+        """c P + I."""
+        out = ()
+        for e in tl.static_range(D * D):
+            if e % (D + 1) == 0:
+                out = out + (P[e] * c + 1.0,)
+            else:
+                out = out + (P[e] * c,)
+        return out
+
+    @triton.jit
+    def _transpose(P, D: tl.constexpr):
+        out = ()
+        for e in tl.static_range(D * D):
+            out = out + (P[(e % D) * D + e // D],)
+        return out
+
+    @triton.jit
+    def _step_matrix(Z, SGN: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
+        """p_M(SGN Z) by Horner on matrices: P = I + (SGN / k) Z P for k = M .. 1 (a loop, not
+        unrolled: the work is per cell, and the code stays small)."""
+        P = _plus_identity(Z, SGN / M, D)
+        for kk in range(1, M):
+            P = _plus_identity(_mm(Z, P, D, False), SGN / tl.cast(M - kk, Z[0].dtype), D)
+        return P
+
+    @triton.jit
+    def _step_matrix_grad(Z, G, SGN: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
+        """d<G, p_M(SGN Z)>/dZ = SGN L_p(SGN Z^T, G): SGN times the upper-right block of
+        p_M([[SGN Z^T, G], [0, SGN Z^T]]) (Mathias 1996), by Horner on the two blocks:
+        P = I + (SGN/k) Z^T P, R = (SGN/k) Z^T R + (1/k) G P; R is kept multiplied by SGN."""
+        P = _plus_identity(_transpose(Z, D), SGN / M, D)
+        R = ()
+        for e in tl.static_range(D * D):
+            R = R + (G[e] * (SGN / M),)
+        for kk in range(1, M):
+            c = SGN / tl.cast(M - kk, Z[0].dtype)
+            ZR = _mm(Z, R, D, True)
+            GP = _mm(G, P, D, False)
+            P = _plus_identity(_mm(Z, P, D, True), c, D)
+            Rn = ()
+            for e in tl.static_range(D * D):
+                Rn = Rn + ((ZR[e] + GP[e]) * c,)
+            R = Rn
+        return R
+
+    @triton.jit
+    def _load_cell(A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D: tl.constexpr, BB: tl.constexpr):
+        """The program's cells: Z = h A, x0, ||A||_1, whether A is finite, h and 1/h.
+
+        h = theta / ||A||_1; where A = 0, h = 1 (any h is exact there, gradients included).
         """
-        pid = tl.program_id(0).to(tl.int64)
-        cell = (pid // n_tblocks) * BB + tl.arange(0, BB)
-        t = (pid % n_tblocks) * BT + tl.arange(0, BT)
-        d = tl.arange(0, DP)
+        cell = tl.program_id(0).to(tl.int64) * BB + tl.arange(0, BB)
         cm = cell < B
-        dm = d < D
-        pm = cm[:, None] & (t < T)[None, :]
-        A = tl.load(A_ptr + cell[:, None, None] * sAb + d[None, :, None] * sAi + d[None, None, :] * sAj,
-                    mask=cm[:, None, None] & dm[None, :, None] & dm[None, None, :], other=0.0)
-        x0 = tl.load(x0_ptr + cell[:, None] * sxb + d[None, :] * sxd, mask=cm[:, None] & dm[None, :], other=0.0)
-        tau = tl.load(dt_ptr + cell[:, None] * stb + t[None, :] * stt, mask=pm, other=0.0)
-        nrm = tl.max(tl.sum(tl.abs(A), axis=1), axis=1)  # ||A||_1, (BB,)
-        nu = tl.abs(tau) * nrm[:, None]
-        ok = pm & (nu <= nu_max)  # false for NaN/Inf and out-of-range pairs
-        lev = tl.floor(tl.where(ok, nu / theta, 0.0))
-        live = nrm > 0
-        reach = tl.max(tl.where(ok, tl.abs(tau), 0.0), axis=1)
-        h_dead = tl.where(reach > 0, reach, 1.0)
-        # Subnormal norms are raised to the smallest normal number, so that theta / n cannot
-        # overflow; h and 1/h stay exact partners (Z = h A and rho = dt / h).
-        if A.dtype == tl.float64:
+        A = ()
+        for e in tl.static_range(D * D):
+            A = A + (tl.load(A_ptr + cell * sAb + (e // D) * sAi + (e % D) * sAj, mask=cm, other=0.0),)
+        x0 = ()
+        for i in tl.static_range(D):
+            x0 = x0 + (tl.load(x0_ptr + cell * sxb + i * sxd, mask=cm, other=0.0),)
+        nrm = tl.abs(A[0])
+        for i in tl.static_range(1, D):
+            nrm += tl.abs(A[i * D])
+        total = nrm
+        for j in tl.static_range(1, D):
+            col = tl.abs(A[j])
+            for i in tl.static_range(1, D):
+                col += tl.abs(A[i * D + j])
+            total += col
+            nrm = tl.maximum(nrm, col)
+        finite = total < float("inf")  # false for NaN and Inf entries
+        # Subnormal norms are raised to the smallest normal number so that theta / n cannot
+        # overflow; h and 1/h stay exact partners.
+        if A[0].dtype == tl.float64:
             n_safe = tl.maximum(nrm, 2.2250738585072014e-308)
         else:
             n_safe = tl.maximum(nrm, 1.1754943508222875e-38)
-        h = tl.where(live, theta / n_safe, h_dead)
-        inv_h = tl.where(live, n_safe / theta, 1.0 / h_dead)
-        rho = tau * inv_h[:, None] - tl.where(tau < 0, -lev, lev)
-        Z = A * h[:, None, None]
-        return cell, t, d, cm, dm, pm, Z, x0, tau, ok, lev.to(tl.int32), rho, h, inv_h
+        live = nrm > 0
+        h = tl.where(live, theta / n_safe, 1.0)
+        inv_h = tl.where(live, n_safe / theta, 1.0)
+        Z = ()
+        for e in tl.static_range(D * D):
+            Z = Z + (A[e] * h,)
+        return cell, cm, Z, x0, nrm, finite, h, inv_h
 
     @triton.jit
-    def _direction(tau, ok, lev, s):
-        """Pairs of direction s (0: dt >= 0, 1: dt < 0) and the anchor levels each cell needs."""
-        in_dir = ok & ((tau < 0).to(tl.int32) == s)
-        n_cell = tl.max(tl.where(in_dir, lev + 1, 0), axis=1)
-        return in_dir, n_cell
+    def _pairs(dt_ptr, cell, cm, t0, T, stb, stt, nrm, finite, inv_h, theta, nu_max, BT: tl.constexpr):
+        """Per pair of the time block t0..t0+BT-1: in range, computable, direction, level, rho."""
+        inr = ()
+        ok = ()
+        neg = ()
+        lev = ()
+        rho = ()
+        for k in tl.static_range(BT):
+            m = cm & (t0 + k < T)
+            tau = tl.load(dt_ptr + cell * stb + (t0 + k) * stt, mask=m, other=0.0)
+            nu = tl.abs(tau) * nrm
+            okk = m & finite & (nu <= nu_max)  # false for NaN/Inf and out-of-range pairs
+            lv = tl.floor(tl.where(okk, nu / theta + 0.5, 0.0))  # nearest anchor
+            ng = tau < 0
+            inr = inr + (m,)
+            ok = ok + (okk,)
+            neg = neg + (ng,)
+            lev = lev + (lv.to(tl.int32),)
+            rho = rho + (tau * inv_h - tl.where(ng, -lv, lv),)
+        return inr, ok, neg, lev, rho
 
     @triton.jit
-    def _anchor_step(Z, y, sgn, a, n_cell, M: tl.constexpr):
-        """y_{a+1} = sum_{j<=M} (sgn Z)^j y_a / j!, the forward march's arithmetic exactly.
-
-        Cells whose pairs need no anchor beyond a keep y (no pointless growth or overflow).
-        """
-        K = y
-        y_next = y
-        sj = sgn
-        for j in range(1, M + 1):
-            K = tl.sum(Z * K[:, None, :], axis=2) / j
-            y_next = y_next + sj * K
-            sj = sj * sgn
-        return tl.where((a + 1 < n_cell)[:, None], y_next, y)
+    def _levels(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max, BT: tl.constexpr):
+        """Highest anchor level any pair of the program needs, per direction (scalars)."""
+        hi_pos = tl.zeros_like(nrm).to(tl.int32)
+        hi_neg = tl.zeros_like(nrm).to(tl.int32) - 1
+        for t0 in range(0, T, BT):
+            for k in tl.static_range(BT):
+                m = cm & (t0 + k < T)
+                tau = tl.load(dt_ptr + cell * stb + (t0 + k) * stt, mask=m, other=0.0)
+                nu = tl.abs(tau) * nrm
+                okk = m & finite & (nu <= nu_max)
+                lv = tl.floor(tl.where(okk, nu / theta + 0.5, 0.0)).to(tl.int32)
+                hi_pos = tl.maximum(hi_pos, tl.where(okk & (tau >= 0), lv, 0))
+                hi_neg = tl.maximum(hi_neg, tl.where(okk & (tau < 0), lv, -1))
+        return tl.max(hi_pos, axis=0), tl.max(hi_neg, axis=0)
 
     @triton.jit
-    def _llstep_fwd_kernel(A_ptr, x0_ptr, dt_ptr, X_ptr, V_ptr, B, T, D, n_tblocks,
+    def _march(E, x0, Y, ok, neg, lev, NEG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+        """Anchor states of one direction: Y[k] = E^lev[k] x0 for the pairs of that direction."""
+        hi = tl.zeros_like(x0[0]).to(tl.int32)
+        for k in tl.static_range(BT):
+            hi = tl.maximum(hi, tl.where(ok[k] & (neg[k] == NEG), lev[k], 0))
+        y = x0
+        for a in range(1, tl.max(hi, axis=0) + 1):
+            y = _mv(E, y, D)
+            Yn = ()
+            for k in tl.static_range(BT):
+                at = ok[k] & (neg[k] == NEG) & (lev[k] == a)
+                for i in tl.static_range(D):
+                    Yn = Yn + (tl.where(at, y[i], Y[k * D + i]),)
+            Y = Yn
+        return Y
+
+    @triton.jit
+    def _anchor_states(Ep, En, x0, ok, neg, lev, HAS_POS, HAS_NEG, D: tl.constexpr, BT: tl.constexpr):
+        """Y[k*D + i]: the state at the anchor of pair k (x0 at level 0)."""
+        Y = ()
+        for k in tl.static_range(BT):
+            for i in tl.static_range(D):
+                Y = Y + (x0[i],)
+        if HAS_POS:
+            Y = _march(Ep, x0, Y, ok, neg, lev, False, D, BT)
+        if HAS_NEG:
+            Y = _march(En, x0, Y, ok, neg, lev, True, D, BT)
+        return Y
+
+    @triton.jit
+    def _step_matrices(Z, hi_pos, hi_neg, D: tl.constexpr, M: tl.constexpr):
+        Ep = Z
+        En = Z
+        if hi_pos > 0:
+            Ep = _step_matrix(Z, 1.0, D, M)
+        if hi_neg > 0:
+            En = _step_matrix(Z, -1.0, D, M)
+        return Ep, En
+
+    @triton.jit
+    def _llstep_fwd_kernel(A_ptr, x0_ptr, dt_ptr, X_ptr, V_ptr, B, T,
                            sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
-                           DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, M: tl.constexpr):
-        cell, t, d, cm, dm, pm, Z, x0, tau, ok, lev, rho, h, inv_h = _load_block(
-            A_ptr, x0_ptr, dt_ptr, B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt,
-            theta, nu_max, DP, BB, BT)
-        # K_j = Z^j y / j! at each anchor; X = sum_{j<=M} rho^j K_j; V = A X = (1/h) sum_j j rho^(j-1) K_j.
-        X = tl.zeros((BB, BT, DP), dtype=Z.dtype)
-        Vh = tl.zeros((BB, BT, DP), dtype=Z.dtype)  # h V
-        for s in range(0, 2):
-            in_dir, n_cell = _direction(tau, ok, lev, s)
-            sgn = 1.0 - 2.0 * s
-            y = x0
-            for a in range(0, tl.max(n_cell)):
-                at = (in_dir & (lev == a))[:, :, None]
-                K = y
-                X = tl.where(at, X + K[:, None, :], X)
-                pw = tl.full((BB, BT), 1.0, Z.dtype)  # rho^(j-1) at the top of iteration j
-                y_next = y
-                sj = sgn
-                for j in range(1, M + 1):
-                    K = tl.sum(Z * K[:, None, :], axis=2) / j
-                    Vh = tl.where(at, Vh + (j * pw)[:, :, None] * K[:, None, :], Vh)
-                    pw = pw * rho
-                    X = tl.where(at, X + pw[:, :, None] * K[:, None, :], X)
-                    y_next = y_next + sj * K
-                    sj = sj * sgn
-                K = tl.sum(Z * K[:, None, :], axis=2) / (M + 1)  # K_{M+1}: V only
-                Vh = tl.where(at, Vh + ((M + 1) * pw)[:, :, None] * K[:, None, :], Vh)
-                y = tl.where((a + 1 < n_cell)[:, None], y_next, y)
-        bad = (pm & ~ok)[:, :, None]
-        X = tl.where(bad, float("nan"), X)
-        V = tl.where(bad, float("nan"), Vh * inv_h[:, None, None])
-        off = (cell[:, None, None] * T + t[None, :, None]) * D + d[None, None, :]
-        om = pm[:, :, None] & dm[None, None, :]
-        tl.store(X_ptr + off, X, mask=om)
-        tl.store(V_ptr + off, V, mask=om)
+                           D: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr,
+                           M: tl.constexpr, MF: tl.constexpr):
+        """X, V (B, T, D) contiguous from A (B, D, D), x0 (B, D), dt (B, T), any strides."""
+        cell, cm, Z, x0, nrm, finite, h, inv_h = _load_cell(
+            A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D, BB)
+        hi_pos, hi_neg = _levels(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max, BT)
+        Ep, En = _step_matrices(Z, hi_pos, hi_neg, D, M)
+        for t0 in range(0, T, BT):
+            inr, ok, neg, lev, rho = _pairs(dt_ptr, cell, cm, t0, T, stb, stt, nrm, finite, inv_h,
+                                            theta, nu_max, BT)
+            Y = _anchor_states(Ep, En, x0, ok, neg, lev, hi_pos > 0, hi_neg > 0, D, BT)
+            for k in tl.static_range(BT):
+                y = ()
+                for i in tl.static_range(D):
+                    y = y + (Y[k * D + i],)
+                X = y
+                for jj in tl.static_range(MF):  # Horner: X = y + (rho / j) Z X, j = MF..1
+                    W = _mv(Z, X, D)
+                    c = rho[k] * (1.0 / (MF - jj))
+                    Xn = ()
+                    for i in tl.static_range(D):
+                        Xn = Xn + (tl.fma(W[i], c, y[i]),)
+                    X = Xn
+                W = _mv(Z, X, D)
+                bad = inr[k] & ~ok[k]
+                off = (cell * T + t0 + k) * D
+                for i in tl.static_range(D):
+                    tl.store(X_ptr + off + i, tl.where(bad, float("nan"), X[i]), mask=inr[k])
+                    tl.store(V_ptr + off + i, tl.where(bad, float("nan"), W[i] * inv_h), mask=inr[k])
 
     @triton.jit
-    def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr,
-                           B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
-                           DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, M: tl.constexpr,
-                           MP: tl.constexpr, CAP: tl.constexpr):
-        cell, t, d, cm, dm, pm, Z, x0, tau, ok, lev, rho, h, inv_h = _load_block(
-            A_ptr, x0_ptr, dt_ptr, B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt,
-            theta, nu_max, DP, BB, BT)
-        off = (cell[:, None, None] * T + t[None, :, None]) * D + d[None, None, :]
-        om = pm[:, :, None] & dm[None, None, :]
-        gX = tl.load(gX_ptr + off, mask=om, other=0.0)
-        gVh = tl.load(gV_ptr + off, mask=om, other=0.0) * inv_h[:, None, None]  # upstream of h V
-        slot = tl.arange(0, MP)[None, :, None]
-        ring_slot = tl.arange(0, CAP)[None, :, None]
-        dZ = tl.zeros((BB, DP, DP), dtype=Z.dtype)
-        dx0 = tl.zeros((BB, DP), dtype=Z.dtype)
-        drho = tl.zeros((BB, BT), dtype=Z.dtype)
-        for s in range(0, 2):
-            in_dir, n_cell = _direction(tau, ok, lev, s)
-            sgn = 1.0 - 2.0 * s
-            n_lev = tl.max(n_cell)
-            c = (n_lev + CAP - 1) // CAP  # checkpoint stride
-            ring = tl.zeros((BB, CAP, DP), dtype=Z.dtype)
-            y = x0
-            for a in range(0, n_lev):
-                keep = (ring_slot == a // c) & (a % c == 0)
-                ring = tl.where(keep, y[:, None, :], ring)
-                y = _anchor_step(Z, y, sgn, a, n_cell, M)
-            ybar = tl.zeros((BB, DP), dtype=Z.dtype)  # adjoint of the next anchor state
-            for ia in range(0, n_lev):
-                a = n_lev - 1 - ia
-                seg = a // c
-                y = tl.sum(tl.where(ring_slot == seg, ring, 0.0), axis=1)
-                for i in range(0, a - seg * c):
-                    y = _anchor_step(Z, y, sgn, seg * c + i, n_cell, M)
-                at2 = in_dir & (lev == a)
-                at = at2[:, :, None]
-                gXa = tl.where(at, gX, 0.0)
-                gVa = tl.where(at, gVh, 0.0)
-                # Ascending j: Krylov vectors K_j, direct adjoints chat_j, d rho.
-                K = y
-                Ks = tl.where(slot == 0, K[:, None, :], 0.0)
-                Cs = tl.where(slot == 0, tl.sum(gXa, axis=1)[:, None, :], 0.0)
-                pw = tl.full((BB, BT), 1.0, Z.dtype)  # rho^(j-1) at the top of iteration j
-                pwm1 = tl.zeros((BB, BT), dtype=Z.dtype)  # rho^(j-2) at the top of iteration j
-                for j in range(1, M + 1):
-                    K = tl.sum(Z * K[:, None, :], axis=2) / j
-                    Ks = tl.where(slot == j, K[:, None, :], Ks)
-                    dr = (j * (j - 1)) * pwm1 * tl.sum(gVa * K[:, None, :], axis=2) \
-                        + j * pw * tl.sum(gXa * K[:, None, :], axis=2)
-                    drho = tl.where(at2, drho + dr, drho)
-                    cvec = (j * pw)[:, :, None] * gVa + (pw * rho)[:, :, None] * gXa
-                    Cs = tl.where(slot == j, tl.sum(cvec, axis=1)[:, None, :], Cs)
-                    pwm1 = pw
-                    pw = pw * rho
-                K = tl.sum(Z * K[:, None, :], axis=2) / (M + 1)  # K_{M+1} enters V only
-                Ks = tl.where(slot == M + 1, K[:, None, :], Ks)
-                dr = ((M + 1) * M) * pwm1 * tl.sum(gVa * K[:, None, :], axis=2)
-                drho = tl.where(at2, drho + dr, drho)
-                cvec = ((M + 1) * pw)[:, :, None] * gVa
-                Cs = tl.where(slot == M + 1, tl.sum(cvec, axis=1)[:, None, :], Cs)
-                # Descending j: Kbar_j = chat_j + [j<=M] sgn^j ybar + Z^T Kbar_{j+1} / (j+1);
-                # dZ += Kbar_j K_{j-1}^T / j.
-                carry = tl.zeros((BB, DP), dtype=Z.dtype)
-                for jj in range(0, M + 1):
-                    j = M + 1 - jj
-                    kbar = tl.sum(tl.where(slot == j, Cs, 0.0), axis=1) + carry
-                    if jj > 0:  # j <= M: the next anchor uses K_j with coefficient sgn^j
-                        kbar += (1.0 - 2.0 * ((s * j) % 2)) * ybar
-                    kprev = tl.sum(tl.where(slot == j - 1, Ks, 0.0), axis=1)
-                    dZ += kbar[:, :, None] * kprev[:, None, :] / j
-                    carry = tl.sum(Z * kbar[:, :, None], axis=1) / j
-                ybar = tl.sum(tl.where(slot == 0, Cs, 0.0), axis=1) + carry + ybar
-            dx0 += ybar
-        dA = dZ * h[:, None, None]
-        dtau = drho * inv_h[:, None]
-        # A pair with NaN/Inf or out-of-range inputs poisons its cell's gradients, as it would
-        # poison a dense computation; it is never silently dropped.
-        bad = pm & ~ok
-        cell_bad = tl.max(bad.to(tl.int32), axis=1) > 0
-        dA = tl.where(cell_bad[:, None, None], float("nan"), dA)
-        dx0 = tl.where(cell_bad[:, None], float("nan"), dx0)
-        dtau = tl.where(bad, float("nan"), dtau)
-        pid_t = tl.program_id(0).to(tl.int64) % n_tblocks
-        cmd = cm[:, None] & dm[None, :]
-        tl.store(dA_ptr + ((pid_t * B + cell[:, None, None]) * D + d[None, :, None]) * D + d[None, None, :],
-                 dA, mask=cmd[:, :, None] & dm[None, None, :])
-        tl.store(dx0_ptr + (pid_t * B + cell[:, None]) * D + d[None, :], dx0, mask=cmd)
-        tl.store(ddt_ptr + cell[:, None] * T + t[None, :], dtau, mask=pm)
+    def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr, B, T,
+                           sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
+                           D: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr,
+                           M: tl.constexpr, MF: tl.constexpr, CAP: tl.constexpr):
+        """dA (B, D, D), dx0 (B, D), ddt (B, T) from the upstream gX, gV (B, T, D) contiguous.
+
+        A pair with NaN/Inf or out-of-range inputs poisons its cell's dA and dx0 (as it would in a
+        dense computation) and its own ddt; it is never silently dropped.
+        """
+        cell, cm, Z, x0, nrm, finite, h, inv_h = _load_cell(
+            A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D, BB)
+        hi_pos, hi_neg = _levels(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max, BT)
+        Ep, En = _step_matrices(Z, hi_pos, hi_neg, D, M)
+        zero = tl.zeros_like(x0[0])
+        dZ = ()
+        dEp = ()
+        for e in tl.static_range(D * D):
+            dZ = dZ + (zero,)
+            dEp = dEp + (zero,)
+        dEn = dEp
+        dx0 = ()
+        for i in tl.static_range(D):
+            dx0 = dx0 + (zero,)
+        cell_bad = cm & ~cm
+        for t0 in range(0, T, BT):
+            inr, ok, neg, lev, rho = _pairs(dt_ptr, cell, cm, t0, T, stb, stt, nrm, finite, inv_h,
+                                            theta, nu_max, BT)
+            Y = _anchor_states(Ep, En, x0, ok, neg, lev, hi_pos > 0, hi_neg > 0, D, BT)
+            # Each pair's Horner in reverse; GY[k] = Ybar of pair k.
+            GY = ()
+            for k in tl.static_range(BT):
+                y = ()
+                for i in tl.static_range(D):
+                    y = y + (Y[k * D + i],)
+                off = (cell * T + t0 + k) * D
+                gx = ()
+                gvh = ()  # upstream of Z X (V = (Z X) / h)
+                for i in tl.static_range(D):
+                    gx = gx + (tl.load(gX_ptr + off + i, mask=inr[k], other=0.0),)
+                    gvh = gvh + (tl.load(gV_ptr + off + i, mask=inr[k], other=0.0) * inv_h,)
+                Xs = y  # X_{j+1} for j = MF..1, then X_1 = X last
+                Ws = ()
+                X = y
+                for jj in tl.static_range(MF):
+                    W = _mv(Z, X, D)
+                    c = rho[k] * (1.0 / (MF - jj))
+                    Xn = ()
+                    for i in tl.static_range(D):
+                        Xn = Xn + (tl.fma(W[i], c, y[i]),)
+                    X = Xn
+                    Ws = Ws + W
+                    if jj < MF - 1:
+                        Xs = Xs + X
+                # V: dZ += gvh X^T, and X receives Z^T gvh.
+                dZ = _rank1(dZ, gvh, X, D)
+                ZTg = _mtv(Z, gvh, D)
+                xbar = ()
+                for i in tl.static_range(D):
+                    xbar = xbar + (gx[i] + ZTg[i],)
+                ybar = xbar
+                drho = zero
+                for j in tl.static_range(1, MF + 1):  # X_j = y + (rho/j) W_j, W_j = Z X_{j+1}
+                    wbar = ()
+                    xn = ()
+                    for i in tl.static_range(D):  # W_j, X_{j+1} sit at position MF - j of Ws, Xs
+                        drho += xbar[i] * Ws[(MF - j) * D + i] * (1.0 / j)
+                        wbar = wbar + (xbar[i] * (rho[k] * (1.0 / j)),)
+                        xn = xn + (Xs[(MF - j) * D + i],)
+                    dZ = _rank1(dZ, wbar, xn, D)
+                    xbar = _mtv(Z, wbar, D)
+                    yb = ()
+                    for i in tl.static_range(D):
+                        yb = yb + (ybar[i] + xbar[i],)
+                    ybar = yb
+                GY = GY + ybar
+                bad = inr[k] & ~ok[k]
+                cell_bad = cell_bad | bad
+                tl.store(ddt_ptr + cell * T + t0 + k, tl.where(bad, float("nan"), drho * inv_h), mask=inr[k])
+            # Reverse the anchor marches: ybar_{a-1} = E^T ybar_a + (pairs at a-1), dE += ybar_a y_{a-1}^T.
+            if hi_pos > 0:
+                dEp, dx0 = _march_back(Ep, x0, GY, dEp, dx0, ok, neg, lev, False, D, BT, CAP)
+            else:
+                dx0 = _level0(GY, dx0, ok, neg, lev, False, D, BT)
+            if hi_neg > 0:
+                dEn, dx0 = _march_back(En, x0, GY, dEn, dx0, ok, neg, lev, True, D, BT, CAP)
+            else:
+                dx0 = _level0(GY, dx0, ok, neg, lev, True, D, BT)
+        if hi_pos > 0:
+            G = _step_matrix_grad(Z, dEp, 1.0, D, M)
+            dZn = ()
+            for e in tl.static_range(D * D):
+                dZn = dZn + (dZ[e] + G[e],)
+            dZ = dZn
+        if hi_neg > 0:
+            G = _step_matrix_grad(Z, dEn, -1.0, D, M)
+            dZn = ()
+            for e in tl.static_range(D * D):
+                dZn = dZn + (dZ[e] + G[e],)
+            dZ = dZn
+        for e in tl.static_range(D * D):
+            tl.store(dA_ptr + cell * (D * D) + e, tl.where(cell_bad, float("nan"), dZ[e] * h), mask=cm)
+        for i in tl.static_range(D):
+            tl.store(dx0_ptr + cell * D + i, tl.where(cell_bad, float("nan"), dx0[i]), mask=cm)
+
+    @triton.jit
+    def _level0(GY, dx0, ok, neg, lev, NEG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+        """dx0 += Ybar of the pairs of one direction at level 0 (their anchor is x0)."""
+        out = ()
+        for i in tl.static_range(D):
+            acc = dx0[i]
+            for k in tl.static_range(BT):
+                acc += tl.where((neg[k] == NEG) & (lev[k] == 0), GY[k * D + i], 0.0)
+            out = out + (acc,)
+        return out
+
+    @triton.jit
+    def _march_back(E, x0, GY, dE, dx0, ok, neg, lev, NEG: tl.constexpr, D: tl.constexpr,
+                    BT: tl.constexpr, CAP: tl.constexpr):
+        """Adjoint of one direction's anchor march of this time block.
+
+        The states y_0 .. y_{L-1} are needed in reverse order: CAP checkpoints (every c-th level,
+        c = ceil(L / CAP)) are kept and the rest recomputed, at most c - 1 matvecs per level.
+        """
+        hi = tl.zeros_like(x0[0]).to(tl.int32)
+        for k in tl.static_range(BT):
+            hi = tl.maximum(hi, tl.where(ok[k] & (neg[k] == NEG), lev[k], 0))
+        L = tl.max(hi, axis=0)
+        c = tl.maximum((L + CAP - 1) // CAP, 1)
+        ring = ()
+        for s in tl.static_range(CAP):
+            ring = ring + x0
+        y = x0
+        for a in range(0, L):
+            if a % c == 0:
+                rn = ()
+                for s in tl.static_range(CAP):
+                    for i in tl.static_range(D):
+                        rn = rn + (tl.where(a // c == s, y[i], ring[s * D + i]),)
+                ring = rn
+            y = _mv(E, y, D)
+        ybar = ()
+        for i in tl.static_range(D):
+            ybar = ybar + (tl.zeros_like(x0[0]),)
+        for ia in range(0, L):
+            a = L - ia
+            yb = ()
+            for i in tl.static_range(D):
+                acc = ybar[i]
+                for k in tl.static_range(BT):
+                    acc += tl.where(ok[k] & (neg[k] == NEG) & (lev[k] == a), GY[k * D + i], 0.0)
+                yb = yb + (acc,)
+            ybar = yb
+            seg = (a - 1) // c
+            yp = ()
+            for i in tl.static_range(D):
+                v = ring[i]
+                for s in tl.static_range(1, CAP):
+                    v = tl.where(seg == s, ring[s * D + i], v)
+                yp = yp + (v,)
+            for r in range(0, a - 1 - seg * c):
+                yp = _mv(E, yp, D)
+            dE = _rank1(dE, ybar, yp, D)
+            ybar = _mtv(E, ybar, D)
+        out = ()
+        for i in tl.static_range(D):
+            acc = dx0[i] + ybar[i]
+            for k in tl.static_range(BT):
+                acc += tl.where((neg[k] == NEG) & (lev[k] == 0), GY[k * D + i], 0.0)
+            out = out + (acc,)
+        return dE, out
 
 
-def _launch_args(A, x0, dt):
+def _kernel_args(A, x0, dt):
+    theta, _ = taylor_params(A.dtype)
     B, D = x0.shape
-    T = dt.shape[1]
-    theta, m = taylor_params(A.dtype)
-    cfg = block_config(D, T, A.dtype)
-    n_tblocks = triton.cdiv(T, cfg["BT"])
-    args = (B, T, D, n_tblocks, *A.stride(), *x0.stride(), *dt.stride(), theta, NU_MAX)
-    return B, T, D, m, cfg, n_tblocks, args
+    return dict(B=B, T=dt.shape[1], sAb=A.stride(0), sAi=A.stride(1), sAj=A.stride(2),
+                sxb=x0.stride(0), sxd=x0.stride(1), stb=dt.stride(0), stt=dt.stride(1),
+                theta=theta, nu_max=NU_MAX)
+
+
+def forward_launch(A, x0, dt, X, V):
+    """(kernel, grid, keyword arguments) of the forward launch: the one source of its signature."""
+    cfg = block_config(x0.shape[1], A.dtype)
+    kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, X_ptr=X, V_ptr=V, **_kernel_args(A, x0, dt),
+              D=cfg["D"], BB=cfg["BB"], BT=cfg["BT"], M=cfg["M"], MF=cfg["MF"], num_warps=cfg["num_warps"])
+    return _llstep_fwd_kernel, (triton.cdiv(x0.shape[0], cfg["BB"]),), kw
+
+
+def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt):
+    """(kernel, grid, keyword arguments) of the backward launch."""
+    cfg = block_config(x0.shape[1], A.dtype)
+    kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, gX_ptr=gX, gV_ptr=gV, dA_ptr=dA, dx0_ptr=dx0, ddt_ptr=ddt,
+              **_kernel_args(A, x0, dt), D=cfg["D"], BB=cfg["BB"], BT=cfg["BT_BWD"], M=cfg["M"],
+              MF=cfg["MF"], CAP=cfg["CAP"], num_warps=cfg["num_warps"])
+    return _llstep_bwd_kernel, (triton.cdiv(x0.shape[0], cfg["BB"]),), kw
 
 
 def llstep_forward(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor):
     """Launch the forward kernel; inputs validated, any strides; returns contiguous X, V (B,T,D)."""
-    B, T, D, m, cfg, n_tblocks, args = _launch_args(A, x0, dt)
-    X = torch.empty((B, T, D), dtype=A.dtype, device=A.device)
+    B, D = x0.shape
+    if D > REG_MAX_D:
+        return triton_tiled.llstep_forward(A, x0, dt)
+    X = torch.empty((B, dt.shape[1], D), dtype=A.dtype, device=A.device)
     V = torch.empty_like(X)
-    grid = (triton.cdiv(B, cfg["BB"]) * n_tblocks,)
-    _llstep_fwd_kernel[grid](A, x0, dt, X, V, *args, DP=cfg["DP"], BB=cfg["BB"], BT=cfg["BT"], M=m,
-                             num_warps=cfg["num_warps"])
+    kernel, grid, kw = forward_launch(A, x0, dt, X, V)
+    kernel[grid](**kw)
     return X, V
 
 
 def llstep_backward(A, x0, dt, gX, gV):
     """Launch the backward kernel; returns dA (B,D,D), dx0 (B,D), ddt (B,T)."""
-    B, T, D, m, cfg, n_tblocks, args = _launch_args(A, x0, dt)
+    B, D = x0.shape
+    if D > REG_MAX_D:
+        return triton_tiled.llstep_backward(A, x0, dt, gX, gV)
+    T = dt.shape[1]
     gX = torch.zeros((B, T, D), dtype=A.dtype, device=A.device) if gX is None else gX.contiguous()
     gV = torch.zeros((B, T, D), dtype=A.dtype, device=A.device) if gV is None else gV.contiguous()
-    dA = torch.empty((n_tblocks, B, D, D), dtype=A.dtype, device=A.device)
-    dx0 = torch.empty((n_tblocks, B, D), dtype=A.dtype, device=A.device)
+    dA = torch.empty((B, D, D), dtype=A.dtype, device=A.device)
+    dx0 = torch.empty((B, D), dtype=A.dtype, device=A.device)
     ddt = torch.empty((B, T), dtype=A.dtype, device=A.device)
-    grid = (triton.cdiv(B, cfg["BB_BWD"]) * n_tblocks,)
-    _llstep_bwd_kernel[grid](A, x0, dt, gX, gV, dA, dx0, ddt, *args, DP=cfg["DP"], BB=cfg["BB_BWD"],
-                             BT=cfg["BT"], M=m, MP=next_power_of_2(m + 2), CAP=CAP,
-                             num_warps=cfg["num_warps"])
-    if n_tblocks == 1:
-        return dA[0], dx0[0], ddt
-    return dA.sum(0), dx0.sum(0), ddt
+    kernel, grid, kw = backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt)
+    kernel[grid](**kw)
+    return dA, dx0, ddt
 
 
 class LocalLinearStepFunction(torch.autograd.Function):
-    """Autograd wrapper: forward and backward are one kernel launch each (plus a time-block sum)."""
+    """Autograd wrapper: forward and backward are one kernel launch each."""
 
     @staticmethod
     def forward(ctx, A, x0, dt):

@@ -31,45 +31,94 @@ class KernelSpec:
     num_warps: int
 
 
-def kernel_specs() -> list[KernelSpec]:
-    """Every (kernel, configuration) the launchers of all ops can choose."""
-    from .ops.local_linear_step.triton_impl import CAP, all_configs
+def _signature(kernel, dtype_tag: str, constexprs: dict, pointer_types=None) -> tuple:
+    """The kernel's own arguments, in order, typed by name: ``*_ptr`` arguments point to the op's
+    dtype (unless ``pointer_types`` says otherwise), ``theta``/``nu_max`` are fp32 scalars and the
+    rest i32 (sizes and strides)."""
+    pointer_types = pointer_types or {}
+    sig = []
+    for name in _arg_names(kernel):
+        if name in constexprs:
+            continue
+        if name.endswith("_ptr"):
+            sig.append((name, pointer_types.get(name, "*" + dtype_tag)))
+        elif name in ("theta", "nu_max"):
+            sig.append((name, "fp32"))
+        else:
+            sig.append((name, "i32"))
+    return tuple(sig)
+
+
+def _arg_names(kernel) -> list:
+    fn = getattr(kernel, "fn", kernel)  # an interpreted kernel wraps the Python function
+    names = getattr(kernel, "arg_names", None)
+    if names is None:
+        import inspect
+
+        names = list(inspect.signature(fn).parameters)
+    return list(names)
+
+
+def kernel_specs(with_meta: bool = False) -> list:
+    """Every (kernel, configuration) the launchers of all ops can choose; signatures come from the
+    kernels' own argument lists, constexpr values from the launchers' ``block_config``."""
+    from .ops.local_linear_step import triton_impl as reg, triton_tiled as tiled
     from .ops.local_linear_step.common import TAYLOR
     from .ops.utils import next_power_of_2
 
-    specs = []
+    out = []
+
+    def add(spec, **meta):
+        out.append((spec, meta))
+
     mod = "cellmnn_kernels.ops.local_linear_step.triton_impl"
-    ints = ["B", "T", "D", "n_tblocks", "sAb", "sAi", "sAj", "sxb", "sxd", "stb", "stt"]
+    for dtype in TAYLOR:
+        f = _DTYPE_SIG[dtype]
+        for cfg in reg.all_configs(dtype):
+            fwd_c = {k: cfg[k] for k in ("D", "BB", "BT", "M", "MF")}
+            bwd_c = {"D": cfg["D"], "BB": cfg["BB"], "BT": cfg["BT_BWD"], "M": cfg["M"], "MF": cfg["MF"],
+                     "CAP": cfg["CAP"]}
+            tag = f"{f}_D{cfg['D']}"
+            add(KernelSpec(f"llstep_fwd_{tag}_BT{cfg['BT']}", f"{mod}:_llstep_fwd_kernel",
+                           _signature(reg._llstep_fwd_kernel, f, fwd_c), tuple(fwd_c.items()), cfg["num_warps"]),
+                family="llstep_reg", kind="fwd", dtype=f, cfg=dict(cfg, BT=cfg["BT"]))
+            add(KernelSpec(f"llstep_bwd_{tag}_BT{cfg['BT_BWD']}", f"{mod}:_llstep_bwd_kernel",
+                           _signature(reg._llstep_bwd_kernel, f, bwd_c), tuple(bwd_c.items()), cfg["num_warps"]),
+                family="llstep_reg", kind="bwd", dtype=f, cfg=dict(cfg, BT=cfg["BT_BWD"]))
+    mod = "cellmnn_kernels.ops.local_linear_step.triton_tiled"
     for dtype, (_, m) in TAYLOR.items():
         f = _DTYPE_SIG[dtype]
-        for cfg in all_configs(dtype):
-            common = [(n, "i32") for n in ints] + [("theta", "fp32"), ("nu_max", "fp32")]
-            fwd_sig = [(p, "*" + f) for p in ("A_ptr", "x0_ptr", "dt_ptr", "X_ptr", "V_ptr")] + common
-            bwd_sig = [(p, "*" + f) for p in ("A_ptr", "x0_ptr", "dt_ptr", "gX_ptr", "gV_ptr",
-                                              "dA_ptr", "dx0_ptr", "ddt_ptr")] + common
+        for cfg in tiled.all_configs(dtype, min_d=reg.REG_MAX_D + 1):
             tag = f"{f}_DP{cfg['DP']}_BT{cfg['BT']}"
-            specs.append(KernelSpec(f"llstep_fwd_{tag}_BB{cfg['BB']}", f"{mod}:_llstep_fwd_kernel",
-                                    tuple(fwd_sig),
-                                    (("DP", cfg["DP"]), ("BB", cfg["BB"]), ("BT", cfg["BT"]), ("M", m)),
-                                    cfg["num_warps"]))
-            specs.append(KernelSpec(f"llstep_bwd_{tag}_BB{cfg['BB_BWD']}", f"{mod}:_llstep_bwd_kernel",
-                                    tuple(bwd_sig),
-                                    (("DP", cfg["DP"]), ("BB", cfg["BB_BWD"]), ("BT", cfg["BT"]), ("M", m),
-                                     ("MP", next_power_of_2(m + 2)), ("CAP", CAP)),
-                                    cfg["num_warps"]))
+            fwd_c = {"DP": cfg["DP"], "BB": cfg["BB"], "BT": cfg["BT"], "M": m}
+            bwd_c = {"DP": cfg["DP"], "BB": cfg["BB_BWD"], "BT": cfg["BT"], "M": m,
+                     "MP": next_power_of_2(m + 2), "CAP": tiled.CAP}
+            add(KernelSpec(f"llstep_tiled_fwd_{tag}_BB{cfg['BB']}", f"{mod}:_llstep_fwd_kernel",
+                           _signature(tiled._llstep_fwd_kernel, f, fwd_c), tuple(fwd_c.items()), cfg["num_warps"]),
+                family="llstep_tiled", kind="fwd", dtype=f, cfg=cfg)
+            add(KernelSpec(f"llstep_tiled_bwd_{tag}_BB{cfg['BB_BWD']}", f"{mod}:_llstep_bwd_kernel",
+                           _signature(tiled._llstep_bwd_kernel, f, bwd_c), tuple(bwd_c.items()), cfg["num_warps"]),
+                family="llstep_tiled", kind="bwd", dtype=f, cfg=cfg)
     mod = "cellmnn_kernels.ops.laplace_mmd.triton_impl"
-    from .ops.laplace_mmd.triton_impl import all_configs as mmd_configs
+    from .ops.laplace_mmd import triton_impl as mmd
 
     for dtype, f in _DTYPE_SIG.items():
-        for cfg in mmd_configs(dtype):
+        for cfg in mmd.all_configs(dtype):
             for g in (False, True):
-                sig = [(p, "*" + f) for p in ("Q_ptr", "K_ptr", "WK_ptr")] + [("items_ptr", "*i64"), ("params_ptr", "*" + f)] \
-                    + [(p, "*" + f) for p in ("R_ptr", "G_ptr")] + [(n, "i32") for n in ("n_out", "D", "sq", "sk", "n_splits")]
-                specs.append(KernelSpec(f"laplace_rows_{f}_DP{cfg['DP']}_BM{cfg['BM']}_BN{cfg['BN']}{'_G' if g else ''}",
-                                        f"{mod}:_laplace_rows_kernel", tuple(sig),
-                                        (("DP", cfg["DP"]), ("BM", cfg["BM"]), ("BN", cfg["BN"]), ("COMPUTE_G", g)),
-                                        cfg["num_warps"]))
-    return specs
+                c = {"DP": cfg["DP"], "BM": cfg["BM"], "BN": cfg["BN"], "COMPUTE_G": g}
+                add(KernelSpec(f"laplace_rows_{f}_DP{cfg['DP']}_BM{cfg['BM']}_BN{cfg['BN']}{'_G' if g else ''}",
+                               f"{mod}:_laplace_rows_kernel",
+                               _signature(mmd._laplace_rows_kernel, f, c, {"items_ptr": "*i64"}),
+                               tuple(c.items()), cfg["num_warps"]),
+                    family="laplace", kind="G" if g else "r", dtype=f, cfg=cfg)
+    return out if with_meta else [s for s, _ in out]
+
+
+def _tool(name: str) -> str:
+    """A CUDA binary that Triton ships (ptxas, cuobjdump, nvdisasm)."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def _ptxas(arch: int) -> str:
@@ -84,8 +133,8 @@ def _ptxas(arch: int) -> str:
         return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def compile_one(spec: KernelSpec, arch: int) -> dict:
-    """Compile ``spec`` for sm_<arch>; return registers/spills, or the error text."""
+def compile_one(spec: KernelSpec, arch: int, keep_cubin: bool = False) -> dict:
+    """Compile ``spec`` for sm_<arch>; return registers/spills (and the cubin), or the error text."""
     import importlib
 
     import triton
@@ -109,8 +158,11 @@ def compile_one(spec: KernelSpec, arch: int) -> dict:
             res = subprocess.run([_ptxas(arch), "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}",
                                   path, "-o", os.path.join(tmp, "k.cubin")],
                                  capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(res.stderr.strip())
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr.strip())
+            if keep_cubin:
+                with open(os.path.join(tmp, "k.cubin"), "rb") as fh:
+                    out["cubin"] = fh.read()
         info = res.stderr
         regs = re.search(r"Used (\d+) registers", info)
         spill_st = re.search(r"(\d+) bytes spill stores", info)

@@ -87,12 +87,13 @@ def laplace_mmd(x, y, sigma=1.0, x_weights=None, y_weights=None, backend="auto",
     Optional non-negative per-point weights give weighted means.  Returns a scalar tensor in the
     dtype of x (float32 or float64), differentiable in x, y and the weights.  Backends and
     ``check_finite`` as in ``laplace_mmd_grouped``; "torch" and "triton" never form the N x M
-    kernel matrix (memory O(N + M)), except that "torch" evaluates the dense form for small inputs
-    (max(N, M)^2 <= 2^18, where it is faster).
+    kernel matrix (memory O(N + M)); "auto" evaluates the dense form instead where it would pick
+    "torch" and the input is small (max(N, M)^2 <= 2^18, where the dense form is faster).  A named
+    backend always runs.
     """
     check_points(x, y)
     n = max(x.shape[0], y.shape[0])
-    if n * n <= DENSE_MAX_ELEMS and resolve_backend(backend, x.device, x.shape[1]) == "torch":
+    if backend == "auto" and n * n <= DENSE_MAX_ELEMS and resolve_backend(backend, x.device, x.shape[1]) == "torch":
         # Small enough that the dense form is cheaper (fewer operations, a few MB at most).
         backend = "reference"
     total, _ = laplace_mmd_grouped(x, [0, x.shape[0]], y, [0, y.shape[0]], [0], [0], None, sigma,

@@ -223,22 +223,24 @@ class PairSums(torch.autograd.Function):
             job, point = _row_maps(lc, x.device)
             slot = torch.tensor([s if s >= 0 else plan.n_sums for s in lc.job_s], device=x.device)[job]
             S.index_add_(0, slot, (WQ[point] * r).double())
-            saved.append((r, G, job, point))
+            saved += [r, G, job, point]
         ctx.plan, ctx.sigma, ctx.D = plan, sigma, D
-        ctx.launch_rows = saved
-        ctx.save_for_backward(x, y, wx, wy)
+        # Everything backward reads goes through save_for_backward, so that a second backward
+        # (retain_graph=True) finds it again.
+        ctx.save_for_backward(x, y, wx, wy, *saved)
         ctx.shapes = (x.shape, y.shape, x.dtype)
         return S[: plan.n_sums]
 
     @staticmethod
     def backward(ctx, gS):
-        x, y, wx, wy = ctx.saved_tensors
+        x, y, wx, wy, *saved = ctx.saved_tensors
+        rows = [tuple(saved[i:i + 4]) for i in range(0, len(saved), 4)]
         with torch.no_grad():
-            grads = PairSums._backward(ctx, gS, wx, wy)
+            grads = PairSums._backward(ctx, gS, wx, wy, rows)
         return (*first_order_only(SECOND_ORDER, grads, (x, y, wx, wy)), None, None, None)
 
     @staticmethod
-    def _backward(ctx, gS, wx, wy):
+    def _backward(ctx, gS, wx, wy, rows):
         plan, sigma, D = ctx.plan, ctx.sigma, ctx.D
         xshape, yshape, dtype = ctx.shapes
         need = ctx.needs_input_grad
@@ -247,7 +249,7 @@ class PairSums(torch.autograd.Function):
                  torch.zeros_like(wx) if need[2] else None,
                  torch.zeros_like(wy) if need[3] else None]
         wts = (wx, wy)
-        for lc, (r, G, job, point) in zip(plan.launches, ctx.launch_rows):
+        for lc, (r, G, job, point) in zip(plan.launches, rows):
             src = torch.tensor(lc.job_grad_of, device=gS.device)
             fac = torch.tensor(lc.job_factor, dtype=torch.float64, device=gS.device)
             coef = (gS[src] * fac)[job].to(dtype)  # per row
@@ -256,7 +258,6 @@ class PairSums(torch.autograd.Function):
                 grads[lc.q_side].index_add_(0, point, scale[:, None] * G)
             if grads[2 + lc.q_side] is not None:
                 grads[2 + lc.q_side].index_add_(0, point, coef * r)
-        ctx.launch_rows = None
         return tuple(grads)
 
 

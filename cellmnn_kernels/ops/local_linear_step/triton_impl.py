@@ -46,7 +46,7 @@ FINISH = {torch.float32: 8, torch.float64: 12}
 def block_config(D: int, dtype: torch.dtype) -> dict:
     """Compile-time configuration of the register kernels for D <= REG_MAX_D."""
     theta, m = taylor_params(dtype)
-    return dict(D=D, BB=BB, BT=8 if D <= 4 else 4, BT_BWD=4 if D <= 4 else 2, M=m, MF=FINISH[dtype],
+    return dict(D=D, BB=BB, BT=16 if D <= 5 else 8 if D <= 6 else 4, BT_BWD=4 if D <= 5 else 2, M=m, MF=FINISH[dtype],
                 CAP=CAP, num_warps=1)
 
 
@@ -126,11 +126,37 @@ if HAS_TRITON:
 
     @triton.jit
     def _step_matrix(Z, SGN: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
-        """p_M(SGN Z) by Horner on matrices: P = I + (SGN / k) Z P for k = M .. 1 (a loop, not
-        unrolled: the work is per cell, and the code stays small)."""
-        P = _plus_identity(Z, SGN / M, D)
-        for kk in range(1, M):
-            P = _plus_identity(_mm(Z, P, D, False), SGN / tl.cast(M - kk, Z[0].dtype), D)
+        """p_M(SGN Z) = sum_{k<=M} (SGN Z)^k / k! by Paterson-Stockmeyer with blocks of three
+        (Higham, Functions of Matrices, 2008, sec. 4.4.3): with W = SGN Z,
+        p = B_0 + W^3 (B_1 + W^3 (B_2 + ...)), B_q = c_3q I + c_3q+1 W + c_3q+2 W^2:
+        M // 3 + 1 matrix products instead of M - 1."""
+        W = ()
+        for e in tl.static_range(D * D):
+            W = W + (Z[e] * SGN,)
+        W2 = _mm(W, W, D, False)
+        W3 = _mm(W, W2, D, False)
+        c = tl.cast(1.0, Z[0].dtype)
+        coef = ()
+        for k in tl.static_range(M + 3):  # c_k = 1/k! up to k = M, then 0
+            if k > M:
+                coef = coef + (c * 0.0,)
+            else:
+                if k > 0:
+                    c = c / k
+                coef = coef + (c,)
+        P = ()
+        for q in tl.static_range(M // 3 + 1):  # block M // 3 - q, from the top
+            if q > 0:
+                P = _mm(W3, P, D, False)
+            Pn = ()
+            for e in tl.static_range(D * D):
+                v = W[e] * coef[3 * (M // 3 - q) + 1] + W2[e] * coef[3 * (M // 3 - q) + 2]
+                if e % (D + 1) == 0:
+                    v += coef[3 * (M // 3 - q)]
+                if q > 0:
+                    v += P[e]
+                Pn = Pn + (v,)
+            P = Pn
         return P
 
     @triton.jit
@@ -211,7 +237,8 @@ if HAS_TRITON:
             ok = ok + (okk,)
             neg = neg + (ng,)
             lev = lev + (lv.to(tl.int32),)
-            rho = rho + (tau * inv_h - tl.where(ng, -lv, lv),)
+            # A pair that cannot be computed gets rho = NaN: its X, V and ddt come out NaN.
+            rho = rho + (tl.where(okk | ~m, tau * inv_h - tl.where(ng, -lv, lv), float("nan")),)
         return inr, ok, neg, lev, rho
 
     @triton.jit
@@ -297,11 +324,10 @@ if HAS_TRITON:
                         Xn = Xn + (tl.fma(W[i], c, y[i]),)
                     X = Xn
                 W = _mv(Z, X, D)
-                bad = inr[k] & ~ok[k]
                 off = (cell * T + t0 + k) * D
                 for i in tl.static_range(D):
-                    tl.store(X_ptr + off + i, tl.where(bad, float("nan"), X[i]), mask=inr[k])
-                    tl.store(V_ptr + off + i, tl.where(bad, float("nan"), W[i] * inv_h), mask=inr[k])
+                    tl.store(X_ptr + off + i, X[i], mask=inr[k])
+                    tl.store(V_ptr + off + i, W[i] * inv_h, mask=inr[k])
 
     @triton.jit
     def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr, B, T,
@@ -381,7 +407,7 @@ if HAS_TRITON:
                 GY = GY + ybar
                 bad = inr[k] & ~ok[k]
                 cell_bad = cell_bad | bad
-                tl.store(ddt_ptr + cell * T + t0 + k, tl.where(bad, float("nan"), drho * inv_h), mask=inr[k])
+                tl.store(ddt_ptr + cell * T + t0 + k, drho * inv_h, mask=inr[k])
             # Reverse the anchor marches: ybar_{a-1} = E^T ybar_a + (pairs at a-1), dE += ybar_a y_{a-1}^T.
             if hi_pos > 0:
                 dEp, dx0 = _march_back(Ep, x0, GY, dEp, dx0, ok, neg, lev, False, D, BT, CAP)

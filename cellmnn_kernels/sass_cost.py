@@ -1,0 +1,421 @@
+"""GPU-free cost model of the Triton kernels, read from their sm_90 machine code.
+
+Every kernel configuration the launchers can choose is compiled ahead of time for sm_90 (as
+``compile_check`` does) and disassembled with the ``cuobjdump`` that Triton ships.  Per kernel:
+registers and spills (ptxas), the instruction mix (FP32/FP64 arithmetic, ``BAR.SYNC``,
+``LDS``/``STS``, ``SHFL``, ``MUFU``, global and local memory), and every loop (a backward branch
+closes one) with the instructions of its own body.
+
+For the register-resident ``local_linear_step`` kernels the loops are matched to the kernel's
+source loops and multiplied by their trip counts on a stated benchmark input (A = randn / sqrt(D),
+x0 = randn, dt ~ U[0, 4], T = 16, B = 32768, seed 0; trip counts computed from the same anchor
+levels the kernel uses).  The result is an estimate of thread-instructions per (cell, time) pair
+and, against the H100 SXM's issue rate and copy bandwidth (``ASSUMPTIONS``), the fraction of copy
+bandwidth the instruction stream alone would allow.  The two anchor-step matrix blocks are
+counted as the input runs them (E- never: no dt < 0); other straight-line code inside a branch is
+counted as executed (an upper bound); loops the input skips are not.
+
+    python -m cellmnn_kernels.sass_cost [--json bench/results/sass_cost_<triton version>.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+ASSUMPTIONS = {
+    "gpu": "NVIDIA H100 SXM",
+    "sms": 132,
+    "schedulers_per_sm": 4,
+    "clock_hz": 1.7e9,
+    "warp_instructions_per_scheduler_per_clock": 1,
+    "threads_per_warp": 32,
+    "copy_bandwidth_bytes_per_s": 3.35e12,
+    "note": ("issue-bound time = thread-instructions / (SMs x schedulers x clock x 32); memory time = "
+             "compulsory bytes / copy bandwidth; ceiling = min(1, memory time / issue time). "
+             "Latency, occupancy and cache behaviour are not modelled."),
+}
+
+BENCH_INPUT = {"B": 32768, "T": 16, "A": "randn / sqrt(D)", "x0": "randn", "dt": "U[0, 4]", "seed": 0}
+
+CLASSES = {
+    "fp32": re.compile(r"^(FFMA|FMUL|FADD|FMNMX|FSEL|FSETP|FSET)\b"),
+    "fp64": re.compile(r"^(DFMA|DMUL|DADD|DSETP|DMNMX)\b"),
+    "bar_sync": re.compile(r"^BAR\.SYNC\b|^BAR\b(?!\.ARV)"),
+    "lds": re.compile(r"^LDS\b"),
+    "sts": re.compile(r"^STS\b"),
+    "shfl": re.compile(r"^SHFL\b"),
+    "mufu": re.compile(r"^MUFU\b"),
+    "ldg": re.compile(r"^LDG\b"),
+    "stg": re.compile(r"^STG\b"),
+    "local": re.compile(r"^(LDL|STL)\b"),
+}
+
+_LINE = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+@dataclass
+class Instr:
+    addr: int
+    op: str  # opcode with modifiers, e.g. "FFMA" or "BAR.SYNC.DEFER_BLOCKING"
+    pred: str
+    args: str
+
+
+@dataclass
+class Loop:
+    start: int  # address of the first instruction of the body (the branch target)
+    end: int  # address of the backward branch
+    depth: int = 0
+    parent: int | None = None  # index into the loop list
+    children: list = field(default_factory=list)
+    own: dict = field(default_factory=dict)  # counts of the body without nested loops
+    total: dict = field(default_factory=dict)  # counts of the body with nested loops
+
+
+def parse_sass(text: str) -> list[Instr]:
+    """Instructions of a ``cuobjdump -sass`` listing (NOP padding dropped)."""
+    out = []
+    for line in text.splitlines():
+        m = _LINE.search(line)
+        if not m:
+            continue
+        op = m.group(3)
+        if op == "NOP":
+            continue
+        out.append(Instr(int(m.group(1), 16), op, (m.group(2) or "").strip(), m.group(4).strip()))
+    return out
+
+
+def classify(op: str) -> list[str]:
+    return [name for name, rx in CLASSES.items() if rx.match(op)]
+
+
+def count(instrs) -> dict:
+    c = {"instructions": 0, **{k: 0 for k in CLASSES}}
+    for ins in instrs:
+        c["instructions"] += 1
+        for k in classify(ins.op):
+            c[k] += 1
+    return c
+
+
+def find_loops(instrs: list[Instr]) -> list[Loop]:
+    """Loops closed by backward branches, nested by address range, sorted by start address.
+
+    The self-branch that ends every kernel (``BRA`` to its own address) is not a loop."""
+    loops = []
+    for ins in instrs:
+        if ins.op.startswith("BRA"):
+            m = re.search(r"0x([0-9a-f]+)", ins.args)
+            if m:
+                target = int(m.group(1), 16)
+                if target < ins.addr:
+                    loops.append(Loop(target, ins.addr))
+    loops.sort(key=lambda l: (l.start, -l.end))
+    for i, lp in enumerate(loops):
+        for j in range(i - 1, -1, -1):
+            outer = loops[j]
+            if outer.start <= lp.start and lp.end <= outer.end:
+                lp.parent = j
+                lp.depth = outer.depth + 1
+                outer.children.append(i)
+                break
+    for lp in loops:
+        body = [x for x in instrs if lp.start <= x.addr <= lp.end]
+        lp.total = count(body)
+        nested = [loops[c] for c in lp.children]
+        lp.own = count([x for x in body if not any(n.start <= x.addr <= n.end for n in nested)])
+    return loops
+
+
+def top_level(instrs, loops) -> dict:
+    outer = [l for l in loops if l.parent is None]
+    return count([x for x in instrs if not any(l.start <= x.addr <= l.end for l in outer)])
+
+
+# ----------------------------------------------------------------------------- compiling
+
+def compile_sass(spec, arch: int = 90) -> dict:
+    """Compile one ``compile_check.KernelSpec``; registers, spills and the SASS text."""
+    from .compile_check import compile_one, _tool
+
+    res = compile_one(spec, arch, keep_cubin=True)
+    if not res["ok"]:
+        return res
+    cubin = res.pop("cubin")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        dis = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True)
+    if dis.returncode != 0:
+        res.update(ok=False, error=dis.stderr.strip())
+        return res
+    res["sass"] = dis.stdout
+    return res
+
+
+# ----------------------------------------------------------------------------- trip counts
+
+def benchmark_levels(D: int, B: int, T: int, seed: int, theta: float, BT: int, BB: int = 32):
+    """Per program and time block, the highest anchor level of the benchmark input's pairs
+    (every dt >= 0, so only the forward direction marches), as the kernels compute it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, D, D, generator=g) / math.sqrt(D)
+    dt = torch.rand(B, T, generator=g) * 4.0
+    nrm = A.abs().sum(dim=1).amax(dim=1)
+    lev = torch.floor(dt * nrm[:, None] / theta + 0.5).to(torch.int64)
+    nb = -(-T // BT)
+    lev = torch.nn.functional.pad(lev, (0, nb * BT - T))  # padded pairs sit at level 0
+    per_block = lev.view(B // BB, BB, nb, BT).amax(dim=(1, 3))  # (programs, time blocks)
+    return per_block, lev
+
+
+def _recompute_trips(L: int, cap: int) -> int:
+    """Matvecs the backward's reverse march recomputes for L levels with cap checkpoints."""
+    c = max(-(-L // cap), 1)
+    return sum((a - 1) - ((a - 1) // c) * c for a in range(1, L + 1))
+
+
+def register_kernel_trips(kind: str, cfg: dict, T: int, per_block) -> dict:
+    """Mean trips per program of each source loop of the register kernels."""
+    nb = per_block.shape[1]
+    L = per_block.double()
+    hi = per_block.amax(dim=1)
+    trips = {"levels": nb, "time": nb, "march+": float(L.sum(1).mean()), "march-": 0.0}
+    if kind == "bwd":
+        rec = [[_recompute_trips(int(x), cfg["CAP"]) for x in row] for row in per_block.tolist()]
+        trips.update({"grad+": float((hi > 0).double().mean()) * (cfg["M"] - 1), "grad-": 0.0, "ring+": trips["march+"], "ring-": 0.0,
+                      "reverse+": trips["march+"], "reverse-": 0.0,
+                      "recompute+": sum(map(sum, rec)) / len(rec), "recompute-": 0.0})
+    return trips
+
+
+def label_register_loops(kind: str, loops: list[Loop], D: int) -> list[str]:
+    """Name every SASS loop of a register kernel after its source loop.
+
+    Top level: the levels pre-pass (loads, no stores), the time-block loop (stores) and, in the
+    backward, the two Frechet-derivative loops (no memory access).  The anchor-step matrices are
+    straight-line code.  Inside the time loop, in address order: the two
+    forward marches, then (backward) the checkpoint loop and the reverse loop (which holds the
+    recompute loop) of each direction.  Directions come in source order, + before -.
+    Raises if the structure differs: the model must then be updated with the kernel.
+    """
+    labels = [None] * len(loops)
+    tops = [i for i, l in enumerate(loops) if l.parent is None]
+    mats = []
+    for i in tops:
+        t = loops[i].total
+        if t["stg"]:
+            labels[i] = "time"
+        elif t["ldg"]:
+            labels[i] = "levels"
+        else:
+            mats.append(i)
+    for i, name in zip(mats, ("grad+", "grad-")):
+        labels[i] = name
+    times = [i for i in tops if labels[i] == "time"]
+    expect_top = {"fwd": ["levels", "time"], "bwd": ["levels", "time", "grad+", "grad-"]}[kind]
+    got = sorted(str(labels[i]) for i in tops)
+    if got != sorted(expect_top) or len(times) != 1:
+        raise ValueError(f"unexpected loop structure for the {kind} kernel: top-level loops {got}, "
+                         f"expected {sorted(expect_top)}")
+    inner = [i for i in loops[times[0]].children]
+    if kind == "fwd":
+        names = ["march+", "march-"]
+        if len(inner) != 2 or any(loops[i].children for i in inner):
+            raise ValueError(f"unexpected loop structure in the forward time loop: {len(inner)} loops")
+        for i, n in zip(inner, names):
+            labels[i] = n
+    else:
+        flat = [i for i in inner if not loops[i].children]
+        nested = [i for i in inner if loops[i].children]
+        if len(flat) != 4 or len(nested) != 2 or any(len(loops[i].children) != 1 for i in nested):
+            raise ValueError("unexpected loop structure in the backward time loop")
+        for i, n in zip(flat, ("march+", "march-", "ring+", "ring-")):
+            labels[i] = n
+        for i, n in zip(nested, ("reverse+", "reverse-")):
+            labels[i] = n
+            labels[loops[i].children[0]] = "recompute" + n[-1]
+    return labels
+
+
+def matrix_blocks(instrs, loops, D: int) -> list[tuple[int, int, dict]]:
+    """Straight-line regions skipped by a forward conditional branch that hold at least D^3
+    floating-point instructions and no memory access or loop: the anchor-step matrices E+ and
+    E- (``_step_matrices``), in source order.  Raises unless there are exactly two."""
+    out = []
+    for ins in instrs:
+        if ins.op.startswith("BRA") and ins.pred:
+            m = re.search(r"0x([0-9a-f]+)", ins.args)
+            target = int(m.group(1), 16) if m else -1
+            if target <= ins.addr:
+                continue
+            if any(l.parent is None and (ins.addr < l.start < target) for l in loops):
+                continue
+            if any(l.start <= ins.addr <= l.end for l in loops):
+                continue
+            region = [x for x in instrs if ins.addr < x.addr < target]
+            c = count(region)
+            if c["fp32"] + c["fp64"] >= D ** 3 and not (c["ldg"] or c["stg"]):
+                out.append((ins.addr, target, c))
+    if len(out) != 2:
+        raise ValueError(f"expected the two anchor-step matrix blocks, found {len(out)}")
+    return out
+
+
+def pair_bytes(kind: str, D: int, T: int, itemsize: int) -> float:
+    """Compulsory global-memory bytes per pair (per-cell tensors shared by the cell's T pairs)."""
+    cell = (D * D + D) * itemsize
+    if kind == "fwd":
+        return itemsize + 2 * D * itemsize + cell / T
+    return 2 * itemsize + 2 * D * itemsize + 2 * cell / T
+
+
+def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT) -> dict:
+    """Thread-instructions per pair of a register kernel on the benchmark input."""
+    import torch
+
+    from .ops.local_linear_step.common import TAYLOR
+
+    dtype = {"fp32": torch.float32, "fp64": torch.float64}[dtype_name]
+    theta = TAYLOR[dtype][0]
+    instrs = parse_sass(sass)
+    loops = find_loops(instrs)
+    labels = label_register_loops(kind, loops, cfg["D"])
+    per_block, _ = benchmark_levels(cfg["D"], bench["B"], bench["T"], bench["seed"], theta, cfg["BT"], cfg["BB"])
+    trips = register_kernel_trips(kind, cfg, bench["T"], per_block)
+    top = top_level(instrs, loops)
+    warp_instr = top["instructions"]
+    # E+ runs in the programs with a pair beyond level 0; E- never (no dt < 0 in the input).
+    (_, _, e_pos), (_, _, e_neg) = matrix_blocks(instrs, loops, cfg["D"])
+    ran = float((per_block.amax(dim=1) > 0).double().mean())
+    warp_instr -= (1.0 - ran) * e_pos["instructions"] + e_neg["instructions"]
+    rows = [{"loop": "matrix+ (straight line)", "body_instructions": e_pos["instructions"], "trips_per_program": ran},
+            {"loop": "matrix- (straight line)", "body_instructions": e_neg["instructions"], "trips_per_program": 0.0}]
+    for lp, name in zip(loops, labels):
+        n = trips[name]
+        warp_instr += lp.own["instructions"] * n
+        rows.append({"loop": name, "body_instructions": lp.own["instructions"], "trips_per_program": n,
+                     **{k: lp.own[k] for k in ("fp32", "fp64", "bar_sync", "lds", "sts", "shfl", "mufu", "local")}})
+    pairs = cfg["BB"] * bench["T"]
+    per_pair = warp_instr * ASSUMPTIONS["threads_per_warp"] / pairs
+    a = ASSUMPTIONS
+    rate = a["sms"] * a["schedulers_per_sm"] * a["clock_hz"] * a["warp_instructions_per_scheduler_per_clock"] \
+        * a["threads_per_warp"]
+    nbytes = pair_bytes(kind, cfg["D"], bench["T"], 4 if dtype_name == "fp32" else 8)
+    t_issue = per_pair / rate
+    t_mem = nbytes / a["copy_bandwidth_bytes_per_s"]
+    mean_level = float(benchmark_levels(cfg["D"], bench["B"], bench["T"], bench["seed"], theta, cfg["BT"],
+                                        cfg["BB"])[1].double().mean())
+    return {"thread_instructions_per_pair": per_pair, "straight_line_instructions": top["instructions"],
+            "bar_sync_in_anchor_loops": sum(l.own["bar_sync"] for l, n in zip(loops, labels)
+                                            if n.startswith(("march", "ring", "reverse", "recompute"))),
+            "loops": rows, "bytes_per_pair": nbytes, "ceiling_fraction_of_copy_bandwidth": min(1.0, t_mem / t_issue),
+            "mean_pair_level": mean_level, "mean_program_level_per_time_block": float(per_block.double().mean())}
+
+
+# ----------------------------------------------------------------------------- report
+
+def _analyse(args):
+    spec, est = args
+    res = compile_sass(spec, 90)
+    if not res["ok"]:
+        return res
+    sass = res.pop("sass")
+    instrs = parse_sass(sass)
+    loops = find_loops(instrs)
+    res["counts"] = count(instrs)
+    res["loops"] = len(loops)
+    res["in_loops"] = {k: sum(l.own[k] for l in loops) for k in ("bar_sync", "lds", "sts", "shfl", "local")}
+    if est is not None:
+        kind, cfg, dtype_name = est
+        try:
+            res["estimate"] = estimate(kind, cfg, sass, dtype_name)
+        except ValueError as exc:
+            res["estimate_error"] = str(exc)
+    return res
+
+
+def work_items(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True):
+    from .compile_check import kernel_specs
+
+    items = []
+    for spec, meta in kernel_specs(with_meta=True):
+        if meta.get("family") == "llstep_reg":
+            if only_d is not None and meta["cfg"]["D"] not in only_d:
+                continue
+            if meta["dtype"] not in dtypes:
+                continue
+            items.append((spec, (meta["kind"], meta["cfg"], meta["dtype"])))
+        elif (meta.get("family") == "llstep_tiled" and tiled) or (meta.get("family") == "laplace" and mmd):
+            if meta["dtype"] in dtypes:
+                items.append((spec, None))
+    return items
+
+
+def run(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True, jobs=None) -> list[dict]:
+    items = work_items(only_d, dtypes, tiled, mmd)
+    jobs = jobs or max(1, os.cpu_count() or 1)
+    if jobs == 1:
+        return [_analyse(i) for i in items]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_analyse, items))
+
+
+def format_table(results) -> str:
+    lines = [f"{'kernel':<40} {'regs':>4} {'spill':>5} {'instr':>6} {'BAR':>4} {'LDS/STS':>8} {'SHFL':>4} "
+             f"{'MUFU':>4} {'loop BAR':>8} {'per pair':>9} {'ceiling':>8}"]
+    for r in results:
+        if not r["ok"]:
+            lines.append(f"{r['name']:<40} FAILED: {r['error'][:150]}")
+            continue
+        c = r["counts"]
+        est = r.get("estimate")
+        pp = f"{est['thread_instructions_per_pair']:9.0f}" if est else f"{'-':>9}"
+        ceil = f"{100 * est['ceiling_fraction_of_copy_bandwidth']:7.0f}%" if est else f"{'-':>8}"
+        lines.append(f"{r['name']:<40} {r['registers']:>4} {r['spill_stores']:>5} {c['instructions']:>6} "
+                     f"{c['bar_sync']:>4} {str(c['lds']) + '/' + str(c['sts']):>8} {c['shfl']:>4} {c['mufu']:>4} "
+                     f"{r['in_loops']['bar_sync']:>8} {pp} {ceil}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None, help="write the report here")
+    parser.add_argument("--d", type=int, nargs="+", default=None, help="register kernels: only these D")
+    parser.add_argument("--dtype", nargs="+", default=["fp32", "fp64"], choices=["fp32", "fp64"])
+    parser.add_argument("--no-tiled", action="store_true", help="skip the lane-tiled D > 8 kernels")
+    parser.add_argument("--no-mmd", action="store_true", help="skip the laplace_mmd kernels")
+    parser.add_argument("--jobs", type=int, default=None)
+    args = parser.parse_args(argv)
+    results = run(args.d, tuple(args.dtype), not args.no_tiled, not args.no_mmd, args.jobs)
+    print(format_table(results))
+    print("per pair: estimated thread-instructions per (cell, time) pair on the benchmark input "
+          f"{BENCH_INPUT}; ceiling: the fraction of {ASSUMPTIONS['gpu']} copy bandwidth that issue "
+          "rate allows (see ASSUMPTIONS)")
+    if args.json:
+        report = {"format": "cellmnn-sass-cost", "triton": triton.__version__, "arch": "sm_90",
+                  "assumptions": ASSUMPTIONS, "benchmark_input": BENCH_INPUT, "kernels": results}
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(report, fh, indent=1)
+        os.replace(tmp, args.json)
+    failed = [r for r in results if not r["ok"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

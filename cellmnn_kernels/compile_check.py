@@ -4,7 +4,7 @@ The interpreter used by the CPU tests accepts code that the GPU compiler rejects
 each kernel for sm_80 and sm_90 in every constexpr configuration the launchers can choose, and
 reports registers and spills from ``ptxas -v``.
 
-    python -m cellmnn_kernels.compile_check [--arch 80 90] [--jobs N]
+    python -m cellmnn_kernels.compile_check [--arch 80 90] [--jobs N] [--reg-d D ...]
 """
 from __future__ import annotations
 
@@ -75,9 +75,9 @@ def kernel_specs(with_meta: bool = False) -> list:
     for dtype in TAYLOR:
         f = _DTYPE_SIG[dtype]
         for cfg in reg.all_configs(dtype):
-            fwd_c = {k: cfg[k] for k in ("D", "BB", "BT", "M", "MF")}
+            fwd_c = {**{k: cfg[k] for k in ("D", "BB", "BT", "M", "MF")}, "SAVE_ANCHORS": False}
             bwd_c = {"D": cfg["D"], "BB": cfg["BB"], "BT": cfg["BT_BWD"], "M": cfg["M"], "MF": cfg["MF"],
-                     "CAP": cfg["CAP"]}
+                     "CAP": cfg["CAP"], "SAVE_ANCHORS": False}
             tag = f"{f}_D{cfg['D']}"
             add(KernelSpec(f"llstep_fwd_{tag}_BT{cfg['BT']}", f"{mod}:_llstep_fwd_kernel",
                            _signature(reg._llstep_fwd_kernel, f, fwd_c), tuple(fwd_c.items()), cfg["num_warps"]),
@@ -175,8 +175,9 @@ def compile_one(spec: KernelSpec, arch: int, keep_cubin: bool = False) -> dict:
     return out
 
 
-def compile_all(archs=(80, 90), jobs: int | None = None) -> list[dict]:
-    specs = kernel_specs()
+def compile_all(archs=(80, 90), jobs: int | None = None, reg_d=None) -> list[dict]:
+    specs = [s for s, m in kernel_specs(with_meta=True)
+             if reg_d is None or m["family"] != "llstep_reg" or m["cfg"]["D"] in reg_d]
     work = [(s, a) for a in archs for s in specs]
     jobs = jobs or max(1, os.cpu_count() or 1)
     if jobs == 1:
@@ -200,8 +201,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--reg-d", type=int, nargs="+", default=None,
+                        help="register step kernels: only these D (default: every D they serve)")
     args = parser.parse_args(argv)
-    results = compile_all(tuple(args.arch), args.jobs)
+    results = compile_all(tuple(args.arch), args.jobs, args.reg_d)
     print(format_table(results))
     failed = [r for r in results if not r["ok"]]
     print(f"{len(results) - len(failed)}/{len(results)} kernels compiled")

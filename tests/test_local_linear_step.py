@@ -356,3 +356,25 @@ def test_package_imports_and_runs_without_triton():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("D,dtype", [(2, torch.float64), (5, torch.float32)], ids=["D2-fp64", "D5-fp32"])
+def test_backward_recomputes_the_forwards_anchor_states_bit_for_bit(dtype, D):
+    # The backward kernel marches the anchors again instead of storing them: its states must be
+    # exactly the forward's (any difference would make the gradient that of another function).
+    from cellmnn_kernels.ops.local_linear_step.triton_impl import llstep_backward, llstep_forward
+
+    g = torch.Generator().manual_seed(D)
+    B, T = 33, 9  # two programs; several backward time blocks, the last one partly empty
+    A = (torch.randn(B, D, D, generator=g, dtype=torch.float64) * 3 / D ** 0.5).to(dtype).to(DEVICE)
+    x0 = torch.randn(B, D, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    dt = (torch.rand(B, T, generator=g, dtype=torch.float64) * 8 - 3).to(dtype).to(DEVICE)  # both signs
+    Yf = torch.full((B, T, D), float("nan"), dtype=dtype, device=DEVICE)
+    Yb = torch.full((B, T, D), float("nan"), dtype=dtype, device=DEVICE)
+    llstep_forward(A, x0, dt, anchors=Yf)
+    llstep_backward(A, x0, dt, torch.ones(B, T, D, dtype=dtype, device=DEVICE), None, anchors=Yb)
+    assert not Yf.isnan().any()
+    assert torch.equal(Yf, Yb)
+    # and they are the anchors: some pairs sit beyond level 0 in each direction
+    assert (Yf != x0[:, None, :]).any(dim=-1).sum() > B

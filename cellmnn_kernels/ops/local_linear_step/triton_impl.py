@@ -298,11 +298,13 @@ if HAS_TRITON:
         return Ep, En
 
     @triton.jit
-    def _llstep_fwd_kernel(A_ptr, x0_ptr, dt_ptr, X_ptr, V_ptr, B, T,
+    def _llstep_fwd_kernel(A_ptr, x0_ptr, dt_ptr, X_ptr, V_ptr, Y_ptr, B, T,
                            sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
                            D: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr,
-                           M: tl.constexpr, MF: tl.constexpr):
-        """X, V (B, T, D) contiguous from A (B, D, D), x0 (B, D), dt (B, T), any strides."""
+                           M: tl.constexpr, MF: tl.constexpr, SAVE_ANCHORS: tl.constexpr):
+        """X, V (B, T, D) contiguous from A (B, D, D), x0 (B, D), dt (B, T), any strides.
+
+        With SAVE_ANCHORS, each pair's anchor state goes to Y (B, T, D) too (for tests)."""
         cell, cm, Z, x0, nrm, finite, h, inv_h = _load_cell(
             A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D, BB)
         hi_pos, hi_neg = _levels(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max, BT)
@@ -311,6 +313,8 @@ if HAS_TRITON:
             inr, ok, neg, lev, rho = _pairs(dt_ptr, cell, cm, t0, T, stb, stt, nrm, finite, inv_h,
                                             theta, nu_max, BT)
             Y = _anchor_states(Ep, En, x0, ok, neg, lev, hi_pos > 0, hi_neg > 0, D, BT)
+            if SAVE_ANCHORS:
+                _save_anchors(Y_ptr, Y, cell, t0, T, inr, D, BT)
             for k in tl.static_range(BT):
                 y = ()
                 for i in tl.static_range(D):
@@ -330,10 +334,11 @@ if HAS_TRITON:
                     tl.store(V_ptr + off + i, W[i] * inv_h, mask=inr[k])
 
     @triton.jit
-    def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr, B, T,
+    def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr, Y_ptr, B, T,
                            sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
                            D: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr,
-                           M: tl.constexpr, MF: tl.constexpr, CAP: tl.constexpr):
+                           M: tl.constexpr, MF: tl.constexpr, CAP: tl.constexpr,
+                           SAVE_ANCHORS: tl.constexpr):
         """dA (B, D, D), dx0 (B, D), ddt (B, T) from the upstream gX, gV (B, T, D) contiguous.
 
         A pair with NaN/Inf or out-of-range inputs poisons its cell's dA and dx0 (as it would in a
@@ -358,6 +363,8 @@ if HAS_TRITON:
             inr, ok, neg, lev, rho = _pairs(dt_ptr, cell, cm, t0, T, stb, stt, nrm, finite, inv_h,
                                             theta, nu_max, BT)
             Y = _anchor_states(Ep, En, x0, ok, neg, lev, hi_pos > 0, hi_neg > 0, D, BT)
+            if SAVE_ANCHORS:
+                _save_anchors(Y_ptr, Y, cell, t0, T, inr, D, BT)
             # Each pair's Horner in reverse; GY[k] = Ybar of pair k.
             GY = ()
             for k in tl.static_range(BT):
@@ -435,6 +442,12 @@ if HAS_TRITON:
             tl.store(dx0_ptr + cell * D + i, tl.where(cell_bad, float("nan"), dx0[i]), mask=cm)
 
     @triton.jit
+    def _save_anchors(Y_ptr, Y, cell, t0, T, inr, D: tl.constexpr, BT: tl.constexpr):
+        for k in tl.static_range(BT):
+            for i in tl.static_range(D):
+                tl.store(Y_ptr + (cell * T + t0 + k) * D + i, Y[k * D + i], mask=inr[k])
+
+    @triton.jit
     def _level0(GY, dx0, ok, neg, lev, NEG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
         """dx0 += Ybar of the pairs of one direction at level 0 (their anchor is x0)."""
         out = ()
@@ -510,37 +523,44 @@ def _kernel_args(A, x0, dt):
                 theta=theta, nu_max=NU_MAX)
 
 
-def forward_launch(A, x0, dt, X, V):
-    """(kernel, grid, keyword arguments) of the forward launch: the one source of its signature."""
+def forward_launch(A, x0, dt, X, V, anchors=None):
+    """(kernel, grid, keyword arguments) of the forward launch."""
     cfg = block_config(x0.shape[1], A.dtype)
-    kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, X_ptr=X, V_ptr=V, **_kernel_args(A, x0, dt),
-              D=cfg["D"], BB=cfg["BB"], BT=cfg["BT"], M=cfg["M"], MF=cfg["MF"], num_warps=cfg["num_warps"])
+    kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, X_ptr=X, V_ptr=V, Y_ptr=X if anchors is None else anchors,
+              **_kernel_args(A, x0, dt), D=cfg["D"], BB=cfg["BB"], BT=cfg["BT"], M=cfg["M"], MF=cfg["MF"],
+              SAVE_ANCHORS=anchors is not None, num_warps=cfg["num_warps"])
     return _llstep_fwd_kernel, (triton.cdiv(x0.shape[0], cfg["BB"]),), kw
 
 
-def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt):
+def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, anchors=None):
     """(kernel, grid, keyword arguments) of the backward launch."""
     cfg = block_config(x0.shape[1], A.dtype)
     kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, gX_ptr=gX, gV_ptr=gV, dA_ptr=dA, dx0_ptr=dx0, ddt_ptr=ddt,
-              **_kernel_args(A, x0, dt), D=cfg["D"], BB=cfg["BB"], BT=cfg["BT_BWD"], M=cfg["M"],
-              MF=cfg["MF"], CAP=cfg["CAP"], num_warps=cfg["num_warps"])
+              Y_ptr=gX if anchors is None else anchors, **_kernel_args(A, x0, dt), D=cfg["D"], BB=cfg["BB"],
+              BT=cfg["BT_BWD"], M=cfg["M"], MF=cfg["MF"], CAP=cfg["CAP"], SAVE_ANCHORS=anchors is not None,
+              num_warps=cfg["num_warps"])
     return _llstep_bwd_kernel, (triton.cdiv(x0.shape[0], cfg["BB"]),), kw
 
 
-def llstep_forward(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor):
-    """Launch the forward kernel; inputs validated, any strides; returns contiguous X, V (B,T,D)."""
+def llstep_forward(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, anchors=None):
+    """Launch the forward kernel; inputs validated, any strides; returns contiguous X, V (B,T,D).
+
+    ``anchors``: an optional (B, T, D) tensor that receives each pair's anchor state (D <= 8)."""
     B, D = x0.shape
     if D > REG_MAX_D:
         return triton_tiled.llstep_forward(A, x0, dt)
     X = torch.empty((B, dt.shape[1], D), dtype=A.dtype, device=A.device)
     V = torch.empty_like(X)
-    kernel, grid, kw = forward_launch(A, x0, dt, X, V)
+    kernel, grid, kw = forward_launch(A, x0, dt, X, V, anchors)
     kernel[grid](**kw)
     return X, V
 
 
-def llstep_backward(A, x0, dt, gX, gV):
-    """Launch the backward kernel; returns dA (B,D,D), dx0 (B,D), ddt (B,T)."""
+def llstep_backward(A, x0, dt, gX, gV, anchors=None):
+    """Launch the backward kernel; returns dA (B,D,D), dx0 (B,D), ddt (B,T).
+
+    ``anchors``: an optional (B, T, D) tensor that receives the anchor states the backward
+    recomputes (D <= 8)."""
     B, D = x0.shape
     if D > REG_MAX_D:
         return triton_tiled.llstep_backward(A, x0, dt, gX, gV)
@@ -550,7 +570,7 @@ def llstep_backward(A, x0, dt, gX, gV):
     dA = torch.empty((B, D, D), dtype=A.dtype, device=A.device)
     dx0 = torch.empty((B, D), dtype=A.dtype, device=A.device)
     ddt = torch.empty((B, T), dtype=A.dtype, device=A.device)
-    kernel, grid, kw = backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt)
+    kernel, grid, kw = backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, anchors)
     kernel[grid](**kw)
     return dA, dx0, ddt
 

@@ -1,23 +1,31 @@
-"""One call on a GPU machine: correctness subset with compiled kernels, then benchmarks.
+"""One call on a GPU machine: correctness, then the target rows, then sweeps, under one deadline.
 
-    python bench/gpu_bench.py --out "$OUT" [--test-timeout 150] [--bench-budget 150] [--quick]
-    python bench/gpu_bench.py --dry-run --out /tmp/x    # CPU rehearsal of the script's logic
+    python bench/gpu_bench.py --out "$OUT" [--deadline 420] [--test-timeout 90]
+    python bench/gpu_bench.py --dry-run --out /tmp/x    # CPU rehearsal: interpreter tests, tiny sizes
 
-1. runs the triton-backend op tests on CUDA tensors (compiled kernels, not the interpreter);
-2. measures the device copy bandwidth (torch copy of 1 GiB, triton.testing.do_bench median);
-3. times local_linear_step forward and forward+backward for each backend, B*T from 1e3 to 1e7
-   (T = 16) and D in {5, 16, 64}, medians from do_bench; skips sizes a backend cannot hold;
-4. times laplace_mmd (D = 5) for N = M from 1e3 to 1e6: each backend, and KeOps (pykeops) on
-   the same L1-Laplace formula when it is importable (``--keops-wheels DIR`` installs it from
-   wheels carried to the machine); kernel evaluations per second and peak memory;
-5. prints a short table last and writes gpu_bench.json and gpu_bench.md under --out.
-Forward "roofline" counts only unavoidable bytes: A and x0 once per cell, dt read and X, V
-written once per pair.
+Order of work (everything is written to gpu_bench.json / gpu_bench.md under --out and printed,
+flushed, after every row, so a crash or a kill loses at most the row in progress):
+
+1. environment: device, torch/triton versions, what imported (pykeops is optional);
+2. correctness: a subset of the triton op tests in a pytest subprocess, compiled kernels, capped
+   at --test-timeout seconds (pytest, hypothesis and numpy are imported there and nowhere else);
+3. copy bandwidth (device-to-device copy of 1 GiB, do_bench median): the roofline's denominator;
+4. the target rows: local_linear_step fwd+bwd at B*T = 1e6, D = 5 (triton and reference), the
+   triton forward at B*T = 1e7, D = 5 (fraction of copy bandwidth), laplace_mmd fwd+bwd at
+   N = M = 8192 (triton and the dense reference);
+5. the compiled kernels' real registers and spills, and the anchor-level statistics of the
+   benchmark input (A = randn/sqrt(D), dt ~ U[0, 4], T = 16);
+6. sweeps: local_linear_step B*T from 1e3 to 1e7, D in {5, 16, 64}; laplace_mmd N up to 1e6.
+
+Every row's cost is predicted before it starts (from the previous size of the same series, or a
+first guess) and the row is skipped if it would pass the deadline; every exception is caught and
+recorded with its row.  Exit status 1 if the correctness step failed or timed out, else 0.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,101 +36,156 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
 
-MEM_LIMIT = 0.6  # fraction of device memory a single benchmark may plan to use
-
-
-def run_tests(timeout: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "triton",
-           os.path.join(ROOT, "tests", "test_local_linear_step.py"), os.path.join(ROOT, "tests", "test_laplace_mmd.py")]
-    t0 = time.time()
-    try:
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        tail = (res.stdout + res.stderr).strip().splitlines()[-15:]
-        return {"returncode": res.returncode, "seconds": round(time.time() - t0, 1), "tail": tail}
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return {"returncode": "timeout", "seconds": timeout, "tail": out.strip().splitlines()[-15:]}
+MEM_LIMIT = 0.6  # fraction of device memory a single row may plan to use
+COMPILE_S = 40.0  # allowance for a first call that compiles a kernel (sm_90, D = 5 backward ~ 20 s)
+TEST_SELECTION = ("bit_for_bit or (triton and (rotation or decaying or zero_time or edge_of_the_contract "
+                  "or chunked or identical_sets or single_call or retain_graph))")
 
 
-def cpu_do_bench(fn, warmup=1, rep=None, grad_to_none=None, return_mode="median"):
-    """Stand-in for triton.testing.do_bench in --dry-run (CPU): median of a few timed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(3):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[1]
+def say(*parts, sep=" "):
+    print(*parts, sep=sep, flush=True)
 
 
-def copy_bandwidth(do_bench, device="cuda") -> float:
-    n = 1 << (28 if device == "cuda" else 24)  # 1 GiB of float32 on the GPU
-    src = torch.empty(n, device=device, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    del src, dst
-    return 2 * n * 4 / (ms * 1e-3)
+# ----------------------------------------------------------------------------- inputs
+
+def step_inputs(B, T, D, device, seed=0, dtype=torch.float32):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    A = torch.randn(B, D, D, generator=g, dtype=dtype) / D ** 0.5
+    x0 = torch.randn(B, D, generator=g, dtype=dtype)
+    dt = torch.rand(B, T, generator=g, dtype=dtype) * 4.0
+    return A.to(device), x0.to(device), dt.to(device)
 
 
-def planned_bytes(backend: str, B: int, T: int, D: int, mode: str) -> float:
+def mmd_points(N, device, D=5, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    y = torch.randn(N, D, generator=g) + 0.2
+    return x.to(device), y.to(device)
+
+
+def step_bytes(B, T, D, itemsize=4):
+    """Compulsory bytes of a forward: A and x0 once per cell, dt read and X, V written per pair."""
+    return itemsize * (B * D * D + B * D + B * T + 2 * B * T * D)
+
+
+def planned_memory(backend, B, T, D, mode):
     P = B * T
-    io = 4 * (B * D * D + B * D + P + 2 * P * D)
+    io = step_bytes(B, T, D)
     if backend == "reference":  # (B,T,D,D) batches; the backward runs 2D x 2D exponentials
         return io + 4 * P * D * D * (8 if mode == "fwd" else 40)
-    if backend == "torch":  # Horner states (2m+2) x (B,D,T), plus anchor tables
+    if backend == "torch":
         return io + 4 * P * D * 30 * (1 if mode == "fwd" else 2)
     return io * (1 if mode == "fwd" else 2.5)
 
 
-def bench_step(do_bench, sizes, dims, backends, budget_s, device="cuda"):
-    from bench_local_linear_step import make_inputs
+# ----------------------------------------------------------------------------- the run
 
+class Run:
+    """Rows, the deadline and the output files; every row is written and printed as it ends."""
+
+    def __init__(self, out, deadline_s, device, do_bench, meta):
+        self.out, self.device, self.do_bench, self.meta = out, device, do_bench, meta
+        self.t_end = time.time() + deadline_s
+        self.rows, self.seen_compile, self.last = [], set(), {}
+        os.makedirs(out, exist_ok=True)
+
+    def left(self):
+        return self.t_end - time.time()
+
+    def predict(self, series, size, compiles):
+        """Seconds a row will take: do_bench runs the function about 5 + 50 ms / t times plus its
+        own 25 + 100 ms budgets; the time per call scales linearly from the last size measured."""
+        t_call = 0.05
+        if series in self.last:
+            prev_size, prev_ms = self.last[series]
+            t_call = prev_ms * 1e-3 * size / prev_size
+        return 10 * t_call + 0.5 + (COMPILE_S if compiles and series[0] not in self.seen_compile else 0.0)
+
+    def row(self, row, fn, series, size, compiles=False, grad_to_none=None, memory=0.0):
+        est = self.predict(series, size, compiles)
+        row = dict(row, predicted_s=round(est, 2))
+        total = torch.cuda.get_device_properties(0).total_memory if self.device == "cuda" else 16 << 30
+        if memory > MEM_LIMIT * total:
+            row["skipped"] = f"needs about {memory / 2**30:.1f} GiB"
+        elif est > self.left():
+            row["skipped"] = f"predicted {est:.0f} s, {max(0, self.left()):.0f} s left"
+        else:
+            t0 = time.time()
+            try:
+                if self.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                ms = self.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+                row["ms"] = ms
+                if self.device == "cuda":
+                    row["peak_MB"] = torch.cuda.max_memory_allocated() / 2 ** 20
+                self.last[series] = (size, ms)
+                if compiles:
+                    self.seen_compile.add(series[0])
+            except Exception as exc:  # out of memory, a compile error, anything: recorded, not fatal
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            row["wall_s"] = round(time.time() - t0, 2)
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+        self.rows.append(row)
+        self.flush()
+        say("row", json.dumps(row))
+        return row
+
+    def flush(self):
+        write_atomic(os.path.join(self.out, "gpu_bench.json"),
+                     json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+        write_atomic(os.path.join(self.out, "gpu_bench.md"), markdown(self.meta, self.rows))
+
+
+def step_row(run, backend, mode, B, T, D, target=False):
     from cellmnn_kernels import local_linear_step
 
-    total_mem = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 8 << 30
-    rows, t_start = [], time.time()
-    for D in dims:
-        for P in sizes:
-            T = 16
-            B = max(1, P // T)
-            for backend in backends:
-                for mode in ("fwd", "fwd+bwd"):
-                    row = {"D": D, "B": B, "T": T, "pairs": B * T, "backend": backend, "mode": mode}
-                    if planned_bytes(backend, B, T, D, mode) > MEM_LIMIT * total_mem:
-                        rows.append({**row, "skipped": "memory"})
-                        continue
-                    if time.time() - t_start > budget_s:
-                        rows.append({**row, "skipped": "time budget"})
-                        continue
-                    A, x0, dt = make_inputs(B, T, D, device=device)
-                    if mode == "fwd+bwd":
-                        A, x0, dt = (t.requires_grad_() for t in (A, x0, dt))
-                        gX = torch.ones(B, T, D, device=device)
+    A, x0, dt = step_inputs(B, T, D, run.device)
+    grads = None
+    if mode == "fwd+bwd":
+        A, x0, dt = (t.requires_grad_() for t in (A, x0, dt))
+        g = torch.ones(B, T, D, device=run.device)
+        grads = [A, x0, dt]
 
-                        def fn():
-                            X, V = local_linear_step(A, x0, dt, backend=backend, check_finite=False)
-                            torch.autograd.backward([X, V], [gX, gX])
-                    else:
-                        def fn():
-                            local_linear_step(A, x0, dt, backend=backend, check_finite=False)
-                    try:
-                        ms = do_bench(fn, warmup=5, rep=50, grad_to_none=[A, x0, dt] if mode != "fwd" else None,
-                                      return_mode="median")
-                        row["ms"] = ms
-                    except torch.cuda.OutOfMemoryError:
-                        row["skipped"] = "out of memory"
-                    rows.append(row)
-                    del A, x0, dt
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-    return rows
+        def fn():
+            X, V = local_linear_step(A, x0, dt, backend=backend, check_finite=False)
+            torch.autograd.backward([X, V], [g, g])
+    else:
+        def fn():
+            local_linear_step(A, x0, dt, backend=backend, check_finite=False)
+    row = {"op": "local_linear_step", "backend": backend, "mode": mode, "D": D, "B": B, "T": T, "pairs": B * T,
+           "target": target}
+    row = run.row(row, fn, ("step", backend, mode, D), B * T, compiles=backend == "triton", grad_to_none=grads,
+                  memory=planned_memory(backend, B, T, D, mode))
+    if "ms" in row and mode == "fwd":
+        row["GBps"] = step_bytes(B, T, D) / (row["ms"] * 1e-3) / 1e9
+        row["fraction_of_copy_bw"] = row["GBps"] * 1e9 / run.meta["copy_Bps"]
+        run.flush()
+    return row
+
+
+def mmd_row(run, backend, mode, N, target=False):
+    from cellmnn_kernels import laplace_mmd
+
+    x, y = mmd_points(N, run.device)
+    x.requires_grad_(mode == "fwd+bwd")
+
+    def fn():
+        if backend == "keops":
+            v = keops_mmd(x, y)
+        else:
+            v = laplace_mmd(x, y, backend=backend, check_finite=False)
+        if mode == "fwd+bwd":
+            v.backward()
+    row = {"op": "laplace_mmd", "backend": backend, "mode": mode, "D": 5, "N": N, "target": target}
+    memory = 4.0 * N * N * (6 if backend == "reference" else 0) + 64 * N
+    row = run.row(row, fn, ("mmd", backend, mode), N * N, compiles=backend == "triton",
+                  grad_to_none=[x] if mode != "fwd" else None, memory=memory)
+    if "ms" in row:
+        row["evals_per_s"] = 3 * N * N / (row["ms"] * 1e-3)
+        run.flush()
+    return row
 
 
 def keops_mmd(x, y, sigma=1.0):
@@ -139,123 +202,121 @@ def keops_mmd(x, y, sigma=1.0):
     return mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y)
 
 
-def bench_mmd(do_bench, sizes, backends, budget_s, device="cuda"):
-    from bench_laplace_mmd import make_points
+def compiled_kernels(device):
+    """Registers and spills of the kernels the JIT compiled for D = 5 float32 (launched once)."""
+    if device != "cuda":
+        return {"note": "no JIT compile on CPU (the interpreter runs the kernels)"}
+    from cellmnn_kernels.ops.local_linear_step import triton_impl as ti
 
-    from cellmnn_kernels import laplace_mmd
-
-    rows, t_start = [], time.time()
-    for N in sizes:
-        for backend in backends:
-            for mode in ("fwd", "fwd+bwd"):
-                row = {"op": "laplace_mmd", "N": N, "D": 5, "backend": backend, "mode": mode}
-                if backend == "reference" and N > 16384:
-                    rows.append({**row, "skipped": "dense N x N"})
-                    continue
-                if time.time() - t_start > budget_s:
-                    rows.append({**row, "skipped": "time budget"})
-                    continue
-                x, y = make_points(N, device=device)
-                x.requires_grad_(mode == "fwd+bwd")
-
-                def fn():
-                    v = keops_mmd(x, y) if backend == "keops" else laplace_mmd(x, y, backend=backend, check_finite=False)
-                    if mode == "fwd+bwd":
-                        v.backward()
-                try:
-                    if device == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    row["ms"] = do_bench(fn, warmup=1, rep=50, grad_to_none=[x] if mode != "fwd" else None,
-                                         return_mode="median")
-                    row["evals_per_s"] = 3 * N * N / (row["ms"] * 1e-3)  # k(X,X), k(Y,Y), k(X,Y)
-                    if device == "cuda":
-                        row["peak_MB"] = torch.cuda.max_memory_allocated() / 2 ** 20
-                except Exception as exc:  # out of memory, or KeOps failing to build
-                    row["skipped"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                rows.append(row)
-                del x, y
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-    return rows
+    out = {}
+    A, x0, dt = step_inputs(256, 16, 5, device)
+    X, V = torch.empty(256, 16, 5, device=device), torch.empty(256, 16, 5, device=device)
+    dA, dx0, ddt = torch.empty_like(A), torch.empty_like(x0), torch.empty_like(dt)
+    for name, (kernel, grid, kw) in (("llstep_fwd_fp32_D5", ti.forward_launch(A, x0, dt, X, V)),
+                                     ("llstep_bwd_fp32_D5", ti.backward_launch(A, x0, dt, X, V, dA, dx0, ddt))):
+        try:
+            ck = kernel[grid](**kw)
+            out[name] = {"registers": getattr(ck, "n_regs", None), "spills": getattr(ck, "n_spills", None)}
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return out
 
 
-def summarise(rows, copy_bw):
-    by_key = {(r["D"], r["pairs"], r["mode"], r["backend"]): r for r in rows if "ms" in r}
+def anchor_statistics():
+    from cellmnn_kernels.sass_cost import BENCH_INPUT, benchmark_levels
+
+    per_block, lev = benchmark_levels(5, BENCH_INPUT["B"], BENCH_INPUT["T"], BENCH_INPUT["seed"], 1.0, 16)
+    return {"input": BENCH_INPUT, "D": 5, "mean_pair_level": float(lev.double().mean()),
+            "mean_program_max_level": float(per_block.double().mean()), "max_level": int(lev.max())}
+
+
+def run_tests(timeout, dry_run):
+    env = dict(os.environ)
+    if dry_run:
+        env["TRITON_INTERPRET"] = "1"
+        selection = "bit_for_bit or (triton and zero_time)"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+        selection = TEST_SELECTION
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", selection,
+           os.path.join(ROOT, "tests", "test_local_linear_step.py"), os.path.join(ROOT, "tests", "test_laplace_mmd.py")]
+    t0 = time.time()
+    try:
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        tail = (res.stdout + res.stderr).strip().splitlines()[-12:]
+        return {"ok": res.returncode == 0, "returncode": res.returncode, "seconds": round(time.time() - t0, 1),
+                "selection": selection, "tail": tail}
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return {"ok": False, "returncode": "timeout", "seconds": timeout, "selection": selection,
+                "tail": out.strip().splitlines()[-12:]}
+
+
+def copy_bandwidth(do_bench, device):
+    n = 1 << (28 if device == "cuda" else 22)  # 1 GiB of float32 on the GPU
+    src = torch.empty(n, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    del src, dst
+    return 2 * n * 4 / (ms * 1e-3)
+
+
+def cpu_do_bench(fn, warmup=25, rep=100, grad_to_none=None, return_mode="median"):
+    """Stand-in for triton.testing.do_bench on CPU: median of three timed calls after one."""
+    fn()
+    times = []
+    for _ in range(3):
+        for t in grad_to_none or ():
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+# ----------------------------------------------------------------------------- reports
+
+def _find(rows, **key):
+    return next((r for r in rows if all(r.get(k) == v for k, v in key.items()) and "ms" in r), None)
+
+
+def summary_lines(meta, rows):
+    lines = [f"summary on {meta['device']}: copy bandwidth {meta.get('copy_Bps', 0) / 1e9:.0f} GB/s; "
+             f"correctness {'passed' if meta.get('tests', {}).get('ok') else 'FAILED or not run'}"]
+    t = _find(rows, op="local_linear_step", backend="triton", mode="fwd+bwd", D=5, pairs=10 ** 6)
+    r = _find(rows, op="local_linear_step", backend="reference", mode="fwd+bwd", D=5, pairs=10 ** 6)
+    lines.append(f"  triton fwd+bwd vs reference, B*T=1e6, D=5: "
+                 + (f"{r['ms'] / t['ms']:.0f}x ({t['ms']:.3g} ms)" if t and r else "n/a") + " (target >= 100x)")
+    f = _find(rows, op="local_linear_step", backend="triton", mode="fwd", D=5, pairs=10 ** 7)
+    lines.append("  triton fwd, B*T=1e7, D=5: "
+                 + (f"{100 * f['fraction_of_copy_bw']:.0f}% of copy bandwidth ({f['GBps']:.0f} GB/s)" if f else "n/a")
+                 + " (target >= 70%)")
+    t = _find(rows, op="laplace_mmd", backend="triton", mode="fwd+bwd", N=8192)
+    r = _find(rows, op="laplace_mmd", backend="reference", mode="fwd+bwd", N=8192)
+    lines.append("  laplace_mmd fwd+bwd N=M=8192: " + (f"triton {r['ms'] / t['ms']:.1f}x dense" if t and r else "n/a")
+                 + " (target >= 10x)")
+    return lines
+
+
+def markdown(meta, rows):
+    lines = [f"# gpu_bench on {meta['device']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}; copy bandwidth "
+             f"{meta.get('copy_Bps', 0) / 1e9:.0f} GB/s; correctness: {meta.get('tests', {}).get('returncode')}", "",
+             "| op | backend | mode | D | size | median ms | GB/s | of copy BW | predicted s | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "ms" not in r:
-            continue
-        ref = by_key.get((r["D"], r["pairs"], r["mode"], "reference"))
-        if ref and r["backend"] != "reference":
-            r["speedup_vs_reference"] = ref["ms"] / r["ms"]
-        if r["mode"] == "fwd":
-            B, T, D = r["B"], r["T"], r["D"]
-            nbytes = 4 * (B * D * D + B * D + B * T + 2 * B * T * D)
-            r["GBps"] = nbytes / (r["ms"] * 1e-3) / 1e9
-            r["fraction_of_copy_bw"] = nbytes / (r["ms"] * 1e-3) / copy_bw
-    return rows
-
-
-def markdown_mmd(rows) -> str:
-    lines = ["", "## laplace_mmd (D = 5, N = M)", "",
-             "| N | mode | backend | median ms | x reference | kernel evals / s | peak MB |", "|---|---|---|---|---|---|---|"]
-    ref = {(r["N"], r["mode"]): r["ms"] for r in rows if r["backend"] == "reference" and "ms" in r}
-    for r in rows:
-        if "ms" not in r:
-            lines.append(f"| {r['N']:.0e} | {r['mode']} | {r['backend']} | skipped: {r['skipped']} | | | |")
-            continue
-        sp = f"{ref[(r['N'], r['mode'])] / r['ms']:.1f}" if (r["N"], r["mode"]) in ref and r["backend"] != "reference" else ""
-        lines.append(f"| {r['N']:.0e} | {r['mode']} | {r['backend']} | {r['ms']:.4g} | {sp} | "
-                     f"{r['evals_per_s']:.3g} | {r.get('peak_MB', float('nan')):.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-def markdown(meta, rows) -> str:
-    lines = [f"# local_linear_step on {meta['device']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}; copy bandwidth {meta['copy_GBps']:.0f} GB/s; "
-             f"tests: {meta['tests']['returncode']} in {meta['tests']['seconds']} s", "",
-             "| D | B*T | mode | backend | median ms | x reference | GB/s | of copy BW |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "ms" not in r:
-            lines.append(f"| {r['D']} | {r['pairs']:.0e} | {r['mode']} | {r['backend']} | skipped: {r['skipped']} | | | |")
-            continue
-        sp = f"{r['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in r else ""
+        size = f"{r['pairs']:.0e} pairs" if "pairs" in r else f"N={r['N']:.0e}"
+        ms = f"{r['ms']:.4g}" if "ms" in r else ""
         gb = f"{r['GBps']:.0f}" if "GBps" in r else ""
         fr = f"{100 * r['fraction_of_copy_bw']:.0f}%" if "fraction_of_copy_bw" in r else ""
-        lines.append(f"| {r['D']} | {r['pairs']:.0e} | {r['mode']} | {r['backend']} | {r['ms']:.4g} | {sp} | {gb} | {fr} |")
-    return "\n".join(lines) + "\n"
-
-
-def short_summary(meta, rows, mmd_rows=()) -> str:
-    """The targets, one line each: printed last."""
-    def find(D, pairs, mode, backend):
-        return next((r for r in rows if (r["D"], r["pairs"], r["mode"], r["backend"]) == (D, pairs, mode, backend)
-                     and "ms" in r), None)
-
-    big = max(r["pairs"] for r in rows)
-    lines = [f"summary on {meta['device']}: copy bandwidth {meta['copy_GBps']:.0f} GB/s; "
-             f"tests {meta['tests']['returncode']}"]
-    r = find(5, 10 ** 6, "fwd+bwd", "triton")
-    sp = f"{r['speedup_vs_reference']:.0f}x" if r and "speedup_vs_reference" in r else "n/a"
-    lines.append(f"  triton fwd+bwd vs reference, B*T=1e6, D=5: {sp} (target >= 100x)")
-    for D in sorted({r["D"] for r in rows}):
-        r = find(D, big, "fwd", "triton")
-        frac = f"{100 * r['fraction_of_copy_bw']:.0f}% ({r['GBps']:.0f} GB/s)" if r else "n/a"
-        lines.append(f"  triton fwd, B*T={big:.0e}, D={D}: {frac} of copy bandwidth (target >= 70%)")
-    m = {(r["N"], r["mode"], r["backend"]): r for r in mmd_rows if "ms" in r}
-    t, ref = m.get((8192, "fwd+bwd", "triton")), m.get((8192, "fwd+bwd", "reference"))
-    lines.append(f"  laplace_mmd fwd+bwd N=M=8192: triton {ref['ms'] / t['ms']:.1f}x reference (target >= 10x)"
-                 if t and ref else "  laplace_mmd fwd+bwd N=M=8192: n/a")
-    big = max((r["N"] for r in mmd_rows if "ms" in r and r["backend"] == "triton"), default=None)
-    if big:
-        t, k = m.get((big, "fwd+bwd", "triton")), m.get((big, "fwd+bwd", "keops"))
-        line = f"  laplace_mmd fwd+bwd N=M={big:.0e}: triton {t['evals_per_s']:.3g} evals/s, peak {t.get('peak_MB', 0):.0f} MB" if t else ""
-        line += f"; keops {k['evals_per_s']:.3g} evals/s" if k else "; keops n/a"
-        lines.append(line)
+        note = r.get("skipped") or r.get("error") or ("target row" if r.get("target") else "")
+        lines.append(f"| {r['op']} | {r['backend']} | {r['mode']} | {r['D']} | {size} | {ms} | {gb} | {fr} | "
+                     f"{r['predicted_s']} | {note} |")
+    lines += ["", "```", *summary_lines(meta, rows), "```", ""]
     return "\n".join(lines)
 
 
-def write_atomic(path: str, text: str) -> None:
+def write_atomic(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -265,56 +326,84 @@ def write_atomic(path: str, text: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--test-timeout", type=int, default=150)
-    ap.add_argument("--bench-budget", type=float, default=150.0, help="seconds for the local_linear_step sweep")
-    ap.add_argument("--quick", action="store_true", help="smaller sweep (sizes up to 1e6)")
-    ap.add_argument("--dry-run", action="store_true", help="rehearse on CPU: tiny sizes, no tests, no triton")
-    ap.add_argument("--mmd-budget", type=float, default=100.0, help="seconds for the laplace_mmd sweep")
-    ap.add_argument("--keops-wheels", default=None, help="folder of pykeops/keopscore wheels to install first")
+    ap.add_argument("--deadline", type=float, default=420.0, help="seconds for the whole call")
+    ap.add_argument("--test-timeout", type=int, default=90)
+    ap.add_argument("--dry-run", action="store_true", help="rehearse on CPU (interpreter tests, tiny sizes)")
     args = ap.parse_args(argv)
+    t_start = time.time()
+    imported = {"torch": torch.__version__}
+    try:
+        import triton
+
+        imported["triton"] = triton.__version__
+    except ImportError as exc:
+        imported["triton"] = f"not importable: {exc}"
+    try:
+        import pykeops
+
+        imported["pykeops"] = pykeops.__version__
+    except Exception:
+        imported["pykeops"] = None
     if args.dry_run:
         device, do_bench = "cpu", cpu_do_bench
-        meta = {"device": "CPU (dry run)", "torch": torch.__version__, "triton": "-",
-                "tests": {"returncode": "not run", "seconds": 0, "tail": []}}
-        sizes, dims, backends = [10 ** 3, 10 ** 4], (5, 16), ("torch", "reference")
-        mmd_sizes, mmd_backends = [1000, 2000], ("torch", "reference")
+        name = "CPU (dry run)"
     else:
         if not torch.cuda.is_available():
-            print("no CUDA device: nothing to do (use --dry-run to rehearse on CPU)")
+            say("no CUDA device: nothing to do (use --dry-run to rehearse on CPU)")
             return 2
-        import triton
         from triton.testing import do_bench
 
-        device = "cuda"
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-        meta["tests"] = run_tests(args.test_timeout)
-        print("tests:", meta["tests"]["returncode"], *meta["tests"]["tail"][-3:], sep="\n  ")
-        sizes = [10 ** k for k in range(3, 7 if args.quick else 8)]
-        dims, backends = (5, 16, 64), ("triton", "torch", "reference")
-        mmd_sizes = [1000, 8192, 10 ** 5] + ([] if args.quick else [10 ** 6])
-        if args.keops_wheels:
-            subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links",
-                            args.keops_wheels, "pykeops"], check=False)
-        try:
-            import pykeops  # noqa: F401
+        device, name = "cuda", torch.cuda.get_device_name()
+    meta = {"device": name, "torch": torch.__version__, "triton": imported["triton"], "imported": imported,
+            "deadline_s": args.deadline}
+    run = Run(args.out, args.deadline - (time.time() - t_start), device, do_bench, meta)
+    run.flush()
+    say("environment:", json.dumps(imported))
+    meta["tests"] = run_tests(min(args.test_timeout, max(10, run.left() - 60)), args.dry_run)
+    say("correctness:", meta["tests"]["returncode"], *meta["tests"]["tail"][-3:])
+    run.flush()
+    meta["copy_Bps"] = copy_bandwidth(do_bench, device)
+    say(f"copy bandwidth: {meta['copy_Bps'] / 1e9:.0f} GB/s")
+    run.flush()
 
-            mmd_backends = ("triton", "torch", "reference", "keops")
-        except ImportError:
-            mmd_backends = ("triton", "torch", "reference")
-    os.makedirs(args.out, exist_ok=True)
-    copy_bw = copy_bandwidth(do_bench, device)
-    meta["copy_GBps"] = copy_bw / 1e9
-    rows = bench_step(do_bench, sizes, dims, backends, args.bench_budget, device)
-    rows = summarise(rows, copy_bw)
-    mmd_rows = bench_mmd(do_bench, mmd_sizes, mmd_backends, args.mmd_budget, device)
-    write_atomic(os.path.join(args.out, "gpu_bench.json"),
-                 json.dumps({"meta": meta, "rows": rows, "mmd_rows": mmd_rows}, indent=1))
-    md = markdown(meta, rows) + markdown_mmd(mmd_rows)
-    summary = short_summary(meta, rows, mmd_rows)
-    write_atomic(os.path.join(args.out, "gpu_bench.md"), md + "\n```\n" + summary + "\n```\n")
-    print(md)
-    print(summary)
-    return 0
+    big = 10 ** 7 if device == "cuda" else 10 ** 4
+    mid = 10 ** 6 if device == "cuda" else 10 ** 3
+    n_mmd = 8192 if device == "cuda" else 512
+    fast = "triton" if device == "cuda" else "torch"
+    # The target rows first.
+    step_row(run, fast, "fwd+bwd", mid // 16, 16, 5, target=True)
+    step_row(run, "reference", "fwd+bwd", mid // 16, 16, 5, target=True)
+    step_row(run, fast, "fwd", big // 16, 16, 5, target=True)
+    mmd_row(run, fast, "fwd+bwd", n_mmd, target=True)
+    mmd_row(run, "reference", "fwd+bwd", n_mmd, target=True)
+    try:
+        meta["compiled_kernels"] = compiled_kernels(device)
+    except Exception as exc:
+        meta["compiled_kernels"] = {"error": f"{type(exc).__name__}: {exc}"}
+    meta["anchor_levels"] = anchor_statistics()
+    run.flush()
+    say("compiled kernels:", json.dumps(meta["compiled_kernels"]))
+    say("anchor levels:", json.dumps(meta["anchor_levels"]))
+    # Then the sweeps, smallest first, while time is left.
+    backends = ("triton", "torch", "reference") if device == "cuda" else ("torch", "reference")
+    sizes = [10 ** k for k in range(3, 8)] if device == "cuda" else [10 ** 3, 10 ** 4]
+    for D in (5, 16, 64):
+        for P in sizes:
+            for backend in backends:
+                for mode in ("fwd", "fwd+bwd"):
+                    if _find(run.rows, op="local_linear_step", backend=backend, mode=mode, D=D, pairs=P):
+                        continue
+                    step_row(run, backend, mode, max(1, P // 16), 16, D)
+    mmd_backends = backends + (("keops",) if imported["pykeops"] and device == "cuda" else ())
+    for N in ([1000, 10 ** 5, 10 ** 6] if device == "cuda" else [200, 1000]):
+        for backend in mmd_backends:
+            if backend == "reference" and N > 16384:
+                continue
+            mmd_row(run, backend, "fwd+bwd", N)
+    meta["wall_s"] = round(time.time() - t_start, 1)
+    run.flush()
+    say(*summary_lines(meta, run.rows), sep="\n")
+    return 0 if meta["tests"]["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def kernel_specs(with_meta: bool = False) -> list:
     mod = "cellmnn_kernels.ops.local_linear_step.triton_tiled"
     for dtype, (_, m) in TAYLOR.items():
         f = _DTYPE_SIG[dtype]
-        for cfg in tiled.all_configs(dtype, min_d=reg.REG_MAX_D + 1):
+        min_d = reg.REG_MAX_D + 1 if reg.all_configs(dtype) else 1
+        for cfg in tiled.all_configs(dtype, min_d=min_d):
             tag = f"{f}_DP{cfg['DP']}_BT{cfg['BT']}"
             fwd_c = {"DP": cfg["DP"], "BB": cfg["BB"], "BT": cfg["BT"], "M": m}
             bwd_c = {"DP": cfg["DP"], "BB": cfg["BB_BWD"], "BT": cfg["BT"], "M": m,

@@ -1,6 +1,6 @@
 """Triton backend of ``local_linear_step``: register-resident kernels, launchers, autograd.
 
-Layout (D <= REG_MAX_D): one cell per lane, BB = 32 cells per program (one warp).  Every
+Layout (float32, D <= REG_MAX_D): one cell per lane, BB = 32 cells per program (one warp).  Every
 quantity of a cell is a tuple of 1-D tensors over the program's cells, unrolled over D at
 compile time: the operator is D*D registers, a state D registers, and a matrix-vector product
 is D*D FMAs inside one thread, with no cross-lane traffic (no shared memory, no barriers).
@@ -24,7 +24,8 @@ Frechet derivative of the Taylor polynomial evaluated as the upper-right block o
 p([[Z^T, dE], [0, Z^T]]) by Horner (Mathias 1996).  The same @jit helpers compute the anchor
 states in both kernels, so the backward sees bit for bit the forward's states.
 
-16 < D <= 64 uses the lane-tiled kernels of ``triton_tiled.py``.
+float64, and float32 with D > REG_MAX_D (up to 64), use the lane-tiled kernels of
+``triton_tiled.py``.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from ..utils import HAS_TRITON, first_order_only, tl, triton
 from . import triton_tiled
 from .common import NU_MAX, SECOND_ORDER, empty_result, taylor_params
 
-REG_MAX_D = 8  # largest D of the register-resident kernels
+REG_MAX_D = 5  # largest D of the register-resident kernels (float32 only)
 BB = 32  # cells per program: one warp, one cell per lane
 CAP = 4  # anchor checkpoints per direction in the backward
 # Finish degree for |rho Z| <= theta / 2 (theta from common.TAYLOR):
@@ -43,16 +44,23 @@ CAP = 4  # anchor checkpoints per direction in the backward
 FINISH = {torch.float32: 8, torch.float64: 12}
 
 
+def uses_register_kernels(D: int, dtype: torch.dtype) -> bool:
+    """float32 with D <= 5.  Beyond, the unrolled code outgrows the register file (sm_90, triton
+    3.8: D = 8 float32 spills 1.4 kB and compiles in minutes; D = 5 float64 spills 1.6 kB
+    forward, 9.8 kB backward), and the lane-tiled kernels take over."""
+    return dtype == torch.float32 and D <= REG_MAX_D
+
+
 def block_config(D: int, dtype: torch.dtype) -> dict:
-    """Compile-time configuration of the register kernels for D <= REG_MAX_D."""
+    """Compile-time configuration of the register kernels (``uses_register_kernels``)."""
     theta, m = taylor_params(dtype)
-    return dict(D=D, BB=BB, BT=16 if D <= 5 else 8 if D <= 6 else 4, BT_BWD=4 if D <= 5 else 2, M=m, MF=FINISH[dtype],
+    return dict(D=D, BB=BB, BT=16, BT_BWD=4, M=m, MF=FINISH[dtype],
                 CAP=CAP, num_warps=1)
 
 
 def all_configs(dtype: torch.dtype):
     """Every configuration the launchers can choose (register kernels; tiled ones separately)."""
-    return [block_config(D, dtype) for D in range(1, REG_MAX_D + 1)]
+    return [block_config(D, dtype) for D in range(1, REG_MAX_D + 1) if uses_register_kernels(D, dtype)]
 
 
 if HAS_TRITON:
@@ -545,9 +553,10 @@ def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, anchors=None):
 def llstep_forward(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, anchors=None):
     """Launch the forward kernel; inputs validated, any strides; returns contiguous X, V (B,T,D).
 
-    ``anchors``: an optional (B, T, D) tensor that receives each pair's anchor state (D <= 8)."""
+    ``anchors``: an optional (B, T, D) tensor that receives each pair's anchor state (register
+    kernels only)."""
     B, D = x0.shape
-    if D > REG_MAX_D:
+    if not uses_register_kernels(D, A.dtype):
         return triton_tiled.llstep_forward(A, x0, dt)
     X = torch.empty((B, dt.shape[1], D), dtype=A.dtype, device=A.device)
     V = torch.empty_like(X)
@@ -560,9 +569,9 @@ def llstep_backward(A, x0, dt, gX, gV, anchors=None):
     """Launch the backward kernel; returns dA (B,D,D), dx0 (B,D), ddt (B,T).
 
     ``anchors``: an optional (B, T, D) tensor that receives the anchor states the backward
-    recomputes (D <= 8)."""
+    recomputes (register kernels only)."""
     B, D = x0.shape
-    if D > REG_MAX_D:
+    if not uses_register_kernels(D, A.dtype):
         return triton_tiled.llstep_backward(A, x0, dt, gX, gV)
     T = dt.shape[1]
     gX = torch.zeros((B, T, D), dtype=A.dtype, device=A.device) if gX is None else gX.contiguous()

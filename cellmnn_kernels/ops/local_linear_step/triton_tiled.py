@@ -1,5 +1,5 @@
-"""Lane-tiled Triton kernels of ``local_linear_step`` for 16 < D <= 64 (``triton_impl`` has the
-register-resident kernels for D <= 16 and the autograd wrapper).
+"""Lane-tiled Triton kernels of ``local_linear_step``: float64, and float32 with 5 < D <= 64
+(``triton_impl`` has the register-resident kernels and the autograd wrapper).
 
 One program owns a block of BB cells and a block of BT of their target times.  Per direction of
 time it marches the cells' anchors (``common.py``); at each anchor it forms the Krylov vectors

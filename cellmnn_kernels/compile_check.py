@@ -106,11 +106,16 @@ def kernel_specs(with_meta: bool = False) -> list:
     for dtype, f in _DTYPE_SIG.items():
         for cfg in mmd.all_configs(dtype):
             for g in (False, True):
-                c = {"DP": cfg["DP"], "BM": cfg["BM"], "BN": cfg["BN"], "COMPUTE_G": g}
-                add(KernelSpec(f"laplace_rows_{f}_DP{cfg['DP']}_BM{cfg['BM']}_BN{cfg['BN']}{'_G' if g else ''}",
-                               f"{mod}:_laplace_rows_kernel",
-                               _signature(mmd._laplace_rows_kernel, f, c, {"items_ptr": "*i64"}),
-                               tuple(c.items()), cfg["num_warps"]),
+                if cfg["reg"]:
+                    kern, name = mmd._laplace_rows_reg_kernel, "_laplace_rows_reg_kernel"
+                    c = {"D": cfg["D"], "BM": cfg["BM"], "BN": cfg["BN"], "COMPUTE_G": g}
+                    tag = f"laplace_rows_reg_{f}_D{cfg['D']}_BM{cfg['BM']}_BN{cfg['BN']}"
+                else:
+                    kern, name = mmd._laplace_rows_kernel, "_laplace_rows_kernel"
+                    c = {"DP": cfg["DP"], "BM": cfg["BM"], "BN": cfg["BN"], "COMPUTE_G": g}
+                    tag = f"laplace_rows_{f}_DP{cfg['DP']}_BM{cfg['BM']}_BN{cfg['BN']}"
+                add(KernelSpec(tag + ("_G" if g else ""), f"{mod}:{name}",
+                               _signature(kern, f, c, {"items_ptr": "*i64"}), tuple(c.items()), cfg["num_warps"]),
                     family="laplace", kind="G" if g else "r", dtype=f, cfg=cfg)
     return out if with_meta else [s for s, _ in out]
 

@@ -2,7 +2,10 @@
 
 One program owns a block of BM query rows of one job (their points stay in registers) and
 streams the job's keys in tiles of BN, accumulating r_i and, when gradients are wanted, the
-D-vector G_i (common.py) in registers.  Work items (job, row block) come from a small table
+D-vector G_i (common.py) in registers.  For D <= REG_MAX_D (``_laplace_rows_reg_kernel``) every
+coordinate is its own tensor, unrolled at compile time: distances, the kernel value (one ``exp``
+per query-key pair) and the gradient terms all live on the (BM, BN) tile, so nothing is
+re-laid out or recomputed; wider points use the (BM, BN, DP) tile of ``_laplace_rows_kernel``.  Work items (job, row block) come from a small table
 built on the host from host-known segment lengths; a second grid axis splits each job's keys
 into n_splits chunks so that small problems still fill the GPU (partials are summed after).
 """
@@ -14,22 +17,29 @@ from ..utils import HAS_TRITON, next_power_of_2, tl, triton, triton_interpreted
 from .common import CLAMP
 
 MAX_D = 128
+REG_MAX_D = 16
 
 
 def block_config(D: int, dtype: torch.dtype) -> dict:
-    """Compile-time tile sizes; (BM, BN, DP) tiles hold 4096 values (2048 in float64)."""
+    """Compile-time tile sizes.  D <= REG_MAX_D: (BM, BN) tiles of 32 x 32 (16 above D = 8; half
+    in float64) over 4 warps, so each thread holds 8 (4) values of each accumulator and of each
+    coordinate's difference; wider: (BM, BN, DP) tiles of 4096 values
+    (2048 in float64)."""
+    if D <= REG_MAX_D:
+        wide = 2 if dtype == torch.float64 else 1
+        return dict(D=D, DP=D, BM=32, BN=(32 if D <= 8 else 16) // wide, num_warps=4, reg=True)
     DP = max(2, next_power_of_2(D))
     BM = 64 if DP <= 8 else 32 if DP <= 32 else 16
     budget = 2048 if dtype == torch.float64 else 4096
     BN = max(1, min(32, budget // (BM * DP)))
-    return dict(DP=DP, BM=BM, BN=BN, num_warps=4)
+    return dict(D=D, DP=DP, BM=BM, BN=BN, num_warps=4, reg=False)
 
 
 def all_configs(dtype: torch.dtype):
     seen = {}
     for D in range(1, MAX_D + 1):
         c = block_config(D, dtype)
-        seen[c["DP"]] = c
+        seen[(c["reg"], c["D"] if c["reg"] else c["DP"])] = c
     return list(seen.values())
 
 
@@ -79,6 +89,63 @@ if HAS_TRITON:
             tl.store(G_ptr + orow[:, None] * D + d[None, :], G, mask=rmask[:, None] & dmask[None, :])
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _laplace_rows_reg_kernel(Q_ptr, K_ptr, WK_ptr, items_ptr, params_ptr, R_ptr, G_ptr, n_out, sq, sk,
+                                 n_splits, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                 COMPUTE_G: tl.constexpr):
+        """r (n_splits, n_out) and G (n_splits, n_out, D) partial row reductions (common.py) for
+        the work items (q_start, q_end, k_start, k_end, out_start) in items_ptr (int64, 5 each)."""
+        scale = tl.load(params_ptr)  # 1 / (sigma D), and the clamp 1e-8 D, in the data's dtype
+        clamp_d = tl.load(params_ptr + 1)
+        item = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1).to(tl.int64)
+        q_start = tl.load(items_ptr + item * 5)
+        q_end = tl.load(items_ptr + item * 5 + 1)
+        k0 = tl.load(items_ptr + item * 5 + 2)
+        k1 = tl.load(items_ptr + item * 5 + 3)
+        o_start = tl.load(items_ptr + item * 5 + 4)
+        rows = q_start + tl.arange(0, BM)
+        rmask = rows < q_end
+        q = ()
+        for d in tl.static_range(D):
+            q = q + (tl.load(Q_ptr + rows * sq + d, mask=rmask, other=0.0),)
+        chunk = (k1 - k0 + n_splits - 1) // n_splits
+        kb = k0 + split * chunk
+        ke = tl.minimum(kb + chunk, k1)
+        # Accumulated on the (BM, BN) tile and reduced over keys once at the end: the loop has no
+        # cross-lane traffic.
+        r_t = tl.zeros((BM, BN), dtype=q[0].dtype)
+        G_t = ()
+        for d in tl.static_range(D):
+            G_t = G_t + (tl.zeros((BM, BN), dtype=q[0].dtype),)
+        for kt in range(kb, ke, BN):
+            cols = kt + tl.arange(0, BN)
+            cmask = cols < ke
+            wk = tl.load(WK_ptr + cols, mask=cmask, other=0.0)
+            diff = ()
+            dist = tl.zeros((BM, BN), dtype=q[0].dtype)
+            for d in tl.static_range(D):
+                df = q[d][:, None] - tl.load(K_ptr + cols * sk + d, mask=cmask, other=0.0)[None, :]
+                dist += tl.abs(df)
+                diff = diff + (df,)
+            kv = tl.exp(-tl.maximum(dist, clamp_d) * scale) * wk[None, :]  # the one exp per pair
+            r_t += kv
+            if COMPUTE_G:
+                c = tl.where(dist > clamp_d, kv, 0.0)  # no gradient where the clamp is active
+                Gn = ()
+                for d in tl.static_range(D):
+                    Gn = Gn + (G_t[d] + tl.where(diff[d] > 0, c, tl.where(diff[d] < 0, -c, 0.0)),)
+                G_t = Gn
+        r = tl.sum(r_t, axis=1)
+        orow = split * n_out + o_start + (rows - q_start)
+        tl.store(R_ptr + orow, r, mask=rmask)
+        if COMPUTE_G:
+            for d in tl.static_range(D):
+                tl.store(G_ptr + orow * D + d, tl.sum(G_t[d], axis=1), mask=rmask)
+
+
 def _n_splits(n_items: int, max_keys: int, cfg, device) -> int:
     if device.type != "cuda" or triton_interpreted():
         return 1
@@ -106,9 +173,16 @@ def reduce_rows_triton(Q, K, WK, jobs, out_starts, n_out, compute_g, sigma):
     params = torch.tensor([1.0 / (sigma * D), CLAMP * D], dtype=Q.dtype)
     if Q.device.type == "cuda":
         params = params.pin_memory().to(Q.device, non_blocking=True)
-    _laplace_rows_kernel[(len(items), splits)](
-        Q, K, WK, table, params, R, G, n_out, D, Q.stride(0), K.stride(0), splits,
-        DP=cfg["DP"], BM=BM, BN=cfg["BN"], COMPUTE_G=compute_g, num_warps=cfg["num_warps"])
+    if cfg["reg"]:
+        _laplace_rows_reg_kernel[(len(items), splits)](
+            Q_ptr=Q, K_ptr=K, WK_ptr=WK, items_ptr=table, params_ptr=params, R_ptr=R, G_ptr=G, n_out=n_out,
+            sq=Q.stride(0), sk=K.stride(0), n_splits=splits, D=D, BM=BM, BN=cfg["BN"], COMPUTE_G=compute_g,
+            num_warps=cfg["num_warps"])
+    else:
+        _laplace_rows_kernel[(len(items), splits)](
+            Q_ptr=Q, K_ptr=K, WK_ptr=WK, items_ptr=table, params_ptr=params, R_ptr=R, G_ptr=G, n_out=n_out,
+            D=D, sq=Q.stride(0), sk=K.stride(0), n_splits=splits, DP=cfg["DP"], BM=BM, BN=cfg["BN"],
+            COMPUTE_G=compute_g, num_warps=cfg["num_warps"])
     r = R[0] if splits == 1 else R.sum(0)
     if not compute_g:
         return r, None

@@ -183,7 +183,7 @@ def compile_one(spec: KernelSpec, arch: int, keep_cubin: bool = False) -> dict:
 
 def compile_all(archs=(80, 90), jobs: int | None = None, reg_d=None) -> list[dict]:
     specs = [s for s, m in kernel_specs(with_meta=True)
-             if reg_d is None or m["family"] != "llstep_reg" or m["cfg"]["D"] in reg_d]
+             if reg_d is None or not m["cfg"].get("reg", m["family"] == "llstep_reg") or m["cfg"]["D"] in reg_d]
     work = [(s, a) for a in archs for s in specs]
     jobs = jobs or max(1, os.cpu_count() or 1)
     if jobs == 1:
@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--reg-d", type=int, nargs="+", default=None,
-                        help="register step kernels: only these D (default: every D they serve)")
+                        help="register kernels (unrolled over D, one compile per D): only these D "
+                             "(default: every D they serve)")
     args = parser.parse_args(argv)
     results = compile_all(tuple(args.arch), args.jobs, args.reg_d)
     print(format_table(results))

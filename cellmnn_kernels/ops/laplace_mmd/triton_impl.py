@@ -2,7 +2,7 @@
 
 One program owns a block of BM query rows of one job (their points stay in registers) and
 streams the job's keys in tiles of BN, accumulating r_i and, when gradients are wanted, the
-D-vector G_i (common.py) in registers.  For D <= REG_MAX_D (``_laplace_rows_reg_kernel``) every
+D-vector G_i (common.py) in registers.  For D <= REG_MAX_D = 8 (``_laplace_rows_reg_kernel``) every
 coordinate is its own tensor, unrolled at compile time: distances, the kernel value (one ``exp``
 per query-key pair) and the gradient terms all live on the (BM, BN) tile, so nothing is
 re-laid out or recomputed; wider points use the (BM, BN, DP) tile of ``_laplace_rows_kernel``.  Work items (job, row block) come from a small table
@@ -17,17 +17,17 @@ from ..utils import HAS_TRITON, next_power_of_2, tl, triton, triton_interpreted
 from .common import CLAMP
 
 MAX_D = 128
-REG_MAX_D = 16
+REG_MAX_D = 8
 
 
 def block_config(D: int, dtype: torch.dtype) -> dict:
-    """Compile-time tile sizes.  D <= REG_MAX_D: (BM, BN) tiles of 32 x 32 (16 above D = 8; half
-    in float64) over 4 warps, so each thread holds 8 (4) values of each accumulator and of each
-    coordinate's difference; wider: (BM, BN, DP) tiles of 4096 values
+    """Compile-time tile sizes.  D <= REG_MAX_D: (BM, BN) tiles of 32 x 32 (32 x 16 in float64)
+    over 4 warps, so each thread holds 8 (4) values of each accumulator and of each coordinate's
+    difference; wider: (BM, BN, DP) tiles of 4096 values
     (2048 in float64)."""
     if D <= REG_MAX_D:
         wide = 2 if dtype == torch.float64 else 1
-        return dict(D=D, DP=D, BM=32, BN=(32 if D <= 8 else 16) // wide, num_warps=4, reg=True)
+        return dict(D=D, DP=D, BM=32, BN=32 // wide, num_warps=4, reg=True)
     DP = max(2, next_power_of_2(D))
     BM = 64 if DP <= 8 else 32 if DP <= 32 else 16
     budget = 2048 if dtype == torch.float64 else 4096

@@ -385,8 +385,7 @@ if HAS_TRITON:
                 for i in tl.static_range(D):
                     gx = gx + (tl.load(gX_ptr + off + i, mask=inr[k], other=0.0),)
                     gvh = gvh + (tl.load(gV_ptr + off + i, mask=inr[k], other=0.0) * inv_h,)
-                Xs = y  # X_{j+1} for j = MF..1, then X_1 = X last
-                Ws = ()
+                Ws = ()  # W_j = Z X_{j+1} for j = MF..1; X_{j+1} is recomputed from W_{j+1}
                 X = y
                 for jj in tl.static_range(MF):
                     W = _mv(Z, X, D)
@@ -396,8 +395,6 @@ if HAS_TRITON:
                         Xn = Xn + (tl.fma(W[i], c, y[i]),)
                     X = Xn
                     Ws = Ws + W
-                    if jj < MF - 1:
-                        Xs = Xs + X
                 # V: dZ += gvh X^T, and X receives Z^T gvh.
                 dZ = _rank1(dZ, gvh, X, D)
                 ZTg = _mtv(Z, gvh, D)
@@ -408,11 +405,16 @@ if HAS_TRITON:
                 drho = zero
                 for j in tl.static_range(1, MF + 1):  # X_j = y + (rho/j) W_j, W_j = Z X_{j+1}
                     wbar = ()
-                    xn = ()
-                    for i in tl.static_range(D):  # W_j, X_{j+1} sit at position MF - j of Ws, Xs
-                        drho += xbar[i] * Ws[(MF - j) * D + i] * (1.0 / j)
+                    xn = ()  # X_{j+1}, exactly as the Horner above formed it
+                    dr = zero
+                    for i in tl.static_range(D):  # W_j sits at position MF - j of Ws
+                        dr = tl.fma(xbar[i], Ws[(MF - j) * D + i], dr)
                         wbar = wbar + (xbar[i] * (rho[k] * (1.0 / j)),)
-                        xn = xn + (Xs[(MF - j) * D + i],)
+                        if j == MF:
+                            xn = xn + (y[i],)
+                        else:
+                            xn = xn + (tl.fma(Ws[(MF - j - 1) * D + i], rho[k] * (1.0 / (j + 1)), y[i]),)
+                    drho += dr * (1.0 / j)
                     dZ = _rank1(dZ, wbar, xn, D)
                     xbar = _mtv(Z, wbar, D)
                     yb = ()

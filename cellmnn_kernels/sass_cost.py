@@ -293,7 +293,7 @@ def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT
     instrs = parse_sass(sass)
     loops = find_loops(instrs)
     labels = label_register_loops(kind, loops, cfg["D"])
-    per_block, _ = benchmark_levels(cfg["D"], bench["B"], bench["T"], bench["seed"], theta, cfg["BT"], cfg["BB"])
+    per_block, lev = benchmark_levels(cfg["D"], bench["B"], bench["T"], bench["seed"], theta, cfg["BT"], cfg["BB"])
     trips = register_kernel_trips(kind, cfg, bench["T"], per_block)
     top = top_level(instrs, loops)
     warp_instr = top["instructions"]
@@ -316,8 +316,7 @@ def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT
     nbytes = pair_bytes(kind, cfg["D"], bench["T"], 4 if dtype_name == "fp32" else 8)
     t_issue = per_pair / rate
     t_mem = nbytes / a["copy_bandwidth_bytes_per_s"]
-    mean_level = float(benchmark_levels(cfg["D"], bench["B"], bench["T"], bench["seed"], theta, cfg["BT"],
-                                        cfg["BB"])[1].double().mean())
+    mean_level = float(lev[:, :bench["T"]].double().mean())
     return {"thread_instructions_per_pair": per_pair, "straight_line_instructions": top["instructions"],
             "bar_sync_in_anchor_loops": sum(l.own["bar_sync"] for l, n in zip(loops, labels)
                                             if n.startswith(("march", "ring", "reverse", "recompute"))),

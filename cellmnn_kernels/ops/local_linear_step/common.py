@@ -8,18 +8,24 @@ The fast backends (``torch`` and ``triton``) use one scheme, "anchored Taylor st
 * A pair (b, k) with nu = |dt| * n sits at anchor a = floor(nu / theta) with remainder
   r = dt - sign * a * h, |r| * n <= theta, and is finished with one more polynomial:
   X = p(r A) y_a, V = A X.
-* The backends differ in how they evaluate the polynomials.  Triton forms, once per cell and
-  anchor, the Krylov vectors K_j = Z^j y_a / j! of the scaled operator Z = h A (every one
-  bounded by theta^j / j! ||y_a||) and finishes each pair in O(m D) with rho = r / h:
-  X = sum_{j<=m} rho^j K_j and V = (1/h) sum_{j=1}^{m+1} j rho^(j-1) K_j (Z K_j = (j+1) K_{j+1},
-  so V needs no extra product).  The torch path runs Horner on vectors in batched GEMMs.
+* The backends differ in how they evaluate the polynomials.  The register Triton kernels
+  (float32, D <= 5) form the step matrix p(+-Z) once per cell, march the anchors with one
+  matvec per level, and finish each pair from its *nearest* anchor (|r| <= h / 2) with a
+  Horner polynomial of lower degree (``triton_impl.FINISH``).  The tiled Triton kernels form,
+  once per cell and anchor, the Krylov vectors K_j = Z^j y_a / j! of the scaled operator
+  Z = h A (every one bounded by theta^j / j! ||y_a||) and finish each pair in O(m D) with
+  rho = r / h: X = sum_{j<=m} rho^j K_j and V = (1/h) sum_{j=1}^{m+1} j rho^(j-1) K_j
+  (Z K_j = (j+1) K_{j+1}, so V needs no extra product).  The torch path runs Horner on vectors
+  in batched GEMMs.
 
 Every step has ||Z||_1 <= theta, so the relative truncation error of each Taylor polynomial is at
 most theta^(m+1) / (m+1)! * e^(2 theta) (remainder bound divided by the smallest possible
 ||e^Z y|| / ||y|| = e^-theta), which (theta, m) below keep under the unit roundoff.  Anchors
 only ever march forward in their own direction, so strongly decaying operators lose no
 relative accuracy to cancellation (Al-Mohy & Higham 2011 discuss the same trade-off for the
-action of the matrix exponential).  The anchor spacing h and the split of dt into anchor and
+action of the matrix exponential); the register kernels' finish may go back at most h / 2 from
+the next anchor, which can amplify that anchor's relative error by at most e^(theta / 2).  The
+anchor spacing h and the split of dt into anchor and
 remainder do not change the exact value of X, so gradients treat them as constants.
 """
 from __future__ import annotations

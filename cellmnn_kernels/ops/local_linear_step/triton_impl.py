@@ -8,8 +8,8 @@ is D*D FMAs inside one thread, with no cross-lane traffic (no shared memory, no 
 Scheme (the anchored Taylor steps of ``common.py``, evaluated for registers):
 
 * per cell once: Z = h A with h = theta / ||A||_1, and the anchor-step matrices
-  E+ = p_M(Z), E- = p_M(-Z) (degree-M Taylor polynomial, Horner on D x D matrices), each only
-  if some pair of the program needs it;
+  E+ = p_M(Z), E- = p_M(-Z) (degree-M Taylor polynomial, Paterson-Stockmeyer on D x D
+  matrices), each only if some pair of the program needs it;
 * per block of BT target times: the anchors y_a = E^a x0 of each direction are marched once
   (one matvec per level) and every pair captures the state at its own level: the nearest
   anchor, so that its signed remainder rho = dt / h - (+-a) has |rho| <= 1/2;

@@ -46,13 +46,9 @@ def all_configs(dtype: torch.dtype):
 if HAS_TRITON:
 
     @triton.jit
-    def _laplace_rows_kernel(Q_ptr, K_ptr, WK_ptr, items_ptr, params_ptr, R_ptr, G_ptr, n_out, D, sq, sk,
-                             n_splits, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             COMPUTE_G: tl.constexpr):
-        # 1 / (sigma D) and the clamp 1e-8 D come in the data's dtype (a float argument would
-        # arrive as float32 and cost float64 its accuracy).
-        scale = tl.load(params_ptr)
-        clamp_d = tl.load(params_ptr + 1)
+    def _work_item(items_ptr, n_out, n_splits, BM: tl.constexpr):
+        """This program's query rows (and mask), its share [kb, ke) of the job's keys, and the rows'
+        output positions, from the work item (q_start, q_end, k_start, k_end, out_start)."""
         item = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1).to(tl.int64)
         q_start = tl.load(items_ptr + item * 5)
@@ -61,13 +57,22 @@ if HAS_TRITON:
         k1 = tl.load(items_ptr + item * 5 + 3)
         o_start = tl.load(items_ptr + item * 5 + 4)
         rows = q_start + tl.arange(0, BM)
-        rmask = rows < q_end
+        chunk = (k1 - k0 + n_splits - 1) // n_splits
+        kb = k0 + split * chunk
+        return rows, rows < q_end, kb, tl.minimum(kb + chunk, k1), split * n_out + o_start + (rows - q_start)
+
+    @triton.jit
+    def _laplace_rows_kernel(Q_ptr, K_ptr, WK_ptr, items_ptr, params_ptr, R_ptr, G_ptr, n_out, D, sq, sk,
+                             n_splits, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             COMPUTE_G: tl.constexpr):
+        # 1 / (sigma D) and the clamp 1e-8 D come in the data's dtype (a float argument would
+        # arrive as float32 and cost float64 its accuracy).
+        scale = tl.load(params_ptr)
+        clamp_d = tl.load(params_ptr + 1)
+        rows, rmask, kb, ke, orow = _work_item(items_ptr, n_out, n_splits, BM)
         d = tl.arange(0, DP)
         dmask = d < D
         q = tl.load(Q_ptr + rows[:, None] * sq + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        chunk = (k1 - k0 + n_splits - 1) // n_splits
-        kb = k0 + split * chunk
-        ke = tl.minimum(kb + chunk, k1)
         r = tl.zeros((BM,), dtype=q.dtype)
         G = tl.zeros((BM, DP), dtype=q.dtype)
         for kt in range(kb, ke, BN):
@@ -83,13 +88,10 @@ if HAS_TRITON:
                 c = tl.where(dist > clamp_d, kv, 0.0)  # no gradient where the clamp is active
                 sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
                 G += tl.sum(c[:, :, None] * sgn, axis=1)
-        orow = split * n_out + o_start + (rows - q_start)
         tl.store(R_ptr + orow, r, mask=rmask)
         if COMPUTE_G:
             tl.store(G_ptr + orow[:, None] * D + d[None, :], G, mask=rmask[:, None] & dmask[None, :])
 
-
-if HAS_TRITON:
 
     @triton.jit
     def _laplace_rows_reg_kernel(Q_ptr, K_ptr, WK_ptr, items_ptr, params_ptr, R_ptr, G_ptr, n_out, sq, sk,
@@ -99,21 +101,10 @@ if HAS_TRITON:
         the work items (q_start, q_end, k_start, k_end, out_start) in items_ptr (int64, 5 each)."""
         scale = tl.load(params_ptr)  # 1 / (sigma D), and the clamp 1e-8 D, in the data's dtype
         clamp_d = tl.load(params_ptr + 1)
-        item = tl.program_id(0).to(tl.int64)
-        split = tl.program_id(1).to(tl.int64)
-        q_start = tl.load(items_ptr + item * 5)
-        q_end = tl.load(items_ptr + item * 5 + 1)
-        k0 = tl.load(items_ptr + item * 5 + 2)
-        k1 = tl.load(items_ptr + item * 5 + 3)
-        o_start = tl.load(items_ptr + item * 5 + 4)
-        rows = q_start + tl.arange(0, BM)
-        rmask = rows < q_end
+        rows, rmask, kb, ke, orow = _work_item(items_ptr, n_out, n_splits, BM)
         q = ()
         for d in tl.static_range(D):
             q = q + (tl.load(Q_ptr + rows * sq + d, mask=rmask, other=0.0),)
-        chunk = (k1 - k0 + n_splits - 1) // n_splits
-        kb = k0 + split * chunk
-        ke = tl.minimum(kb + chunk, k1)
         # Accumulated on the (BM, BN) tile and reduced over keys once at the end: the loop has no
         # cross-lane traffic.
         r_t = tl.zeros((BM, BN), dtype=q[0].dtype)
@@ -139,7 +130,6 @@ if HAS_TRITON:
                     Gn = Gn + (G_t[d] + tl.where(diff[d] > 0, c, tl.where(diff[d] < 0, -c, 0.0)),)
                 G_t = Gn
         r = tl.sum(r_t, axis=1)
-        orow = split * n_out + o_start + (rows - q_start)
         tl.store(R_ptr + orow, r, mask=rmask)
         if COMPUTE_G:
             for d in tl.static_range(D):

@@ -188,6 +188,23 @@ if HAS_TRITON:
         return R
 
     @triton.jit
+    def _finish(Z, y, rho, D: tl.constexpr, MF: tl.constexpr):
+        """X = p_MF(rho Z) y by Horner, X <- y + (rho / j) Z X for j = MF .. 1; also the products
+        W_j = Z X_{j+1}, concatenated for j = MF .. 1 (the backward needs them, the forward does
+        not and the compiler drops them)."""
+        X = y
+        Ws = ()
+        for jj in tl.static_range(MF):
+            W = _mv(Z, X, D)
+            c = rho * (1.0 / (MF - jj))
+            Xn = ()
+            for i in tl.static_range(D):
+                Xn = Xn + (tl.fma(W[i], c, y[i]),)
+            X = Xn
+            Ws = Ws + W
+        return X, Ws
+
+    @triton.jit
     def _load_cell(A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D: tl.constexpr, BB: tl.constexpr):
         """The program's cells: Z = h A, x0, ||A||_1, whether A is finite, h and 1/h.
 
@@ -227,6 +244,16 @@ if HAS_TRITON:
         return cell, cm, Z, x0, nrm, finite, h, inv_h
 
     @triton.jit
+    def _pair_level(dt_ptr, cell, m, t, stb, stt, nrm, finite, theta, nu_max):
+        """dt of pair (cell, t), whether it can be computed, and its nearest anchor level (float).
+
+        False for masked, NaN/Inf and out-of-range pairs, whose level is 0."""
+        tau = tl.load(dt_ptr + cell * stb + t * stt, mask=m, other=0.0)
+        nu = tl.abs(tau) * nrm
+        okk = m & finite & (nu <= nu_max)
+        return tau, okk, tl.floor(tl.where(okk, nu / theta + 0.5, 0.0))
+
+    @triton.jit
     def _pairs(dt_ptr, cell, cm, t0, T, stb, stt, nrm, finite, inv_h, theta, nu_max, BT: tl.constexpr):
         """Per pair of the time block t0..t0+BT-1: in range, computable, direction, level, rho."""
         inr = ()
@@ -236,10 +263,7 @@ if HAS_TRITON:
         rho = ()
         for k in tl.static_range(BT):
             m = cm & (t0 + k < T)
-            tau = tl.load(dt_ptr + cell * stb + (t0 + k) * stt, mask=m, other=0.0)
-            nu = tl.abs(tau) * nrm
-            okk = m & finite & (nu <= nu_max)  # false for NaN/Inf and out-of-range pairs
-            lv = tl.floor(tl.where(okk, nu / theta + 0.5, 0.0))  # nearest anchor
+            tau, okk, lv = _pair_level(dt_ptr, cell, m, t0 + k, stb, stt, nrm, finite, theta, nu_max)
             ng = tau < 0
             inr = inr + (m,)
             ok = ok + (okk,)
@@ -256,23 +280,26 @@ if HAS_TRITON:
         hi_neg = tl.zeros_like(nrm).to(tl.int32) - 1
         for t0 in range(0, T, BT):
             for k in tl.static_range(BT):
-                m = cm & (t0 + k < T)
-                tau = tl.load(dt_ptr + cell * stb + (t0 + k) * stt, mask=m, other=0.0)
-                nu = tl.abs(tau) * nrm
-                okk = m & finite & (nu <= nu_max)
-                lv = tl.floor(tl.where(okk, nu / theta + 0.5, 0.0)).to(tl.int32)
+                tau, okk, lv = _pair_level(dt_ptr, cell, cm & (t0 + k < T), t0 + k, stb, stt, nrm, finite,
+                                           theta, nu_max)
+                lv = lv.to(tl.int32)
                 hi_pos = tl.maximum(hi_pos, tl.where(okk & (tau >= 0), lv, 0))
                 hi_neg = tl.maximum(hi_neg, tl.where(okk & (tau < 0), lv, -1))
         return tl.max(hi_pos, axis=0), tl.max(hi_neg, axis=0)
 
     @triton.jit
+    def _top_level(ok, neg, lev, NEG: tl.constexpr, BT: tl.constexpr):
+        """Highest level among the time block's pairs of one direction, over the program (scalar)."""
+        hi = tl.where(ok[0] & (neg[0] == NEG), lev[0], 0)
+        for k in tl.static_range(1, BT):
+            hi = tl.maximum(hi, tl.where(ok[k] & (neg[k] == NEG), lev[k], 0))
+        return tl.max(hi, axis=0)
+
+    @triton.jit
     def _march(E, x0, Y, ok, neg, lev, NEG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
         """Anchor states of one direction: Y[k] = E^lev[k] x0 for the pairs of that direction."""
-        hi = tl.zeros_like(x0[0]).to(tl.int32)
-        for k in tl.static_range(BT):
-            hi = tl.maximum(hi, tl.where(ok[k] & (neg[k] == NEG), lev[k], 0))
         y = x0
-        for a in range(1, tl.max(hi, axis=0) + 1):
+        for a in range(1, _top_level(ok, neg, lev, NEG, BT) + 1):
             y = _mv(E, y, D)
             Yn = ()
             for k in tl.static_range(BT):
@@ -327,14 +354,7 @@ if HAS_TRITON:
                 y = ()
                 for i in tl.static_range(D):
                     y = y + (Y[k * D + i],)
-                X = y
-                for jj in tl.static_range(MF):  # Horner: X = y + (rho / j) Z X, j = MF..1
-                    W = _mv(Z, X, D)
-                    c = rho[k] * (1.0 / (MF - jj))
-                    Xn = ()
-                    for i in tl.static_range(D):
-                        Xn = Xn + (tl.fma(W[i], c, y[i]),)
-                    X = Xn
+                X, _ = _finish(Z, y, rho[k], D, MF)
                 W = _mv(Z, X, D)
                 off = (cell * T + t0 + k) * D
                 for i in tl.static_range(D):
@@ -385,16 +405,7 @@ if HAS_TRITON:
                 for i in tl.static_range(D):
                     gx = gx + (tl.load(gX_ptr + off + i, mask=inr[k], other=0.0),)
                     gvh = gvh + (tl.load(gV_ptr + off + i, mask=inr[k], other=0.0) * inv_h,)
-                Ws = ()  # W_j = Z X_{j+1} for j = MF..1; X_{j+1} is recomputed from W_{j+1}
-                X = y
-                for jj in tl.static_range(MF):
-                    W = _mv(Z, X, D)
-                    c = rho[k] * (1.0 / (MF - jj))
-                    Xn = ()
-                    for i in tl.static_range(D):
-                        Xn = Xn + (tl.fma(W[i], c, y[i]),)
-                    X = Xn
-                    Ws = Ws + W
+                X, Ws = _finish(Z, y, rho[k], D, MF)  # X_{j+1} is re-formed from W_{j+1} below
                 # V: dZ += gvh X^T, and X receives Z^T gvh.
                 dZ = _rank1(dZ, gvh, X, D)
                 ZTg = _mtv(Z, gvh, D)
@@ -476,10 +487,7 @@ if HAS_TRITON:
         The states y_0 .. y_{L-1} are needed in reverse order: CAP checkpoints (every c-th level,
         c = ceil(L / CAP)) are kept and the rest recomputed, at most c - 1 matvecs per level.
         """
-        hi = tl.zeros_like(x0[0]).to(tl.int32)
-        for k in tl.static_range(BT):
-            hi = tl.maximum(hi, tl.where(ok[k] & (neg[k] == NEG), lev[k], 0))
-        L = tl.max(hi, axis=0)
+        L = _top_level(ok, neg, lev, NEG, BT)
         c = tl.maximum((L + CAP - 1) // CAP, 1)
         ring = ()
         for s in tl.static_range(CAP):

@@ -2,6 +2,11 @@
 
 x ~ N(0, I), y ~ N(0.2, I); gradients with respect to x (the predictions), as in training.
 The dense reference runs only where its N x M matrices fit comfortably (N <= 4096).
+
+laplace_mmd_grouped: one training step of an ensemble of E models (forward+backward, D = 3),
+where per-call overhead of many small terms matters: per model, 3 source segments of 67, 67, 66
+points each decoded to every later target among 3 (6 terms, each with its own x segment),
+y segments of 200 points per (model, target), term weights 0.1 ** (steps ahead - 1).
 """
 import subprocess
 import sys
@@ -9,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from cellmnn_kernels import laplace_mmd
+from cellmnn_kernels import laplace_mmd, laplace_mmd_grouped
 from cellmnn_kernels.ops.utils import triton_usable_on
 from cellmnn_kernels.testing import PEAK_CODE
 
@@ -46,6 +51,47 @@ def test_laplace_mmd(benchmark, backend, N, mode):
     rounds = 3 if N >= 4096 else 50
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
     RESULTS.setdefault(("laplace_mmd", f"N=M={N}", mode), {})[backend] = benchmark.stats.stats.median
+
+
+def ensemble_step(E, D=3, dtype=torch.float32, device=DEVICE, seed=0):
+    """Points, offsets, terms and term weights of one ensemble training step (module docstring)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    source = [67, 67, 66]
+    x_sizes, y_sizes, terms_x, terms_y, weights = [], [], [], [], []
+    for e in range(E):
+        for s in range(3):
+            for f in range(s + 1, 4):  # targets 1..3 after source s
+                terms_x.append(len(x_sizes))
+                x_sizes.append(source[s])
+                terms_y.append(3 * e + f - 1)
+                weights.append(0.1 ** (f - s - 1))
+        y_sizes += [200] * 3
+    x_off, y_off = [0], [0]
+    for n in x_sizes:
+        x_off.append(x_off[-1] + n)
+    for n in y_sizes:
+        y_off.append(y_off[-1] + n)
+    x = torch.randn(x_off[-1], D, generator=g, dtype=dtype)
+    y = torch.randn(y_off[-1], D, generator=g, dtype=dtype) + 0.2
+    return x.to(device), x_off, y.to(device), y_off, terms_x, terms_y, weights
+
+
+@pytest.mark.parametrize("E", [1, 9])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_laplace_mmd_grouped_ensemble(benchmark, backend, E):
+    x, x_off, y, y_off, terms_x, terms_y, weights = ensemble_step(E)
+    x.requires_grad_()
+
+    def run():
+        total, _ = laplace_mmd_grouped(x, x_off, y, y_off, terms_x, terms_y, weights, 1.0, backend=backend,
+                                       check_finite=False)
+        total.backward()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=50, warmup_rounds=3, iterations=1)
+    RESULTS.setdefault(("laplace_mmd_grouped", f"ensemble E={E}", "fwd+bwd"), {})[backend] = \
+        benchmark.stats.stats.median
 
 
 @pytest.mark.parametrize("backend,N", [("torch", 20000), ("reference", 4096), ("torch", 4096)])

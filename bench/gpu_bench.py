@@ -15,7 +15,11 @@ flushed, after every row, so a crash or a kill loses at most the row in progress
    N = M = 8192 (triton and the dense reference);
 5. the compiled kernels' real registers and spills, and the anchor-level statistics of the
    benchmark input (A = randn/sqrt(D), dt ~ U[0, 4], T = 16);
-6. sweeps: local_linear_step B*T from 1e3 to 1e7, D in {5, 16, 64}; laplace_mmd N up to 1e6.
+6. training (``bench/bench_train.py``'s rows on the device): an ensemble step (E = 9, B = 200,
+   D = 3) eager and replayed from a CUDA graph against the authors' formulation; whether graph
+   replays train the same weights as eager steps; whether an eager step runs under
+   ``torch.cuda.set_sync_debug_mode("error")`` (no host synchronisation);
+7. sweeps: local_linear_step B*T from 1e3 to 1e7, D in {5, 16, 64}; laplace_mmd N up to 1e6.
 
 Every row's cost is predicted before it starts (from the previous size of the same series, or a
 first guess) and the row is skipped if it would pass the deadline; every exception is caught and
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -36,6 +39,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)  # bench_train
 
 MEM_LIMIT = 0.6  # fraction of device memory a single row may plan to use
 COMPILE_S = 40.0  # allowance for a first call that compiles a kernel (sm_90, D = 5 backward ~ 20 s)
@@ -188,6 +192,46 @@ def mmd_row(run, backend, mode, N, target=False):
     return row
 
 
+def train_rows(run):
+    """Training steps on the device: cellmnn's ensemble (eager and CUDA graph) beside the authors'
+    formulation (bench_train.Authors); graph == eager; no host synchronisation in a step."""
+    import cellmnn
+    from cellmnn.ensemble import Member, _Runner, _Setup
+    from cellmnn.train import DEFAULTS
+    from bench_train import Authors
+
+    dev = torch.device(run.device)
+    m = cellmnn.load_marginals(None)
+    backend = "triton" if run.device == "cuda" else "torch"
+    hp = dict(DEFAULTS, verbose=False, device=run.device, backend=backend)
+    members = [Member(1 + e % 3, e, hp) for e in range(9)]
+    s = _Setup(m, members, dev)
+    eager = _Runner(s, s.flat0, False)
+    base = {"op": "train", "backend": backend, "mode": "step", "D": 3, "E": 9, "B": 200}
+    run.row(dict(base, variant="cellmnn eager"), eager.step, ("train", "eager"), 1, compiles=True)
+    if run.device == "cuda":
+        graph = _Runner(s, s.flat0, True)
+        run.row(dict(base, variant="cellmnn cuda graph"), graph.step, ("train", "graph"), 1, compiles=True)
+        a, b = _Runner(s, s.flat0, False), _Runner(s, s.flat0, True)
+        for _ in range(8):
+            a.step(), b.step()
+        run.meta["cuda_graph_used"] = b.graph is not None
+        run.meta["cuda_graph_max_rel_diff"] = float(((a.flat - b.flat).abs().max() / a.flat.abs().max()).item())
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            for _ in range(3):
+                eager.step()
+            run.meta["step_sync_free"] = True
+        except Exception as exc:
+            run.meta["step_sync_free"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    authors = Authors(m, 1, 0, hp, dev)
+    run.row(dict(base, E=1, variant="authors' formulation"), authors.step, ("train", "authors"), 1)
+    run.flush()
+
+
 def keops_mmd(x, y, sigma=1.0):
     """The same biased L1-Laplace MMD^2 with pykeops LazyTensors (uniform weights)."""
     from pykeops.torch import LazyTensor
@@ -295,6 +339,13 @@ def summary_lines(meta, rows):
     r = _find(rows, op="laplace_mmd", backend="reference", mode="fwd+bwd", N=8192)
     lines.append("  laplace_mmd fwd+bwd N=M=8192: " + (f"triton {r['ms'] / t['ms']:.1f}x dense" if t and r else "n/a")
                  + " (target >= 10x)")
+    best = [r for r in rows if r.get("op") == "train" and "ms" in r and r.get("variant", "").startswith("cellmnn")]
+    a = _find(rows, op="train", variant="authors' formulation")
+    if best and a:
+        t = min(best, key=lambda r: r["ms"])
+        lines.append(f"  training E=9 B=200 D=3 ({t['variant']}): {9 * a['ms'] / t['ms']:.0f}x the authors' "
+                     f"per-model throughput (target >= 50x); graph == eager: {meta.get('cuda_graph_max_rel_diff')}; "
+                     f"sync-free step: {meta.get('step_sync_free')}")
     return lines
 
 
@@ -305,7 +356,8 @@ def markdown(meta, rows):
              "| op | backend | mode | D | size | median ms | GB/s | of copy BW | predicted s | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        size = f"{r['pairs']:.0e} pairs" if "pairs" in r else f"N={r['N']:.0e}"
+        size = (f"{r['pairs']:.0e} pairs" if "pairs" in r else f"N={r['N']:.0e}" if "N" in r
+                else f"E={r['E']} B={r['B']} {r.get('variant', '')}")
         ms = f"{r['ms']:.4g}" if "ms" in r else ""
         gb = f"{r['GBps']:.0f}" if "GBps" in r else ""
         fr = f"{100 * r['fraction_of_copy_bw']:.0f}%" if "fraction_of_copy_bw" in r else ""
@@ -384,6 +436,11 @@ def main(argv=None) -> int:
     run.flush()
     say("compiled kernels:", json.dumps(meta["compiled_kernels"]))
     say("anchor levels:", json.dumps(meta["anchor_levels"]))
+    try:
+        train_rows(run)
+    except Exception as exc:  # recorded, not fatal: the sweeps still run
+        meta["train_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        run.flush()
     # Then the sweeps, smallest first, while time is left.
     backends = ("triton", "torch", "reference") if device == "cuda" else ("torch", "reference")
     sizes = [10 ** k for k in range(3, 8)] if device == "cuda" else [10 ** 3, 10 ** 4]

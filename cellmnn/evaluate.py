@@ -17,7 +17,7 @@ import torch
 from cellmnn_kernels import laplace_mmd
 
 from .data import Marginals
-from .train import best_candidate, check_holdout, check_inputs, check_seed, fit
+from .train import best_candidate, check_holdout, check_inputs, check_seed, check_select, fit_many
 
 OT_MAX_ITER = 1_000_000
 
@@ -127,11 +127,11 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
     prints the mean +- std over seeds of the mean over held-out timepoints.
 
     ``holdouts``: interior timepoint indices (default: all); ``seeds``: training seeds;
-    ``select``, ``select_grid`` and ``hparams``: passed to ``fit`` (``select="inner"`` chooses
+    ``select``, ``select_grid`` and ``hparams``: as for ``fit`` (``select="inner"`` chooses
     hyperparameters per held-out timepoint and seed without that timepoint; the choice is in each
-    row's "selected").  The OT-interpolate baseline (deterministic) is scored on the same splits.
+    row's "selected").  Every (holdout, seed) model is trained at once, as one batched ensemble.  The OT-interpolate baseline (deterministic) is scored on the same splits.
     """
-    check_inputs(marginals, hparams)
+    hp = check_inputs(marginals, hparams)
     K = len(marginals)
     holdouts = list(range(1, K - 1)) if holdouts is None else [check_holdout(marginals, k) for k in holdouts]
     if not holdouts:
@@ -144,13 +144,16 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
         if dup:
             raise ValueError(f"{name} repeats {dup}; each must appear once (a repeat would count twice in the "
                              "summary)")
+    grid = check_select(select, select_grid, hp)
+    jobs = [(k, seed) for k in holdouts for seed in seeds]
+    trained = dict(zip(jobs, fit_many(marginals, jobs, hp, grid)))  # every fit at once, batched
     rows, models = [], {}
-    sigma = hparams.get("sigma", 1.0)
+    sigma = hp["sigma"]
     for k in holdouts:
         t_prev, t_k, t_next = (float(marginals.times[i]) for i in (k - 1, k, k + 1))
         observed, previous = marginals.data[k], marginals.data[k - 1]
         for seed in seeds:
-            model = fit(marginals, holdout=k, seed=seed, select=select, select_grid=select_grid, **hparams)
+            model = trained[(k, seed)]
             pred = model.predict(previous.astype(np.float32), t_prev, t_k)
             rows.append(dict(method="Cell-MNN", holdout=k, time=t_k, seed=seed,
                              W1=wasserstein1(pred, observed), MMD=mmd(pred, observed, sigma=sigma),

@@ -70,19 +70,10 @@ class CellMNN(nn.Module):
     def operator(self, x: torch.Tensor, t: torch.Tensor, return_penalty: bool = False):
         """A (B, D, D) for cells x (B, D) at times t (B,), per unit of the data's time; with the eigen
         penalty if asked."""
-        B, D = x.shape
         tin = ((t - self.time_offset) / self.time_scale).to(x.dtype)  # in t's dtype first (float64 keeps offsets)
         h = self.mlp(torch.cat([x, tin[:, None]], dim=1))
-        if self.parameterization == "direct":
-            A, penalty = h.view(B, D, D), x.new_zeros(())
-        else:
-            P = torch.eye(D, dtype=x.dtype, device=x.device) + h[:, : D * D].view(B, D, D)
-            lam = torch.cat([h[:, D * D:], h.new_zeros(B, self.num_const_dims)], dim=1)
-            # A = P diag(lam) P^-1, i.e. the solution of A P = P diag(lam): solve P^T A^T = (P diag(lam))^T.
-            A = torch.linalg.solve(P.transpose(1, 2), (P * lam[:, None, :]).transpose(1, 2)).transpose(1, 2)
-            penalty = (1.0 / (torch.linalg.det(P).abs() + 1e-4)).mean()
-        if self.time_unit != 1.0:
-            A = A / self.time_unit
+        A, penalty = outputs_to_operator(h, self.dim, self.parameterization, self.num_const_dims, self.time_unit)
+        penalty = penalty.mean() if penalty is not None else x.new_zeros(())
         return (A, penalty) if return_penalty else A
 
     def forward(self, x0: torch.Tensor, t0: torch.Tensor, t: torch.Tensor, return_penalty: bool = False):
@@ -125,6 +116,30 @@ class CellMNN(nn.Module):
         X, _ = self(x0, t0, tt.reshape(1, -1).expand(n, -1))
         X = X[:, 0] if scalar else X
         return X.cpu().numpy() if as_numpy else X
+
+
+def outputs_to_operator(h: torch.Tensor, D: int, parameterization: str, num_const_dims: int = 0,
+                        time_unit: float = 1.0, check_errors: bool = True):
+    """The MLP's outputs h (n, n_out) -> operators A (n, D, D) per unit of the data's time and the
+    per-cell eigen penalty 1 / (|det P| + 1e-4) (n,) (None for "direct").  ``check_errors=False``
+    solves without a host synchronisation (a singular P then gives non-finite A, not an error)."""
+    n = h.shape[0]
+    if parameterization == "direct":
+        A, penalty = h.view(n, D, D), None
+    else:
+        P = torch.eye(D, dtype=h.dtype, device=h.device) + h[:, : D * D].view(n, D, D)
+        lam = torch.cat([h[:, D * D:], h.new_zeros(n, num_const_dims)], dim=1)
+        # A = P diag(lam) P^-1, i.e. the solution of A P = P diag(lam): solve P^T A^T = (P diag(lam))^T.
+        rhs = (P * lam[:, None, :]).transpose(1, 2)
+        if check_errors:
+            At = torch.linalg.solve(P.transpose(1, 2), rhs)
+        else:
+            At = torch.linalg.solve_ex(P.transpose(1, 2), rhs, check_errors=False)[0]
+        A = At.transpose(1, 2)
+        penalty = 1.0 / (torch.linalg.det(P).abs() + 1e-4)
+    if time_unit != 1.0:
+        A = A / time_unit
+    return A, penalty
 
 
 def _times(name, v, like) -> torch.Tensor:

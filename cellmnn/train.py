@@ -13,24 +13,22 @@ asks for the authors' choice).
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from cellmnn_kernels import laplace_mmd, laplace_mmd_grouped
+from cellmnn_kernels import laplace_mmd_grouped
 from cellmnn_kernels.ops.utils import BACKENDS
 
 from .data import Marginals
-from .model import CellMNN
 
 DEFAULTS = dict(width=96, depth=4, init_scale=0.01, parameterization="direct", num_const_dims=0,
                 lr=2e-4, weight_decay=1e-5, batch_size=200, gamma=0.1, sigma=1.0, velocity_weight=0.1,
                 kinetic="kept_times", max_epochs=1000, check_every=10, patience=10, val_fraction=0.1,
                 select_on_holdout=False,
-                backend="auto", device="cpu", verbose=True)
+                backend="auto", device="cpu", cuda_graph=False, verbose=True)
 
 
 @dataclass
@@ -108,7 +106,7 @@ def check_hparams(hp: dict) -> None:
         _number(name, hp[name], 0, None)
     _number("sigma", hp["sigma"], 0, None, low_open=True)
     _number("val_fraction", hp["val_fraction"], 0, 1)
-    for name in ("select_on_holdout", "verbose"):
+    for name in ("select_on_holdout", "verbose", "cuda_graph"):
         if not isinstance(hp[name], bool):
             raise TypeError(f"{name} must be True or False, got {hp[name]!r}")
     if hp["kinetic"] not in KINETIC:
@@ -200,7 +198,8 @@ def time_unit(times) -> float:
     return span / (len(times) - 1) if span > 0 else 1.0
 
 
-def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_grid=None, **hparams) -> CellMNN:
+def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_grid=None, seeds=None,
+        **hparams):
     """Train a Cell-MNN on ``marginals``, leaving out timepoint index ``holdout`` (or none).
 
     Hyperparameters (paper defaults): width 96, depth 4, init_scale 0.01, parameterization
@@ -209,35 +208,72 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_g
     1000 (an epoch is kept cells / batch_size steps), validation every check_every = 10 epochs
     with patience 10 checks on val_fraction = 10% of the kept cells; select_on_holdout=True
     instead selects on the held-out timepoint (the authors' choice: it uses the test marginal);
-    device "cpu", "cuda" or "auto".  Returns the model with the best validation score, with
-    ``.fit_info`` (history) and ``.marginals_info`` attached.
+    device "cpu", "cuda" or "auto"; cuda_graph=True replays each training step as a captured
+    CUDA graph (CUDA only; falls back to eager steps if capture fails).  Returns the model with
+    the best validation score, with ``.fit_info`` (history) and ``.marginals_info`` attached.
     Seeded: the same inputs and seed give the same model.
+
+    ``seeds=[s1, s2, ...]`` trains one model per seed, all at once as one batched ensemble
+    (``cellmnn.ensemble``), and returns the list; each is the model ``fit(..., seed=s)`` gives.
 
     ``select="inner"`` chooses hyperparameters without the held-out timepoint: every candidate of
     ``select_grid`` (default ``SELECT_GRID``: velocity_weight 0.1 or 0 x sigma 1 or 0.3) is
     trained once per interior kept timepoint with that timepoint also left out and scored by
     the exact W1 of its prediction from the previous kept timepoint; the candidate with the
     lowest mean W1 is then trained on every kept timepoint.  Cost: len(grid) x (kept
-    timepoints - 2) + 1 fits.  The scores are in ``model.fit_info.selection``.
+    timepoints - 2) + 1 fits, trained as two batched ensembles.  The scores are in
+    ``model.fit_info.selection``.
     """
     hp = check_inputs(marginals, hparams)
-    seed = check_seed(seed)
     holdout = check_holdout(marginals, holdout)
+    if seeds is None:
+        seed_list = [check_seed(seed)]
+    else:
+        if seed != 0:
+            raise ValueError("give either seed or seeds, not both")
+        seed_list = check_seeds(seeds)
     if hp["select_on_holdout"] and holdout is None:
         raise ValueError("select_on_holdout=True needs a holdout timepoint")
+    grid = check_select(select, select_grid, hp)
+    models = fit_many(marginals, [(holdout, s) for s in seed_list], hp, grid)
+    return models if seeds is not None else models[0]
+
+
+def check_seeds(seeds) -> list:
+    seeds = [check_seed(s) for s in ([seeds] if isinstance(seeds, (int, np.integer)) else list(seeds))]
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    dup = sorted({v for v in seeds if seeds.count(v) > 1})
+    if dup:
+        raise ValueError(f"seeds repeats {dup}; each must appear once")
+    return seeds
+
+
+def check_select(select, select_grid, hp):
+    """The candidate grid for ``select="inner"`` (checked), or None without selection."""
     if select is None:
         if select_grid is not None:
             raise ValueError("select_grid is used only with select='inner'")
-        return _train(marginals, holdout, seed, hp)
+        return None
     if select != "inner":
         raise ValueError(f"select must be None or 'inner', got {select!r}")
     if hp["select_on_holdout"]:
         raise ValueError("select='inner' and select_on_holdout=True exclude each other")
-    grid = _check_grid(SELECT_GRID if select_grid is None else select_grid, hp)
-    table = _select_inner(marginals, holdout, seed, hp, grid)
-    model = _train(marginals, holdout, seed, {**hp, **best_candidate(table)})
-    model.fit_info.selection = table
-    return model
+    return _check_grid(SELECT_GRID if select_grid is None else select_grid, hp)
+
+
+def fit_many(marginals: Marginals, jobs: list, hp: dict, grid=None) -> list:
+    """One model per (holdout, seed) job, all trained as batched ensembles; with a candidate
+    ``grid``, each job's hyperparameters are first chosen by inner leave-one-out."""
+    from .ensemble import Member, train
+
+    if grid is None:
+        return train(marginals, [Member(k, s, hp) for k, s in jobs])
+    tables = _select_inner(marginals, jobs, hp, grid)
+    models = train(marginals, [Member(k, s, {**hp, **best_candidate(t)}) for (k, s), t in zip(jobs, tables)])
+    for model, table in zip(models, tables):
+        model.fit_info.selection = table
+    return models
 
 
 def best_candidate(table) -> dict:
@@ -261,135 +297,35 @@ def _check_grid(grid, hp) -> list:
     return [dict(c) for c in grid]
 
 
-def _select_inner(marginals, holdout, seed, hp, grid) -> list:
-    """Per candidate: the exact W1 at every interior kept timepoint j of a model trained without
-    j (and without ``holdout``), predicting j from the kept timepoint before it."""
+def _select_inner(marginals, jobs, hp, grid) -> list:
+    """Per (holdout, seed) job, per candidate: the exact W1 at every interior kept timepoint j of a
+    model trained without j (and without the job's holdout), predicting j from the kept
+    timepoint before it.  Every (job, candidate, j) model is trained in one batched call."""
+    from .ensemble import Member, train
     from .evaluate import wasserstein1
 
     times = [float(t) for t in marginals.times]
-    kept = [i for i in range(len(marginals)) if i != holdout]
-    inner = kept[1:-1]
-    if not inner:
-        raise ValueError(f"select='inner' needs an interior kept timepoint to leave out; the data keep "
-                         f"{len(kept)} timepoints")
-    table = []
-    for cand in grid:
-        hpc = {**hp, **cand, "verbose": False}
-        scores = {}
-        for j in inner:
-            model = _train(marginals, j, seed, hpc, exclude=(holdout,))
-            prev = kept[kept.index(j) - 1]
-            pred = model.predict(marginals.data[prev].astype(np.float32), times[prev], times[j])
-            scores[j] = wasserstein1(pred, marginals.data[j])
-        table.append(dict(hparams=cand, inner_W1=scores, mean_W1=float(np.mean(list(scores.values())))))
-    return table
-
-
-def _train(marginals: Marginals, holdout, seed: int, hp: dict, exclude=()) -> CellMNN:
-    """``fit`` on checked arguments; timepoints ``exclude`` are left out besides ``holdout``."""
-    device = resolve_device(hp["device"])
-    dtype = torch.float32
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-
-    K, times = len(marginals), [float(t) for t in marginals.times]
-    kept = [i for i in range(K) if i != holdout and i not in exclude]
-    if len(kept) < 2:
-        raise ValueError("training needs at least two kept timepoints")
-    # Split each kept timepoint into training and validation cells (fixed for the run).
-    n_src = len(kept) - 1
-    if hp["batch_size"] < n_src:
-        raise ValueError(f"batch_size must be at least the number of source timepoints ({n_src}), so that each "
-                         f"gets a cell per step; got {hp['batch_size']}")
-    train, val = {}, {}
-    for i in kept:
-        perm = rng.permutation(len(marginals.data[i]))
-        n_val = int(round(hp["val_fraction"] * len(perm))) if len(perm) > 1 else 0
-        if n_val >= len(perm):
-            raise ValueError(f"val_fraction={hp['val_fraction']} leaves no training cell at t = {times[i]:g} "
-                             f"({len(perm)} cells); use a smaller val_fraction")
-        val[i], train[i] = marginals.data[i][perm[:n_val]], marginals.data[i][perm[n_val:]]
-
-    span, unit = max(times) - min(times), time_unit(times)
-    model = CellMNN(marginals.dim, hp["width"], hp["depth"], hp["init_scale"], hp["parameterization"],
-                    hp["num_const_dims"], hp["backend"], time_offset=min(times),
-                    time_scale=span if span > 0 else 1.0, time_unit=unit).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
-    objective = _Objective(times, kept, hp["gamma"], hp["sigma"], hp["velocity_weight"], hp["backend"],
-                           hp["kinetic"], unit)
-    per_src = [hp["batch_size"] // n_src + (k < hp["batch_size"] % n_src) for k in range(n_src)]
-    steps = max(1, math.ceil(sum(len(marginals.data[i]) for i in kept) / hp["batch_size"]))
-
-    def sample(i, n):
-        return train[i][rng.integers(0, len(train[i]), n)]
-
-    def validation_score():
-        model.eval()
-        with torch.no_grad():
-            if hp["select_on_holdout"]:
-                prev = holdout - 1
-                pred = model.predict(torch.as_tensor(marginals.data[prev], dtype=dtype, device=device),
-                                     times[prev], times[holdout])
-                score = laplace_mmd(pred, torch.as_tensor(marginals.data[holdout], dtype=dtype, device=device),
-                                    hp["sigma"], backend=hp["backend"])
-            else:
-                if any(len(val[i]) == 0 for i in kept):
-                    return float("nan")
-                _, score = objective(model, {s: val[s] for s in objective.sources},
-                                     {f: val[f] for f in objective.targets}, dtype, device)
-        model.train()
-        return float(score)
-
-    info = FitInfo(holdout, seed, hp)
-    best_state, bad_checks = copy.deepcopy(model.state_dict()), 0
-    progress = _progress(hp["max_epochs"], hp["verbose"], holdout, seed)
-    model.train()
-    try:
-        for epoch in range(1, hp["max_epochs"] + 1):
-            total = 0.0
-            for step in range(steps):
-                src = {s: sample(s, n) for s, n in zip(objective.sources, per_src)}
-                obs = {f: sample(f, hp["batch_size"]) for f in objective.targets}
-                try:
-                    loss, _ = objective(model, src, obs, dtype, device)
-                except (ValueError, torch.linalg.LinAlgError) as exc:  # operators out of range, singular P
-                    if epoch == 1 and step == 0:
-                        raise ValueError(f"the untrained model is out of range ({exc}); try a smaller "
-                                         f"init_scale (now {hp['init_scale']})") from None
-                    raise _diverged(epoch, hp, str(exc)) from None
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise _diverged(epoch, hp, f"loss {value}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += value
-            info.epochs = epoch
-            score = None
-            if epoch % hp["check_every"] == 0 or epoch == hp["max_epochs"]:
-                try:
-                    score = validation_score()
-                except (ValueError, torch.linalg.LinAlgError) as exc:
-                    raise _diverged(epoch, hp, str(exc)) from None
-                if math.isnan(score):  # no validation cells: keep the last model
-                    best_state, info.best_epoch = copy.deepcopy(model.state_dict()), epoch
-                elif score < info.best_score:
-                    info.best_score, info.best_epoch, bad_checks = score, epoch, 0
-                    best_state = copy.deepcopy(model.state_dict())
-                else:
-                    bad_checks += 1
-            info.history.append((epoch, total / steps, score))
-            progress.update(1)
-            progress.set_postfix(loss=f"{total / steps:.4f}", val=f"{info.best_score:.4f}")
-            if bad_checks >= hp["patience"]:
-                break
-    finally:
-        progress.close()
-    model.load_state_dict(best_state)
-    model.eval()
-    model.fit_info = info
-    model.marginals_info = {"times": times, "transform": marginals.transform.to_dict(), "source": marginals.source}
-    return model
+    members, where = [], []
+    for n, (holdout, seed) in enumerate(jobs):
+        kept = [i for i in range(len(marginals)) if i != holdout]
+        inner = kept[1:-1]
+        if not inner:
+            raise ValueError(f"select='inner' needs an interior kept timepoint to leave out; the data keep "
+                             f"{len(kept)} timepoints")
+        for c, cand in enumerate(grid):
+            for j in inner:
+                exclude = () if holdout is None else (holdout,)
+                members.append(Member(j, seed, {**hp, **cand, "verbose": False}, exclude))
+                where.append((n, c, j, kept[kept.index(j) - 1]))
+    models = train(marginals, members, desc=f"inner selection ({len(members)} models)" if hp["verbose"] else None)
+    tables = [[dict(hparams=cand, inner_W1={}) for cand in grid] for _ in jobs]
+    for model, (n, c, j, prev) in zip(models, where):
+        pred = model.predict(marginals.data[prev].astype(np.float32), times[prev], times[j])
+        tables[n][c]["inner_W1"][j] = wasserstein1(pred, marginals.data[j])
+    for table in tables:
+        for row in table:
+            row["mean_W1"] = float(np.mean(list(row["inner_W1"].values())))
+    return tables
 
 
 def _diverged(epoch, hp, what) -> FloatingPointError:

@@ -257,8 +257,8 @@ def test_outputs_are_checked_before_any_training(data_csv, tmp_path, unwritable,
     import cellmnn.train
 
     trained = lambda *a, **k: pytest.fail("trained before checking the outputs")  # noqa: E731
-    monkeypatch.setattr(cellmnn.train, "fit", trained)
-    monkeypatch.setattr(cellmnn.evaluate, "fit", trained)
+    monkeypatch.setattr(cellmnn.train, "fit_many", trained)  # what fit and leave_one_out train through
+    monkeypatch.setattr(cellmnn.evaluate, "fit_many", trained)
     (tmp_path / "a-folder").mkdir()
     cases = [
         (["fit", str(data_csv), "--out", str(unwritable / "model")], "not writable"),

@@ -137,6 +137,116 @@ def test_grouped_equals_the_sum_of_single_calls(backend, dtype, case):
     assert_grads_close([a.grad for a in leaves], [b.grad for b in ref_leaves], GRAD_RTOL[dtype])
 
 
+@st.composite
+def batched_cases(draw):
+    """Many terms over segments of a few sizes: x segments of size ``a`` at least three times, so
+    that the jobs of S(X, X) of shape (a, a) form one group; CHUNK_ELEMS = a^2 or 2 a^2 splits that
+    group into sub-batches of 1 or 2 jobs, and cuts jobs with more kernel values into row pieces."""
+    a = draw(st.integers(1, 6))
+    sizes = [a] + draw(st.lists(st.integers(1, 9), min_size=1, max_size=2))
+    x_sizes = draw(st.permutations([a] * 3 + draw(st.lists(st.sampled_from(sizes), max_size=6))))
+    y_sizes = draw(st.lists(st.sampled_from(sizes), min_size=1, max_size=5))
+    n_x, n_y = len(x_sizes), len(y_sizes)
+    # Every x segment in some term (all S(X, X) jobs run), more terms at random; term 0 pairs x
+    # segment 0 with y segment 0.
+    extra = draw(st.integers(0, n_x + 4))
+    terms_x = list(range(n_x)) + draw(st.lists(st.integers(0, n_x - 1), min_size=extra, max_size=extra))
+    terms_y = [0] + draw(st.lists(st.integers(0, n_y - 1), min_size=n_x + extra - 1, max_size=n_x + extra - 1))
+    weights = draw(st.lists(st.floats(0.0, 2.0), min_size=n_x + extra, max_size=n_x + extra))
+    return dict(a=a, chunk=a * a * draw(st.sampled_from([1, 2])), x_sizes=x_sizes, y_sizes=y_sizes,
+                terms_x=terms_x, terms_y=terms_y, term_weights=weights, seed=draw(st.integers(0, 2**32 - 1)),
+                D=draw(st.sampled_from([1, 3, 5, 10])),
+                sigma=draw(st.floats(0.3, 3.0)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@settings(max_examples=scaled_examples(15))
+@given(case=batched_cases())
+def test_batched_groups_and_sub_batches_match_the_reference(dtype, case):
+    # The torch reducer computes the jobs of one shape as one batch (sub-batches of at most
+    # CHUNK_ELEMS kernel values); values and gradients in x, y and both point weights against the
+    # dense float64 reference.  Tolerances as in test_grouped_equals_the_sum_of_single_calls: each
+    # MMD^2 combines three kernel means in (0, 1] with coefficients 1, 1, 2 (scale <= 4), and
+    # batching only changes which rows are reduced together, not the reduction over one row's keys
+    # (a sum of at most 9 float32 values here), so RTOL[dtype] * 4 per term and
+    # RTOL[dtype] * 4 * (1 + sum of term weights) for the total; GRAD_RTOL for the gradients.
+    import cellmnn_kernels.ops.laplace_mmd.torch_impl as ti
+
+    rng = np.random.default_rng(case["seed"])
+    D = case["D"]
+    x_off = np.concatenate([[0], np.cumsum(case["x_sizes"])]).tolist()
+    y_off = np.concatenate([[0], np.cumsum(case["y_sizes"])]).tolist()
+    xn = rng.standard_normal((x_off[-1], D))
+    yn = rng.standard_normal((y_off[-1], D)) + 0.3
+    # Distances below the clamp 1e-8 D that are not zero (the gradient mask matters: sign != 0):
+    # x segment 0 against y segment 0 (term 0), and within x segment 0; and an exact duplicate.
+    xn[0], yn[0] = 0.0, 1e-10
+    if case["x_sizes"][0] > 1:
+        xn[1] = -1e-10
+    yn[-1] = xn[-1]
+    t = lambda v: torch.tensor(v, dtype=dtype, device=DEVICE)  # noqa: E731
+    leaves = [t(xn), t(yn), t(rng.uniform(0.1, 1.0, x_off[-1])), t(rng.uniform(0.1, 1.0, y_off[-1]))]
+    leaves = [v.requires_grad_() for v in leaves]
+
+    def run(be, x, y, wx, wy):
+        return laplace_mmd_grouped(x, x_off, y, y_off, case["terms_x"], case["terms_y"], case["term_weights"],
+                                   case["sigma"], wx, wy, backend=be)
+
+    batches = []
+    real = ti._batches
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ti, "CHUNK_ELEMS", case["chunk"])
+        mp.setattr(ti, "_batches", lambda *args: batches.append(real(*args)) or batches[-1])
+        total, values = run("torch", *leaves)
+        total.backward()
+    # The (a, a) jobs of S(X, X) (keys equal to queries) did not fit one batch, and no batch holds
+    # more than CHUNK_ELEMS kernel values (but a single row with more keys than that).
+    a, chunk = case["a"], case["chunk"]
+    assert sum(1 for b in batches for J, nq, nk, *_, same in b if (nq, nk) == (a, a) and same) >= 2
+    assert all(J * nq * nk <= chunk or J == nq == 1 for b in batches for J, nq, nk, *_ in b)
+    ref_leaves = [v.detach().double().requires_grad_() for v in leaves]
+    rtotal, rvalues = run("reference", *ref_leaves)
+    rtotal.backward()
+    assert values.shape == (len(case["terms_x"]),) and total.dtype == dtype
+    assert (values.double() - rvalues).abs().max().item() <= RTOL[dtype] * 4
+    assert abs(total.double().item() - rtotal.item()) <= RTOL[dtype] * 4 * (1 + sum(case["term_weights"]))
+    assert_grads_close([v.grad for v in leaves], [v.grad for v in ref_leaves], GRAD_RTOL[dtype])
+
+
+def test_repeated_grouped_call_builds_no_index_tensors(monkeypatch):
+    # The plan, its index tensors and the reducer's gather indices are cached: a second call with
+    # the same offsets and terms creates no tensor from host data (on CUDA: no upload).
+    x = torch.randn(40, 3, device=DEVICE, requires_grad=True)
+    y = torch.randn(30, 3, device=DEVICE, requires_grad=True)
+    args = (x, [0, 7, 14, 20, 40], y, [0, 10, 20, 30], [0, 1, 2, 3, 0], [0, 1, 2, 2, 1], [1.0, 0.1, 0.01, 1.0, 2.0])
+
+    def step():
+        total, _ = laplace_mmd_grouped(*args, backend="torch", check_finite=False)
+        total.backward()
+
+    step()
+    made = []
+    for name in ("tensor", "as_tensor", "arange"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: made.append(_name) or _real(*a, **k))
+    step()
+    assert made == []
+
+
+def test_caches_built_under_inference_mode_serve_autograd():
+    # A first call under inference_mode builds the cached index tensors as normal tensors: a later
+    # call that records a graph can save them for backward.
+    # (x needs gradients in both calls: the plan is the same one.)
+    x = torch.randn(23, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = torch.randn(17, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    args = (x, [0, 9, 23], y, [0, 4, 17], [0, 1, 1], [1, 0, 1], [0.5, 1.5, 1.0])
+    with torch.inference_mode():
+        want, _ = laplace_mmd_grouped(*args, backend="torch")
+    total, _ = laplace_mmd_grouped(*args, backend="torch")
+    total.backward()
+    assert total.item() == want.item() and x.grad.abs().sum() > 0 and y.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grouped_call_is_a_fixed_number_of_launches(backend, monkeypatch):
     import cellmnn_kernels.ops.laplace_mmd as mmd

@@ -171,15 +171,19 @@ def test_model_argument_errors():
 # ----------------------------------------------------------------------------- training
 
 def test_fit_is_seeded_and_makes_one_mmd_call_per_step(marginals, monkeypatch):
+    import cellmnn.ensemble as ensemble
     import cellmnn.train as train
 
-    calls = []
-    real = train.laplace_mmd_grouped
-    monkeypatch.setattr(train, "laplace_mmd_grouped", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = {"step": 0, "check": 0}
+    for mod, kind in ((ensemble, "step"), (train, "check")):
+        real = mod.laplace_mmd_grouped
+        monkeypatch.setattr(mod, "laplace_mmd_grouped",
+                            lambda *a, _r=real, _k=kind, **k: calls.__setitem__(_k, calls[_k] + 1) or _r(*a, **k))
     m1 = cellmnn.fit(marginals, holdout=1, seed=3, **FAST)
     steps = int(np.ceil(sum(marginals.sizes[i] for i in (0, 2, 3)) / FAST["batch_size"]))
     checks = len([h for h in m1.fit_info.history if h[2] is not None])
-    assert len(calls) == m1.fit_info.epochs * steps + checks  # one per training step, one per check
+    # one per training step (and one check of the untrained model before them), one per validation
+    assert calls == {"step": 1 + m1.fit_info.epochs * steps, "check": checks}
     m2 = cellmnn.fit(marginals, holdout=1, seed=3, **FAST)
     for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(a, b)
@@ -274,12 +278,15 @@ def test_inner_selection_never_touches_the_held_out_timepoint(monkeypatch):
     other = cellmnn.Marginals([d if k != 2 else d[::-1] * 3.0 + 5.0 for k, d in enumerate(m.data)], m.times,
                               m.transform)
     grid = [{"velocity_weight": 0.1, "sigma": 1.0}, {"velocity_weight": 0.0, "sigma": 0.3}]
+    import cellmnn.ensemble as ensemble
+
     calls = []
-    real = train._train
-    monkeypatch.setattr(train, "_train", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = ensemble.train
+    monkeypatch.setattr(ensemble, "train", lambda marg, members, **k: calls.append(
+        [(mem.holdout, mem.exclude) for mem in members]) or real(marg, members, **k))
     models = [cellmnn.fit(data, holdout=2, seed=0, select="inner", select_grid=grid, **FAST) for data in (m, other)]
-    # kept timepoints 0, 1, 3, 4: inner holdouts 1 and 3 for each candidate, then the final fit.
-    assert calls == [1, 3, 1, 3, 2] * 2
+    # kept timepoints 0, 1, 3, 4: inner holdouts 1 and 3 for each candidate (2 also left out), then the final fit.
+    assert calls == [[(1, (2,)), (3, (2,)), (1, (2,)), (3, (2,))], [(2, ())]] * 2
     a, b = (mm.fit_info.selection for mm in models)
     assert a == b and [r["hparams"] for r in a] == grid and set(a[0]["inner_W1"]) == {1, 3}
     for x, y in zip(models[0].state_dict().values(), models[1].state_dict().values()):

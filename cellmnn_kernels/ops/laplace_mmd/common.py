@@ -9,9 +9,14 @@ so that S = sum_i wq_i r_i, dS/dq_i = -wq_i G_i / (sigma D) and dS/dwq_i = r_i. 
 formed in the same pass as the values (the exponential is evaluated once per pair); the key side
 of a cross sum S(X, Y) is the query side of S(Y, X), which is run only when y or its weights
 need gradients.  Symmetric sums S(X, X) count their rows twice.
+
+A plan (which sums, which launches) depends only on host integers and the gradient flags: it is
+memoised (``cached_plan``), and so are its index tensors per device (``Plan.tensors``), so that a
+training loop repeating its offsets and terms builds and uploads nothing per call.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass, field
 
@@ -89,6 +94,12 @@ def check_term_weights(term_weights, n_terms: int, device):
     """(n_terms,) float64 tensor of the terms' weights (differentiable if given as such), or None."""
     if term_weights is None:
         return None
+    if isinstance(term_weights, (list, tuple)) and all(type(v) in (int, float) for v in term_weights):
+        # Plain numbers: one cached device tensor per (values, device), no upload per call.
+        w = _constant_weights(tuple(term_weights), torch.device(device))
+        if w.shape != (n_terms,):
+            raise ValueError(f"term_weights must have one weight per term ({n_terms}); got shape {tuple(w.shape)}")
+        return w
     try:
         w = torch.as_tensor(term_weights, dtype=torch.float64, device=device)
     except (TypeError, ValueError, RuntimeError):
@@ -96,6 +107,12 @@ def check_term_weights(term_weights, n_terms: int, device):
     if w.shape != (n_terms,):
         raise ValueError(f"term_weights must have one weight per term ({n_terms}); got shape {tuple(w.shape)}")
     return w
+
+
+@functools.lru_cache(maxsize=256)
+def _constant_weights(values: tuple, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor, reusable by calls that record graphs
+        return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def check_values(x, y, x_weights, y_weights, segments, term_weights=None) -> None:
@@ -158,6 +175,14 @@ class Plan:
     y_segments: list
     term_sx: list  # per term: position of its x segment in x_segments
     term_sy: list
+    _tensors: dict = field(default_factory=dict, repr=False, compare=False)  # device -> PlanTensors
+
+    def tensors(self, device) -> "PlanTensors":
+        """The plan's index tensors on ``device``, built on first use and kept with the plan."""
+        t = self._tensors.get(device)
+        if t is None:
+            t = self._tensors[device] = PlanTensors.build(self, device)
+        return t
 
 
 def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy) -> Plan:
@@ -195,15 +220,58 @@ def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy) -> Plan:
                 [pos_x[s] for s in terms_x], [pos_y[s] for s in terms_y])
 
 
-def _row_maps(lc: Launch, device):
-    """Per output row: its query point, its S slot (n_sums+... for auxiliary), grad source, factor."""
-    sizes = torch.tensor([q1 - q0 for q0, q1, _, _ in lc.jobs], device=device)
-    n = lc.n_rows
-    job = torch.repeat_interleave(torch.arange(len(lc.jobs), device=device), sizes, output_size=n)
-    starts = torch.tensor(lc.out_starts, device=device)
-    q0 = torch.tensor([j[0] for j in lc.jobs], device=device)
-    point = q0[job] + torch.arange(n, device=device) - starts[job]
-    return job, point
+PLAN_CACHE = 128  # plans (with their device index tensors) kept by ``cached_plan``
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE)
+def cached_plan(x_off: tuple, y_off: tuple, terms_x: tuple, terms_y: tuple, grad_x: bool, grad_y: bool,
+                grad_wy: bool) -> Plan:
+    """``build_plan`` memoised on its (hashable) inputs: a training loop that repeats its offsets
+    and terms reuses one plan and its device index tensors.  Plans are never modified."""
+    return build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy)
+
+
+@dataclass
+class LaunchTensors:
+    """Per output row of a launch: its query point, its S slot (n_sums for auxiliary rows), the S
+    index whose upstream gradient scales it and its factor (2 for symmetric sums)."""
+    point: torch.Tensor
+    slot: torch.Tensor
+    grad_of: torch.Tensor
+    factor: torch.Tensor  # float64
+
+
+@dataclass
+class PlanTensors:
+    """Device index tensors of a plan (built once per plan and device, see ``Plan.tensors``)."""
+    launches: list  # LaunchTensors per launch
+    x_a: torch.Tensor  # per term: start and end of its x segment
+    x_b: torch.Tensor
+    y_a: torch.Tensor
+    y_b: torch.Tensor
+    term_xx: torch.Tensor
+    term_yy: torch.Tensor
+    term_xy: torch.Tensor
+
+    @staticmethod
+    def build(plan: Plan, device) -> "PlanTensors":
+        # Built on the host, then moved in one copy each; normal tensors even under inference_mode,
+        # since later calls that record autograd graphs reuse them.
+        with torch.inference_mode(False):
+            host = lambda v, dtype=torch.int64: torch.tensor(v, dtype=dtype)  # noqa: E731
+            launches = []
+            for lc in plan.launches:
+                n = lc.n_rows
+                job = torch.repeat_interleave(torch.arange(len(lc.jobs)), host([q1 - q0 for q0, q1, _, _ in lc.jobs]),
+                                              output_size=n)
+                point = host([j[0] for j in lc.jobs])[job] + torch.arange(n) - host(lc.out_starts)[job]
+                slot = host([s if s >= 0 else plan.n_sums for s in lc.job_s])[job]
+                launches.append(LaunchTensors(point.to(device), slot.to(device), host(lc.job_grad_of)[job].to(device),
+                                              host(lc.job_factor, torch.float64)[job].to(device)))
+            xs, ys = [plan.x_segments[i] for i in plan.term_sx], [plan.y_segments[i] for i in plan.term_sy]
+            dev = lambda v: host(v).to(device)  # noqa: E731
+            return PlanTensors(launches, dev([a for a, _ in xs]), dev([b for _, b in xs]), dev([a for a, _ in ys]),
+                               dev([b for _, b in ys]), dev(plan.term_xx), dev(plan.term_yy), dev(plan.term_xy))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -217,13 +285,11 @@ class PairSums(torch.autograd.Function):
         D = x.shape[1]
         S = torch.zeros(plan.n_sums + 1, dtype=torch.float64, device=x.device)
         saved = []
-        for lc in plan.launches:
+        for lc, lt in zip(plan.launches, plan.tensors(x.device).launches):
             Q, K, WQ, WK = pts[lc.q_side], pts[lc.k_side], wts[lc.q_side], wts[lc.k_side]
             r, G = reducer(Q, K, WK, lc.jobs, lc.out_starts, lc.n_rows, lc.compute_g, sigma)
-            job, point = _row_maps(lc, x.device)
-            slot = torch.tensor([s if s >= 0 else plan.n_sums for s in lc.job_s], device=x.device)[job]
-            S.index_add_(0, slot, (WQ[point] * r).double())
-            saved += [r, G, job, point]
+            S.index_add_(0, lt.slot, (WQ[lt.point] * r).double())
+            saved += [r, G]
         ctx.plan, ctx.sigma, ctx.D = plan, sigma, D
         # Everything backward reads goes through save_for_backward, so that a second backward
         # (retain_graph=True) finds it again.
@@ -234,7 +300,7 @@ class PairSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gS):
         x, y, wx, wy, *saved = ctx.saved_tensors
-        rows = [tuple(saved[i:i + 4]) for i in range(0, len(saved), 4)]
+        rows = [tuple(saved[i:i + 2]) for i in range(0, len(saved), 2)]
         with torch.no_grad():
             grads = PairSums._backward(ctx, gS, wx, wy, rows)
         return (*first_order_only(SECOND_ORDER, grads, (x, y, wx, wy)), None, None, None)
@@ -249,10 +315,9 @@ class PairSums(torch.autograd.Function):
                  torch.zeros_like(wx) if need[2] else None,
                  torch.zeros_like(wy) if need[3] else None]
         wts = (wx, wy)
-        for lc, (r, G, job, point) in zip(plan.launches, rows):
-            src = torch.tensor(lc.job_grad_of, device=gS.device)
-            fac = torch.tensor(lc.job_factor, dtype=torch.float64, device=gS.device)
-            coef = (gS[src] * fac)[job].to(dtype)  # per row
+        for lc, lt, (r, G) in zip(plan.launches, plan.tensors(gS.device).launches, rows):
+            point = lt.point
+            coef = (gS[lt.grad_of] * lt.factor).to(dtype)  # per row
             if grads[lc.q_side] is not None and G is not None:
                 scale = coef * wts[lc.q_side][point] * (-1.0 / (sigma * D))
                 grads[lc.q_side].index_add_(0, point, scale[:, None] * G)
@@ -267,18 +332,16 @@ def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, w
     wy = torch.ones(y.shape[0], dtype=y.dtype, device=y.device) if wy is None else wy
     # Weight gradients come from the row sums every launch computes, except those of y, which
     # need the S(Y, X) launch.
-    plan = build_plan(x_off, y_off, terms_x, terms_y, x.requires_grad, y.requires_grad, wy.requires_grad)
+    plan = cached_plan(tuple(x_off), tuple(y_off), tuple(terms_x), tuple(terms_y), x.requires_grad,
+                       y.requires_grad, wy.requires_grad)
     S = PairSums.apply(x, y, wx, wy, plan, reducer, sigma)
+    t = plan.tensors(x.device)
 
-    def seg_sums(w, segments):
+    def seg_sums(w, a, b):
         c = torch.cat([w.new_zeros(1, dtype=torch.float64), torch.cumsum(w.double(), 0)])
-        a = torch.tensor([s for s, _ in segments], device=w.device)
-        b = torch.tensor([e for _, e in segments], device=w.device)
         return c[b] - c[a]
 
-    Wx = seg_sums(wx, plan.x_segments)[torch.tensor(plan.term_sx, device=x.device)]
-    Wy = seg_sums(wy, plan.y_segments)[torch.tensor(plan.term_sy, device=x.device)]
-    idx = lambda v: torch.tensor(v, device=x.device)  # noqa: E731
-    values = S[idx(plan.term_xx)] / Wx ** 2 + S[idx(plan.term_yy)] / Wy ** 2 - 2 * S[idx(plan.term_xy)] / (Wx * Wy)
+    Wx, Wy = seg_sums(wx, t.x_a, t.x_b), seg_sums(wy, t.y_a, t.y_b)  # per term
+    values = S[t.term_xx] / Wx ** 2 + S[t.term_yy] / Wy ** 2 - 2 * S[t.term_xy] / (Wx * Wy)
     w = torch.ones_like(values) if term_weights is None else term_weights  # (n_terms,) float64, checked
     return (w * values).sum().to(x.dtype), values.to(x.dtype)

@@ -11,6 +11,8 @@ into n_splits chunks so that small problems still fill the GPU (partials are sum
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..utils import HAS_TRITON, next_power_of_2, tl, triton, triton_interpreted
@@ -143,26 +145,32 @@ def _n_splits(n_items: int, max_keys: int, cfg, device) -> int:
     return max(1, min(-(-target // max(1, n_items)), max_keys // (cfg["BN"] * 16)))
 
 
+@functools.lru_cache(maxsize=256)
+def _launch_tables(jobs, out_starts, BM, sigma, D, dtype, device):
+    """The work items (query start, query end, key start, key end, output row) of a launch and its
+    parameters, on the device; cached, so that a repeated call (every training step) uploads
+    nothing from the host and can be captured in a CUDA graph."""
+    items = []
+    for (q0, q1, k0, k1), o in zip(jobs, out_starts):
+        for a in range(q0, q1, BM):
+            items.append((a, q1, k0, k1, o + a - q0))
+    table = torch.tensor(items, dtype=torch.int64).to(device)
+    params = torch.tensor([1.0 / (sigma * D), CLAMP * D], dtype=dtype).to(device)
+    return table, params
+
+
 def reduce_rows_triton(Q, K, WK, jobs, out_starts, n_out, compute_g, sigma):
     """r (n_out,) and G (n_out, D) or None, as ``reduce_rows_torch``; one launch."""
     D = Q.shape[1]
     cfg = block_config(D, Q.dtype)
     BM = cfg["BM"]
-    items = []
-    for (q0, q1, k0, k1), o in zip(jobs, out_starts):
-        for a in range(q0, q1, BM):
-            items.append((a, q1, k0, k1, o + a - q0))
+    table, params = _launch_tables(tuple(map(tuple, jobs)), tuple(out_starts), BM, float(sigma), D, Q.dtype, Q.device)
     max_keys = max(k1 - k0 for _, _, k0, k1 in jobs)
-    splits = _n_splits(len(items), max_keys, cfg, Q.device)
-    table = torch.tensor(items, dtype=torch.int64)
-    if Q.device.type == "cuda":  # pinned, so that the upload does not wait for queued kernels
-        table = table.pin_memory().to(Q.device, non_blocking=True)
+    splits = _n_splits(table.shape[0], max_keys, cfg, Q.device)
+    items = range(table.shape[0])
     Q, K, WK = Q.contiguous(), K.contiguous(), WK.contiguous()
     R = torch.empty((splits, n_out), dtype=Q.dtype, device=Q.device)
     G = torch.empty((splits, n_out, D), dtype=Q.dtype, device=Q.device) if compute_g else R
-    params = torch.tensor([1.0 / (sigma * D), CLAMP * D], dtype=Q.dtype)
-    if Q.device.type == "cuda":
-        params = params.pin_memory().to(Q.device, non_blocking=True)
     if cfg["reg"]:
         _laplace_rows_reg_kernel[(len(items), splits)](
             Q_ptr=Q, K_ptr=K, WK_ptr=WK, items_ptr=table, params_ptr=params, R_ptr=R, G_ptr=G, n_out=n_out,

@@ -1,0 +1,579 @@
+"""Many Cell-MNN models trained at once, as one vectorised model.
+
+Every fit of the package runs here (a single fit is an ensemble of one).  The members of an
+ensemble share the data (one ``Marginals``) and the shape of the computation: the network (dim,
+width, depth, parameterization, num_const_dims), batch_size, the kinetic form, backend, device
+and check_every.  Each member has its own seed, held-out and excluded timepoints and every other
+hyperparameter (lr, weight_decay, gamma, sigma, velocity_weight, init_scale, max_epochs,
+patience, val_fraction, select_on_holdout).
+
+A training step is, for all members together: the batch drawn on the device by a counter-based
+hash of (member seed, step, slot); one stacked MLP (batched matmuls over members); one
+``local_linear_step`` over every member's cells; one ``laplace_mmd_grouped`` for every MMD term
+of every member (different sigmas by scaling each member's points by 1/sigma); one AdamW update
+of all weights (one (members, parameters) tensor).  Losses stay on the device; they, the
+validation scores and the early-stopping decisions are read back only at check epochs.  A member
+that stops early keeps its best weights and leaves the ensemble (the others go on in a smaller
+one).  A member's batches, initial weights and validation split depend only on its own seed and
+hyperparameters, so the same member gives the same model alone or in any ensemble (up to float
+rounding of the batched products).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cellmnn_kernels import laplace_mmd, laplace_mmd_grouped, local_linear_step
+
+from .model import CellMNN, outputs_to_operator
+
+#: Hyperparameters every member of one ensemble must share (the shape of the computation).
+SHARED = ("width", "depth", "parameterization", "num_const_dims", "batch_size", "kinetic", "backend", "device",
+          "check_every", "cuda_graph")
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of an ensemble: leave out ``holdout`` and ``exclude``, train with ``seed`` and ``hp``."""
+    holdout: int | None
+    seed: int
+    hp: dict = field(hash=False, compare=False)
+    exclude: tuple = ()
+
+
+# ----------------------------------------------------------------------------- sampling on the device
+
+_M16, _M32 = 0xFFFF, 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for x in [0, 2^32), exact in int64 (partial products stay below 2^49)."""
+    return ((x & _M16) * c + ((((x >> 16) * c) & _M16) << 16)) & _M32
+
+
+def mix32(x):
+    """A bijective 32-bit integer hash ("lowbias32": shifts 16, 15, 16 and multipliers 0x7feb352d,
+    0x846ca68b, from C. Wellons' hash-prospector).  Works on Python ints and int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def member_key(seed: int) -> int:
+    """A 32-bit stream key from a 63-bit seed."""
+    return mix32((seed & _M32) ^ mix32(((seed >> 32) & _M32) ^ 0x9E3779B9))
+
+
+def draw(keys: torch.Tensor, slots: torch.Tensor, step: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Uniform integers in [0, n) per slot for this step: hash(key, step, slot), no host state.
+
+    keys, slots, n: (S,) int64; step: 0-d int64 tensor (on the device: capturable)."""
+    h = mix32(mix32(keys ^ mix32(step & _M32)) ^ slots)
+    return (h * n) >> 32  # h < 2^32, n < 2^31: exact
+
+
+# ----------------------------------------------------------------------------- the stacked network
+
+def layer_shapes(dim: int, width: int, depth: int, n_out: int) -> list:
+    shapes, n_in = [], dim + 1
+    for _ in range(depth):
+        shapes.append((n_in, width))
+        n_in = width
+    return shapes + [(n_in, n_out)]
+
+
+def n_outputs(dim, parameterization, num_const_dims):
+    return dim * dim + (dim - num_const_dims if parameterization == "eigen" else 0)
+
+
+def _offsets(shapes):
+    out, o = [], 0
+    for n_in, n_out in shapes:
+        out.append((o, o + n_in * n_out, o + n_in * n_out + n_out))
+        o += n_in * n_out + n_out
+    return out, o
+
+
+def pack(model: CellMNN) -> torch.Tensor:
+    """A model's MLP weights as one flat vector (layer by layer: W (in, out) row-major, then b)."""
+    parts = []
+    for m in model.mlp:
+        if isinstance(m, torch.nn.Linear):
+            parts += [m.weight.detach().t().reshape(-1), m.bias.detach().reshape(-1)]
+    return torch.cat(parts)
+
+
+def unpack(model: CellMNN, flat: torch.Tensor) -> CellMNN:
+    """Load a flat vector written by ``pack`` into ``model``'s MLP."""
+    linears = [m for m in model.mlp if isinstance(m, torch.nn.Linear)]
+    offs, total = _offsets([(m.in_features, m.out_features) for m in linears])
+    if flat.numel() != total:
+        raise ValueError(f"flat weights have {flat.numel()} entries; the model needs {total}")
+    with torch.no_grad():
+        for m, (a, b, c) in zip(linears, offs):
+            m.weight.copy_(flat[a:b].view(m.in_features, m.out_features).t())
+            m.bias.copy_(flat[b:c])
+    return model
+
+
+def stacked_mlp(flat: torch.Tensor, shapes, x: torch.Tensor) -> torch.Tensor:
+    """Every member's MLP at once: flat (E, P) weights, x (E, n, in) -> (E, n, out); LeakyReLU
+    (slope 0.01, torch's default) between layers, as ``CellMNN.mlp``."""
+    E = flat.shape[0]
+    offs, _ = _offsets(shapes)
+    h = x
+    for k, ((n_in, n_out), (a, b, c)) in enumerate(zip(shapes, offs)):
+        h = torch.baddbmm(flat[:, b:c].view(E, 1, n_out), h, flat[:, a:b].view(E, n_in, n_out))
+        if k < len(shapes) - 1:
+            h = torch.nn.functional.leaky_relu(h)
+    return h
+
+
+class AdamW:
+    """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments; tested against
+    it) on one (E, P) tensor, with a learning rate and a weight decay per member, in a fixed
+    number of operations whatever E."""
+
+    def __init__(self, param: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor):
+        self.param, self.lr, self.wd = param, lr[:, None], weight_decay[:, None]
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+        self.t = torch.zeros((), dtype=param.dtype, device=param.device)  # steps taken (a device tensor)
+
+    @torch.no_grad()
+    def step(self):
+        b1, b2 = ADAM_BETAS
+        g, p = self.param.grad, self.param
+        self.t.add_(1)
+        self.m.lerp_(g, 1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        p.mul_(1 - self.lr * self.wd)
+        denom = (self.v.sqrt() / (1 - b2 ** self.t).sqrt()).add_(ADAM_EPS)
+        p.sub_(self.lr / (1 - b1 ** self.t) * self.m / denom)
+
+    def keep(self, idx: torch.Tensor):
+        """Keep the state of members ``idx`` only (when members leave the ensemble)."""
+        self.lr, self.wd = self.lr[idx], self.wd[idx]
+        self.m, self.v = self.m[idx].contiguous(), self.v[idx].contiguous()
+
+
+# ----------------------------------------------------------------------------- the ensemble's layout
+
+class _Setup:
+    """What does not change during training: the data on the device, every member's kept
+    timepoints, training pool (indices into ``data``) and validation cells, initial weights."""
+
+    def __init__(self, marginals, members: list, device: torch.device):
+        from .train import time_unit
+
+        hp0 = members[0].hp
+        self.members, self.device = members, device
+        self.dtype = torch.float32
+        self.D = marginals.dim
+        self.B = hp0["batch_size"]
+        self.times = [float(t) for t in marginals.times]
+        span = max(self.times) - min(self.times)
+        self.unit = time_unit(self.times)
+        self.t_offset, self.t_scale = min(self.times), (span if span > 0 else 1.0)
+        sizes = [len(d) for d in marginals.data]
+        tp_start = np.concatenate([[0], np.cumsum(sizes)])
+        self.data = torch.as_tensor(np.concatenate(marginals.data), dtype=self.dtype, device=device)
+        self.kinetic, self.backend = hp0["kinetic"], hp0["backend"]
+        self.shapes = layer_shapes(self.D, hp0["width"], hp0["depth"],
+                                   n_outputs(self.D, hp0["parameterization"], hp0["num_const_dims"]))
+        self.grid = np.zeros(0)
+        if self.kinetic == "grid":
+            from .train import GRID_STEP
+
+            n = int(math.floor(span / (GRID_STEP * self.unit) + 1e-9)) + 1
+            self.grid = min(self.times) + GRID_STEP * self.unit * np.arange(n, dtype=np.float64)
+        pools, self.kept, self.val, self.pool_at, self.steps, flats = [], [], [], [], [], []
+        n_pool = 0
+        for mem in members:
+            hp = mem.hp
+            rng = np.random.default_rng(mem.seed)
+            torch.manual_seed(mem.seed)
+            kept = [i for i in range(len(marginals)) if i != mem.holdout and i not in mem.exclude]
+            if len(kept) < 2:
+                raise ValueError("training needs at least two kept timepoints")
+            if self.B < len(kept) - 1:
+                raise ValueError(f"batch_size must be at least the number of source timepoints ({len(kept) - 1}), "
+                                 f"so that each gets a cell per step; got {self.B}")
+            val, at = {}, {}
+            for i in kept:  # each kept timepoint split into training and validation cells, fixed for the run
+                perm = rng.permutation(sizes[i])
+                n_val = int(round(hp["val_fraction"] * len(perm))) if len(perm) > 1 else 0
+                if n_val >= len(perm):
+                    raise ValueError(f"val_fraction={hp['val_fraction']} leaves no training cell at t = "
+                                     f"{self.times[i]:g} ({len(perm)} cells); use a smaller val_fraction")
+                val[i] = marginals.data[i][perm[:n_val]]
+                pools.append(tp_start[i] + perm[n_val:])
+                at[i] = (n_pool, len(perm) - n_val)
+                n_pool += len(perm) - n_val
+            self.kept.append(kept)
+            self.val.append(val)
+            self.pool_at.append(at)
+            self.steps.append(max(1, math.ceil(sum(sizes[i] for i in kept) / self.B)))
+            model = CellMNN(self.D, hp["width"], hp["depth"], hp["init_scale"], hp["parameterization"],
+                            hp["num_const_dims"], hp["backend"], time_offset=self.t_offset, time_scale=self.t_scale,
+                            time_unit=self.unit)
+            flats.append(pack(model))
+        self.pool = torch.as_tensor(np.concatenate(pools), dtype=torch.int64, device=device)
+        self.flat0 = torch.stack(flats).to(device)
+        self.keys = [member_key(m.seed) for m in members]
+
+    def model(self, e: int, flat: torch.Tensor) -> CellMNN:
+        """Member ``e`` as a CellMNN with the weights ``flat`` (P,)."""
+        hp = self.members[e].hp
+        m = CellMNN(self.D, hp["width"], hp["depth"], hp["init_scale"], hp["parameterization"], hp["num_const_dims"],
+                    hp["backend"], time_offset=self.t_offset, time_scale=self.t_scale, time_unit=self.unit)
+        return unpack(m.to(flat.device), flat.detach())
+
+
+class _Layout:
+    """The index tensors of one training step for the members ``active`` (indices into the
+    setup's members), built once and reused by every step until a member leaves."""
+
+    def __init__(self, s: _Setup, active: list):
+        dev, B, f32 = s.device, s.B, s.dtype
+        E = self.E = len(active)
+        self.active = list(active)
+        kmax = max(len(s.kept[e]) for e in active)
+        self.kmax = kmax
+        T = kmax + len(s.grid)
+        keys, slots, starts, lens, t0, dt = [], [], [], [], [], []
+        n_kept, vw, hp_sigma = [], [], []
+        tkeys, tslots, tstarts, tlens = [], [], [], []
+        term_rows, x_off, terms_y, term_w, term_member, x_scale, y_scale = [], [0], [], [], [], [], []
+        y_seg = 0  # y segments: one per (member, target) of B observed cells, in the order of the target slots
+        for el, e in enumerate(active):
+            hp, kept = s.members[e].hp, s.kept[e]
+            srcs = kept[:-1]
+            n_src = len(srcs)
+            per_src = [B // n_src + (k < B % n_src) for k in range(n_src)]
+            times_k = np.array([s.times[i] for i in kept] + [s.times[kept[-1]]] * (kmax - len(kept)))
+            j = 0
+            for src, n in zip(srcs, per_src):
+                col = kept.index(src)
+                a, ln = s.pool_at[e][src]
+                for _ in range(n):
+                    keys.append(s.keys[e]), slots.append(j), starts.append(a), lens.append(ln)
+                    t0.append(s.times[src])
+                    d = np.concatenate([times_k - s.times[src], s.grid - s.times[src]])
+                    d[len(kept):kmax] = 0.0  # padding columns: decoded but never used
+                    dt.append(d)
+                    j += 1
+                for r, f in enumerate(kept[col + 1:], start=1):
+                    rows = (el * B + (j - n) + np.arange(n)) * T + col + r
+                    term_rows.append(rows)
+                    x_off.append(x_off[-1] + n)
+                    terms_y.append(y_seg + kept.index(f) - 1)
+                    term_w.append(hp["gamma"] ** (r - 1))
+                    term_member.append(el)
+                    x_scale.append(np.full(n, 1.0 / hp["sigma"]))
+            for r, f in enumerate(kept[1:]):
+                a, ln = s.pool_at[e][f]
+                tkeys += [s.keys[e]] * B
+                tslots += list(range(B + r * B, B + (r + 1) * B))
+                tstarts += [a] * B
+                tlens += [ln] * B
+                y_scale.append(np.full(B, 1.0 / hp["sigma"]))
+            y_seg += len(kept) - 1
+            n_kept.append(len(kept))
+            vw.append(hp["velocity_weight"])
+            hp_sigma.append(hp["sigma"])
+        y_off = [B * k for k in range(y_seg + 1)]
+        L = lambda v, dtype=torch.int64: torch.as_tensor(np.asarray(v), dtype=dtype, device=dev)  # noqa: E731
+        self.n_src = E * B
+        self.keys = L(keys + tkeys)
+        self.slots = L(slots + tslots)
+        self.starts = L(starts + tstarts)
+        self.lens = L(lens + tlens)
+        t0 = np.asarray(t0)
+        self.t_in = L((t0 - s.t_offset) / s.t_scale, f32)  # float64 first (offsets of large times stay exact)
+        self.dt = L(np.stack(dt), f32)
+        self.T = T
+        self.term_rows = L(np.concatenate(term_rows))
+        self.x_off, self.y_off = x_off, y_off
+        self.terms_x, self.terms_y = list(range(len(terms_y))), terms_y
+        self.term_w = L(term_w, f32)
+        self.term_member = L(term_member)
+        same_sigma = len(set(hp_sigma)) == 1
+        self.sigma = hp_sigma[0] if same_sigma else 1.0
+        self.x_scale = None if same_sigma else L(np.concatenate(x_scale), f32)[:, None]
+        self.y_scale = None if same_sigma else L(np.concatenate(y_scale), f32)[:, None]
+        self.vw = L(vw, f32)
+        mask = np.zeros((E, kmax))
+        for el, nk in enumerate(n_kept):
+            mask[el, :nk] = 1.0 / (B * nk * s.D)  # the kinetic mean over cells x kept times x coordinates
+        self.kin_mask = L(mask, f32)
+        counts = np.bincount(term_member, weights=np.diff(x_off), minlength=E)
+        self.point_member = L(np.repeat(term_member, np.diff(x_off)))
+        self.inv_points = L(1.0 / counts, f32)
+
+
+# ----------------------------------------------------------------------------- the step
+
+def step_losses(s: _Setup, L: _Layout, flat: torch.Tensor, step: torch.Tensor, check: bool = False):
+    """Per-member loss and MMD part (E,) of the batch of ``step`` for the members of ``L``.
+
+    Everything stays on the device; ``check=True`` validates the decoded operators (a host
+    synchronisation: used once, before training)."""
+    E, B, D = L.E, s.B, s.D
+    hp0 = s.members[L.active[0]].hp
+    rows = s.pool.index_select(0, L.starts + draw(L.keys, L.slots, step, L.lens))
+    cells = s.data.index_select(0, rows)
+    x0, ys = cells[:L.n_src], cells[L.n_src:]
+    h = stacked_mlp(flat, s.shapes, torch.cat([x0, L.t_in[:, None]], 1).view(E, B, D + 1))
+    A, pen = outputs_to_operator(h.reshape(E * B, -1), D, hp0["parameterization"], hp0["num_const_dims"], s.unit,
+                                 check_errors=check)
+    X, V = local_linear_step(A, x0, L.dt, backend=s.backend, check_finite=check)
+    xs = X.reshape(-1, D).index_select(0, L.term_rows)
+    if L.x_scale is not None:  # MMD with sigma on points p equals MMD with sigma 1 on p / sigma
+        xs, ys = xs * L.x_scale, ys * L.y_scale
+    _, per_term = laplace_mmd_grouped(xs, L.x_off, ys, L.y_off, L.terms_x, L.terms_y, None, L.sigma,
+                                      backend=s.backend, check_finite=check)
+    mmd = torch.zeros(E, dtype=s.dtype, device=s.device).index_add(0, L.term_member, per_term * L.term_w)
+    if s.kinetic == "kept_times":  # mean of V^2 over cells x every kept time x coordinates
+        v2 = (V[:, :L.kmax] * s.unit).pow(2).sum(-1).view(E, B, L.kmax).sum(1)
+        kin = (v2 * L.kin_mask).sum(1)
+    elif s.kinetic == "grid":
+        kin = (V[:, L.kmax:] * s.unit).pow(2).reshape(E, -1).mean(1)
+    else:  # "future": mean over cells x later kept times of ||V||^2
+        vs = V.reshape(-1, D).index_select(0, L.term_rows)
+        kin = torch.zeros(E, dtype=s.dtype, device=s.device).index_add(
+            0, L.point_member, (vs * s.unit).pow(2).sum(-1)) * L.inv_points
+    loss = mmd + L.vw * kin
+    if pen is not None:
+        loss = loss + pen.view(E, B).mean(1)
+    return loss, mmd
+
+
+class _Runner:
+    """Training steps for the current members: eager, or replays of a captured CUDA graph."""
+
+    def __init__(self, s: _Setup, flat: torch.Tensor, use_graph: bool):
+        self.s, self.use_graph, self.graph, self.warm = s, use_graph, None, 0
+        self.step_t = torch.zeros((), dtype=torch.int64, device=s.device)
+        lr = torch.tensor([m.hp["lr"] for m in s.members], dtype=s.dtype, device=s.device)
+        wd = torch.tensor([m.hp["weight_decay"] for m in s.members], dtype=s.dtype, device=s.device)
+        self.flat = flat.detach().clone().requires_grad_(True)
+        self.opt = AdamW(self.flat, lr, wd)
+        self.layout = _Layout(s, list(range(len(s.members))))
+
+    def _body(self):
+        loss, _ = step_losses(self.s, self.layout, self.flat, self.step_t)
+        loss.sum().backward()  # members are independent: each gets the gradient of its own loss
+        self.opt.step()
+        self.step_t.add_(1)
+        return loss.detach()
+
+    def step(self) -> torch.Tensor:
+        """One training step of every member; the (E,) losses, on the device.  In graph mode the
+        first steps after a (re)layout run eagerly on a side stream (warm-up), then one step is
+        captured and every step replays it."""
+        if self.use_graph and self.graph is None:
+            if self.warm < 3:
+                self.warm += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self.flat.grad = None
+                    loss = self._body()
+                torch.cuda.current_stream().wait_stream(side)
+                return loss
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.static_loss.clone()
+        self.flat.grad = None
+        return self._body()
+
+    def _capture(self):
+        """Capture one step in a CUDA graph; on failure, warn and train eagerly."""
+        try:
+            self.flat.grad = None
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.static_loss = self._body()
+            self.graph = graph
+        except Exception as exc:  # noqa: BLE001 - any capture failure: train eagerly instead
+            warnings.warn(f"cellmnn: CUDA graph capture failed ({type(exc).__name__}: {exc}); training eagerly")
+            self.use_graph, self.graph = False, None
+
+    def keep(self, keep_local: list):
+        """Go on with the members at local positions ``keep_local`` only."""
+        idx = torch.as_tensor(keep_local, dtype=torch.int64, device=self.s.device)
+        self.flat = self.flat.detach()[idx].clone().requires_grad_(True)
+        self.opt.keep(idx)
+        self.opt.param = self.flat
+        self.layout = _Layout(self.s, [self.layout.active[k] for k in keep_local])
+        self.graph, self.warm = None, 0  # shapes changed: capture again
+
+
+# ----------------------------------------------------------------------------- training
+
+def check_members(members: list) -> None:
+    """Members of one ensemble must share the hyperparameters in ``SHARED``."""
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    first = members[0].hp
+    for m in members[1:]:
+        diff = [k for k in SHARED if m.hp[k] != first[k]]
+        if diff:
+            raise ValueError(f"members of one ensemble must share {diff} (member with seed {m.seed}, holdout "
+                             f"{m.holdout} differs); train them in separate ensembles")
+
+
+def groups(members: list) -> list:
+    """Indices of ``members`` grouped by the hyperparameters they must share."""
+    out = {}
+    for i, m in enumerate(members):
+        out.setdefault(tuple(repr(m.hp[k]) for k in SHARED), []).append(i)
+    return list(out.values())
+
+
+def train(marginals, members: list, desc: str | None = None) -> list:
+    """Train ``members`` (checked ``Member``s) on ``marginals``; returns one CellMNN per member
+    (its best validation weights, with ``.fit_info`` and ``.marginals_info``).  Members that
+    cannot share one ensemble are trained in several."""
+    models = [None] * len(members)
+    for idx in groups(members):
+        for i, m in zip(idx, _train_group(marginals, [members[i] for i in idx], desc)):
+            models[i] = m
+    return models
+
+
+def _train_group(marginals, members: list, desc) -> list:
+    from .train import FitInfo, _diverged, _Objective, _progress, resolve_device
+
+    check_members(members)
+    hp0 = members[0].hp
+    device = resolve_device(hp0["device"])
+    use_graph = bool(hp0["cuda_graph"])
+    if use_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device; device is {hp0['device']!r}")
+    s = _Setup(marginals, members, device)
+    E = len(members)
+    runner = _Runner(s, s.flat0, use_graph)
+    with torch.no_grad():  # the untrained models must decode: checked once, before training
+        try:
+            step_losses(s, runner.layout, runner.flat, runner.step_t, check=True)
+        except (ValueError, torch.linalg.LinAlgError) as exc:
+            scales = sorted({m.hp["init_scale"] for m in members})
+            raise ValueError(f"the untrained model is out of range ({exc}); try a smaller init_scale (now "
+                             f"{scales[0] if len(scales) == 1 else scales})") from None
+
+    infos = [FitInfo(m.holdout, m.seed, m.hp) for m in members]
+    best = [s.flat0[e].clone() for e in range(E)]
+    bad = [0] * E
+    step_loss = [[] for _ in range(E)]  # host copies of every step's loss, per member
+    objectives = [_Objective(s.times, s.kept[e], m.hp["gamma"], m.hp["sigma"], m.hp["velocity_weight"], s.backend,
+                             s.kinetic, s.unit) for e, m in enumerate(members)]
+    max_epochs = [m.hp["max_epochs"] for m in members]
+    check_every = hp0["check_every"]
+    if desc is None and E == 1:
+        progress = _progress(max_epochs[0], hp0["verbose"], members[0].holdout, members[0].seed)
+    else:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=max(max_epochs), desc=desc or f"Cell-MNN ensemble of {E}",
+                        disable=not any(m.hp["verbose"] for m in members), leave=False, unit="epoch")
+
+    def score(e, flat_e):
+        hp = members[e].hp
+        model = s.model(e, flat_e)
+        model.eval()
+        with torch.no_grad():
+            if hp["select_on_holdout"]:
+                k = members[e].holdout
+                pred = model.predict(torch.as_tensor(marginals.data[k - 1], dtype=s.dtype, device=device),
+                                     s.times[k - 1], s.times[k])
+                return float(laplace_mmd(pred, torch.as_tensor(marginals.data[k], dtype=s.dtype, device=device),
+                                         hp["sigma"], backend=hp["backend"]))
+            val, obj = s.val[e], objectives[e]
+            if any(len(val[i]) == 0 for i in s.kept[e]):
+                return float("nan")
+            _, sc = obj(model, {i: val[i] for i in obj.sources}, {i: val[i] for i in obj.targets}, s.dtype, device)
+            return float(sc)
+
+    buffer, n = [], 0
+    try:
+        while runner.layout.active:
+            buffer.append(runner.step())
+            n += 1
+            active = runner.layout.active
+            checking = []
+            for e in active:
+                if n % s.steps[e] == 0:
+                    ep = n // s.steps[e]
+                    if ep % check_every == 0 or ep == max_epochs[e]:
+                        checking.append(e)
+            if not checking:
+                continue
+            # A check epoch: read the losses since the last read (one host synchronisation).
+            losses = torch.stack(buffer).cpu().numpy()
+            buffer = []
+            for el, e in enumerate(active):
+                step_loss[e].extend(losses[:, el].tolist())
+                info, per = infos[e], s.steps[e]
+                while len(step_loss[e]) >= (info.epochs + 1) * per:
+                    chunk = step_loss[e][info.epochs * per:(info.epochs + 1) * per]
+                    info.epochs += 1
+                    if not all(math.isfinite(v) for v in chunk):
+                        raise _with_member(_diverged(info.epochs, members[e].hp, f"loss {np.sum(chunk)}"), members[e])
+                    info.history.append((info.epochs, float(np.mean(chunk)), None))
+            leaving = []
+            for e in checking:
+                el = active.index(e)
+                info = infos[e]
+                try:
+                    sc = score(e, runner.flat[el])
+                except (ValueError, torch.linalg.LinAlgError) as exc:
+                    raise _with_member(_diverged(info.epochs, members[e].hp, str(exc)), members[e]) from None
+                ep, loss_mean, _ = info.history[-1]
+                info.history[-1] = (ep, loss_mean, sc)
+                if math.isnan(sc):  # no validation cells: keep the last model
+                    best[e], info.best_epoch = runner.flat[el].detach().clone(), ep
+                elif sc < info.best_score:
+                    info.best_score, info.best_epoch, bad[e] = sc, ep, 0
+                    best[e] = runner.flat[el].detach().clone()
+                else:
+                    bad[e] += 1
+                if bad[e] >= members[e].hp["patience"] or ep >= max_epochs[e]:
+                    leaving.append(e)
+            progress.n = max(infos[e].epochs for e in active)
+            if E == 1:
+                progress.set_postfix(loss=f"{infos[0].history[-1][1]:.4f}", val=f"{infos[0].best_score:.4f}")
+            else:
+                progress.set_postfix(training=f"{len(active) - len(leaving)}/{E}")
+            progress.refresh()
+            if leaving:
+                keep = [el for el, e in enumerate(active) if e not in leaving]
+                if keep:
+                    runner.keep(keep)
+                else:
+                    break
+    finally:
+        progress.close()
+    models = []
+    for e, m in enumerate(members):
+        model = s.model(e, best[e])
+        model.eval()
+        model.fit_info = infos[e]
+        model.marginals_info = {"times": s.times, "transform": marginals.transform.to_dict(),
+                                "source": marginals.source}
+        models.append(model)
+    return models
+
+
+def _with_member(exc: Exception, member: Member) -> Exception:
+    label = f"holdout {member.holdout}, seed {member.seed}"
+    return type(exc)(f"{exc} [model with {label}]")

@@ -1,0 +1,213 @@
+"""Batched ensembles (``cellmnn.ensemble``): the stacked step against the single-model objective,
+the fused AdamW against torch's, members alone against members in an ensemble, per-member early
+stopping, the device-side sampler, and the absence of host reads in a training step."""
+from __future__ import annotations
+
+import traceback
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import cellmnn
+from cellmnn.ensemble import (AdamW, Member, _Layout, _Runner, _Setup, check_members, draw, member_key, mix32,
+                              step_losses, train)
+from cellmnn.train import DEFAULTS, _Objective
+
+FAST = dict(max_epochs=3, check_every=1, patience=2, batch_size=32, verbose=False)
+
+
+def blobs(n=40, times=(0.0, 1.0, 2.5, 4.0, 5.0), D=2, seed=0):
+    rng = np.random.default_rng(seed)
+    drift = np.linspace(1.0, -0.5, D)
+    return cellmnn.load_marginals([rng.normal(0.0, 0.3, (n + 3 * k, D)) + t * drift for k, t in enumerate(times)],
+                                  times=list(times))
+
+
+def hp(**kw):
+    return {**DEFAULTS, **FAST, **kw}
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+def test_mix32_is_one_function_on_ints_and_tensors_and_a_bijection():
+    x = torch.arange(1 << 16, dtype=torch.int64) * 65537 + 12345
+    h = mix32(x)
+    assert int(h.min()) >= 0 and int(h.max()) < 2 ** 32
+    assert len(torch.unique(h)) == len(x)  # distinct inputs, distinct outputs
+    for v in (0, 1, 12345, 2 ** 32 - 1):
+        assert mix32(v) == int(mix32(torch.tensor([v]))[0])
+
+
+def test_draw_is_uniform_in_range_and_depends_on_key_step_and_slot():
+    S, n = 20000, 7
+    keys = torch.full((S,), member_key(3), dtype=torch.int64)
+    slots = torch.arange(S, dtype=torch.int64)
+    lens = torch.full((S,), n, dtype=torch.int64)
+    a = draw(keys, slots, torch.tensor(5), lens)
+    assert int(a.min()) == 0 and int(a.max()) == n - 1
+    counts = torch.bincount(a, minlength=n).double()
+    # chi-square with 6 degrees of freedom: 30 is far beyond its 99.99th percentile (27.9)
+    assert float(((counts - S / n) ** 2 / (S / n)).sum()) < 30
+    assert torch.equal(a, draw(keys, slots, torch.tensor(5), lens))
+    assert (a != draw(keys, slots, torch.tensor(6), lens)).float().mean() > 0.8
+    other = torch.full((S,), member_key(4), dtype=torch.int64)
+    assert (a != draw(other, slots, torch.tensor(5), lens)).float().mean() > 0.8
+
+
+# ----------------------------------------------------------------------------- the stacked step
+
+@pytest.mark.parametrize("kinetic", ["kept_times", "future", "grid"])
+def test_stacked_step_equals_the_single_model_objective(kinetic):
+    # Members with different kept timepoints (so different numbers of sources, terms and decode
+    # times), sigmas, gammas and velocity weights; each member's loss must be the single-model
+    # objective on the same cells.  Both in float32: rtol 1e-4 covers the different summation
+    # orders of the batched and the per-model reductions.
+    m = blobs()
+    members = [Member(1, 0, hp(kinetic=kinetic)),
+               Member(2, 1, hp(kinetic=kinetic, sigma=0.3, gamma=0.5, velocity_weight=1.0)),
+               Member(None, 2, hp(kinetic=kinetic, velocity_weight=0.0, sigma=2.0)),
+               Member(3, 3, hp(kinetic=kinetic, init_scale=0.5), exclude=(1,))]
+    s = _Setup(m, members, torch.device("cpu"))
+    flat = s.flat0.clone()
+    L = _Layout(s, list(range(len(members))))
+    step = torch.tensor(7)
+    loss, mmd = step_losses(s, L, flat, step)
+    rows = s.pool.index_select(0, L.starts + draw(L.keys, L.slots, step, L.lens))
+    cells = s.data[rows].numpy()
+    x0, ys = cells[:L.n_src], cells[L.n_src:]
+    y_at = 0
+    for e, mem in enumerate(members):
+        kept, B = s.kept[e], s.B
+        n_src = len(kept) - 1
+        per_src = [B // n_src + (k < B % n_src) for k in range(n_src)]
+        mine = x0[e * B:(e + 1) * B]
+        src, a = {}, 0
+        for i, n in zip(kept[:-1], per_src):
+            src[i], a = mine[a:a + n], a + n
+        obs = {}
+        for f in kept[1:]:
+            obs[f], y_at = ys[y_at:y_at + B], y_at + B
+        obj = _Objective(s.times, kept, mem.hp["gamma"], mem.hp["sigma"], mem.hp["velocity_weight"], "torch",
+                         kinetic, s.unit)
+        want_loss, want_mmd = obj(s.model(e, flat[e]), src, obs, torch.float32, "cpu")
+        torch.testing.assert_close(loss[e], want_loss.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(mmd[e], want_mmd.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_fused_adamw_is_torch_adamw():
+    # Same gradients, per-member lr and weight decay: float64, so agreement to 1e-12 relative.
+    torch.manual_seed(0)
+    E, P = 3, 50
+    lr, wd = torch.tensor([1e-3, 2e-4, 5e-2], dtype=torch.float64), torch.tensor([1e-5, 0.0, 0.1], dtype=torch.float64)
+    flat = torch.randn(E, P, dtype=torch.float64, requires_grad=True)
+    ref = [flat[e].detach().clone().requires_grad_(True) for e in range(E)]
+    ours = AdamW(flat, lr, wd)
+    theirs = [torch.optim.AdamW([r], lr=float(lr[e]), weight_decay=float(wd[e])) for e, r in enumerate(ref)]
+    for _ in range(6):
+        g = torch.randn(E, P, dtype=torch.float64)
+        flat.grad = g.clone()
+        ours.step()
+        for e, (r, opt) in enumerate(zip(ref, theirs)):
+            r.grad = g[e].clone()
+            opt.step()
+    for e in range(E):
+        torch.testing.assert_close(flat[e].detach(), ref[e].detach(), rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- whole fits
+
+def test_a_member_trains_the_same_alone_and_in_an_ensemble():
+    # Different holdouts, seeds, learning rates, sigmas and max_epochs (so the members leave the
+    # ensemble at different steps).  Float32: the batched products may round differently with
+    # another number of members; over a dozen steps that stays below 1e-4 relative.
+    m = blobs()
+    members = [Member(1, 0, hp()), Member(2, 5, hp(lr=1e-3, sigma=0.3, max_epochs=2)),
+               Member(None, 1, hp(velocity_weight=0.0, max_epochs=4, patience=1)), Member(3, 0, hp(gamma=0.5))]
+    together = train(m, members)
+    for mem, model in zip(members, together):
+        alone = train(m, [mem])[0]
+        assert model.fit_info.epochs == alone.fit_info.epochs
+        assert model.fit_info.best_epoch == alone.fit_info.best_epoch
+        for a, b in zip(model.state_dict().values(), alone.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert [mod.fit_info.epochs for mod in together][:2] == [3, 2]  # each stopped on its own
+
+
+def test_fit_with_seeds_returns_each_seeds_model():
+    m = blobs()
+    many = cellmnn.fit(m, holdout=2, seeds=[4, 9], **FAST)
+    one = cellmnn.fit(m, holdout=2, seed=9, **FAST)
+    assert [x.fit_info.seed for x in many] == [4, 9]
+    for a, b in zip(many[1].state_dict().values(), one.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(many[0].mlp[0].weight, many[1].mlp[0].weight)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seeds=[1, 1]), "seeds repeats"),
+    (dict(seeds=[]), "at least one seed"),
+    (dict(seed=3, seeds=[1, 2]), "either seed or seeds"),
+    (dict(seeds=[-1]), "seed must be"),
+    (dict(cuda_graph="yes"), "cuda_graph must be True or False"),
+])
+def test_fit_seeds_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        cellmnn.fit(blobs(), holdout=1, **{**FAST, **kwargs})
+
+
+def test_members_that_cannot_share_an_ensemble_are_named():
+    with pytest.raises(ValueError, match=r"must share \['width'\]"):
+        check_members([Member(1, 0, hp()), Member(1, 1, hp(width=8))])
+    models = train(blobs(), [Member(1, 0, hp(width=8)), Member(1, 1, hp(width=16))])  # two ensembles
+    assert [mod.width for mod in models] == [8, 16]
+
+
+def test_cuda_graph_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the GPU script tests graph capture")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        cellmnn.fit(blobs(), holdout=1, cuda_graph=True, **FAST)
+
+
+def test_a_diverging_member_is_named():
+    with pytest.raises(FloatingPointError, match=r"diverged .*holdout 2, seed 1"):
+        train(blobs(), [Member(1, 0, hp()), Member(2, 1, hp(lr=1e30))])
+
+
+# ----------------------------------------------------------------------------- host reads
+
+HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu", "tensor",
+              "as_tensor", "nonzero", "__len__", "__iter__"}
+
+
+class HostReads(TorchFunctionMode):
+    """Records host reads of tensor values (and host-built tensors) made from this package's code."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in HOST_READS:
+            caller = traceback.extract_stack()[-2]
+            if "/cellmnn" in caller.filename:  # cellmnn/ or cellmnn_kernels/, not Triton's interpreter
+                self.seen.append((name, f"{caller.filename.split('/')[-1]}:{caller.lineno}"))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_nothing_back_to_the_host():
+    # The device path (triton backend, run here by Triton's interpreter): a step of a 2-member
+    # ensemble makes no host read of a tensor value and builds no tensor from host data.
+    m = blobs(D=3)
+    s = _Setup(m, [Member(1, 0, hp(batch_size=16, backend="triton")), Member(2, 1, hp(batch_size=16, backend="triton",
+                                                                                      sigma=0.5))],
+               torch.device("cpu"))
+    runner = _Runner(s, s.flat0, False)
+    runner.step()  # first call: plans and index tensors are built and cached
+    with HostReads() as reads:
+        loss = runner.step()
+    assert reads.seen == []
+    assert loss.shape == (2,) and torch.isfinite(loss).all()

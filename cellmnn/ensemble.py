@@ -72,11 +72,18 @@ def member_key(seed: int) -> int:
     return mix32((seed & _M32) ^ mix32(((seed >> 32) & _M32) ^ 0x9E3779B9))
 
 
-def draw(keys: torch.Tensor, slots: torch.Tensor, step: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Uniform integers in [0, n) per slot for this step: hash(key, step, slot), no host state.
+def slot_hash(keys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The per-slot part of the sampler, computed once per layout: mix32(key ^ mix32(slot))."""
+    return mix32(keys ^ mix32(slots ^ 0x85EBCA6B))
 
-    keys, slots, n: (S,) int64; step: 0-d int64 tensor (on the device: capturable)."""
-    h = mix32(mix32(keys ^ mix32(step & _M32)) ^ slots)
+
+def draw(u: torch.Tensor, step: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Uniform integers in [0, n) per slot for this step, with no host state: mix32 of the slot's
+    hash ``u`` (``slot_hash``) plus the step times the golden-ratio constant (a Weyl sequence), so
+    one mix per step; within a step distinct slots of a member give distinct hashes.
+
+    u, n: (S,) int64; step: 0-d int64 tensor (on the device: capturable)."""
+    h = mix32((u + step * 0x9E3779B9) & _M32)
     return (h * n) >> 32  # h < 2^32, n < 2^31: exact
 
 
@@ -292,8 +299,7 @@ class _Layout:
         y_off = [B * k for k in range(y_seg + 1)]
         L = lambda v, dtype=torch.int64: torch.as_tensor(np.asarray(v), dtype=dtype, device=dev)  # noqa: E731
         self.n_src = E * B
-        self.keys = L(keys + tkeys)
-        self.slots = L(slots + tslots)
+        self.u = slot_hash(L(keys + tkeys), L(slots + tslots))
         self.starts = L(starts + tstarts)
         self.lens = L(lens + tlens)
         t0 = np.asarray(t0)
@@ -328,7 +334,7 @@ def step_losses(s: _Setup, L: _Layout, flat: torch.Tensor, step: torch.Tensor, c
     synchronisation: used once, before training)."""
     E, B, D = L.E, s.B, s.D
     hp0 = s.members[L.active[0]].hp
-    rows = s.pool.index_select(0, L.starts + draw(L.keys, L.slots, step, L.lens))
+    rows = s.pool.index_select(0, L.starts + draw(L.u, step, L.lens))
     cells = s.data.index_select(0, rows)
     x0, ys = cells[:L.n_src], cells[L.n_src:]
     h = stacked_mlp(flat, s.shapes, torch.cat([x0, L.t_in[:, None]], 1).view(E, B, D + 1))

@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 import cellmnn
 from cellmnn.ensemble import (AdamW, Member, _Layout, _Runner, _Setup, check_members, draw, member_key, mix32,
-                              step_losses, train)
+                              slot_hash, step_losses, train)
 from cellmnn.train import DEFAULTS, _Objective
 
 FAST = dict(max_epochs=3, check_every=1, patience=2, batch_size=32, verbose=False)
@@ -42,18 +42,22 @@ def test_mix32_is_one_function_on_ints_and_tensors_and_a_bijection():
 
 def test_draw_is_uniform_in_range_and_depends_on_key_step_and_slot():
     S, n = 20000, 7
-    keys = torch.full((S,), member_key(3), dtype=torch.int64)
     slots = torch.arange(S, dtype=torch.int64)
+    u = slot_hash(torch.full((S,), member_key(3), dtype=torch.int64), slots)
     lens = torch.full((S,), n, dtype=torch.int64)
-    a = draw(keys, slots, torch.tensor(5), lens)
+    a = draw(u, torch.tensor(5), lens)
     assert int(a.min()) == 0 and int(a.max()) == n - 1
     counts = torch.bincount(a, minlength=n).double()
     # chi-square with 6 degrees of freedom: 30 is far beyond its 99.99th percentile (27.9)
     assert float(((counts - S / n) ** 2 / (S / n)).sum()) < 30
-    assert torch.equal(a, draw(keys, slots, torch.tensor(5), lens))
-    assert (a != draw(keys, slots, torch.tensor(6), lens)).float().mean() > 0.8
-    other = torch.full((S,), member_key(4), dtype=torch.int64)
-    assert (a != draw(other, slots, torch.tensor(5), lens)).float().mean() > 0.8
+    assert torch.equal(a, draw(u, torch.tensor(5), lens))
+    # another step, another key: about 6/7 of the draws change (independent uniform draws)
+    assert (a != draw(u, torch.tensor(6), lens)).float().mean() > 0.8
+    other = slot_hash(torch.full((S,), member_key(4), dtype=torch.int64), slots)
+    assert (a != draw(other, torch.tensor(5), lens)).float().mean() > 0.8
+    # successive steps of one slot are uncorrelated: lag-1 correlation of 5000 draws
+    one = torch.stack([draw(u[:1], torch.tensor(k), torch.tensor([1 << 20])) for k in range(5000)]).double().flatten()
+    assert abs(float(torch.corrcoef(torch.stack([one[:-1], one[1:]]))[0, 1])) < 0.06  # 4 sigma at n = 5000
 
 
 # ----------------------------------------------------------------------------- the stacked step
@@ -74,7 +78,7 @@ def test_stacked_step_equals_the_single_model_objective(kinetic):
     L = _Layout(s, list(range(len(members))))
     step = torch.tensor(7)
     loss, mmd = step_losses(s, L, flat, step)
-    rows = s.pool.index_select(0, L.starts + draw(L.keys, L.slots, step, L.lens))
+    rows = s.pool.index_select(0, L.starts + draw(L.u, step, L.lens))
     cells = s.data[rows].numpy()
     x0, ys = cells[:L.n_src], cells[L.n_src:]
     y_at = 0

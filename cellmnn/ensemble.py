@@ -491,7 +491,7 @@ def _train_group(marginals, members: list, desc) -> list:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=max(max_epochs), desc=desc or f"Cell-MNN ensemble of {E}",
-                        disable=not any(m.hp["verbose"] for m in members), leave=False, unit="epoch")
+                        disable=not (desc or any(m.hp["verbose"] for m in members)), leave=False, unit="epoch")
 
     def score(e, flat_e):
         hp = members[e].hp

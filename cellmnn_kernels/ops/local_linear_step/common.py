@@ -11,19 +11,20 @@ The fast backends (``torch`` and ``triton``) use one scheme, "anchored Taylor st
 * The backends differ in how they evaluate the polynomials.  The register Triton kernels
   (float32, D <= 5) form the step matrix p(+-Z) once per cell, march the anchors with one
   matvec per level, and finish each pair from its *nearest* anchor (|r| <= h / 2) with a
-  Horner polynomial of lower degree (``triton_impl.FINISH``).  The tiled Triton kernels form,
+  Horner polynomial of lower degree (``FINISH``).  The tiled Triton kernels form,
   once per cell and anchor, the Krylov vectors K_j = Z^j y_a / j! of the scaled operator
   Z = h A (every one bounded by theta^j / j! ||y_a||) and finish each pair in O(m D) with
   rho = r / h: X = sum_{j<=m} rho^j K_j and V = (1/h) sum_{j=1}^{m+1} j rho^(j-1) K_j
-  (Z K_j = (j+1) K_{j+1}, so V needs no extra product).  The torch path runs Horner on vectors
-  in batched GEMMs.
+  (Z K_j = (j+1) K_{j+1}, so V needs no extra product).  The torch path, like the register
+  kernels, finishes from the nearest anchor with degree ``FINISH``, by Horner on vectors in
+  batched GEMMs.
 
 Every step has ||Z||_1 <= theta, so the relative truncation error of each Taylor polynomial is at
 most theta^(m+1) / (m+1)! * e^(2 theta) (remainder bound divided by the smallest possible
 ||e^Z y|| / ||y|| = e^-theta), which (theta, m) below keep under the unit roundoff.  Anchors
 only ever march forward in their own direction, so strongly decaying operators lose no
 relative accuracy to cancellation (Al-Mohy & Higham 2011 discuss the same trade-off for the
-action of the matrix exponential); the register kernels' finish may go back at most h / 2 from
+action of the matrix exponential); the nearest-anchor finish (register kernels, torch path) may go back at most h / 2 from
 the next anchor, which can amplify that anchor's relative error by at most e^(theta / 2).  The
 anchor spacing h and the split of dt into anchor and
 remainder do not change the exact value of X, so gradients treat them as constants.
@@ -38,6 +39,12 @@ from ..utils import check_same_dtype_device, check_tensor, count_nonfinite, rais
 #   float32: 1.0^12 / 12! * e^2   = 1.5e-8  <= 2^-24 = 6.0e-8
 #   float64: 0.5^15 / 15! * e^1   = 6.3e-17 <= 2^-53 = 1.1e-16
 TAYLOR = {torch.float32: (1.0, 11), torch.float64: (0.5, 14)}
+
+# Finish degree from the nearest anchor, |r A|_1 <= theta / 2 (the torch path and the register
+# Triton kernels):
+#   float32: 0.5^9 / 9! * e^1      = 1.5e-8 <= 2^-24
+#   float64: 0.25^13 / 13! * e^0.5 = 3.9e-18 <= 2^-53
+FINISH = {torch.float32: 8, torch.float64: 12}
 
 # Largest ||dt * A||_1 that is computed.  Work grows with it (about nu / theta anchor steps per
 # cell); no trained Cell-MNN operator comes near it.  Beyond it the checks raise ValueError and,

@@ -6,8 +6,9 @@ The anchored Taylor scheme of ``common.py`` in batched-GEMM form:
    (Paterson-Stockmeyer) and the states y_l = P^l x0 for every anchor level l the lane needs,
    one batched product per level; lanes are sorted by the number of levels they need, so one
    outlier does not make all lanes march;
-2. every pair from its anchor state: X = p(r A) y by Horner on vectors, V = A X, in batched GEMMs
-   with an analytic backward (``_PairHorner``).
+2. every pair from its nearest anchor state (|r| <= h / 2): X = p(r A) y, p of degree
+   ``FINISH``, by Horner on vectors, V = A X, in batched GEMMs with an analytic backward
+   (``_PairHorner``).
 
 Cost per pair O(m D^2), against O(D^3 log ||dt A||) plus a 2D x 2D exponential in the backward
 for the dense reference.  Autograd differentiates step 1; the anchor layout is piecewise
@@ -20,7 +21,7 @@ import math
 import torch
 
 from ..utils import first_order_only
-from .common import NU_MAX, SECOND_ORDER, empty_result, operator_norm1, taylor_params
+from .common import FINISH, NU_MAX, SECOND_ORDER, empty_result, operator_norm1, taylor_params
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def _anchor_layout(A: torch.Tensor, dt: torch.Tensor, theta: float):
     neg = dt < 0
     nu = dt.abs() * nrm[:, None]
     ok = nu <= NU_MAX  # false for NaN/Inf and out-of-range pairs, which become NaN outputs
-    level = torch.where(ok, torch.floor(nu / theta), 0.0)
+    level = torch.where(ok, torch.floor(nu / theta + 0.5), 0.0)  # the nearest anchor: |remainder| <= h / 2
     t_anchor = torch.where(neg, -level, level) * h[:, None]
     level = level.long()
 
@@ -118,7 +119,7 @@ def local_linear_step_torch(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor)
         n1 = active[1]
         P = _taylor_matrix(lane_step[:n1, None, None] * A.index_select(0, lane_cell[:n1]), m)
     y = _anchor_states(P, x0.index_select(0, lane_cell[:n0]), active, rank, level)
-    X, V = _PairHorner.apply(A, y, dt - t_anchor, m)
+    X, V = _PairHorner.apply(A, y, dt - t_anchor, FINISH[A.dtype])
     if not bool(ok.all()):
         X = torch.where(ok[:, :, None], X, float("nan"))
         V = torch.where(ok[:, :, None], V, float("nan"))

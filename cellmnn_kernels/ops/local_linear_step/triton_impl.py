@@ -33,15 +33,11 @@ import torch
 
 from ..utils import HAS_TRITON, first_order_only, tl, triton
 from . import triton_tiled
-from .common import NU_MAX, SECOND_ORDER, empty_result, taylor_params
+from .common import FINISH, NU_MAX, SECOND_ORDER, empty_result, taylor_params
 
 REG_MAX_D = 5  # largest D of the register-resident kernels (float32 only)
 BB = 32  # cells per program: one warp, one cell per lane
 CAP = 4  # anchor checkpoints per direction in the backward
-# Finish degree for |rho Z| <= theta / 2 (theta from common.TAYLOR):
-#   float32: 0.5^9 / 9! * e^1      = 1.5e-8 <= 2^-24
-#   float64: 0.25^13 / 13! * e^0.5 = 3.9e-18 <= 2^-53
-FINISH = {torch.float32: 8, torch.float64: 12}
 
 
 def uses_register_kernels(D: int, dtype: torch.dtype) -> bool:

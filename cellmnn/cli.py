@@ -5,6 +5,7 @@
     cellmnn evaluate DATA [--json FILE]           leave-one-out, Cell-MNN beside OT-interpolate
     cellmnn predict MODEL DATA --from-time T0 --to-time T1 [T2 ...] --out FILE.csv
     cellmnn interactions MODEL DATA (--genes G ... | --pairs S:T ... | --trrust TSV [--ensemble MODEL ...]) --out FILE.csv
+    cellmnn inflate DATA --n-cells N --out FILE.npz   noisy copies of the cells (the paper's scaling protocol)
 
 DATA is a .h5ad, .npz or .csv file, or ``emt-a549`` for the embedded dataset.
 """
@@ -242,6 +243,23 @@ def cmd_predict(args):
     return 0
 
 
+def cmd_inflate(args):
+    from .io import check_output
+    from .scale import INFLATED, check_inflate_args, inflate, write_inflated
+
+    n_cells, noise_std, seed, _ = check_inflate_args(args.n_cells, args.noise_std, args.seed)
+    if not args.out.lower().endswith(".npz"):
+        raise ValueError(f"--out must name a .npz file (the TrajectoryNet-style archive load_marginals reads); "
+                         f"got {args.out!r}")
+    check_output(args.out, INFLATED, "--out")
+    marginals = _load(args)
+    inflated, parents = inflate(marginals, n_cells, noise_std, seed, return_parents=True)
+    write_inflated(args.out, inflated, parents, noise_std, seed)
+    print(f"inflated {marginals.sizes} to {inflated.sizes} cells (noise_std {noise_std:g} in embedding units, "
+          f"seed {seed}); wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cellmnn", description="Cell-MNN: learn cell dynamics from snapshots.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -292,6 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--heatmap", default=None, help="PNG heatmap of the mean over all cells")
     p.set_defaults(func=cmd_interactions)
+
+    p = sub.add_parser("inflate", help="add noisy copies of the cells (the paper's scaling protocol); writes .npz")
+    _data_args(p)
+    p.add_argument("--n-cells", type=int, required=True,
+                   help="total cells after inflating (at least the data's; split over timepoints by size)")
+    p.add_argument("--noise-std", type=float, default=0.1,
+                   help="std of the Gaussian noise of a copy, in embedding units before z-scoring (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help=".npz to write (pcs, sample_labels: reads back with load_marginals)")
+    p.set_defaults(func=cmd_inflate)
     return ap
 
 

@@ -1,0 +1,442 @@
+"""Write a fitted model's read-outs back into an AnnData, under documented keys.
+
+``annotate(adata, model)`` maps every cell of ``adata`` to the model space with the transform the
+model was fitted with (the same reading of ``obs[time_key]`` and of ``X`` or an ``obsm``
+embedding as ``load_marginals``), pushes each cell from its own time to each requested time, reads
+the operator A(x, t) of each cell (trace, spectral abscissa, eigenvalues) and, for requested
+genes, the gene interaction weights.  With ``prefix="cellmnn"`` (P below):
+
+    obsm[P_z]                  (n, D) float64   the cell in model space (z-scored PCA coordinates)
+    obsm[P_pred]               (n, T, D) float32  predicted positions at uns[P]["pred_times"]
+    obsm[P_pred_features]      (n, T, F) float32  the same mapped back to feature space (genes)
+    obsm[P_eigvals_real/imag]  (n, D) float64   eigenvalues of A, by real part then imaginary
+                                                part, both descending
+    obs[P_trace]               float64          trace of A
+    obs[P_spectral_abscissa]   float64          largest real part of an eigenvalue of A
+    uns[P]                     provenance and gene interactions (``annotate`` docstring)
+
+A is per unit of the data's time (``CellMNN.operator``).  Everything written is plain arrays,
+strings and numbers, so it survives ``write_h5ad`` / ``read_h5ad``.  A key is replaced only if an
+earlier ``annotate`` wrote it (recorded in ``uns[P]``); anything else is refused with an error
+naming the key.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import re
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from .data import DEFAULT_TIME_KEYS, Marginals, Transform, _as_float, _duplicates, _numeric_times
+from .interactions import _gene_names, _model_transform, gene_interactions
+from .model import CellMNN
+
+FORMAT = "cellmnn-annotate"
+FORMAT_VERSION = 1
+CHUNK = 65536  # cells per model call
+MAX_FEATURE_VALUES = 10 ** 8  # obsm[P_pred_features] is written only up to n * T * F values (400 MB)
+_OBSM = ("z", "pred", "pred_features", "eigvals_real", "eigvals_imag")
+_OBS = ("trace", "spectral_abscissa")
+_EMBEDDING_SOURCE = re.compile(r"obsm\[(['\"])(.+)\1\]$")
+
+
+def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None, embedding=None,
+             prefix="cellmnn", copy=False):
+    """Write predictions, operator summaries, gene interactions and provenance into ``adata``.
+
+    Args:
+        adata: AnnData with the cells to annotate: the training cells or new cells in the same
+            feature space.  Times come from ``obs[time_key]`` (default: the first of "day",
+            "time", "timepoint", "sample_labels" in ``obs``), features from ``X`` (genes matched
+            by name to the model's; extra genes unused) or from ``obsm[embedding]``.
+        model: a fitted ``CellMNN`` (from ``fit`` or ``load_model``).
+        marginals: optional ``Marginals`` the model was fitted on: its transform is used when the
+            model carries none (it must match the model's when both exist) and its times are the
+            default ``times``.
+        times: the times to predict every cell at (a number or a 1-D sequence of distinct finite
+            numbers); default: the timepoints the model was fitted on.
+        genes: gene names (the transform's feature names) whose pairwise interaction weights
+            w_{j->i} (``gene_interactions``, kind "weight") go to ``uns[prefix]["interactions"]``.
+        time_key, embedding: as in ``load_marginals``.  ``embedding`` defaults to the ``obsm``
+            key the model was fitted on, when its record names one and ``adata`` has it; an
+            embedding with more columns than the model's features gives its first ones, as the
+            loader does.  A model fitted on named features (genes) reads ``X`` only.
+        prefix: the start of every key written (a non-empty string without "/").
+        copy: return an annotated copy and leave ``adata`` untouched; otherwise annotate
+            ``adata`` in place and return None.
+
+    ``uns[prefix]`` holds: "format" ("cellmnn-annotate"), "format_version", "cellmnn_version",
+    "model" (``model.config()``), "transform" (``Transform.to_dict()``, fields that are None left
+    out), "time_key", "embedding" (only when used), "pred_times", "keys" ({"obs": [...],
+    "obsm": [...]}, what was written), "pred_features" (whether ``obsm[prefix_pred_features]``
+    was written: it is skipped, with a warning, above 10^8 values), "training_times" and
+    "training_source" (when the model records them), "fit" (when the model records its training:
+    "seed", "epochs", "best_epoch", "best_score", "hparams", "holdout" (absent when no timepoint
+    was held out), "history" (epochs x (epoch, train loss, validation score)) and "selection" (a
+    JSON string) when present) and, with ``genes``, "interactions": {"genes", "weight" and
+    "fraction_positive" (genes x genes, row = target i, column = source j, mean over all cells),
+    "times", "n_cells", "weight_per_time" and "fraction_positive_per_time" (timepoints x genes x
+    genes, per distinct cell time)}; ``pandas.DataFrame(d["weight"], index=d["genes"],
+    columns=d["genes"])`` gives the table.
+
+    Every argument is checked before any work, with an error naming it.
+    """
+    import anndata
+
+    # ------------------------------------------------------------------ checks, before any work
+    if not isinstance(adata, anndata.AnnData):
+        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
+    if not isinstance(model, CellMNN):
+        raise TypeError(f"model must be a fitted CellMNN, got {type(model).__name__}")
+    if marginals is not None and not isinstance(marginals, Marginals):
+        raise TypeError(f"marginals must be cellmnn.Marginals or None, got {type(marginals).__name__}")
+    if not isinstance(copy, (bool, np.bool_)):
+        raise TypeError(f"copy must be True or False, got {type(copy).__name__} {copy!r}")
+    if not isinstance(prefix, str) or not prefix or "/" in prefix:
+        raise ValueError(f"prefix must be a non-empty string without '/', got {prefix!r}")
+    for name, value in (("time_key", time_key), ("embedding", embedding)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a string or None, got {type(value).__name__} {value!r}")
+    if adata.is_view and not copy:
+        raise ValueError("adata is a view of another AnnData: annotating it in place would not reach the "
+                         "original; pass copy=True or annotate adata.copy()")
+    if adata.n_obs == 0:
+        raise ValueError("adata has no cells")
+
+    tr, record = _transform(model, marginals)
+    key = _time_key(adata, time_key)
+    pred_times = _pred_times(times, model, marginals)
+    genes = _check_genes(genes, tr)
+    embedding = _default_embedding(adata, embedding, tr, record)
+    cols = _feature_columns(adata, embedding, tr)
+    keys_obs = [f"{prefix}_{k}" for k in _OBS]
+    keys_obsm = [f"{prefix}_{k}" for k in _OBSM]
+    _check_overwrite(adata, prefix, keys_obs, keys_obsm)
+
+    t = _numeric_times(adata.obs[key].to_numpy(dtype=object, na_value=np.nan), f"adata.obs[{key!r}]")
+    bad = np.flatnonzero(~np.isfinite(t))
+    if len(bad):
+        raise ValueError(f"adata.obs[{key!r}]: {len(bad)} cells have a non-finite time (NaN or Inf), e.g. "
+                         f"{_names(adata.obs_names[bad])}")
+    x = _read_features(adata, embedding, cols)
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):
+        where = "X" if embedding is None else f"obsm[{embedding!r}]"
+        raise ValueError(f"adata.{where}: {len(bad)} cells have NaN or Inf in the model's features, e.g. "
+                         f"{_names(adata.obs_names[bad])}")
+
+    # ------------------------------------------------------------------ work
+    z = tr.to_model(x)
+    n, D, T = len(z), model.dim, len(pred_times)
+    pred = np.empty((n, T, D), dtype=np.float32)
+    trace = np.empty(n)
+    eig = np.empty((n, D), dtype=np.complex128)
+    p = next(model.parameters())
+    for a in range(0, n, CHUNK):
+        zc, tc = z[a:a + CHUNK], t[a:a + CHUNK]
+        pred[a:a + CHUNK] = model.predict(zc, tc, pred_times)
+        with torch.no_grad():
+            A = model.operator(torch.as_tensor(zc, dtype=p.dtype, device=p.device),
+                               torch.as_tensor(tc, dtype=torch.float64, device=p.device))
+        A = A.cpu().double().numpy()
+        trace[a:a + CHUNK] = np.trace(A, axis1=1, axis2=2)
+        ev = np.linalg.eigvals(A)
+        order = np.lexsort((-ev.imag, -ev.real), axis=-1)
+        eig[a:a + CHUNK] = np.take_along_axis(ev, order, axis=-1)
+    F = tr.n_features
+    pred_features = None
+    if n * T * F <= MAX_FEATURE_VALUES:
+        pred_features = tr.to_features(pred.reshape(n * T, D)).reshape(n, T, F).astype(np.float32)
+    else:
+        warnings.warn(f"obsm[{prefix + '_pred_features'!r}] skipped: {n} cells x {T} times x {F} features is "
+                      f"more than {MAX_FEATURE_VALUES:,} values; map obsm[{prefix + '_pred'!r}][:, j] with "
+                      "the model's transform (to_features) for the genes you need", stacklevel=2)
+    interactions = None if genes is None else _interactions(model, z, t, tr, genes)
+
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "cellmnn_version": _version(),
+            "model": model.config(), "transform": tr.to_dict(), "time_key": key, "embedding": embedding,
+            "pred_times": pred_times, "pred_features": pred_features is not None}
+    if record:
+        info["training_times"] = record.get("times")
+        info["training_source"] = record.get("source")
+    info["fit"] = _fit_record(model)
+    written_obsm = {f"{prefix}_z": z, f"{prefix}_pred": pred,
+                    f"{prefix}_eigvals_real": eig.real.copy(), f"{prefix}_eigvals_imag": eig.imag.copy()}
+    if pred_features is not None:
+        written_obsm[f"{prefix}_pred_features"] = pred_features
+    written_obs = {f"{prefix}_trace": trace, f"{prefix}_spectral_abscissa": eig.real.max(axis=1)}
+    info["keys"] = {"obs": list(written_obs), "obsm": list(written_obsm)}
+    if interactions is not None:
+        info["interactions"] = interactions
+    info = _plain(info)
+
+    # ------------------------------------------------------------------ write
+    out = adata.copy() if copy else adata
+    old = out.uns.get(prefix)
+    if _is_ours(old):  # keys of this prefix an earlier annotate wrote and this one does not: stale, removed
+        for k in set(_recorded(old, "obsm")) & set(keys_obsm) - set(written_obsm):
+            if k in out.obsm:
+                del out.obsm[k]
+        for k in set(_recorded(old, "obs")) & set(keys_obs) - set(written_obs):
+            if k in out.obs.columns:
+                del out.obs[k]
+    for k, v in written_obsm.items():
+        out.obsm[k] = v
+    for k, v in written_obs.items():
+        out.obs[k] = v
+    out.uns[prefix] = info
+    return out if copy else None
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _transform(model, marginals):
+    """The transform that maps raw features to the model's space, and the model's data record."""
+    record = getattr(model, "marginals_info", None) or {}
+    own = _model_transform(model)
+    if marginals is not None:
+        if own is not None and not own.same_as(marginals.transform):
+            raise ValueError("marginals: their transform (features, PCA or z-score) is not the one the model was "
+                             "fitted with; pass the marginals the model was fitted on, or none")
+        if marginals.dim != model.dim:
+            raise ValueError(f"marginals have {marginals.dim} dimensions; the model has {model.dim}")
+        own = marginals.transform
+    if own is None:
+        raise ValueError("model carries no data transform (it was not made by cellmnn.fit or load_model); pass "
+                         "marginals= the Marginals it was fitted on")
+    if len(own.mean) != model.dim:
+        raise ValueError(f"model: its transform maps to {len(own.mean)} dimensions but the model has {model.dim}")
+    if marginals is not None and not record:
+        record = {"times": [float(v) for v in marginals.times], "source": marginals.source}
+    return own, record
+
+
+def _time_key(adata, time_key):
+    if time_key is not None:
+        if time_key not in adata.obs.columns:
+            raise ValueError(f"time_key {time_key!r} not found in adata.obs; available columns: "
+                             f"{list(adata.obs.columns)}")
+        return time_key
+    found = [k for k in DEFAULT_TIME_KEYS if k in adata.obs.columns]
+    if not found:
+        raise ValueError(f"no time column found in adata.obs (tried {list(DEFAULT_TIME_KEYS)}); pass time_key= "
+                         f"one of {list(adata.obs.columns)}")
+    return found[0]
+
+
+def _pred_times(times, model, marginals):
+    if times is None:
+        if marginals is not None:
+            times = marginals.times
+        else:
+            times = (getattr(model, "marginals_info", None) or {}).get("times")
+            if times is None:
+                raise ValueError("times: the model records no timepoints to predict at; pass times=")
+    if isinstance(times, (str, bytes)):
+        raise TypeError(f"times must be a number or a sequence of numbers, got {times!r}")
+    if isinstance(times, torch.Tensor):
+        times = times.detach().cpu().numpy()
+    arr = np.asarray(times, dtype=object)
+    if arr.ndim > 1:
+        raise ValueError(f"times must be a number or a 1-D sequence of numbers; got shape {arr.shape}")
+    arr = arr.reshape(-1)
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in arr):
+        raise TypeError(f"times must be numbers; got {[v for v in arr.tolist()][:5]!r}")
+    arr = arr.astype(np.float64)
+    if arr.size == 0:
+        raise ValueError("times is empty; give at least one time to predict at")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"times must be finite; got {arr.tolist()}")
+    if len(np.unique(arr)) != len(arr):
+        raise ValueError(f"times has repeated values: {arr.tolist()}")
+    return arr
+
+
+def _check_genes(genes, tr):
+    if genes is None:
+        return None
+    genes = [genes] if isinstance(genes, str) else genes
+    try:
+        genes = list(genes)
+    except TypeError:
+        raise TypeError(f"genes must be a list of gene names, got {type(genes).__name__}") from None
+    if not genes or not all(isinstance(g, str) for g in genes):
+        raise ValueError(f"genes must be a non-empty list of gene names (strings); got {genes[:5]!r}")
+    if _duplicates(genes):
+        raise ValueError(f"genes has repeated names: {_duplicates(genes)[:10]}")
+    names = _gene_names(tr, tr.n_features)
+    known = set(names)
+    missing = [g for g in genes if g not in known]
+    if missing:
+        raise ValueError(f"genes: {len(missing)} not among the model's {len(names)} features: {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''} (features are e.g. {names[:5]})")
+    return genes
+
+
+def _default_embedding(adata, embedding, tr, record):
+    if embedding is None and not tr.feature_names:
+        m = _EMBEDDING_SOURCE.search(str(record.get("source", "")))
+        if m and m.group(2) in adata.obsm:
+            embedding = m.group(2)
+    if embedding is not None:
+        if tr.feature_names:
+            raise ValueError(f"embedding {embedding!r}: the model was fitted on named features "
+                             f"({_names(tr.feature_names)}), which are read from adata.X; leave embedding=None")
+        if embedding not in adata.obsm:
+            raise ValueError(f"embedding {embedding!r} not found in adata.obsm; available: {list(adata.obsm.keys())}")
+    return embedding
+
+
+def _feature_columns(adata, embedding, tr):
+    """The columns of X or of obsm[embedding] that hold the model's features, in its order (checked by
+    ``Transform.align`` on a row of column indices: by name when both sides have names, else by position)."""
+    F = tr.n_features
+    if embedding is not None:
+        shape = np.shape(adata.obsm[embedding])
+        if len(shape) != 2:
+            raise ValueError(f"adata.obsm[{embedding!r}] must be 2-D (cells x features); got shape {shape}")
+        if tr.pca_components is None and shape[1] >= F:  # as the loader: the first n_components columns
+            return np.arange(F)
+        return tr.align(np.arange(shape[1])[None, :], None, f"adata.obsm[{embedding!r}]")[0].astype(np.int64)
+    if adata.X is None:
+        raise ValueError(f"adata has no X; pass embedding= one of {list(adata.obsm.keys())}")
+    names = [str(v) for v in adata.var_names]
+    try:
+        cols = tr.align(np.arange(len(names))[None, :], names, "adata.X")
+    except ValueError as exc:
+        hint = f"; or pass embedding= one of {list(adata.obsm.keys())}" if adata.obsm and not tr.feature_names else ""
+        raise ValueError(f"{exc}{hint}") from None
+    return cols[0].astype(np.int64)
+
+
+def _read_features(adata, embedding, cols):
+    if embedding is not None:
+        return _as_float(np.asarray(adata.obsm[embedding])[:, cols], f"adata.obsm[{embedding!r}]")
+    X = adata.X
+    X = X[:, cols].toarray() if hasattr(X, "toarray") else np.asarray(X)[:, cols]
+    return _as_float(X, "adata.X")
+
+
+def _is_ours(entry) -> bool:
+    return isinstance(entry, Mapping) and entry.get("format") == FORMAT
+
+
+def _recorded(entry, kind) -> list:
+    keys = entry.get("keys")
+    return [str(k) for k in np.asarray(keys.get(kind, []), dtype=object).ravel()] if isinstance(keys, Mapping) else []
+
+
+def _check_overwrite(adata, prefix, keys_obs, keys_obsm):
+    """Refuse to replace anything that an earlier ``annotate`` (recorded in uns[prefix]) did not write."""
+    old = adata.uns.get(prefix) if prefix in adata.uns else None
+    if prefix in adata.uns and not _is_ours(old):
+        raise ValueError(f"adata.uns[{prefix!r}] exists and was not written by cellmnn.annotate; refusing to "
+                         "overwrite it (pass another prefix= or remove it)")
+    ours_obs = set(_recorded(old, "obs")) if old is not None else set()
+    ours_obsm = set(_recorded(old, "obsm")) if old is not None else set()
+    for where, keys, existing, ours in (("obs", keys_obs, adata.obs.columns, ours_obs),
+                                        ("obsm", keys_obsm, adata.obsm.keys(), ours_obsm)):
+        for k in keys:
+            if k in existing and k not in ours:
+                raise ValueError(f"adata.{where}[{k!r}] exists and was not written by cellmnn.annotate; refusing "
+                                 "to overwrite it (pass another prefix= or remove it)")
+
+
+def _names(values, k=5) -> str:
+    values = [str(v) for v in values]
+    return f"{values[:k]}{' ...' if len(values) > k else ''}"
+
+
+# ----------------------------------------------------------------------------- read-outs
+
+def _interactions(model, z, t, tr, genes) -> dict:
+    """w_{j->i} among ``genes`` per distinct cell time and over all cells (row i = target, column j = source)."""
+    uniq = np.unique(t)
+    data = Marginals([z[t == u] for u in uniq], uniq, tr, "adata")
+    res = gene_interactions(model, data, genes=genes, aggregate="timepoint", kind="weight", transform=tr)
+    G, K = len(genes), len(uniq)
+    w = res.n_cells / res.n_cells.sum()  # the weighting gene_interactions uses for aggregate="all"
+    return {"kind": "weight", "genes": list(genes),
+            "weight": (w @ res.values).reshape(G, G), "fraction_positive": (w @ res.positive).reshape(G, G),
+            "times": res.times, "n_cells": res.n_cells.astype(np.int64),
+            "weight_per_time": res.values.reshape(K, G, G),
+            "fraction_positive_per_time": res.positive.reshape(K, G, G)}
+
+
+def _fit_record(model):
+    """What the model records of its training (``fit_info`` of a fitted model, ``training_info`` of a
+    loaded one), or None."""
+    info = getattr(model, "fit_info", None)
+    if info is not None:
+        rec = {"holdout": info.holdout, "seed": info.seed, "epochs": info.epochs, "best_epoch": info.best_epoch,
+               "best_score": info.best_score, "hparams": dict(info.hparams),
+               "history": np.asarray(info.history, dtype=np.float64).reshape(-1, 3) if info.history else None,
+               "selection": info.selection}
+    else:
+        rec = getattr(model, "training_info", None)
+        if not isinstance(rec, Mapping):
+            return None
+        rec = dict(rec)
+    if rec.get("best_score") is not None and not np.isfinite(rec["best_score"]):
+        rec["best_score"] = None
+    if rec.get("selection") is not None:
+        rec["selection"] = json.dumps(rec["selection"], default=_json_default)
+    return rec
+
+
+def _json_default(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+def _plain(v):
+    """``v`` as what h5ad stores faithfully: dicts (None entries left out), strings, numbers, bools and
+    numeric or string arrays; anything else (mixed or nested lists of dicts) as a JSON string."""
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items() if x is not None}
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (numbers.Integral, np.integer)):
+        return int(v)
+    if isinstance(v, (numbers.Real, np.floating)):
+        return float(v)
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (list, tuple, np.ndarray)):
+        try:
+            arr = np.asarray(v)
+            flat = list(np.asarray(v, dtype=object).ravel())
+        except ValueError:  # ragged nested lists
+            return json.dumps(v, default=_json_default)
+        if arr.dtype.kind in "biuf":
+            return arr
+        if flat and all(isinstance(s, str) for s in flat):
+            return arr.astype(object)
+        if arr.size == 0:
+            return np.zeros(0)
+        return json.dumps(v.tolist() if isinstance(v, np.ndarray) else v, default=_json_default)
+    return str(v)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def transform_from_uns(entry) -> Transform:
+    """The ``Transform`` recorded in ``uns[prefix]`` by ``annotate`` (also after a round trip through
+    .h5ad, which turns lists into arrays)."""
+    if not _is_ours(entry):
+        raise ValueError("not an entry written by cellmnn.annotate (no 'format': 'cellmnn-annotate')")
+    d = dict(entry["transform"])
+    if d.get("feature_names") is not None:
+        d["feature_names"] = [str(s) for s in np.asarray(d["feature_names"], dtype=object).ravel()]
+    return Transform.from_dict(d)

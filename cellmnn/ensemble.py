@@ -228,20 +228,18 @@ class _Setup:
             self.val.append(val)
             self.pool_at.append(at)
             self.steps.append(max(1, math.ceil(sum(sizes[i] for i in kept) / self.B)))
-            model = CellMNN(self.D, hp["width"], hp["depth"], hp["init_scale"], hp["parameterization"],
-                            hp["num_const_dims"], hp["backend"], time_offset=self.t_offset, time_scale=self.t_scale,
-                            time_unit=self.unit)
-            flats.append(pack(model))
+            flats.append(pack(self._new_model(hp)))  # initial weights from the member's seed
         self.pool = torch.as_tensor(np.concatenate(pools), dtype=torch.int64, device=device)
         self.flat0 = torch.stack(flats).to(device)
         self.keys = [member_key(m.seed) for m in members]
 
+    def _new_model(self, hp: dict) -> CellMNN:
+        return CellMNN(self.D, hp["width"], hp["depth"], hp["init_scale"], hp["parameterization"], hp["num_const_dims"],
+                       hp["backend"], time_offset=self.t_offset, time_scale=self.t_scale, time_unit=self.unit)
+
     def model(self, e: int, flat: torch.Tensor) -> CellMNN:
         """Member ``e`` as a CellMNN with the weights ``flat`` (P,)."""
-        hp = self.members[e].hp
-        m = CellMNN(self.D, hp["width"], hp["depth"], hp["init_scale"], hp["parameterization"], hp["num_const_dims"],
-                    hp["backend"], time_offset=self.t_offset, time_scale=self.t_scale, time_unit=self.unit)
-        return unpack(m.to(flat.device), flat.detach())
+        return unpack(self._new_model(self.members[e].hp).to(flat.device), flat.detach())
 
 
 class _Layout:
@@ -270,13 +268,15 @@ class _Layout:
             for src, n in zip(srcs, per_src):
                 col = kept.index(src)
                 a, ln = s.pool_at[e][src]
-                for _ in range(n):
-                    keys.append(s.keys[e]), slots.append(j), starts.append(a), lens.append(ln)
-                    t0.append(s.times[src])
-                    d = np.concatenate([times_k - s.times[src], s.grid - s.times[src]])
-                    d[len(kept):kmax] = 0.0  # padding columns: decoded but never used
-                    dt.append(d)
-                    j += 1
+                keys += [s.keys[e]] * n
+                slots += list(range(j, j + n))
+                starts += [a] * n
+                lens += [ln] * n
+                t0 += [s.times[src]] * n
+                d = np.concatenate([times_k - s.times[src], s.grid - s.times[src]])
+                d[len(kept):kmax] = 0.0  # padding columns: decoded but never used
+                dt.append(np.broadcast_to(d, (n, T)))
+                j += n
                 for r, f in enumerate(kept[col + 1:], start=1):
                     rows = (el * B + (j - n) + np.arange(n)) * T + col + r
                     term_rows.append(rows)
@@ -304,7 +304,7 @@ class _Layout:
         self.lens = L(lens + tlens)
         t0 = np.asarray(t0)
         self.t_in = L((t0 - s.t_offset) / s.t_scale, f32)  # float64 first (offsets of large times stay exact)
-        self.dt = L(np.stack(dt), f32)
+        self.dt = L(np.concatenate(dt), f32)
         self.T = T
         self.term_rows = L(np.concatenate(term_rows))
         self.x_off, self.y_off = x_off, y_off

@@ -17,7 +17,7 @@ import torch
 from cellmnn_kernels import laplace_mmd
 
 from .data import Marginals
-from .train import best_candidate, check_holdout, check_inputs, check_seed, check_select, fit_many
+from .train import best_candidate, check_holdout, check_inputs, check_seeds, check_select, fit_many
 
 OT_MAX_ITER = 1_000_000
 
@@ -129,21 +129,19 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
     ``holdouts``: interior timepoint indices (default: all); ``seeds``: training seeds;
     ``select``, ``select_grid`` and ``hparams``: as for ``fit`` (``select="inner"`` chooses
     hyperparameters per held-out timepoint and seed without that timepoint; the choice is in each
-    row's "selected").  Every (holdout, seed) model is trained at once, as one batched ensemble.  The OT-interpolate baseline (deterministic) is scored on the same splits.
+    row's "selected").  Every (holdout, seed) model is trained at once, as one batched ensemble.
+    The OT-interpolate baseline (deterministic) is scored on the same splits.
     """
     hp = check_inputs(marginals, hparams)
     K = len(marginals)
     holdouts = list(range(1, K - 1)) if holdouts is None else [check_holdout(marginals, k) for k in holdouts]
     if not holdouts:
         raise ValueError(f"no interior timepoint to hold out: the data have {K} timepoints")
-    seeds = [check_seed(s) for s in ([seeds] if isinstance(seeds, (int, np.integer)) else seeds)]
-    if not seeds:
-        raise ValueError("seeds must name at least one seed")
-    for name, values in (("holdouts", holdouts), ("seeds", seeds)):
-        dup = sorted({v for v in values if values.count(v) > 1})
-        if dup:
-            raise ValueError(f"{name} repeats {dup}; each must appear once (a repeat would count twice in the "
-                             "summary)")
+    dup = sorted({k for k in holdouts if holdouts.count(k) > 1})
+    if dup:
+        raise ValueError(f"holdouts repeats {dup}; each must appear once (a repeat would count twice in the "
+                         "summary)")
+    seeds = check_seeds(seeds)
     grid = check_select(select, select_grid, hp)
     jobs = [(k, seed) for k in holdouts for seed in seeds]
     trained = dict(zip(jobs, fit_many(marginals, jobs, hp, grid)))  # every fit at once, batched

@@ -240,12 +240,14 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_g
 
 
 def check_seeds(seeds) -> list:
+    """A seed or a non-empty sequence of distinct seeds, as a list (``fit(seeds=)``, ``leave_one_out``)."""
     seeds = [check_seed(s) for s in ([seeds] if isinstance(seeds, (int, np.integer)) else list(seeds))]
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     dup = sorted({v for v in seeds if seeds.count(v) > 1})
     if dup:
-        raise ValueError(f"seeds repeats {dup}; each must appear once")
+        raise ValueError(f"seeds repeats {dup}; each must appear once (in leave_one_out a repeat would count "
+                         "twice in the summary)")
     return seeds
 
 

@@ -1,13 +1,16 @@
 """The ``cellmnn`` command line.
 
     cellmnn demo [--out DIR]                      leave-one-out on the embedded A549 EMT data
-    cellmnn fit DATA --holdout K --out DIR        train one model and save it
+    cellmnn fit DATA --holdout K --out DIR        train one model and save it (--resume DIR continues a killed run)
     cellmnn evaluate DATA [--json FILE]           leave-one-out, Cell-MNN beside OT-interpolate
     cellmnn predict MODEL DATA --from-time T0 --to-time T1 [T2 ...] --out FILE.csv
     cellmnn interactions MODEL DATA (--genes G ... | --pairs S:T ... | --trrust TSV [--ensemble MODEL ...]) --out FILE.csv
     cellmnn inflate DATA --n-cells N --out FILE.npz   noisy copies of the cells (the paper's scaling protocol)
 
 DATA is a .h5ad, .npz or .csv file, or ``emt-a549`` for the embedded dataset.
+
+``fit`` and ``evaluate`` run data-parallel under ``torchrun`` (gloo on CPU, nccl on CUDA) with
+the same flags; rank 0 alone prints and writes.
 """
 from __future__ import annotations
 
@@ -95,6 +98,8 @@ def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):
     t0 = time.time()
     result, models = leave_one_out(marginals, holdouts=holdouts, seeds=seeds, return_models=True, report=False,
                                    **hp)
+    if _RANK != 0:
+        return result
     print(marginals)
     print(result.format())
     print(f"wall time {time.time() - t0:.0f} s")
@@ -138,16 +143,30 @@ def cmd_demo(args):
 
 
 def cmd_fit(args):
-    from .io import check_model_destination, save_model
+    import os
+
+    from . import io
     from .train import fit
 
-    check_model_destination(args.out)
+    out = args.out or args.resume
+    path = io.check_model_destination(out)
+    ckpt = os.path.join(path, io.CHECKPOINT)
+    has_ckpt = os.path.isfile(ckpt) and io.is_checkpoint(ckpt)
+    if args.resume and not has_ckpt:
+        raise FileNotFoundError(f"--resume {out}: no training checkpoint ({io.CHECKPOINT}) in that folder")
+    if args.out and has_ckpt:
+        raise FileExistsError(f"--out {out} holds the checkpoint of an interrupted run; continue it with "
+                              f"--resume {out} (same flags), or choose another folder")
     marginals = _load(args)
-    model = fit(marginals, holdout=args.holdout, seed=args.seed, **_hparams(args))
-    path = save_model(model, args.out)
-    info = model.fit_info
-    print(f"trained on {marginals} (holdout {args.holdout}): {info.epochs} epochs, best validation "
-          f"{info.best_score:.5f} at epoch {info.best_epoch}; saved to {path}")
+    if _RANK == 0:
+        os.makedirs(path, exist_ok=True)
+    model = fit(marginals, holdout=args.holdout, seed=args.seed, checkpoint=ckpt, **_hparams(args))
+    if _RANK == 0:
+        io.save_model(model, path)
+        io.remove_checkpoint(ckpt)
+        info = model.fit_info
+        print(f"trained on {marginals} (holdout {args.holdout}): {info.epochs} epochs, best validation "
+              f"{info.best_score:.5f} at epoch {info.best_epoch}; saved to {path}")
     return 0
 
 
@@ -275,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--holdout", type=int, default=None, help="index of an interior timepoint to leave out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="model directory to write")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="model directory to write (holds a checkpoint while training)")
+    where.add_argument("--resume", metavar="DIR",
+                       help="continue the killed run whose --out was DIR (same data and flags)")
     _train_args(p)
     p.set_defaults(func=cmd_fit)
 
@@ -330,13 +352,45 @@ def _describe(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+_RANK = 0  # this process's rank under torchrun (0 alone)
+DATA_PARALLEL = ("fit", "evaluate")
+
+
+def _init_distributed(args):
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (nccl when training on CUDA,
+    one device per local rank; gloo on CPU) and return True."""
+    import os
+
+    global _RANK
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if args.command not in DATA_PARALLEL:
+        raise ValueError(f"only {' and '.join(DATA_PARALLEL)} run data-parallel; run `cellmnn {args.command}` "
+                         "without torchrun")
+    import torch
+    import torch.distributed as dist
+
+    from .train import resolve_device
+
+    dev = resolve_device(args.device or "cpu")
+    if dev.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    _RANK = dist.get_rank()
+    return True
+
+
 def main(argv=None) -> int:
     """Run the command line; every failure is one line on stderr and a non-zero exit code
     (2 for bad input, 1 for anything unexpected; ``CELLMNN_TRACEBACK=1`` shows the traceback)."""
     import os
 
     args = build_parser().parse_args(argv)
+    distributed = False
     try:
+        distributed = _init_distributed(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"cellmnn {args.command}: interrupted", file=sys.stderr)
@@ -348,6 +402,11 @@ def main(argv=None) -> int:
         hint = "" if expected else f" ({type(exc).__name__}; set CELLMNN_TRACEBACK=1 to see where)"
         print(f"cellmnn {args.command}: error: {_describe(exc)}{hint}", file=sys.stderr)
         return 2 if expected else 1
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

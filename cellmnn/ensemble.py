@@ -246,7 +246,7 @@ class _Layout:
     """The index tensors of one training step for the members ``active`` (indices into the
     setup's members), built once and reused by every step until a member leaves."""
 
-    def __init__(self, s: _Setup, active: list):
+    def __init__(self, s: _Setup, active: list, rank: int = 0, world: int = 1):
         dev, B, f32 = s.device, s.B, s.dtype
         E = self.E = len(active)
         self.active = list(active)
@@ -298,13 +298,20 @@ class _Layout:
             hp_sigma.append(hp["sigma"])
         y_off = [B * k for k in range(y_seg + 1)]
         L = lambda v, dtype=torch.int64: torch.as_tensor(np.asarray(v), dtype=dtype, device=dev)  # noqa: E731
-        self.n_src = E * B
-        self.u = slot_hash(L(keys + tkeys), L(slots + tslots))
-        self.starts = L(starts + tstarts)
-        self.lens = L(lens + tlens)
+        # Data parallel: this rank decodes the slots [lo, hi) of every member's B source slots
+        # (all of them in one process); the decoded points are gathered before the MMD.
+        self.rank, self.world = rank, world
+        self.counts = [(B * (r + 1)) // world - (B * r) // world for r in range(world)]
+        lo = (B * rank) // world
+        own = (np.arange(E)[:, None] * B + lo + np.arange(self.counts[rank])).ravel()
+        sel = np.concatenate([own, E * B + np.arange(len(tkeys))])
+        self.n_src = len(own)  # this rank's source cells; then every member's target cells
+        self.u = slot_hash(L(np.asarray(keys + tkeys)[sel]), L(np.asarray(slots + tslots)[sel]))
+        self.starts = L(np.asarray(starts + tstarts)[sel])
+        self.lens = L(np.asarray(lens + tlens)[sel])
         t0 = np.asarray(t0)
-        self.t_in = L((t0 - s.t_offset) / s.t_scale, f32)  # float64 first (offsets of large times stay exact)
-        self.dt = L(np.concatenate(dt), f32)
+        self.t_in = L(((t0 - s.t_offset) / s.t_scale)[own], f32)  # float64 first (offsets of large times stay exact)
+        self.dt = L(np.concatenate(dt)[own], f32)
         self.T = T
         self.term_rows = L(np.concatenate(term_rows))
         self.x_off, self.y_off = x_off, y_off
@@ -337,10 +344,12 @@ def step_losses(s: _Setup, L: _Layout, flat: torch.Tensor, step: torch.Tensor, c
     rows = s.pool.index_select(0, L.starts + draw(L.u, step, L.lens))
     cells = s.data.index_select(0, rows)
     x0, ys = cells[:L.n_src], cells[L.n_src:]
-    h = stacked_mlp(flat, s.shapes, torch.cat([x0, L.t_in[:, None]], 1).view(E, B, D + 1))
-    A, pen = outputs_to_operator(h.reshape(E * B, -1), D, hp0["parameterization"], hp0["num_const_dims"], s.unit,
+    h = stacked_mlp(flat, s.shapes, torch.cat([x0, L.t_in[:, None]], 1).view(E, L.n_src // E, D + 1))
+    A, pen = outputs_to_operator(h.reshape(L.n_src, -1), D, hp0["parameterization"], hp0["num_const_dims"], s.unit,
                                  check_errors=check)
     X, V = local_linear_step(A, x0, L.dt, backend=s.backend, check_finite=check)
+    if L.world > 1:  # every rank evaluates the loss on all slots' decoded points
+        X, V, pen = _gather_slots(X, V, pen, L)
     xs = X.reshape(-1, D).index_select(0, L.term_rows)
     if L.x_scale is not None:  # MMD with sigma on points p equals MMD with sigma 1 on p / sigma
         xs, ys = xs * L.x_scale, ys * L.y_scale
@@ -362,21 +371,75 @@ def step_losses(s: _Setup, L: _Layout, flat: torch.Tensor, step: torch.Tensor, c
     return loss, mmd
 
 
+# ----------------------------------------------------------------------------- data parallel
+
+def world() -> tuple:
+    """(rank, world size) of the default ``torch.distributed`` process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGatherSlots(torch.autograd.Function):
+    """Gather every rank's (E, n_r, F) slots into (E, sum n_r, F), in rank order.
+
+    Backward returns this rank's slice of the incoming gradient, with no communication: every
+    rank computes the same loss from the gathered tensor, so that slice is the whole derivative
+    with respect to this rank's input (the parameter gradients are then summed over ranks)."""
+
+    @staticmethod
+    def forward(ctx, x, counts):
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        E, n, F = x.shape
+        buf = x.new_zeros(E, max(counts), F)
+        buf[:, :n] = x
+        parts = [torch.empty_like(buf) for _ in counts]
+        dist.all_gather(parts, buf)
+        ctx.lo, ctx.n = sum(counts[:rank]), n
+        return torch.cat([p[:, :c] for p, c in zip(parts, counts)], 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[:, ctx.lo:ctx.lo + ctx.n], None
+
+
+def _gather_slots(X, V, pen, L: _Layout):
+    """Decoded points X, V (E * n_r, T, D) and penalties (E * n_r,) of this rank's slots, gathered
+    from every rank into the single-process layout (E * B, T, D), in one collective."""
+    E, T, D = L.E, X.shape[1], X.shape[2]
+    n = L.n_src // E
+    parts = [X.reshape(E, n, T * D), V.reshape(E, n, T * D)] + ([] if pen is None else [pen.reshape(E, n, 1)])
+    g = _AllGatherSlots.apply(torch.cat(parts, -1), L.counts)
+    X, V = g[..., :T * D].reshape(-1, T, D), g[..., T * D:2 * T * D].reshape(-1, T, D)
+    return X, V, None if pen is None else g[..., -1].reshape(-1)
+
+
 class _Runner:
-    """Training steps for the current members: eager, or replays of a captured CUDA graph."""
+    """Training steps for the current members: eager, or replays of a captured CUDA graph.  In a
+    ``torch.distributed`` process group the parameter gradients are summed over ranks (one
+    all-reduce per step), so every rank takes the same AdamW step."""
 
     def __init__(self, s: _Setup, flat: torch.Tensor, use_graph: bool):
+        self.rank, self.world = world()
         self.s, self.use_graph, self.graph, self.warm = s, use_graph, None, 0
         self.step_t = torch.zeros((), dtype=torch.int64, device=s.device)
         lr = torch.tensor([m.hp["lr"] for m in s.members], dtype=s.dtype, device=s.device)
         wd = torch.tensor([m.hp["weight_decay"] for m in s.members], dtype=s.dtype, device=s.device)
         self.flat = flat.detach().clone().requires_grad_(True)
         self.opt = AdamW(self.flat, lr, wd)
-        self.layout = _Layout(s, list(range(len(s.members))))
+        self.layout = _Layout(s, list(range(len(s.members))), self.rank, self.world)
 
     def _body(self):
         loss, _ = step_losses(self.s, self.layout, self.flat, self.step_t)
         loss.sum().backward()  # members are independent: each gets the gradient of its own loss
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(self.flat.grad)
         self.opt.step()
         self.step_t.add_(1)
         return loss.detach()
@@ -420,8 +483,21 @@ class _Runner:
         self.flat = self.flat.detach()[idx].clone().requires_grad_(True)
         self.opt.keep(idx)
         self.opt.param = self.flat
-        self.layout = _Layout(self.s, [self.layout.active[k] for k in keep_local])
+        self.layout = _Layout(self.s, [self.layout.active[k] for k in keep_local], self.rank, self.world)
         self.graph, self.warm = None, 0  # shapes changed: capture again
+
+    def state(self) -> dict:
+        return {"active": list(self.layout.active), "flat": self.flat.detach().cpu(), "m": self.opt.m.cpu(),
+                "v": self.opt.v.cpu(), "t": self.opt.t.cpu(), "step": self.step_t.cpu()}
+
+    def load(self, st: dict):
+        """Continue from ``state()`` (a checkpoint): the members still training, weights, moments, steps."""
+        self.keep(list(st["active"]))  # from the full ensemble: local positions are member indices
+        dev = self.s.device
+        self.flat = st["flat"].to(dev).clone().requires_grad_(True)
+        self.opt.param = self.flat
+        self.opt.m, self.opt.v, self.opt.t = st["m"].to(dev).clone(), st["v"].to(dev).clone(), st["t"].to(dev).clone()
+        self.step_t = st["step"].to(dev).clone()
 
 
 # ----------------------------------------------------------------------------- training
@@ -446,26 +522,80 @@ def groups(members: list) -> list:
     return list(out.values())
 
 
-def train(marginals, members: list, desc: str | None = None) -> list:
+def train(marginals, members: list, desc: str | None = None, checkpoint=None) -> list:
     """Train ``members`` (checked ``Member``s) on ``marginals``; returns one CellMNN per member
     (its best validation weights, with ``.fit_info`` and ``.marginals_info``).  Members that
-    cannot share one ensemble are trained in several."""
+    cannot share one ensemble are trained in several.
+
+    ``checkpoint``: a file the training state is written to at every check epoch (atomically,
+    by rank 0); if it already holds the state of the same training (same data, members and
+    hyperparameters) training continues from it, and gives the model an uninterrupted run gives.
+
+    In a ``torch.distributed`` process group (e.g. under ``torchrun``) every rank must call this
+    with the same arguments: each decodes its share of every batch, and the gradients are summed
+    over ranks (``_Runner``)."""
+    parts = groups(members)
+    if checkpoint is not None and len(parts) > 1:
+        raise ValueError("checkpoint: these members need several ensembles (they differ in "
+                         f"{[k for k in SHARED if len({repr(m.hp[k]) for m in members}) > 1]}); checkpoints "
+                         "cover one ensemble")
     models = [None] * len(members)
-    for idx in groups(members):
-        for i, m in zip(idx, _train_group(marginals, [members[i] for i in idx], desc)):
+    for idx in parts:
+        for i, m in zip(idx, _train_group(marginals, [members[i] for i in idx], desc, checkpoint)):
             models[i] = m
     return models
 
 
-def _train_group(marginals, members: list, desc) -> list:
+def fingerprint(marginals, members: list) -> dict:
+    """What a checkpoint must match to be continued: the data and every member's settings."""
+    import hashlib
+
+    h = hashlib.sha256(np.asarray(marginals.times, dtype=np.float64).tobytes())
+    for d in marginals.data:
+        h.update(np.ascontiguousarray(d, dtype=np.float64).tobytes())
+    return {"data": h.hexdigest(),
+            "members": [{"holdout": m.holdout, "seed": m.seed, "exclude": list(m.exclude),
+                         "hp": {k: repr(v) for k, v in sorted(m.hp.items()) if k != "verbose"}} for m in members]}
+
+
+def _check_resume(saved: dict, now: dict, path) -> None:
+    if saved["data"] != now["data"]:
+        raise ValueError(f"checkpoint {path} was written for other data; refusing to continue it (use another "
+                         "checkpoint path)")
+    if len(saved["members"]) != len(now["members"]):
+        raise ValueError(f"checkpoint {path} holds {len(saved['members'])} models, this training "
+                         f"{len(now['members'])}; refusing to continue it")
+    for a, b in zip(saved["members"], now["members"]):
+        diff = [k for k in ("holdout", "seed", "exclude") if a[k] != b[k]]
+        diff += sorted(k for k in set(a["hp"]) | set(b["hp"]) if a["hp"].get(k) != b["hp"].get(k))
+        if diff:
+            raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(diff)} differ); "
+                             "refusing to continue it")
+
+
+def _train_group(marginals, members: list, desc, checkpoint=None) -> list:
+    from . import io
     from .train import FitInfo, _diverged, _Objective, _progress, resolve_device
 
     check_members(members)
     hp0 = members[0].hp
     device = resolve_device(hp0["device"])
+    rank, n_ranks = world()
     use_graph = bool(hp0["cuda_graph"])
     if use_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device; device is {hp0['device']!r}")
+    if use_graph and n_ranks > 1:
+        raise ValueError("cuda_graph=True is for one process; train data-parallel without it")
+    if hp0["batch_size"] < n_ranks:
+        raise ValueError(f"batch_size ({hp0['batch_size']}) must be at least the number of processes ({n_ranks})")
+    fp = saved = None
+    if checkpoint is not None:
+        fp = fingerprint(marginals, members)
+        saved = io.load_checkpoint(checkpoint)  # None when absent; refuses foreign files
+        if saved is not None:
+            _check_resume(saved["fingerprint"], fp, checkpoint)
+        elif rank == 0:
+            io.check_output(checkpoint, io.CHECKPOINT_KIND, "checkpoint")
     s = _Setup(marginals, members, device)
     E = len(members)
     runner = _Runner(s, s.flat0, use_graph)
@@ -481,17 +611,36 @@ def _train_group(marginals, members: list, desc) -> list:
     best = [s.flat0[e].clone() for e in range(E)]
     bad = [0] * E
     step_loss = [[] for _ in range(E)]  # host copies of every step's loss, per member
+    n, done = 0, False
+    if saved is not None:
+        runner.load(saved["runner"])
+        n, done, bad = saved["n"], saved["done"], list(saved["bad"])
+        best = [b.to(device) for b in saved["best"]]
+        step_loss = [v.tolist() for v in saved["step_loss"]]
+        for info, d in zip(infos, saved["infos"]):
+            info.epochs, info.best_epoch, info.best_score = d["epochs"], d["best_epoch"], d["best_score"]
+            info.history = [tuple(r) for r in d["history"]]
+
+    def save_state():
+        if checkpoint is not None and rank == 0:
+            io.save_checkpoint({"fingerprint": fp, "n": n, "done": done, "bad": bad, "runner": runner.state(),
+                                "best": [b.detach().cpu() for b in best],
+                                "step_loss": [torch.tensor(v, dtype=torch.float64) for v in step_loss],
+                                "infos": [{"epochs": i.epochs, "best_epoch": i.best_epoch, "best_score": i.best_score,
+                                           "history": [list(r) for r in i.history]} for i in infos]}, checkpoint)
+
     objectives = [_Objective(s.times, s.kept[e], m.hp["gamma"], m.hp["sigma"], m.hp["velocity_weight"], s.backend,
                              s.kinetic, s.unit) for e, m in enumerate(members)]
     max_epochs = [m.hp["max_epochs"] for m in members]
     check_every = hp0["check_every"]
+    verbose = rank == 0 and any(m.hp["verbose"] for m in members)
     if desc is None and E == 1:
-        progress = _progress(max_epochs[0], hp0["verbose"], members[0].holdout, members[0].seed)
+        progress = _progress(max_epochs[0], verbose, members[0].holdout, members[0].seed)
     else:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=max(max_epochs), desc=desc or f"Cell-MNN ensemble of {E}",
-                        disable=not (desc or any(m.hp["verbose"] for m in members)), leave=False, unit="epoch")
+                        disable=not (rank == 0 and desc or verbose), leave=False, unit="epoch")
 
     def score(e, flat_e):
         hp = members[e].hp
@@ -510,9 +659,9 @@ def _train_group(marginals, members: list, desc) -> list:
             _, sc = obj(model, {i: val[i] for i in obj.sources}, {i: val[i] for i in obj.targets}, s.dtype, device)
             return float(sc)
 
-    buffer, n = [], 0
+    buffer = []
     try:
-        while runner.layout.active:
+        while not done and runner.layout.active:
             buffer.append(runner.step())
             n += 1
             active = runner.layout.active
@@ -536,14 +685,22 @@ def _train_group(marginals, members: list, desc) -> list:
                     if not all(math.isfinite(v) for v in chunk):
                         raise _with_member(_diverged(info.epochs, members[e].hp, f"loss {np.sum(chunk)}"), members[e])
                     info.history.append((info.epochs, float(np.mean(chunk)), None))
-            leaving = []
+            scores = []
             for e in checking:
+                try:
+                    scores.append(score(e, runner.flat[active.index(e)]))
+                except (ValueError, torch.linalg.LinAlgError) as exc:
+                    raise _with_member(_diverged(infos[e].epochs, members[e].hp, str(exc)), members[e]) from None
+            if n_ranks > 1:  # the ranks hold the same weights; rank 0's scores decide for all
+                import torch.distributed as dist
+
+                sc_t = torch.tensor(scores, dtype=torch.float64, device=device)
+                dist.broadcast(sc_t, 0)
+                scores = sc_t.tolist()
+            leaving = []
+            for e, sc in zip(checking, scores):
                 el = active.index(e)
                 info = infos[e]
-                try:
-                    sc = score(e, runner.flat[el])
-                except (ValueError, torch.linalg.LinAlgError) as exc:
-                    raise _with_member(_diverged(info.epochs, members[e].hp, str(exc)), members[e]) from None
                 ep, loss_mean, _ = info.history[-1]
                 info.history[-1] = (ep, loss_mean, sc)
                 if math.isnan(sc):  # no validation cells: keep the last model
@@ -566,7 +723,11 @@ def _train_group(marginals, members: list, desc) -> list:
                 if keep:
                     runner.keep(keep)
                 else:
-                    break
+                    done = True
+            save_state()
+        if not done:
+            done = True
+            save_state()
     finally:
         progress.close()
     models = []

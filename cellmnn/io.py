@@ -38,6 +38,9 @@ MODEL_FILES = ("config.json", "weights.pt")
 COMMIT = ".commit"
 TMP_PREFIX = ".tmp-"
 PROBE_PREFIX = ".cellmnn-probe-"
+CHECKPOINT = "checkpoint.pt"  # a training checkpoint, in a model folder while `cellmnn fit` runs
+CHECKPOINT_FORMAT = "cellmnn-checkpoint"
+CHECKPOINT_SUFFIX = ".checkpoint"  # of the temporary file a checkpoint is written to
 
 
 # ----------------------------------------------------------------------------- output kinds
@@ -229,7 +232,7 @@ def _is_leftover(path: str) -> bool:
     name = os.path.basename(path)
     if os.path.islink(path):
         return False
-    if name.startswith(PROBE_PREFIX):
+    if name.startswith(PROBE_PREFIX) or name.startswith(TMP_PREFIX) and name.endswith(CHECKPOINT_SUFFIX):
         return os.path.isfile(path)
     return name.startswith(TMP_PREFIX) and os.path.isdir(path) and set(os.listdir(path)) <= set(MODEL_FILES)
 
@@ -257,6 +260,8 @@ def _model_dir_state(path: str) -> str:
         if name in MODEL_FILES and os.path.isfile(full) or _is_leftover(full):
             continue
         if name == COMMIT and os.path.isdir(full) and set(os.listdir(full)) <= set(MODEL_FILES):
+            continue
+        if name == CHECKPOINT and os.path.isfile(full) and is_checkpoint(full):
             continue
         return "other"
     if _model_config(path) is not None:
@@ -361,6 +366,46 @@ def save_model(model: CellMNN, path) -> str:
     except OSError as exc:
         raise type(exc)(f"cannot save the model to {path}: {exc.strerror or exc}") from None
     return path
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+
+def is_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a training checkpoint written by cellmnn (by its ``format`` field)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+CHECKPOINT_KIND = OutputKind("cellmnn training checkpoint", is_checkpoint)
+
+
+def save_checkpoint(state: dict, path) -> str:
+    """Write a training state (tensors, numbers, strings, lists, dicts) to ``path`` atomically,
+    replacing only an earlier checkpoint."""
+    def write(tmp):
+        torch.save(dict(state, format=CHECKPOINT_FORMAT), tmp)
+    return _write_atomic(path, CHECKPOINT_KIND, write, suffix=CHECKPOINT_SUFFIX)
+
+
+def load_checkpoint(path) -> dict | None:
+    """The training state in ``path``; None if there is no file; an error if the file is not a
+    cellmnn checkpoint (it is then never overwritten)."""
+    path = _as_path(path, "checkpoint")
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isfile(path) or not is_checkpoint(path):
+        raise FileExistsError(f"checkpoint {path} exists and is not a cellmnn training checkpoint; refusing to "
+                              "read or replace it (choose another path)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def remove_checkpoint(path) -> None:
+    """Delete ``path`` if it is a cellmnn checkpoint (after the model it led to was saved)."""
+    if os.path.isfile(path) and is_checkpoint(path):
+        os.unlink(path)
 
 
 def _sha256(path: str) -> str:

@@ -199,7 +199,7 @@ def time_unit(times) -> float:
 
 
 def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_grid=None, seeds=None,
-        **hparams):
+        checkpoint=None, **hparams):
     """Train a Cell-MNN on ``marginals``, leaving out timepoint index ``holdout`` (or none).
 
     Hyperparameters (paper defaults): width 96, depth 4, init_scale 0.01, parameterization
@@ -223,6 +223,15 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_g
     lowest mean W1 is then trained on every kept timepoint.  Cost: len(grid) x (kept
     timepoints - 2) + 1 fits, trained as two batched ensembles.  The scores are in
     ``model.fit_info.selection``.
+
+    ``checkpoint="run.ckpt"`` writes the training state to that file at every check epoch
+    (atomically); calling ``fit`` again with the same arguments and file continues from it and
+    returns the model an uninterrupted run returns.  A file there that is not a cellmnn
+    checkpoint, or one of a different training, is an error (never replaced).
+
+    Data parallel: called by every process of a ``torch.distributed`` group with the same
+    arguments (``torchrun``), each process decodes its share of every batch and the gradients are
+    summed; the result equals one process's up to float rounding.  See the README.
     """
     hp = check_inputs(marginals, hparams)
     holdout = check_holdout(marginals, holdout)
@@ -235,7 +244,9 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_g
     if hp["select_on_holdout"] and holdout is None:
         raise ValueError("select_on_holdout=True needs a holdout timepoint")
     grid = check_select(select, select_grid, hp)
-    models = fit_many(marginals, [(holdout, s) for s in seed_list], hp, grid)
+    if checkpoint is not None and grid is not None:
+        raise ValueError("checkpoint is not supported with select='inner' (it trains several ensembles in turn)")
+    models = fit_many(marginals, [(holdout, s) for s in seed_list], hp, grid, checkpoint)
     return models if seeds is not None else models[0]
 
 
@@ -264,13 +275,13 @@ def check_select(select, select_grid, hp):
     return _check_grid(SELECT_GRID if select_grid is None else select_grid, hp)
 
 
-def fit_many(marginals: Marginals, jobs: list, hp: dict, grid=None) -> list:
+def fit_many(marginals: Marginals, jobs: list, hp: dict, grid=None, checkpoint=None) -> list:
     """One model per (holdout, seed) job, all trained as batched ensembles; with a candidate
     ``grid``, each job's hyperparameters are first chosen by inner leave-one-out."""
     from .ensemble import Member, train
 
     if grid is None:
-        return train(marginals, [Member(k, s, hp) for k, s in jobs])
+        return train(marginals, [Member(k, s, hp) for k, s in jobs], checkpoint=checkpoint)
     tables = _select_inner(marginals, jobs, hp, grid)
     models = train(marginals, [Member(k, s, {**hp, **best_candidate(t)}) for (k, s), t in zip(jobs, tables)])
     for model, table in zip(models, tables):

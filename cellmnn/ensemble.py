@@ -40,11 +40,16 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
 
 @dataclass(frozen=True)
 class Member:
-    """One model of an ensemble: leave out ``holdout`` and ``exclude``, train with ``seed`` and ``hp``."""
+    """One training time course of an ensemble: dataset ``dataset`` (an index into the list of
+    marginals) without timepoints ``holdout`` and ``exclude``, trained with ``seed`` and ``hp``.
+    Members with the same ``joint`` key (not None) are one model trained on all their time
+    courses (joint training: the loss is the sum of theirs); otherwise each member is a model."""
     holdout: int | None
     seed: int
     hp: dict = field(hash=False, compare=False)
     exclude: tuple = ()
+    dataset: int = 0
+    joint: object = None
 
 
 # ----------------------------------------------------------------------------- sampling on the device
@@ -175,25 +180,33 @@ class AdamW:
 
 class _Setup:
     """What does not change during training: the data on the device, every member's kept
-    timepoints, training pool (indices into ``data``) and validation cells, initial weights."""
+    timepoints, training pool (indices into ``data``) and validation cells, the models (one per
+    member, or one per ``joint`` key) and their initial weights.
 
-    def __init__(self, marginals, members: list, device: torch.device):
+    ``marginals`` is one ``Marginals`` or a list (joint training); timepoints are numbered
+    globally, dataset after dataset (``tp_off``), so a member's kept list indexes ``times``."""
+
+    def __init__(self, marginals, members: list, device: torch.device, embed: bool = False):
         from .train import time_unit
 
+        sets = list(marginals) if isinstance(marginals, (list, tuple)) else [marginals]
         hp0 = members[0].hp
-        self.members, self.device = members, device
+        self.members, self.device, self.sets = members, device, sets
+        self.embed = len(sets) if embed else 0  # one-hot dataset inputs of the MLP
         self.dtype = torch.float32
-        self.D = marginals.dim
+        self.D = sets[0].dim
         self.B = hp0["batch_size"]
-        self.times = [float(t) for t in marginals.times]
+        self.tp_off = np.concatenate([[0], np.cumsum([len(m) for m in sets])]).tolist()
+        self.times = [float(t) for m in sets for t in m.times]
+        self.data_list = [d for m in sets for d in m.data]
         span = max(self.times) - min(self.times)
-        self.unit = time_unit(self.times)
+        self.unit = time_unit(sorted(set(self.times)))
         self.t_offset, self.t_scale = min(self.times), (span if span > 0 else 1.0)
-        sizes = [len(d) for d in marginals.data]
+        sizes = [len(d) for d in self.data_list]
         tp_start = np.concatenate([[0], np.cumsum(sizes)])
-        self.data = torch.as_tensor(np.concatenate(marginals.data), dtype=self.dtype, device=device)
+        self.data = torch.as_tensor(np.concatenate(self.data_list), dtype=self.dtype, device=device)
         self.kinetic, self.backend = hp0["kinetic"], hp0["backend"]
-        self.shapes = layer_shapes(self.D, hp0["width"], hp0["depth"],
+        self.shapes = layer_shapes(self.D + self.embed, hp0["width"], hp0["depth"],
                                    n_outputs(self.D, hp0["parameterization"], hp0["num_const_dims"]))
         self.grid = np.zeros(0)
         if self.kinetic == "grid":
@@ -201,13 +214,12 @@ class _Setup:
 
             n = int(math.floor(span / (GRID_STEP * self.unit) + 1e-9)) + 1
             self.grid = min(self.times) + GRID_STEP * self.unit * np.arange(n, dtype=np.float64)
-        pools, self.kept, self.val, self.pool_at, self.steps, flats = [], [], [], [], [], []
+        pools, self.kept, self.val, self.pool_at, kept_cells = [], [], [], [], []
         n_pool = 0
         for mem in members:
-            hp = mem.hp
-            rng = np.random.default_rng(mem.seed)
-            torch.manual_seed(mem.seed)
-            kept = [i for i in range(len(marginals)) if i != mem.holdout and i not in mem.exclude]
+            hp, off = mem.hp, self.tp_off[mem.dataset]
+            rng = np.random.default_rng(mem.seed if mem.dataset == 0 else [mem.seed, mem.dataset])
+            kept = [off + i for i in range(len(sets[mem.dataset])) if i != mem.holdout and i not in mem.exclude]
             if len(kept) < 2:
                 raise ValueError("training needs at least two kept timepoints")
             if self.B < len(kept) - 1:
@@ -220,26 +232,43 @@ class _Setup:
                 if n_val >= len(perm):
                     raise ValueError(f"val_fraction={hp['val_fraction']} leaves no training cell at t = "
                                      f"{self.times[i]:g} ({len(perm)} cells); use a smaller val_fraction")
-                val[i] = marginals.data[i][perm[:n_val]]
+                val[i] = self.data_list[i][perm[:n_val]]
                 pools.append(tp_start[i] + perm[n_val:])
                 at[i] = (n_pool, len(perm) - n_val)
                 n_pool += len(perm) - n_val
             self.kept.append(kept)
             self.val.append(val)
             self.pool_at.append(at)
-            self.steps.append(max(1, math.ceil(sum(sizes[i] for i in kept) / self.B)))
-            flats.append(pack(self._new_model(hp)))  # initial weights from the member's seed
+            kept_cells.append(sum(sizes[i] for i in kept))
         self.pool = torch.as_tensor(np.concatenate(pools), dtype=torch.int64, device=device)
+        # Models: one per member, or one per joint key (its members' losses are summed).
+        keys = {}
+        self.model_of = [keys.setdefault(("joint", m.joint) if m.joint is not None else ("member", e), len(keys))
+                         for e, m in enumerate(members)]
+        self.model_members = [[e for e, mi in enumerate(self.model_of) if mi == k] for k in range(len(keys))]
+        flats, self.steps = [], []
+        for mm in self.model_members:
+            first = members[mm[0]]
+            torch.manual_seed(first.seed)  # initial weights from the (first) member's seed
+            flats.append(pack(self._new_model(first.hp)))
+            # an epoch: as many steps as draw each kept cell once on average (B cells per member per step)
+            self.steps.append(max(1, math.ceil(sum(kept_cells[e] for e in mm) / (len(mm) * self.B))))
         self.flat0 = torch.stack(flats).to(device)
-        self.keys = [member_key(m.seed) for m in members]
+        self.keys = [member_key(m.seed ^ (m.dataset << 48)) for m in members]
 
     def _new_model(self, hp: dict) -> CellMNN:
         return CellMNN(self.D, hp["width"], hp["depth"], hp["init_scale"], hp["parameterization"], hp["num_const_dims"],
-                       hp["backend"], time_offset=self.t_offset, time_scale=self.t_scale, time_unit=self.unit)
+                       hp["backend"], time_offset=self.t_offset, time_scale=self.t_scale, time_unit=self.unit,
+                       n_datasets=self.embed)
 
-    def model(self, e: int, flat: torch.Tensor) -> CellMNN:
-        """Member ``e`` as a CellMNN with the weights ``flat`` (P,)."""
-        return unpack(self._new_model(self.members[e].hp).to(flat.device), flat.detach())
+    def model(self, mi: int, flat: torch.Tensor) -> CellMNN:
+        """Model ``mi`` as a CellMNN with the weights ``flat`` (P,)."""
+        hp = self.members[self.model_members[mi][0]].hp
+        return unpack(self._new_model(hp).to(flat.device), flat.detach())
+
+    def members_of(self, models: list) -> list:
+        """The members of ``models``, model after model (the layout's order)."""
+        return [e for mi in models for e in self.model_members[mi]]
 
 
 class _Layout:
@@ -310,7 +339,13 @@ class _Layout:
         self.starts = L(np.asarray(starts + tstarts)[sel])
         self.lens = L(np.asarray(lens + tlens)[sel])
         t0 = np.asarray(t0)
-        self.t_in = L(((t0 - s.t_offset) / s.t_scale)[own], f32)  # float64 first (offsets of large times stay exact)
+        t_in = ((t0 - s.t_offset) / s.t_scale)[:, None]  # float64 first (offsets of large times stay exact)
+        if s.embed:  # the one-hot code of each slot's dataset
+            t_in = np.concatenate([t_in, np.eye(s.embed)[np.repeat([s.members[e].dataset for e in active], B)]], 1)
+        self.t_in = L(t_in[own], f32)  # the MLP's inputs after x: (n_src, 1 + embed)
+        self.models = list(dict.fromkeys(s.model_of[e] for e in active))  # the active models, in order
+        self.shared = len(self.models) < E
+        self.member_model = L([self.models.index(s.model_of[e]) for e in active])
         self.dt = L(np.concatenate(dt)[own], f32)
         self.T = T
         self.term_rows = L(np.concatenate(term_rows))
@@ -335,7 +370,8 @@ class _Layout:
 # ----------------------------------------------------------------------------- the step
 
 def step_losses(s: _Setup, L: _Layout, flat: torch.Tensor, step: torch.Tensor, check: bool = False):
-    """Per-member loss and MMD part (E,) of the batch of ``step`` for the members of ``L``.
+    """Per-member loss and MMD part (E,) of the batch of ``step`` for the members of ``L``;
+    ``flat``: (models, P) weights of ``L.models``.
 
     Everything stays on the device; ``check=True`` validates the decoded operators (a host
     synchronisation: used once, before training)."""
@@ -344,7 +380,9 @@ def step_losses(s: _Setup, L: _Layout, flat: torch.Tensor, step: torch.Tensor, c
     rows = s.pool.index_select(0, L.starts + draw(L.u, step, L.lens))
     cells = s.data.index_select(0, rows)
     x0, ys = cells[:L.n_src], cells[L.n_src:]
-    h = stacked_mlp(flat, s.shapes, torch.cat([x0, L.t_in[:, None]], 1).view(E, L.n_src // E, D + 1))
+    if L.shared:  # members of one joint model use its weights
+        flat = flat.index_select(0, L.member_model)
+    h = stacked_mlp(flat, s.shapes, torch.cat([x0, L.t_in], 1).view(E, L.n_src // E, -1))
     A, pen = outputs_to_operator(h.reshape(L.n_src, -1), D, hp0["parameterization"], hp0["num_const_dims"], s.unit,
                                  check_errors=check)
     X, V = local_linear_step(A, x0, L.dt, backend=s.backend, check_finite=check)
@@ -427,15 +465,19 @@ class _Runner:
         self.rank, self.world = world()
         self.s, self.use_graph, self.graph, self.warm = s, use_graph, None, 0
         self.step_t = torch.zeros((), dtype=torch.int64, device=s.device)
-        lr = torch.tensor([m.hp["lr"] for m in s.members], dtype=s.dtype, device=s.device)
-        wd = torch.tensor([m.hp["weight_decay"] for m in s.members], dtype=s.dtype, device=s.device)
+        hps = [s.members[mm[0]].hp for mm in s.model_members]
+        lr = torch.tensor([hp["lr"] for hp in hps], dtype=s.dtype, device=s.device)
+        wd = torch.tensor([hp["weight_decay"] for hp in hps], dtype=s.dtype, device=s.device)
         self.flat = flat.detach().clone().requires_grad_(True)
         self.opt = AdamW(self.flat, lr, wd)
-        self.layout = _Layout(s, list(range(len(s.members))), self.rank, self.world)
+        self.layout = _Layout(s, s.members_of(range(len(hps))), self.rank, self.world)
 
     def _body(self):
-        loss, _ = step_losses(self.s, self.layout, self.flat, self.step_t)
-        loss.sum().backward()  # members are independent: each gets the gradient of its own loss
+        L = self.layout
+        loss, _ = step_losses(self.s, L, self.flat, self.step_t)
+        if L.shared:  # a joint model's loss: the sum of its members'
+            loss = loss.new_zeros(len(L.models)).index_add(0, L.member_model, loss)
+        loss.sum().backward()  # models are independent: each gets the gradient of its own loss
         if self.world > 1:
             import torch.distributed as dist
 
@@ -478,21 +520,22 @@ class _Runner:
             self.use_graph, self.graph = False, None
 
     def keep(self, keep_local: list):
-        """Go on with the members at local positions ``keep_local`` only."""
+        """Go on with the models at local positions ``keep_local`` only."""
         idx = torch.as_tensor(keep_local, dtype=torch.int64, device=self.s.device)
         self.flat = self.flat.detach()[idx].clone().requires_grad_(True)
         self.opt.keep(idx)
         self.opt.param = self.flat
-        self.layout = _Layout(self.s, [self.layout.active[k] for k in keep_local], self.rank, self.world)
+        models = [self.layout.models[k] for k in keep_local]
+        self.layout = _Layout(self.s, self.s.members_of(models), self.rank, self.world)
         self.graph, self.warm = None, 0  # shapes changed: capture again
 
     def state(self) -> dict:
-        return {"active": list(self.layout.active), "flat": self.flat.detach().cpu(), "m": self.opt.m.cpu(),
+        return {"active": list(self.layout.models), "flat": self.flat.detach().cpu(), "m": self.opt.m.cpu(),
                 "v": self.opt.v.cpu(), "t": self.opt.t.cpu(), "step": self.step_t.cpu()}
 
     def load(self, st: dict):
-        """Continue from ``state()`` (a checkpoint): the members still training, weights, moments, steps."""
-        self.keep(list(st["active"]))  # from the full ensemble: local positions are member indices
+        """Continue from ``state()`` (a checkpoint): the models still training, weights, moments, steps."""
+        self.keep(list(st["active"]))  # from the full ensemble: local positions are model indices
         dev = self.s.device
         self.flat = st["flat"].to(dev).clone().requires_grad_(True)
         self.opt.param = self.flat
@@ -503,9 +546,21 @@ class _Runner:
 # ----------------------------------------------------------------------------- training
 
 def check_members(members: list) -> None:
-    """Members of one ensemble must share the hyperparameters in ``SHARED``."""
+    """Members of one ensemble must share the hyperparameters in ``SHARED``; members of one joint
+    model every hyperparameter and the seed, each on its own dataset."""
     if not members:
         raise ValueError("an ensemble needs at least one member")
+    joint = {}
+    for m in members:
+        if m.joint is not None:
+            joint.setdefault(m.joint, []).append(m)
+    for key, ms in joint.items():
+        diff = sorted(k for k in ms[0].hp if k != "verbose" and any(repr(o.hp[k]) != repr(ms[0].hp[k]) for o in ms))
+        if diff or len({o.seed for o in ms}) > 1:
+            raise ValueError(f"the time courses of joint model {key!r} must share the seed and every "
+                             f"hyperparameter; {diff or ['seed']} differ")
+        if len({o.dataset for o in ms}) < len(ms):
+            raise ValueError(f"joint model {key!r} lists a dataset twice")
     first = members[0].hp
     for m in members[1:]:
         diff = [k for k in SHARED if m.hp[k] != first[k]]
@@ -522,10 +577,12 @@ def groups(members: list) -> list:
     return list(out.values())
 
 
-def train(marginals, members: list, desc: str | None = None, checkpoint=None) -> list:
-    """Train ``members`` (checked ``Member``s) on ``marginals``; returns one CellMNN per member
-    (its best validation weights, with ``.fit_info`` and ``.marginals_info``).  Members that
-    cannot share one ensemble are trained in several.
+def train(marginals, members: list, desc: str | None = None, checkpoint=None, embed: bool = False) -> list:
+    """Train ``members`` (checked ``Member``s) on ``marginals`` (one ``Marginals``, or a list for
+    joint training); returns one CellMNN per member (its model's best validation weights, with
+    ``.fit_info`` and ``.marginals_info``; members of one joint model share the object).  Members
+    that cannot share one ensemble are trained in several.  ``embed``: joint models read a
+    one-hot dataset code (``CellMNN(n_datasets=...)``).
 
     ``checkpoint``: a file the training state is written to at every check epoch (atomically,
     by rank 0); if it already holds the state of the same training (same data, members and
@@ -541,7 +598,7 @@ def train(marginals, members: list, desc: str | None = None, checkpoint=None) ->
                          "cover one ensemble")
     models = [None] * len(members)
     for idx in parts:
-        for i, m in zip(idx, _train_group(marginals, [members[i] for i in idx], desc, checkpoint)):
+        for i, m in zip(idx, _train_group(marginals, [members[i] for i in idx], desc, checkpoint, embed)):
             models[i] = m
     return models
 
@@ -550,11 +607,14 @@ def fingerprint(marginals, members: list) -> dict:
     """What a checkpoint must match to be continued: the data and every member's settings."""
     import hashlib
 
-    h = hashlib.sha256(np.asarray(marginals.times, dtype=np.float64).tobytes())
-    for d in marginals.data:
-        h.update(np.ascontiguousarray(d, dtype=np.float64).tobytes())
+    h = hashlib.sha256()
+    for m in (marginals if isinstance(marginals, (list, tuple)) else [marginals]):
+        h.update(np.asarray(m.times, dtype=np.float64).tobytes())
+        for d in m.data:
+            h.update(np.ascontiguousarray(d, dtype=np.float64).tobytes())
     return {"data": h.hexdigest(),
-            "members": [{"holdout": m.holdout, "seed": m.seed, "exclude": list(m.exclude),
+            "members": [{"holdout": m.holdout, "seed": m.seed, "exclude": list(m.exclude), "dataset": m.dataset,
+                         "joint": repr(m.joint),
                          "hp": {k: repr(v) for k, v in sorted(m.hp.items()) if k != "verbose"}} for m in members]}
 
 
@@ -563,17 +623,17 @@ def _check_resume(saved: dict, now: dict, path) -> None:
         raise ValueError(f"checkpoint {path} was written for other data; refusing to continue it (use another "
                          "checkpoint path)")
     if len(saved["members"]) != len(now["members"]):
-        raise ValueError(f"checkpoint {path} holds {len(saved['members'])} models, this training "
+        raise ValueError(f"checkpoint {path} holds {len(saved['members'])} time courses, this training "
                          f"{len(now['members'])}; refusing to continue it")
     for a, b in zip(saved["members"], now["members"]):
-        diff = [k for k in ("holdout", "seed", "exclude") if a[k] != b[k]]
+        diff = [k for k in ("holdout", "seed", "exclude", "dataset", "joint") if a.get(k) != b.get(k)]
         diff += sorted(k for k in set(a["hp"]) | set(b["hp"]) if a["hp"].get(k) != b["hp"].get(k))
         if diff:
             raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(diff)} differ); "
                              "refusing to continue it")
 
 
-def _train_group(marginals, members: list, desc, checkpoint=None) -> list:
+def _train_group(marginals, members: list, desc, checkpoint=None, embed=False) -> list:
     from . import io
     from .train import FitInfo, _diverged, _Objective, _progress, resolve_device
 
@@ -596,8 +656,8 @@ def _train_group(marginals, members: list, desc, checkpoint=None) -> list:
             _check_resume(saved["fingerprint"], fp, checkpoint)
         elif rank == 0:
             io.check_output(checkpoint, io.CHECKPOINT_KIND, "checkpoint")
-    s = _Setup(marginals, members, device)
-    E = len(members)
+    s = _Setup(marginals, members, device, embed)
+    M = len(s.model_members)
     runner = _Runner(s, s.flat0, use_graph)
     with torch.no_grad():  # the untrained models must decode: checked once, before training
         try:
@@ -607,10 +667,13 @@ def _train_group(marginals, members: list, desc, checkpoint=None) -> list:
             raise ValueError(f"the untrained model is out of range ({exc}); try a smaller init_scale (now "
                              f"{scales[0] if len(scales) == 1 else scales})") from None
 
-    infos = [FitInfo(m.holdout, m.seed, m.hp) for m in members]
-    best = [s.flat0[e].clone() for e in range(E)]
-    bad = [0] * E
-    step_loss = [[] for _ in range(E)]  # host copies of every step's loss, per member
+    firsts = [members[mm[0]] for mm in s.model_members]  # a model's seed and hyperparameters
+    hps = [f.hp for f in firsts]
+    infos = [FitInfo(f.holdout if len(mm) == 1 else tuple(members[e].holdout for e in mm), f.seed, f.hp)
+             for f, mm in zip(firsts, s.model_members)]
+    best = [s.flat0[mi].clone() for mi in range(M)]
+    bad = [0] * M
+    step_loss = [[] for _ in range(M)]  # host copies of every step's loss, per model
     n, done = 0, False
     if saved is not None:
         runner.load(saved["runner"])
@@ -631,66 +694,72 @@ def _train_group(marginals, members: list, desc, checkpoint=None) -> list:
 
     objectives = [_Objective(s.times, s.kept[e], m.hp["gamma"], m.hp["sigma"], m.hp["velocity_weight"], s.backend,
                              s.kinetic, s.unit) for e, m in enumerate(members)]
-    max_epochs = [m.hp["max_epochs"] for m in members]
+    max_epochs = [hp["max_epochs"] for hp in hps]
     check_every = hp0["check_every"]
     verbose = rank == 0 and any(m.hp["verbose"] for m in members)
-    if desc is None and E == 1:
+    if desc is None and M == 1 and len(members) == 1:
         progress = _progress(max_epochs[0], verbose, members[0].holdout, members[0].seed)
     else:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=max(max_epochs), desc=desc or f"Cell-MNN ensemble of {E}",
+        progress = tqdm(total=max(max_epochs), desc=desc or (f"Cell-MNN ensemble of {M}" if M > 1 else "Cell-MNN"),
                         disable=not (rank == 0 and desc or verbose), leave=False, unit="epoch")
 
-    def score(e, flat_e):
-        hp = members[e].hp
-        model = s.model(e, flat_e)
+    def member_score(e, model):
+        hp, mem = members[e].hp, members[e]
+        dataset = mem.dataset if s.embed else None
+        if hp["select_on_holdout"]:
+            k = s.tp_off[mem.dataset] + mem.holdout
+            pred = model.predict(torch.as_tensor(s.data_list[k - 1], dtype=s.dtype, device=device),
+                                 s.times[k - 1], s.times[k], dataset=dataset)
+            return float(laplace_mmd(pred, torch.as_tensor(s.data_list[k], dtype=s.dtype, device=device),
+                                     hp["sigma"], backend=hp["backend"]))
+        val, obj = s.val[e], objectives[e]
+        if any(len(val[i]) == 0 for i in s.kept[e]):
+            return float("nan")
+        _, sc = obj(model, {i: val[i] for i in obj.sources}, {i: val[i] for i in obj.targets}, s.dtype, device,
+                    dataset=dataset)
+        return float(sc)
+
+    def score(mi, flat_m):
+        """A model's validation score: the sum over its time courses (NaN if one has no validation cells)."""
+        model = s.model(mi, flat_m)
         model.eval()
         with torch.no_grad():
-            if hp["select_on_holdout"]:
-                k = members[e].holdout
-                pred = model.predict(torch.as_tensor(marginals.data[k - 1], dtype=s.dtype, device=device),
-                                     s.times[k - 1], s.times[k])
-                return float(laplace_mmd(pred, torch.as_tensor(marginals.data[k], dtype=s.dtype, device=device),
-                                         hp["sigma"], backend=hp["backend"]))
-            val, obj = s.val[e], objectives[e]
-            if any(len(val[i]) == 0 for i in s.kept[e]):
-                return float("nan")
-            _, sc = obj(model, {i: val[i] for i in obj.sources}, {i: val[i] for i in obj.targets}, s.dtype, device)
-            return float(sc)
+            return float(sum(member_score(e, model) for e in s.model_members[mi]))
 
     buffer = []
     try:
-        while not done and runner.layout.active:
+        while not done and runner.layout.models:
             buffer.append(runner.step())
             n += 1
-            active = runner.layout.active
+            active = runner.layout.models
             checking = []
-            for e in active:
-                if n % s.steps[e] == 0:
-                    ep = n // s.steps[e]
-                    if ep % check_every == 0 or ep == max_epochs[e]:
-                        checking.append(e)
+            for mi in active:
+                if n % s.steps[mi] == 0:
+                    ep = n // s.steps[mi]
+                    if ep % check_every == 0 or ep == max_epochs[mi]:
+                        checking.append(mi)
             if not checking:
                 continue
             # A check epoch: read the losses since the last read (one host synchronisation).
             losses = torch.stack(buffer).cpu().numpy()
             buffer = []
-            for el, e in enumerate(active):
-                step_loss[e].extend(losses[:, el].tolist())
-                info, per = infos[e], s.steps[e]
-                while len(step_loss[e]) >= (info.epochs + 1) * per:
-                    chunk = step_loss[e][info.epochs * per:(info.epochs + 1) * per]
+            for ml, mi in enumerate(active):
+                step_loss[mi].extend(losses[:, ml].tolist())
+                info, per = infos[mi], s.steps[mi]
+                while len(step_loss[mi]) >= (info.epochs + 1) * per:
+                    chunk = step_loss[mi][info.epochs * per:(info.epochs + 1) * per]
                     info.epochs += 1
                     if not all(math.isfinite(v) for v in chunk):
-                        raise _with_member(_diverged(info.epochs, members[e].hp, f"loss {np.sum(chunk)}"), members[e])
+                        raise _with_member(_diverged(info.epochs, hps[mi], f"loss {np.sum(chunk)}"), firsts[mi])
                     info.history.append((info.epochs, float(np.mean(chunk)), None))
             scores = []
-            for e in checking:
+            for mi in checking:
                 try:
-                    scores.append(score(e, runner.flat[active.index(e)]))
+                    scores.append(score(mi, runner.flat[active.index(mi)]))
                 except (ValueError, torch.linalg.LinAlgError) as exc:
-                    raise _with_member(_diverged(infos[e].epochs, members[e].hp, str(exc)), members[e]) from None
+                    raise _with_member(_diverged(infos[mi].epochs, hps[mi], str(exc)), firsts[mi]) from None
             if n_ranks > 1:  # the ranks hold the same weights; rank 0's scores decide for all
                 import torch.distributed as dist
 
@@ -698,28 +767,28 @@ def _train_group(marginals, members: list, desc, checkpoint=None) -> list:
                 dist.broadcast(sc_t, 0)
                 scores = sc_t.tolist()
             leaving = []
-            for e, sc in zip(checking, scores):
-                el = active.index(e)
-                info = infos[e]
+            for mi, sc in zip(checking, scores):
+                ml = active.index(mi)
+                info = infos[mi]
                 ep, loss_mean, _ = info.history[-1]
                 info.history[-1] = (ep, loss_mean, sc)
                 if math.isnan(sc):  # no validation cells: keep the last model
-                    best[e], info.best_epoch = runner.flat[el].detach().clone(), ep
+                    best[mi], info.best_epoch = runner.flat[ml].detach().clone(), ep
                 elif sc < info.best_score:
-                    info.best_score, info.best_epoch, bad[e] = sc, ep, 0
-                    best[e] = runner.flat[el].detach().clone()
+                    info.best_score, info.best_epoch, bad[mi] = sc, ep, 0
+                    best[mi] = runner.flat[ml].detach().clone()
                 else:
-                    bad[e] += 1
-                if bad[e] >= members[e].hp["patience"] or ep >= max_epochs[e]:
-                    leaving.append(e)
-            progress.n = max(infos[e].epochs for e in active)
-            if E == 1:
+                    bad[mi] += 1
+                if bad[mi] >= hps[mi]["patience"] or ep >= max_epochs[mi]:
+                    leaving.append(mi)
+            progress.n = max(infos[mi].epochs for mi in active)
+            if M == 1:
                 progress.set_postfix(loss=f"{infos[0].history[-1][1]:.4f}", val=f"{infos[0].best_score:.4f}")
             else:
-                progress.set_postfix(training=f"{len(active) - len(leaving)}/{E}")
+                progress.set_postfix(training=f"{len(active) - len(leaving)}/{M}")
             progress.refresh()
             if leaving:
-                keep = [el for el, e in enumerate(active) if e not in leaving]
+                keep = [ml for ml, mi in enumerate(active) if mi not in leaving]
                 if keep:
                     runner.keep(keep)
                 else:
@@ -730,15 +799,26 @@ def _train_group(marginals, members: list, desc, checkpoint=None) -> list:
             save_state()
     finally:
         progress.close()
-    models = []
-    for e, m in enumerate(members):
-        model = s.model(e, best[e])
+    out = []
+    for mi, mm in enumerate(s.model_members):
+        model = s.model(mi, best[mi])
         model.eval()
-        model.fit_info = infos[e]
-        model.marginals_info = {"times": s.times, "transform": marginals.transform.to_dict(),
-                                "source": marginals.source}
-        models.append(model)
-    return models
+        model.fit_info = infos[mi]
+        model.marginals_info = _marginals_info(s, [members[e].dataset for e in mm])
+        out.append(model)
+    return [out[s.model_of[e]] for e in range(len(members))]
+
+
+def _marginals_info(s: _Setup, datasets: list) -> dict:
+    """What a model records about its data: times, transform and source (per dataset if joint)."""
+    sets = [s.sets[d] for d in datasets]
+    if len(sets) == 1:
+        m = sets[0]
+        return {"times": [float(t) for t in m.times], "transform": m.transform.to_dict(), "source": m.source}
+    return {"times": sorted({float(t) for m in sets for t in m.times}), "transform": sets[0].transform.to_dict(),
+            "source": " + ".join(m.source for m in sets),
+            "datasets": [{"index": d, "times": [float(t) for t in m.times], "source": m.source}
+                         for d, m in zip(datasets, sets)]}
 
 
 def _with_member(exc: Exception, member: Member) -> Exception:

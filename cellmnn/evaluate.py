@@ -121,7 +121,8 @@ class LeaveOneOutResult:
 
 
 def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline: bool = True,
-                  return_models: bool = False, report: bool = True, select=None, select_grid=None, **hparams):
+                  return_models: bool = False, report: bool = True, select=None, select_grid=None,
+                  dataset_embedding: bool = False, **hparams):
     """Run the leave-one-timepoint-out protocol; returns a ``LeaveOneOutResult``
     (and the trained models keyed by (holdout, seed) if ``return_models``) and, with ``report``,
     prints the mean +- std over seeds of the mean over held-out timepoints.
@@ -131,8 +132,35 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
     hyperparameters per held-out timepoint and seed without that timepoint; the choice is in each
     row's "selected").  Every (holdout, seed) model is trained at once, as one batched ensemble.
     The OT-interpolate baseline (deterministic) is scored on the same splits.
+
+    Joint training: ``marginals`` a list of datasets in one model space (``load_joint``); for
+    each dataset, each of its interior timepoints (``holdouts``: None, or one list per dataset)
+    and each seed, one model is trained jointly on that dataset without the timepoint and on
+    every other dataset whole (``dataset_embedding`` as for ``fit``), and scored on that
+    dataset.  Returns one ``LeaveOneOutResult`` per dataset (models keyed by (dataset, holdout,
+    seed)); compare with ``leave_one_out`` of each dataset alone to see what joint training does.
     """
     hp = check_inputs(marginals, hparams)
+    seeds = check_seeds(seeds)
+    if isinstance(marginals, (list, tuple)):
+        if select is not None:
+            raise ValueError("select='inner' is not supported with joint training")
+        return _joint_leave_one_out(marginals, holdouts, seeds, baseline, return_models, report, dataset_embedding,
+                                    hp)
+    if dataset_embedding:
+        raise ValueError("dataset_embedding=True needs a list of datasets (joint training)")
+    holdouts = _check_holdouts(marginals, holdouts)
+    grid = check_select(select, select_grid, hp)
+    jobs = [(k, seed) for k in holdouts for seed in seeds]
+    trained = dict(zip(jobs, fit_many(marginals, jobs, hp, grid)))  # every fit at once, batched
+    result = LeaveOneOutResult(_rows(marginals, holdouts, seeds, trained, hp["sigma"], baseline))
+    if report:
+        print(result.format_summary())
+        print(result.format_winners())
+    return (result, trained) if return_models else result
+
+
+def _check_holdouts(marginals, holdouts) -> list:
     K = len(marginals)
     holdouts = list(range(1, K - 1)) if holdouts is None else [check_holdout(marginals, k) for k in holdouts]
     if not holdouts:
@@ -141,33 +169,52 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
     if dup:
         raise ValueError(f"holdouts repeats {dup}; each must appear once (a repeat would count twice in the "
                          "summary)")
-    seeds = check_seeds(seeds)
-    grid = check_select(select, select_grid, hp)
-    jobs = [(k, seed) for k in holdouts for seed in seeds]
-    trained = dict(zip(jobs, fit_many(marginals, jobs, hp, grid)))  # every fit at once, batched
-    rows, models = [], {}
-    sigma = hp["sigma"]
+    return holdouts
+
+
+def _rows(marginals, holdouts, seeds, trained, sigma, baseline, dataset=None) -> list:
+    """The Cell-MNN rows (``trained[(holdout, seed)]`` predicting each held-out timepoint from the
+    previous one) and the OT-interpolate rows of one dataset."""
+    rows = []
     for k in holdouts:
         t_prev, t_k, t_next = (float(marginals.times[i]) for i in (k - 1, k, k + 1))
         observed, previous = marginals.data[k], marginals.data[k - 1]
         for seed in seeds:
             model = trained[(k, seed)]
-            pred = model.predict(previous.astype(np.float32), t_prev, t_k)
+            pred = model.predict(previous.astype(np.float32), t_prev, t_k,
+                                 dataset=dataset if getattr(model, "n_datasets", 0) else None)
             rows.append(dict(method="Cell-MNN", holdout=k, time=t_k, seed=seed,
                              W1=wasserstein1(pred, observed), MMD=mmd(pred, observed, sigma=sigma),
                              epochs=model.fit_info.epochs, best_epoch=model.fit_info.best_epoch))
             if model.fit_info.selection:
                 rows[-1]["selected"] = best_candidate(model.fit_info.selection)
-            if return_models:
-                models[(k, seed)] = model
         if baseline:
             pts, w = ot_interpolate(previous, marginals.data[k + 1], (t_k - t_prev) / (t_next - t_prev))
             w1, m = wasserstein1(pts, observed, w), mmd(pts, observed, w, sigma)
             for seed in seeds:  # deterministic: the same value on every seed's row
                 rows.append(dict(method="OT-interpolate", holdout=k, time=t_k, seed=seed, W1=w1, MMD=m))
-    result = LeaveOneOutResult(rows)
-    if report:
-        print(result.format_summary())
-        print(result.format_winners())
-    return (result, models) if return_models else result
+    return rows
 
+
+def _joint_leave_one_out(datasets, holdouts, seeds, baseline, return_models, report, embed, hp):
+    from .ensemble import Member, train
+
+    if holdouts is None:
+        holdouts = [None] * len(datasets)
+    if not isinstance(holdouts, (list, tuple)) or len(holdouts) != len(datasets):
+        raise ValueError(f"with {len(datasets)} datasets, holdouts must be None or one list (or None) per dataset; "
+                         f"got {holdouts!r}")
+    holdouts = [_check_holdouts(m, h) for m, h in zip(datasets, holdouts)]
+    jobs = [(d, k, seed) for d in range(len(datasets)) for k in holdouts[d] for seed in seeds]
+    members = [Member(k if dd == d else None, seed, hp, dataset=dd, joint=(d, k, seed))
+               for d, k, seed in jobs for dd in range(len(datasets))]
+    models = train(datasets, members, embed=embed)[::len(datasets)]  # one joint model per job
+    trained = dict(zip(jobs, models))
+    results = []
+    for d, m in enumerate(datasets):
+        mine = {(k, seed): trained[(d, k, seed)] for k in holdouts[d] for seed in seeds}
+        results.append(LeaveOneOutResult(_rows(m, holdouts[d], seeds, mine, hp["sigma"], baseline, dataset=d)))
+        if report:
+            print(f"dataset {d} ({m.source}), trained jointly with the other {len(datasets) - 1}:")
+            print(results[-1].format_summary())
+    return (results, trained) if return_models else results

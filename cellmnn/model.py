@@ -24,15 +24,21 @@ class CellMNN(nn.Module):
     operator per ``time_unit`` (``fit`` uses the mean gap between timepoints), so that
     ``operator`` returns A = outputs / time_unit in the data's own units and the same network
     decodes the same trajectories whatever unit the times were given in.
+
+    ``n_datasets`` > 0 (joint training with a dataset embedding): the MLP also reads the one-hot
+    code of the cell's dataset, so the first layer's weights for it are a learned per-dataset
+    embedding (``width`` numbers per dataset); ``dataset=`` then names the dataset (0-based, in
+    the order of ``fit``'s list) wherever cells enter.
     """
 
     def __init__(self, dim: int, width: int = 96, depth: int = 4, init_scale: float = 0.01,
                  parameterization: str = "direct", num_const_dims: int = 0, backend: str = "auto",
-                 time_offset: float = 0.0, time_scale: float = 1.0, time_unit: float = 1.0):
+                 time_offset: float = 0.0, time_scale: float = 1.0, time_unit: float = 1.0, n_datasets: int = 0):
         super().__init__()
-        for name, v in (("dim", dim), ("width", width), ("depth", depth)):
+        for name, v in (("dim", dim), ("width", width), ("depth", depth), ("n_datasets", n_datasets + 1)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'n_datasets' else 'positive'} "
+                                 f"integer, got {v if name != 'n_datasets' else n_datasets!r}")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
         if not 0 <= num_const_dims <= dim or (num_const_dims and parameterization != "eigen"):
@@ -47,8 +53,9 @@ class CellMNN(nn.Module):
         self.init_scale, self.parameterization = float(init_scale), parameterization
         self.num_const_dims, self.backend = int(num_const_dims), backend
         self.time_offset, self.time_scale, self.time_unit = float(time_offset), float(time_scale), float(time_unit)
+        self.n_datasets = int(n_datasets)
         n_out = dim * dim + (dim - num_const_dims if parameterization == "eigen" else 0)
-        layers, n_in = [], dim + 1
+        layers, n_in = [], dim + 1 + self.n_datasets
         for _ in range(depth):
             layers += [nn.Linear(n_in, width), nn.LeakyReLU()]
             n_in = width
@@ -65,31 +72,48 @@ class CellMNN(nn.Module):
         return dict(dim=self.dim, width=self.width, depth=self.depth, init_scale=self.init_scale,
                     parameterization=self.parameterization, num_const_dims=self.num_const_dims,
                     backend=self.backend, time_offset=self.time_offset, time_scale=self.time_scale,
-                    time_unit=self.time_unit)
+                    time_unit=self.time_unit, n_datasets=self.n_datasets)
 
-    def operator(self, x: torch.Tensor, t: torch.Tensor, return_penalty: bool = False):
+    def _dataset_code(self, dataset, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The (n, n_datasets) one-hot input of ``dataset`` (an index, or one index per cell)."""
+        if self.n_datasets == 0:
+            if dataset is not None:
+                raise ValueError("dataset= is only for models trained jointly with a dataset embedding")
+            return like.new_zeros(n, 0)
+        if dataset is None:
+            raise ValueError(f"this model was trained on {self.n_datasets} datasets with a dataset embedding; "
+                             f"pass dataset= (0..{self.n_datasets - 1}, in the order given to fit)")
+        d = torch.as_tensor(dataset, device=like.device)
+        if d.dtype.is_floating_point or d.dtype == torch.bool or d.dim() > 1 or \
+                (d.dim() == 1 and d.shape[0] != n) or bool(((d < 0) | (d >= self.n_datasets)).any()):
+            raise ValueError(f"dataset must be an index in 0..{self.n_datasets - 1} (or one per cell); "
+                             f"got {dataset!r}")
+        return torch.nn.functional.one_hot(d.expand(n).long(), self.n_datasets).to(like.dtype)
+
+    def operator(self, x: torch.Tensor, t: torch.Tensor, return_penalty: bool = False, dataset=None):
         """A (B, D, D) for cells x (B, D) at times t (B,), per unit of the data's time; with the eigen
-        penalty if asked."""
+        penalty if asked.  ``dataset``: see the class docstring."""
         tin = ((t - self.time_offset) / self.time_scale).to(x.dtype)  # in t's dtype first (float64 keeps offsets)
-        h = self.mlp(torch.cat([x, tin[:, None]], dim=1))
+        h = self.mlp(torch.cat([x, tin[:, None], self._dataset_code(dataset, x.shape[0], x)], dim=1))
         A, penalty = outputs_to_operator(h, self.dim, self.parameterization, self.num_const_dims, self.time_unit)
         penalty = penalty.mean() if penalty is not None else x.new_zeros(())
         return (A, penalty) if return_penalty else A
 
-    def forward(self, x0: torch.Tensor, t0: torch.Tensor, t: torch.Tensor, return_penalty: bool = False):
+    def forward(self, x0: torch.Tensor, t0: torch.Tensor, t: torch.Tensor, return_penalty: bool = False,
+                dataset=None):
         """Decode cells x0 (B, D) observed at t0 (B,) to times t (B, T): X, V (B, T, D).
 
         Times may be float64 while x0 is float32: offsets t - t0 are then taken in float64."""
-        A, penalty = self.operator(x0, t0, return_penalty=True)
+        A, penalty = self.operator(x0, t0, return_penalty=True, dataset=dataset)
         X, V = local_linear_step(A, x0, (t - t0[:, None]).to(x0.dtype), backend=self.backend)
         return (X, V, penalty) if return_penalty else (X, V)
 
     @torch.no_grad()
-    def predict(self, x0, t0, t):
+    def predict(self, x0, t0, t, dataset=None):
         """Push cells x0 (n, D) observed at time(s) t0 to time(s) t.
 
         t0 is a number or (n,); t a number (returns (n, D)) or a sequence of T times (returns
-        (n, T, D)).  Accepts and returns numpy arrays, or tensors if x0 is a tensor.  Non-numeric,
+        (n, T, D)); ``dataset`` (models with a dataset embedding only) the cells' dataset.  Accepts and returns numpy arrays, or tensors if x0 is a tensor.  Non-numeric,
         NaN/Inf or wrongly shaped inputs are a ValueError/TypeError naming the argument.
         """
         as_numpy = not isinstance(x0, torch.Tensor)
@@ -113,7 +137,7 @@ class CellMNN(nn.Module):
         tt = _times("t", t, p)
         if tt.dim() > 1:
             raise ValueError(f"t must be a number or a 1-d sequence of times; got shape {tuple(tt.shape)}")
-        X, _ = self(x0, t0, tt.reshape(1, -1).expand(n, -1))
+        X, _ = self(x0, t0, tt.reshape(1, -1).expand(n, -1), dataset=dataset)
         X = X[:, 0] if scalar else X
         return X.cpu().numpy() if as_numpy else X
 

@@ -83,7 +83,11 @@ def check_seed(seed) -> int:
 def check_inputs(marginals, hparams: dict) -> dict:
     """The checks ``fit`` and ``leave_one_out`` share: the data type and every hyperparameter.
     Returns the full hyperparameters (defaults filled in)."""
-    if not isinstance(marginals, Marginals):
+    if isinstance(marginals, (list, tuple)) and marginals and all(isinstance(m, Marginals) for m in marginals):
+        from .joint import check_joint
+
+        check_joint(marginals)
+    elif not isinstance(marginals, Marginals):
         raise TypeError(f"marginals must be a Marginals from cellmnn.load_marginals(...), got "
                         f"{type(marginals).__name__}" + (" (for arrays, pass load_marginals(arrays, times=...))"
                                                          if isinstance(marginals, (list, tuple)) else ""))
@@ -160,14 +164,15 @@ class _Objective:
             n = int(math.floor((max(times) - min(times)) / (GRID_STEP * time_unit) + 1e-9)) + 1
             self.grid = min(times) + GRID_STEP * time_unit * torch.arange(n, dtype=torch.float64)
 
-    def __call__(self, model, src_cells, obs_cells, dtype, device):
-        """src_cells: {source index: (n_s, D) array}; obs_cells: {target index: (m, D) array}."""
+    def __call__(self, model, src_cells, obs_cells, dtype, device, dataset=None):
+        """src_cells: {source index: (n_s, D) array}; obs_cells: {target index: (m, D) array};
+        ``dataset``: for a model with a dataset embedding, the dataset of these cells."""
         x0 = torch.as_tensor(np.concatenate([src_cells[s] for s in self.sources]), dtype=dtype, device=device)
         t0 = torch.cat([torch.full((len(src_cells[s]),), float(self.kept_times[self.kept.index(s)]),
                                    dtype=torch.float64) for s in self.sources]).to(device)
         n_kept = len(self.kept)
         t = torch.cat([self.kept_times, self.grid]).to(device)[None, :].expand(len(x0), -1)
-        X, V, penalty = model(x0, t0, t, return_penalty=True)
+        X, V, penalty = model(x0, t0, t, return_penalty=True, dataset=dataset)
         xs, vs, x_off, terms_y, weights, start = [], [], [0], [], [], 0
         for s in self.sources:
             n = len(src_cells[s])
@@ -199,7 +204,7 @@ def time_unit(times) -> float:
 
 
 def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_grid=None, seeds=None,
-        checkpoint=None, **hparams):
+        checkpoint=None, dataset_embedding: bool = False, **hparams):
     """Train a Cell-MNN on ``marginals``, leaving out timepoint index ``holdout`` (or none).
 
     Hyperparameters (paper defaults): width 96, depth 4, init_scale 0.01, parameterization
@@ -229,21 +234,46 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_g
     returns the model an uninterrupted run returns.  A file there that is not a cellmnn
     checkpoint, or one of a different training, is an error (never replaced).
 
+    Joint training: ``marginals`` a list of time courses in one model space (``load_joint``)
+    trains one model on all of them; the loss is the sum of each one's loss (each with its own
+    timepoints, batch of ``batch_size`` cells per step, and validation cells), ``holdout`` is None
+    or one entry per dataset, and ``dataset_embedding=True`` lets the MLP read the dataset's
+    one-hot code (a learned per-dataset embedding; ``predict(..., dataset=i)`` then).  The
+    model's ``fit_info.holdout`` is the tuple of holdouts.
+
     Data parallel: called by every process of a ``torch.distributed`` group with the same
     arguments (``torchrun``), each process decodes its share of every batch and the gradients are
     summed; the result equals one process's up to float rounding.  See the README.
     """
     hp = check_inputs(marginals, hparams)
-    holdout = check_holdout(marginals, holdout)
+    if not isinstance(dataset_embedding, bool):
+        raise TypeError(f"dataset_embedding must be True or False, got {dataset_embedding!r}")
+    joint = isinstance(marginals, (list, tuple))
+    if dataset_embedding and not joint:
+        raise ValueError("dataset_embedding=True needs a list of datasets (joint training)")
+    if joint:
+        from .joint import check_joint_holdout
+
+        holdout = check_joint_holdout(marginals, holdout)
+    else:
+        holdout = check_holdout(marginals, holdout)
     if seeds is None:
         seed_list = [check_seed(seed)]
     else:
         if seed != 0:
             raise ValueError("give either seed or seeds, not both")
         seed_list = check_seeds(seeds)
-    if hp["select_on_holdout"] and holdout is None:
-        raise ValueError("select_on_holdout=True needs a holdout timepoint")
+    if hp["select_on_holdout"] and (holdout is None or joint and None in holdout):
+        raise ValueError("select_on_holdout=True needs a holdout timepoint" + (" in every dataset" if joint else ""))
     grid = check_select(select, select_grid, hp)
+    if joint:
+        from .ensemble import Member, train
+
+        if grid is not None:
+            raise ValueError("select='inner' is not supported with joint training")
+        members = [Member(k, s, hp, dataset=d, joint=s) for s in seed_list for d, k in enumerate(holdout)]
+        out = train(marginals, members, checkpoint=checkpoint, embed=dataset_embedding)[::len(marginals)]
+        return out if seeds is not None else out[0]
     if checkpoint is not None and grid is not None:
         raise ValueError("checkpoint is not supported with select='inner' (it trains several ensembles in turn)")
     models = fit_many(marginals, [(holdout, s) for s in seed_list], hp, grid, checkpoint)

@@ -1,6 +1,7 @@
 """Time-course snapshot data as per-timepoint marginals, with the transform that produced them."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import numbers
@@ -20,6 +21,9 @@ MISSING = ("", "na", "nan")  # CSV fields read as NaN (compared lower-cased, str
 _MISSING_FIELDS = ((re.compile(r",[ \t]*(?:nan?)?[ \t]*(?=[,\n])", re.I), ",nan"),  # 2nd.. field
                    (re.compile(r"^[ \t]*(?:nan?)?[ \t]*,", re.I | re.M), "nan,"))  # first field
 TIME_RTOL = 1e-9  # times closer than this (relative) are one timepoint
+CHUNK_ROWS = 65536  # backed .h5ad: rows per read ...
+CHUNK_BYTES = 1 << 26  # ... and at most this many bytes per chunk as float64 (64 MiB), for wide X
+COV_BYTES = 2 * 10**9  # backed PCA of X: the largest (genes x genes) float64 covariance accepted
 
 
 def _duplicates(names) -> list:
@@ -169,7 +173,7 @@ class Marginals:
 
 
 def load_marginals(source=None, time_key=None, embedding=None, n_components=5, standardize=True,
-                   times=None, drop_nonfinite=False) -> Marginals:
+                   times=None, drop_nonfinite=False, backed=False) -> Marginals:
     """Read a time course into per-timepoint marginals.
 
     ``source`` is one of: an AnnData object or ``.h5ad`` path (times from ``obs[time_key]``;
@@ -182,6 +186,10 @@ def load_marginals(source=None, time_key=None, embedding=None, n_components=5, s
     ``standardize`` the model space is z-scored with mean and std pooled over all timepoints.
     Rows with NaN/Inf are an error, reported with counts, unless ``drop_nonfinite``.  Times equal
     up to float rounding (relative difference <= 1e-9) are one timepoint, with a warning.
+    ``backed=True`` (``.h5ad`` paths only) reads ``obsm[embedding]``, or ``X`` (dense or CSR) for an
+    exact PCA from a covariance accumulated over row chunks, from the file a chunk at a time, so only
+    the model-space data are held in memory; the result is that of ``backed=False`` (whose sklearn PCA
+    is randomized, so approximate, with more than 1000 genes or fewer than 10 cells per gene).
     """
     if n_components is not None:
         if isinstance(n_components, (bool, np.bool_)) or not isinstance(n_components, numbers.Integral) \
@@ -191,9 +199,15 @@ def load_marginals(source=None, time_key=None, embedding=None, n_components=5, s
     for name, value in (("time_key", time_key), ("embedding", embedding)):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{name} must be a string or None, got {type(value).__name__} {value!r}")
-    for name, value in (("standardize", standardize), ("drop_nonfinite", drop_nonfinite)):
+    for name, value in (("standardize", standardize), ("drop_nonfinite", drop_nonfinite), ("backed", backed)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    if backed and not (isinstance(source, (str, os.PathLike))
+                       and os.path.splitext(os.fspath(source))[1].lower() == ".h5ad"):
+        what = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else \
+            "the embedded example data" if source is None else f"a {type(source).__name__}"
+        raise ValueError(f"backed=True applies to .h5ad paths only (read in row chunks from the file); "
+                         f"got {what}. Pass backed=False")
     if source is None:
         source = resources.files("cellmnn") / "datasets" / "emt_a549_3d.csv"
         with resources.as_file(source) as path:
@@ -220,6 +234,11 @@ def load_marginals(source=None, time_key=None, embedding=None, n_components=5, s
                 pass
         except PermissionError:
             raise PermissionError(f"cannot read {path}: permission denied") from None
+        if ext == ".h5ad" and backed:
+            with _open_h5ad(path) as f:
+                m = _from_h5ad_backed(f, path, time_key, embedding, n_components, standardize, drop_nonfinite)
+            m.source += " (backed)"
+            return m
         if ext == ".h5ad":
             import anndata
 
@@ -276,18 +295,38 @@ def _numeric_times(values, what):
         raise ValueError(f"{what} must be numeric (times as numbers); got values such as {examples}") from None
 
 
-def _from_anndata(adata, time_key, embedding, n_components, standardize, drop_nonfinite, name):
-    keys = [time_key] if time_key is not None else [k for k in DEFAULT_TIME_KEYS if k in adata.obs]
-    if not keys or keys[0] not in adata.obs:
-        raise ValueError(f"time key {time_key!r} not found in obs; available columns: {list(adata.obs.columns)}"
+def _time_key(time_key, columns) -> str:
+    """The obs column holding the times: ``time_key``, else the first of DEFAULT_TIME_KEYS present."""
+    keys = [time_key] if time_key is not None else [k for k in DEFAULT_TIME_KEYS if k in columns]
+    if not keys or keys[0] not in columns:
+        raise ValueError(f"time key {time_key!r} not found in obs; available columns: {list(columns)}"
                          if time_key is not None else
                          f"no time column found in obs (tried {list(DEFAULT_TIME_KEYS)}); pass time_key= "
-                         f"one of {list(adata.obs.columns)}")
-    col = adata.obs[keys[0]]  # categoricals and pandas strings as plain objects, missing as NaN
-    t = _numeric_times(col.to_numpy(dtype=object, na_value=np.nan), f"{name}: obs[{keys[0]!r}]")
+                         f"one of {list(columns)}")
+    return keys[0]
+
+
+def _obs_times(col, name, key):
+    """An obs column (a pandas Series) as float64 times; categoricals and pandas strings as plain objects,
+    missing as NaN."""
+    return _numeric_times(col.to_numpy(dtype=object, na_value=np.nan), f"{name}: obs[{key!r}]")
+
+
+def _no_embedding(embedding, available):
+    return ValueError(f"embedding {embedding!r} not found in obsm; available: {list(available)}")
+
+
+def _duplicate_var_names(name, names):
+    return ValueError(f"{name}: duplicate var_names {_duplicates(names)[:10]}; call adata.var_names_make_unique() "
+                      "or pass embedding=")
+
+
+def _from_anndata(adata, time_key, embedding, n_components, standardize, drop_nonfinite, name):
+    key = _time_key(time_key, adata.obs.columns)
+    t = _obs_times(adata.obs[key], name, key)
     if embedding is not None:
         if embedding not in adata.obsm:
-            raise ValueError(f"embedding {embedding!r} not found in obsm; available: {list(adata.obsm.keys())}")
+            raise _no_embedding(embedding, adata.obsm.keys())
         x = _as_float(adata.obsm[embedding], f"{name}: obsm[{embedding!r}]")
         if x.ndim == 2 and n_components is not None:
             x = x[:, :n_components]
@@ -296,11 +335,159 @@ def _from_anndata(adata, time_key, embedding, n_components, standardize, drop_no
         raise ValueError(f"{name} has no X; pass embedding= one of {list(adata.obsm.keys())}")
     names = [str(v) for v in adata.var_names]
     if _duplicates(names):
-        raise ValueError(f"{name}: duplicate var_names {_duplicates(names)[:10]}; call adata.var_names_make_unique() "
-                         "or pass embedding=")
+        raise _duplicate_var_names(name, names)
     X = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X
     return _build(_as_float(X, f"{name}: X"), t, n_components, standardize, drop_nonfinite,
                   f"{name} X (PCA)", names, force_pca=True)
+
+
+# ----------------------------------------------------------------------------- backed .h5ad
+
+def _chunks(n, width):
+    """(start, stop) row ranges covering n rows: CHUNK_ROWS at a time, fewer when a float64 chunk of
+    ``width`` columns would pass CHUNK_BYTES."""
+    step = max(1, min(int(CHUNK_ROWS), CHUNK_BYTES // (8 * max(int(width), 1))))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _read_rows(elem, start, stop, ncols=None):
+    """Rows ``start:stop`` (the first ``ncols`` columns, or all) of a 2-D h5py dataset or an anndata
+    backed CSR matrix, as a dense float64 array.  Every backed read of X or obsm goes through here."""
+    import h5py
+
+    if isinstance(elem, h5py.Dataset):
+        block = elem[start:stop] if ncols is None else elem[start:stop, :ncols]
+    else:
+        block = elem[start:stop]
+        block = (block if ncols is None else block[:, :ncols]).toarray()
+    return np.asarray(block, dtype=np.float64)
+
+
+@contextlib.contextmanager
+def _open_h5ad(path):
+    """An .h5ad file open read-only with h5py for a backed read, closed afterwards (also on an error);
+    HDF5 errors, on opening or part way, as a ValueError naming the file."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:  # h5py raises OSError and others for damaged files
+        raise ValueError(f"cannot read {path} as .h5ad: {exc}") from None
+    try:
+        with f:
+            yield f
+    except OSError as exc:
+        raise ValueError(f"cannot read {path} as .h5ad: {exc}") from None
+
+
+def _from_h5ad_backed(f, path, time_key, embedding, n_components, standardize, drop_nonfinite):
+    """load_marginals(path, ..., backed=True) from the open file ``f``: X or obsm[embedding] read in row chunks."""
+    import h5py
+    import pandas as pd
+    from anndata.io import read_elem
+
+    obs = f.get("obs")
+    if not isinstance(obs, h5py.Group) or obs.attrs.get("encoding-type") != "dataframe" or "_index" not in obs.attrs:
+        raise ValueError(f"cannot read {path} with backed=True: its obs is not in the anndata >= 0.8 layout; "
+                         "pass backed=False, or re-save it with a current anndata")
+    columns = [str(c) for c in np.atleast_1d(obs.attrs.get("column-order", []))]
+    key = _time_key(time_key, columns)
+    t = _obs_times(pd.Series(read_elem(obs[key])), path, key)
+    obsm = f.get("obsm")
+    obsm_keys = list(obsm.keys()) if isinstance(obsm, h5py.Group) else []
+    if embedding is not None:
+        if embedding not in obsm_keys:
+            raise _no_embedding(embedding, obsm_keys)
+        elem, what = obsm[embedding], f"{path}: obsm[{embedding!r}]"
+        if isinstance(elem, h5py.Dataset) and elem.ndim == 2 and elem.dtype.kind in "biuf":
+            n, k = elem.shape[0], elem.shape[1] if n_components is None else min(n_components, elem.shape[1])
+            x = np.empty((n, k))
+            for a, b in _chunks(n, k) if k else []:
+                x[a:b] = _read_rows(elem, a, b, k)
+        else:  # a data frame, a non-numeric or 1-D array, sparse: as the in-memory reader does (and refuses)
+            x = _as_float(read_elem(elem), what)
+            if x.ndim == 2 and n_components is not None:
+                x = x[:, :n_components]
+        return _build(x, t, None, standardize, drop_nonfinite, f"{path} obsm[{embedding!r}]", None)
+    X = f.get("X")
+    if X is None:
+        raise ValueError(f"{path} has no X; pass embedding= one of {obsm_keys}")
+    var = f.get("var")
+    if not isinstance(var, h5py.Group) or "_index" not in var.attrs:
+        raise ValueError(f"cannot read {path} with backed=True: its var is not in the anndata >= 0.8 layout; "
+                         "pass backed=False, or re-save it with a current anndata")
+    names = [str(v) for v in read_elem(var[var.attrs["_index"]])]
+    if _duplicates(names):
+        raise _duplicate_var_names(path, names)
+    if isinstance(X, h5py.Group):
+        kind = X.attrs.get("encoding-type")
+        if kind != "csr_matrix":
+            raise ValueError(f"{path}: X is stored as {kind or 'an unknown group'}; backed=True reads X by rows, "
+                             "which needs a dense or CSR X; pass embedding=, or backed=False")
+        from anndata.io import sparse_dataset
+
+        X = sparse_dataset(X)
+    if X.dtype.kind not in "biuf" or len(X.shape) != 2:
+        raise ValueError(f"{path}: X must be a numeric 2-D (cells x genes) matrix; got dtype {X.dtype}, "
+                         f"shape {X.shape}")
+    source = f"{path} X (PCA)"
+    if n_components is None:  # no PCA: X itself is the model space, so it is read whole (in chunks)
+        x = np.empty(X.shape)
+        for a, b in _chunks(X.shape[0], X.shape[1]):
+            x[a:b] = _read_rows(X, a, b)
+        return _build(x, t, None, standardize, drop_nonfinite, source, names, force_pca=True)
+    return _backed_pca(X, t, n_components, standardize, drop_nonfinite, source, names)
+
+
+def _backed_pca(X, t, n_components, standardize, drop_nonfinite, source, names):
+    """The in-memory loader's PCA of X (sklearn's components, signs and mean) from two passes over row
+    chunks: mean and scatter matrix (merged chunk by chunk, Chan et al.), then the projection."""
+    n, G = X.shape
+    _check_table((n, G), t, source)
+    t = _merge_close_times(t, source)
+    if 8 * G * G > COV_BYTES:
+        raise ValueError(f"{source}: backed=True computes the PCA of X from a {G} x {G} covariance "
+                         f"({8 * G * G / 1e9:.1f} GB for {G} genes), too large; pass embedding= (a precomputed "
+                         "obsm embedding such as 'X_pca') or select fewer genes")
+    bad, failed = np.zeros(n, dtype=bool), False
+    count, mean, scatter = 0, np.zeros(G), np.zeros((G, G))
+    for a, b in _chunks(n, G):
+        x = _read_rows(X, a, b)
+        ok = np.isfinite(x).all(axis=1)
+        if not ok.all():
+            bad[a:b] = ~ok
+            failed = not drop_nonfinite
+            x = x[ok]
+        if failed or len(x) == 0:
+            continue  # after a bad row without drop_nonfinite only the counts (for the error) are needed
+        m = x.mean(axis=0)
+        x -= m
+        s = x.T @ x
+        if count == 0:
+            count, mean, scatter = len(x), m, s
+        else:
+            total = count + len(x)
+            delta = m - mean
+            mean = mean + delta * (len(x) / total)
+            scatter += s + np.outer(delta, delta * (count * len(x) / total))
+            count = total
+    keep, dropped = _drop_rows(t, bad, drop_nonfinite, source)
+    if keep is not None:
+        t = t[keep]
+    k = min(n_components, G, count)
+    _, vectors = np.linalg.eigh(scatter)
+    components = np.ascontiguousarray(vectors[:, ::-1][:, :k].T)
+    # sklearn's sign convention (svd_flip with u_based_decision=False): each component's largest
+    # |loading| is positive
+    components *= np.sign(components[np.arange(k), np.abs(components).argmax(axis=1)])[:, None]
+    z, at = np.empty((count, k)), 0
+    for a, b in _chunks(n, G):
+        x = _read_rows(X, a, b)
+        if keep is not None:
+            x = x[keep[a:b]]
+        z[at:at + len(x)] = (x - mean) @ components.T
+        at += len(x)
+    return _finish(z, t, standardize, source, names, dropped, components, mean)
 
 
 def _from_npz(path, time_key, n_components, standardize, drop_nonfinite):
@@ -454,36 +641,36 @@ def _merge_close_times(t, source):
     return kept[group[np.searchsorted(values, t)]]
 
 
-def _build(x, t, n_components, standardize, drop_nonfinite, source, names, force_pca=False) -> Marginals:
-    if x.ndim != 2 or x.shape[1] == 0 or len(x) == 0:
-        raise ValueError(f"{source}: need a non-empty cells x features table; got shape {x.shape}")
-    if t.ndim != 1 or len(t) != len(x):
-        raise ValueError(f"{source}: need one time per cell; got {t.shape} times for {len(x)} cells")
+def _check_table(shape, t, source):
+    """The checks before any data are used: a non-empty (cells x features) shape, one finite time per cell."""
+    if len(shape) != 2 or shape[1] == 0 or shape[0] == 0:
+        raise ValueError(f"{source}: need a non-empty cells x features table; got shape {shape}")
+    if t.ndim != 1 or len(t) != shape[0]:
+        raise ValueError(f"{source}: need one time per cell; got {t.shape} times for {shape[0]} cells")
     if not np.isfinite(t).all():
         raise ValueError(f"{source}: {int((~np.isfinite(t)).sum())} cells have a non-finite time")
-    t = _merge_close_times(t, source)
-    bad = ~np.isfinite(x).all(axis=1)
-    dropped = {}
-    if bad.any():
-        per_t = {float(v): int(c) for v, c in zip(*np.unique(t[bad], return_counts=True))}
-        desc = ", ".join(f"t={k:g}: {v}" for k, v in per_t.items())
-        if not drop_nonfinite:
-            raise ValueError(f"{source}: {int(bad.sum())} rows contain NaN or Inf ({desc}); "
-                             "pass drop_nonfinite=True to drop them")
-        emptied = sorted(set(np.unique(t)) - set(np.unique(t[~bad])))
-        if emptied:
-            raise ValueError(f"{source}: timepoint(s) {[float(v) for v in emptied]} have no cells left "
-                             "after dropping rows with NaN or Inf")
-        warnings.warn(f"{source}: dropped {int(bad.sum())} rows with NaN or Inf ({desc})", stacklevel=3)
-        x, t, dropped = x[~bad], t[~bad], per_t
-    pca_components = pca_mean = None
-    if n_components is not None and (force_pca or x.shape[1] > n_components):
-        from sklearn.decomposition import PCA
 
-        k = min(n_components, x.shape[1], len(x))
-        pca = PCA(n_components=k, random_state=0).fit(x)
-        pca_components, pca_mean = pca.components_, pca.mean_
-        x = (x - pca_mean) @ pca_components.T
+
+def _drop_rows(t, bad, drop_nonfinite, source):
+    """Rows with NaN/Inf (``bad``): an error with counts per timepoint, or with ``drop_nonfinite`` dropped
+    with a warning.  Returns (the rows kept as a boolean mask or None for all, {time: rows dropped})."""
+    if not bad.any():
+        return None, {}
+    per_t = {float(v): int(c) for v, c in zip(*np.unique(t[bad], return_counts=True))}
+    desc = ", ".join(f"t={k:g}: {v}" for k, v in per_t.items())
+    if not drop_nonfinite:
+        raise ValueError(f"{source}: {int(bad.sum())} rows contain NaN or Inf ({desc}); "
+                         "pass drop_nonfinite=True to drop them")
+    emptied = sorted(set(np.unique(t)) - set(np.unique(t[~bad])))
+    if emptied:
+        raise ValueError(f"{source}: timepoint(s) {[float(v) for v in emptied]} have no cells left "
+                         "after dropping rows with NaN or Inf")
+    warnings.warn(f"{source}: dropped {int(bad.sum())} rows with NaN or Inf ({desc})", stacklevel=5)
+    return ~bad, per_t
+
+
+def _finish(x, t, standardize, source, names, dropped, pca_components=None, pca_mean=None) -> Marginals:
+    """Model-space rows ``x`` (after any PCA) z-scored with pooled mean and std and split by time."""
     if standardize:
         with np.errstate(over="ignore", invalid="ignore"):
             mean, std = x.mean(axis=0), x.std(axis=0)
@@ -497,3 +684,20 @@ def _build(x, t, n_components, standardize, drop_nonfinite, source, names, force
     times = np.unique(t)
     data = [z[t == ti] for ti in times]
     return Marginals(data, times, transform, source, dropped)
+
+
+def _build(x, t, n_components, standardize, drop_nonfinite, source, names, force_pca=False) -> Marginals:
+    _check_table(x.shape, t, source)
+    t = _merge_close_times(t, source)
+    keep, dropped = _drop_rows(t, ~np.isfinite(x).all(axis=1), drop_nonfinite, source)
+    if keep is not None:
+        x, t = x[keep], t[keep]
+    pca_components = pca_mean = None
+    if n_components is not None and (force_pca or x.shape[1] > n_components):
+        from sklearn.decomposition import PCA
+
+        k = min(n_components, x.shape[1], len(x))
+        pca = PCA(n_components=k, random_state=0).fit(x)
+        pca_components, pca_mean = pca.components_, pca.mean_
+        x = (x - pca_mean) @ pca_components.T
+    return _finish(x, t, standardize, source, names, dropped, pca_components, pca_mean)

@@ -30,6 +30,8 @@ def _data_args(p):
     p.add_argument("--n-components", type=int, default=5, help="PCA components / embedding columns (default 5)")
     p.add_argument("--no-standardize", action="store_true", help="do not z-score the model space")
     p.add_argument("--drop-nonfinite", action="store_true", help="drop rows with NaN/Inf instead of failing")
+    p.add_argument("--backed", action="store_true",
+                   help=".h5ad only: read the file in chunks (X and wide embeddings never whole in memory)")
 
 
 def _model_data_args(p):
@@ -60,6 +62,8 @@ def _train_args(p, max_epochs=None):
     g.add_argument("--check-every", type=int, default=None)
     g.add_argument("--patience", type=int, default=None)
     g.add_argument("--val-fraction", type=float, default=None)
+    g.add_argument("--max-val-cells", type=int, default=None,
+                   help="validation cells scored per timepoint, a seeded subsample (default 5000)")
     g.add_argument("--select", choices=("inner",), default=None,
                    help="choose velocity_weight and sigma by an inner leave-one-out over the kept timepoints "
                         "(never the held-out one); costs 4 x (kept timepoints - 2) + 1 fits per model")
@@ -73,7 +77,7 @@ def _train_args(p, max_epochs=None):
 def _hparams(args) -> dict:
     names = ["parameterization", "num_const_dims", "width", "depth", "init_scale", "lr", "weight_decay",
              "batch_size", "gamma", "sigma", "velocity_weight", "kinetic", "max_epochs", "check_every", "patience",
-             "val_fraction", "backend", "device"]
+             "val_fraction", "max_val_cells", "backend", "device"]
     hp = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.select:
         hp["select"] = args.select
@@ -89,7 +93,7 @@ def _load(args):
     source = None if args.data == EMBEDDED else args.data
     return load_marginals(source, time_key=args.time_key, embedding=args.embedding,
                           n_components=args.n_components, standardize=not args.no_standardize,
-                          drop_nonfinite=args.drop_nonfinite)
+                          drop_nonfinite=args.drop_nonfinite, backed=getattr(args, "backed", False))
 
 
 def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):

@@ -232,7 +232,7 @@ class _Setup:
                 if n_val >= len(perm):
                     raise ValueError(f"val_fraction={hp['val_fraction']} leaves no training cell at t = "
                                      f"{self.times[i]:g} ({len(perm)} cells); use a smaller val_fraction")
-                val[i] = self.data_list[i][perm[:n_val]]
+                val[i] = self.data_list[i][perm[:min(n_val, hp["max_val_cells"])]]  # held back; scored on a subsample
                 pools.append(tp_start[i] + perm[n_val:])
                 at[i] = (n_pool, len(perm) - n_val)
                 n_pool += len(perm) - n_val

@@ -26,7 +26,7 @@ from .data import Marginals
 
 DEFAULTS = dict(width=96, depth=4, init_scale=0.01, parameterization="direct", num_const_dims=0,
                 lr=2e-4, weight_decay=1e-5, batch_size=200, gamma=0.1, sigma=1.0, velocity_weight=0.1,
-                kinetic="kept_times", max_epochs=1000, check_every=10, patience=10, val_fraction=0.1,
+                kinetic="kept_times", max_epochs=1000, check_every=10, patience=10, val_fraction=0.1, max_val_cells=5000,
                 select_on_holdout=False,
                 backend="auto", device="cpu", cuda_graph=False, verbose=True)
 
@@ -101,7 +101,7 @@ def check_inputs(marginals, hparams: dict) -> dict:
 
 def check_hparams(hp: dict) -> None:
     """Every hyperparameter of ``fit``, checked before any work; errors name the argument."""
-    for name in ("batch_size", "max_epochs", "check_every", "patience", "width", "depth"):
+    for name in ("batch_size", "max_epochs", "check_every", "patience", "width", "depth", "max_val_cells"):
         hp[name] = _positive_int(name, hp[name])
     if hp["num_const_dims"] != 0:
         hp["num_const_dims"] = _positive_int("num_const_dims", hp["num_const_dims"])
@@ -211,7 +211,8 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_g
     "direct" or "eigen", AdamW lr 2e-4 and weight_decay 1e-5, batch_size 200, gamma 0.1, sigma 1,
     velocity_weight 0.1, kinetic "kept_times" ("future" or "grid": ``_Objective``), max_epochs
     1000 (an epoch is kept cells / batch_size steps), validation every check_every = 10 epochs
-    with patience 10 checks on val_fraction = 10% of the kept cells; select_on_holdout=True
+    with patience 10 checks on val_fraction = 10% of the kept cells (scored on at most
+    max_val_cells = 5000 of them per timepoint, a seeded subsample); select_on_holdout=True
     instead selects on the held-out timepoint (the authors' choice: it uses the test marginal);
     device "cpu", "cuda" or "auto"; cuda_graph=True replays each training step as a captured
     CUDA graph (CUDA only; falls back to eager steps if capture fails).  Returns the model with

@@ -323,3 +323,22 @@ def test_wide_x_chunks_shrink_to_the_byte_cap(monkeypatch):
     assert cellmnn.data._chunks(25, 10) == [(0, 10), (10, 20), (20, 25)]
     assert cellmnn.data._chunks(3, 1000) == [(0, 1), (1, 2), (2, 3)]
     assert cellmnn.data._chunks(0, 10) == []
+
+
+def test_cli_fit_reads_backed(tmp_path):
+    """`cellmnn fit FILE.h5ad --backed` trains on the chunked read and saves the same transform as
+    the in-memory loader."""
+    from cellmnn.cli import main
+    from cellmnn.io import load_model
+
+    rng = np.random.default_rng(3)
+    X, t = course(rng, 90, 8)
+    path = write(tmp_path / "a.h5ad", X=X.astype(np.float32), times=t)
+    flags = ["--time-key", "day", "--n-components", "3", "--max-epochs", "1", "--backend", "torch", "--quiet"]
+    assert main(["fit", path, "--backed", *flags, "--out", str(tmp_path / "m")]) == 0
+    saved = load_model(tmp_path / "m").marginals_info
+    memory = load_marginals(path, time_key="day", n_components=3)
+    assert "(backed)" in saved["source"]
+    np.testing.assert_allclose(saved["transform"]["mean"], memory.transform.mean, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(np.abs(saved["transform"]["pca_components"]), np.abs(memory.transform.pca_components),
+                               rtol=1e-6, atol=1e-9)

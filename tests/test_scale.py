@@ -356,3 +356,51 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(data_csv, tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["big.npz", "cells.csv"]
     with pytest.raises(ValueError, match="path must name a .npz file"):
         write_inflated(tmp_path / "big.csv", m)
+
+
+# ----------------------------------------------------------------------------- subsampled validation and evaluation
+
+def _blobs(n=40, times=(0.0, 1.0, 2.0, 3.0)):
+    rng = np.random.default_rng(0)
+    return cellmnn.load_marginals([rng.normal(0.0, 0.3, (n + 5 * k, 2)) + t for k, t in enumerate(times)],
+                                  times=list(times))
+
+
+def test_validation_scores_a_seeded_subsample_and_training_cells_do_not_change():
+    import torch
+
+    from cellmnn.ensemble import Member, _Setup
+    from cellmnn.train import DEFAULTS
+
+    m = _blobs(n=100)
+    hp = dict(DEFAULTS, verbose=False, val_fraction=0.2)
+    full = _Setup(m, [Member(1, 3, hp)], torch.device("cpu"))
+    capped = _Setup(m, [Member(1, 3, dict(hp, max_val_cells=7))], torch.device("cpu"))
+    assert torch.equal(full.pool, capped.pool)  # the same cells are held back from training
+    for i in full.kept[0]:
+        assert len(full.val[0][i]) > 7 and len(capped.val[0][i]) == 7
+        np.testing.assert_array_equal(capped.val[0][i], full.val[0][i][:7])
+    with pytest.raises(ValueError, match="max_val_cells"):
+        cellmnn.fit(m, max_val_cells=0)
+
+
+def test_leave_one_out_scores_large_timepoints_on_a_subsample(monkeypatch):
+    import cellmnn.evaluate as ev
+    from cellmnn.scale import sliced_wasserstein1, subsample, wasserstein1_batched
+
+    m = _blobs()
+    kw = dict(holdouts=[1], seeds=[0], max_epochs=2, check_every=1, verbose=False, report=False, return_models=True)
+    small, _ = cellmnn.leave_one_out(m, **kw)
+    assert all("W1_cells" not in r for r in small.rows)  # exact on every cell when it fits
+    monkeypatch.setattr(ev, "EXACT_MAX", 30)
+    res, models = cellmnn.leave_one_out(m, **kw)
+    row = next(r for r in res.rows if r["method"] == "Cell-MNN")
+    pred = models[(1, 0)].predict(m.data[0].astype(np.float32), 0.0, 1.0)
+    obs = m.data[1]
+    assert row["W1_cells"] == 30
+    assert row["W1"] == pytest.approx(ev.wasserstein1(subsample(pred, 30, 0), subsample(obs, 30, 0)), rel=1e-12)
+    assert row["W1_batched"] == pytest.approx(wasserstein1_batched(pred, obs, seed=0), rel=1e-12)
+    assert row["W1_sliced"] == pytest.approx(sliced_wasserstein1(pred, obs, seed=0), rel=1e-12)
+    assert row["W1_sliced"] <= ev.wasserstein1(pred, obs) + 1e-9  # a lower bound of the exact value
+    ot_row = next(r for r in res.rows if r["method"] == "OT-interpolate")
+    assert ot_row["W1_cells"] == 30

@@ -45,7 +45,7 @@ _EMBEDDING_SOURCE = re.compile(r"obsm\[(['\"])(.+)\1\]$")
 
 
 def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None, embedding=None,
-             prefix="cellmnn", copy=False):
+             prefix="cellmnn", copy=False, dataset=None):
     """Write predictions, operator summaries, gene interactions and provenance into ``adata``.
 
     Args:
@@ -68,6 +68,8 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
         prefix: the start of every key written (a non-empty string without "/").
         copy: return an annotated copy and leave ``adata`` untouched; otherwise annotate
             ``adata`` in place and return None.
+        dataset: for a model trained jointly with a dataset embedding, the dataset (index in
+            ``fit``'s list) these cells belong to; required there, an error otherwise.
 
     ``uns[prefix]`` holds: "format" ("cellmnn-annotate"), "format_version", "cellmnn_version",
     "model" (``model.config()``), "transform" (``Transform.to_dict()``, fields that are None left
@@ -76,7 +78,7 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
     was written: it is skipped, with a warning, above 10^8 values), "training_times" and
     "training_source" (when the model records them), "fit" (when the model records its training:
     "seed", "epochs", "best_epoch", "best_score", "hparams", "holdout" (absent when no timepoint
-    was held out), "history" (epochs x (epoch, train loss, validation score)) and "selection" (a
+    was held out; for a joint model one entry per dataset, -1 where none was), "history" (epochs x (epoch, train loss, validation score)) and "selection" (a
     JSON string) when present) and, with ``genes``, "interactions": {"genes", "weight" and
     "fraction_positive" (genes x genes, row = target i, column = source j, mean over all cells),
     "times", "n_cells", "weight_per_time" and "fraction_positive_per_time" (timepoints x genes x
@@ -98,6 +100,13 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
         raise TypeError(f"copy must be True or False, got {type(copy).__name__} {copy!r}")
     if not isinstance(prefix, str) or not prefix or "/" in prefix:
         raise ValueError(f"prefix must be a non-empty string without '/', got {prefix!r}")
+    n_sets = getattr(model, "n_datasets", 0)
+    if n_sets and (isinstance(dataset, bool) or not isinstance(dataset, (int, np.integer))
+                   or not 0 <= dataset < n_sets):
+        raise ValueError(f"dataset: the model was trained on {n_sets} datasets with a dataset embedding; pass "
+                         f"dataset= the index (0..{n_sets - 1}) of the one these cells belong to; got {dataset!r}")
+    if not n_sets and dataset is not None:
+        raise ValueError("dataset= is only for models trained jointly with a dataset embedding")
     for name, value in (("time_key", time_key), ("embedding", embedding)):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{name} must be a string or None, got {type(value).__name__} {value!r}")
@@ -138,10 +147,10 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
     p = next(model.parameters())
     for a in range(0, n, CHUNK):
         zc, tc = z[a:a + CHUNK], t[a:a + CHUNK]
-        pred[a:a + CHUNK] = model.predict(zc, tc, pred_times)
+        pred[a:a + CHUNK] = model.predict(zc, tc, pred_times, dataset=dataset)
         with torch.no_grad():
             A = model.operator(torch.as_tensor(zc, dtype=p.dtype, device=p.device),
-                               torch.as_tensor(tc, dtype=torch.float64, device=p.device))
+                               torch.as_tensor(tc, dtype=torch.float64, device=p.device), dataset=dataset)
         A = A.cpu().double().numpy()
         trace[a:a + CHUNK] = np.trace(A, axis1=1, axis2=2)
         ev = np.linalg.eigvals(A)
@@ -155,7 +164,7 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
         warnings.warn(f"obsm[{prefix + '_pred_features'!r}] skipped: {n} cells x {T} times x {F} features is "
                       f"more than {MAX_FEATURE_VALUES:,} values; map obsm[{prefix + '_pred'!r}][:, j] with "
                       "the model's transform (to_features) for the genes you need", stacklevel=2)
-    interactions = None if genes is None else _interactions(model, z, t, tr, genes)
+    interactions = None if genes is None else _interactions(model, z, t, tr, genes, dataset)
 
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "cellmnn_version": _version(),
             "model": model.config(), "transform": tr.to_dict(), "time_key": key, "embedding": embedding,
@@ -353,11 +362,12 @@ def _names(values, k=5) -> str:
 
 # ----------------------------------------------------------------------------- read-outs
 
-def _interactions(model, z, t, tr, genes) -> dict:
+def _interactions(model, z, t, tr, genes, dataset=None) -> dict:
     """w_{j->i} among ``genes`` per distinct cell time and over all cells (row i = target, column j = source)."""
     uniq = np.unique(t)
     data = Marginals([z[t == u] for u in uniq], uniq, tr, "adata")
-    res = gene_interactions(model, data, genes=genes, aggregate="timepoint", kind="weight", transform=tr)
+    res = gene_interactions(model, data, genes=genes, aggregate="timepoint", kind="weight", transform=tr,
+                            dataset=dataset)
     G, K = len(genes), len(uniq)
     w = res.n_cells / res.n_cells.sum()  # the weighting gene_interactions uses for aggregate="all"
     return {"kind": "weight", "genes": list(genes),
@@ -381,6 +391,8 @@ def _fit_record(model):
         if not isinstance(rec, Mapping):
             return None
         rec = dict(rec)
+    if isinstance(rec.get("holdout"), (tuple, list)):  # joint: one entry per dataset, -1 for none (no None in h5ad)
+        rec["holdout"] = np.asarray([-1 if k is None else k for k in rec["holdout"]], dtype=np.int64)
     if rec.get("best_score") is not None and not np.isfinite(rec["best_score"]):
         rec["best_score"] = None
     if rec.get("selection") is not None:

@@ -151,12 +151,12 @@ def centered_expression(data, genes, cells=None, transform=None) -> np.ndarray:
     return np.concatenate([np.asarray(data.data[k], dtype=np.float64) @ U for k in ks])
 
 
-def _velocity_jacobian(model, z, t):
+def _velocity_jacobian(model, z, t, dataset=None):
     """dv/dz (n, D, D) of v(z, t) = A(z, t) z, one backward pass per output dimension (cells are
     independent, so the gradient of a column sum gives every cell's row)."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
-        v = torch.einsum("bde,be->bd", model.operator(z, t), z)
+        v = torch.einsum("bde,be->bd", model.operator(z, t, dataset=dataset), z)
         rows = [torch.autograd.grad(v[:, d].sum(), z, retain_graph=d + 1 < v.shape[1])[0]
                 for d in range(v.shape[1])]
     return torch.stack(rows, dim=1)
@@ -171,7 +171,7 @@ def _timepoints(data, cells):
 
 @torch.no_grad()
 def gene_interactions(model, data, genes=None, pairs=None, cells=None, aggregate="timepoint",
-                      kind="weight", transform=None, batch_size=4096) -> Interactions:
+                      kind="weight", transform=None, batch_size=4096, dataset=None) -> Interactions:
     """Per-cell gene interactions of a fitted model, aggregated on request.
 
     Args:
@@ -184,6 +184,8 @@ def gene_interactions(model, data, genes=None, pairs=None, cells=None, aggregate
         kind: "weight" for w_{j->i} = J_ij (x_j - x*_j), "jacobian" for J_ij, "velocity_jacobian"
             for d(dx_i/dt)/dx_j of the learned velocity field (module docstring).
         transform: the data transform (default: ``data.transform``).
+        dataset: for a model trained jointly with a dataset embedding, the dataset the cells
+            belong to (``CellMNN.predict``).
     """
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
@@ -213,7 +215,8 @@ def gene_interactions(model, data, genes=None, pairs=None, cells=None, aggregate
         for a in range(0, len(z_all), batch_size):
             z = z_all[a:a + batch_size]
             t = torch.full((len(z),), float(data.times[k]), dtype=p.dtype, device=p.device)
-            A = model.operator(z, t) if kind != "velocity_jacobian" else _velocity_jacobian(model, z, t)
+            A = (model.operator(z, t, dataset=dataset) if kind != "velocity_jacobian"
+                 else _velocity_jacobian(model, z, t, dataset))
             J = torch.einsum("dp,bde,ep->bp", u_tgt, A, v_src)  # (n, P): u_i^T A v_j
             vals = J * (z @ u_src) if kind == "weight" else J
             total += vals.double().sum(0)

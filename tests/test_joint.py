@@ -198,3 +198,25 @@ def test_joint_errors():
         train([A, B], [Member(1, 0, hp(), dataset=0, joint=0), Member(1, 0, hp(lr=1e-3), dataset=1, joint=0)])
     with pytest.raises(ValueError, match="lists a dataset twice"):
         train([A, B], [Member(1, 0, hp(), dataset=0, joint=0), Member(2, 0, hp(), dataset=0, joint=0)])
+
+
+def test_annotate_and_interactions_of_a_joint_model(tmp_path):
+    import anndata
+
+    model = cellmnn.fit([A, B], holdout=[1, None], dataset_embedding=True, **FAST)
+    cio.save_model(model, tmp_path / "m")
+    x = np.concatenate(B.data)
+    t = np.concatenate([np.full(len(d), tt) for d, tt in zip(B.data, B.times)])
+    ad = anndata.AnnData(X=x.astype(np.float32))
+    ad.obs["day"] = t
+    for m in (model, cio.load_model(tmp_path / "m")):
+        out = cellmnn.annotate(ad, m, times=[2.0], dataset=1, copy=True)
+        want = model.predict(x.astype(np.float32), t, [2.0], dataset=1)
+        np.testing.assert_allclose(out.obsm["cellmnn_pred"], want, rtol=1e-6, atol=1e-6)
+        assert list(out.uns["cellmnn"]["fit"]["holdout"]) == [1, -1]
+        out.write_h5ad(tmp_path / "a.h5ad")
+    with pytest.raises(ValueError, match="dataset"):
+        cellmnn.annotate(ad, model, times=[2.0], copy=True)
+    plain = cellmnn.fit([A, B], **FAST)
+    with pytest.raises(ValueError, match="only for models trained jointly"):
+        cellmnn.annotate(ad, plain, times=[2.0], dataset=0, copy=True)

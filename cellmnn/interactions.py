@@ -151,12 +151,17 @@ def centered_expression(data, genes, cells=None, transform=None) -> np.ndarray:
     return np.concatenate([np.asarray(data.data[k], dtype=np.float64) @ U for k in ks])
 
 
+def _operator(model, z, t, dataset):
+    """``model.operator``; ``dataset`` only when given (any object with ``operator(z, t)`` works)."""
+    return model.operator(z, t) if dataset is None else model.operator(z, t, dataset=dataset)
+
+
 def _velocity_jacobian(model, z, t, dataset=None):
     """dv/dz (n, D, D) of v(z, t) = A(z, t) z, one backward pass per output dimension (cells are
     independent, so the gradient of a column sum gives every cell's row)."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
-        v = torch.einsum("bde,be->bd", model.operator(z, t, dataset=dataset), z)
+        v = torch.einsum("bde,be->bd", _operator(model, z, t, dataset), z)
         rows = [torch.autograd.grad(v[:, d].sum(), z, retain_graph=d + 1 < v.shape[1])[0]
                 for d in range(v.shape[1])]
     return torch.stack(rows, dim=1)
@@ -215,7 +220,7 @@ def gene_interactions(model, data, genes=None, pairs=None, cells=None, aggregate
         for a in range(0, len(z_all), batch_size):
             z = z_all[a:a + batch_size]
             t = torch.full((len(z),), float(data.times[k]), dtype=p.dtype, device=p.device)
-            A = (model.operator(z, t, dataset=dataset) if kind != "velocity_jacobian"
+            A = (_operator(model, z, t, dataset) if kind != "velocity_jacobian"
                  else _velocity_jacobian(model, z, t, dataset))
             J = torch.einsum("dp,bde,ep->bp", u_tgt, A, v_src)  # (n, P): u_i^T A v_j
             vals = J * (z @ u_src) if kind == "weight" else J

@@ -216,3 +216,18 @@ def test_model_folder_with_a_checkpoint_is_ours(tmp_path):
     (d / "other.txt").write_text("x")
     with pytest.raises(FileExistsError):
         cio.check_model_destination(d)
+
+
+def test_torchrun_evaluate_writes_once_and_matches_one_process(tmp_path, emt):
+    import json
+
+    out = tmp_path / "loo.json"
+    r = _torchrun(["-m", "cellmnn", "evaluate", "emt-a549", "--holdouts", "1", "--seeds", "0", "1", "--max-epochs", "2",
+                   "--check-every", "1", "--backend", "torch", "--quiet", "--json", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count(f"wrote {out}") == 1
+    rows = [row for row in json.loads(out.read_text())["rows"] if row["method"] == "Cell-MNN"]
+    one = cellmnn.leave_one_out(emt, holdouts=[1], seeds=[0, 1], max_epochs=2, check_every=1, backend="torch",
+                                verbose=False, report=False)
+    want = [row for row in one.rows if row["method"] == "Cell-MNN"]
+    assert [row["W1"] for row in rows] == pytest.approx([row["W1"] for row in want], rel=1e-4)

@@ -65,7 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cellmnn  # noqa: E402
 from cellmnn.io import check_output, json_kind, write_text_atomic  # noqa: E402
-from simulated_courses import CASES, STEP, simulate  # noqa: E402
+from simulated_courses import CASES, STEP, parse_set, simulate  # noqa: E402
 
 FORMAT = "cellmnn-joint-training"
 JSON_KIND = json_kind(FORMAT)
@@ -246,11 +246,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.json:
         check_output(args.json, JSON_KIND, "--json")
-    hp = {"verbose": False}
-    for kv in args.hparams:
-        k, v = kv.split("=", 1)
-        hp[k] = json.loads(v) if v not in ("direct", "eigen", "auto", "cpu", "cuda", "kept_times", "future",
-                                           "grid") else v
+    hp = parse_set(args.hparams)
     t_all = time.time()
     summary, rows = {}, []
     for name in args.scenarios:

@@ -101,6 +101,16 @@ def simulate(case: str, n_cells: int, seed: int):
     return arrays, list(times)
 
 
+def parse_set(pairs) -> dict:
+    """``--set key=value ...`` as fit hyperparameters (values read as JSON, except option names)."""
+    hp = {"verbose": False}
+    for kv in pairs:
+        k, v = kv.split("=", 1)
+        hp[k] = json.loads(v) if v not in ("direct", "eigen", "auto", "cpu", "cuda", "kept_times", "future",
+                                           "grid") else v
+    return hp
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -111,11 +121,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.json:
         check_output(args.json, JSON_KIND, "--json")
-    hp = {"verbose": False}
-    for kv in args.hparams:
-        k, v = kv.split("=", 1)
-        hp[k] = json.loads(v) if v not in ("direct", "eigen", "auto", "cpu", "cuda", "kept_times", "future",
-                                           "grid") else v
+    hp = parse_set(args.hparams)
     rows, summary = [], {}
     for case in args.cases:
         t0 = time.time()

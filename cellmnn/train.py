@@ -240,7 +240,10 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_g
     timepoints, batch of ``batch_size`` cells per step, and validation cells), ``holdout`` is None
     or one entry per dataset, and ``dataset_embedding=True`` lets the MLP read the dataset's
     one-hot code (a learned per-dataset embedding; ``predict(..., dataset=i)`` then).  The
-    model's ``fit_info.holdout`` is the tuple of holdouts.
+    model's ``fit_info.holdout`` is the tuple of holdouts.  Time is measured in the mean gap of
+    the pooled distinct timepoints (so a course's kinetic term can weigh differently than when
+    it trains alone); an epoch is the kept cells of all courses / (courses x batch_size) steps,
+    and early stopping follows the summed validation score.
 
     Data parallel: called by every process of a ``torch.distributed`` group with the same
     arguments (``torchrun``), each process decodes its share of every batch and the gradients are

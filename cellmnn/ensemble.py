@@ -673,7 +673,7 @@ def _train_group(marginals, members: list, desc, checkpoint=None, embed=False) -
              for f, mm in zip(firsts, s.model_members)]
     best = [s.flat0[mi].clone() for mi in range(M)]
     bad = [0] * M
-    step_loss = [[] for _ in range(M)]  # host copies of every step's loss, per model
+    step_loss = [[] for _ in range(M)]  # host copies of the losses of each model's unfinished epoch
     n, done = 0, False
     if saved is not None:
         runner.load(saved["runner"])
@@ -748,8 +748,8 @@ def _train_group(marginals, members: list, desc, checkpoint=None, embed=False) -
             for ml, mi in enumerate(active):
                 step_loss[mi].extend(losses[:, ml].tolist())
                 info, per = infos[mi], s.steps[mi]
-                while len(step_loss[mi]) >= (info.epochs + 1) * per:
-                    chunk = step_loss[mi][info.epochs * per:(info.epochs + 1) * per]
+                while len(step_loss[mi]) >= per:
+                    chunk, step_loss[mi] = step_loss[mi][:per], step_loss[mi][per:]
                     info.epochs += 1
                     if not all(math.isfinite(v) for v in chunk):
                         raise _with_member(_diverged(info.epochs, hps[mi], f"loss {np.sum(chunk)}"), firsts[mi])

@@ -373,7 +373,7 @@ def save_model(model: CellMNN, path) -> str:
 def is_checkpoint(path: str) -> bool:
     """Whether ``path`` is a training checkpoint written by cellmnn (by its ``format`` field)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
     return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT

@@ -62,6 +62,28 @@ def test_draw_is_uniform_in_range_and_depends_on_key_step_and_slot():
 
 # ----------------------------------------------------------------------------- the stacked step
 
+def batch_per_member(s, L, step) -> list:
+    """The cells the step ``step`` of layout ``L`` draws, per member: ({source index: initial
+    cells}, {target index: observed cells}), in the layout's order (sources member after member,
+    split over the member's sources as the layout does; then every member's targets)."""
+    rows = s.pool.index_select(0, L.starts + draw(L.u, step, L.lens))
+    cells = s.data[rows].numpy()
+    x0, ys = cells[:L.n_src], cells[L.n_src:]
+    out, y_at, B = [], 0, s.B
+    for el, e in enumerate(L.active):
+        kept = s.kept[e]
+        n_src = len(kept) - 1
+        per_src = [B // n_src + (k < B % n_src) for k in range(n_src)]
+        mine, src, a = x0[el * B:(el + 1) * B], {}, 0
+        for i, n in zip(kept[:-1], per_src):
+            src[i], a = mine[a:a + n], a + n
+        obs = {}
+        for f in kept[1:]:
+            obs[f], y_at = ys[y_at:y_at + B], y_at + B
+        out.append((src, obs))
+    return out
+
+
 @pytest.mark.parametrize("kinetic", ["kept_times", "future", "grid"])
 def test_stacked_step_equals_the_single_model_objective(kinetic):
     # Members with different kept timepoints (so different numbers of sources, terms and decode
@@ -78,21 +100,8 @@ def test_stacked_step_equals_the_single_model_objective(kinetic):
     L = _Layout(s, list(range(len(members))))
     step = torch.tensor(7)
     loss, mmd = step_losses(s, L, flat, step)
-    rows = s.pool.index_select(0, L.starts + draw(L.u, step, L.lens))
-    cells = s.data[rows].numpy()
-    x0, ys = cells[:L.n_src], cells[L.n_src:]
-    y_at = 0
-    for e, mem in enumerate(members):
-        kept, B = s.kept[e], s.B
-        n_src = len(kept) - 1
-        per_src = [B // n_src + (k < B % n_src) for k in range(n_src)]
-        mine = x0[e * B:(e + 1) * B]
-        src, a = {}, 0
-        for i, n in zip(kept[:-1], per_src):
-            src[i], a = mine[a:a + n], a + n
-        obs = {}
-        for f in kept[1:]:
-            obs[f], y_at = ys[y_at:y_at + B], y_at + B
+    for e, (mem, (src, obs)) in enumerate(zip(members, batch_per_member(s, L, step))):
+        kept = s.kept[e]
         obj = _Objective(s.times, kept, mem.hp["gamma"], mem.hp["sigma"], mem.hp["velocity_weight"], "torch",
                          kinetic, s.unit)
         want_loss, want_mmd = obj(s.model(e, flat[e]), src, obs, torch.float32, "cpu")

@@ -9,9 +9,10 @@ import torch
 
 import cellmnn
 import cellmnn.io as cio
-from cellmnn.ensemble import Member, _Runner, _Setup, draw, step_losses, train
+from cellmnn.ensemble import Member, _Runner, _Setup, step_losses, train
 from cellmnn.joint import load_joint
 from cellmnn.train import DEFAULTS, _Objective
+from test_ensemble import batch_per_member
 
 FAST = dict(max_epochs=3, check_every=1, patience=2, batch_size=32, verbose=False)
 
@@ -48,20 +49,8 @@ def test_joint_step_is_the_sum_of_each_courses_objective(embed):
     assert L.models == [0, 1] and L.shared
     step = torch.tensor(5)
     loss, _ = step_losses(s, L, runner.flat, step)
-    rows = s.pool.index_select(0, L.starts + draw(L.u, step, L.lens))
-    cells = s.data[rows].numpy()
-    x0, ys = cells[:L.n_src], cells[L.n_src:]
-    y_at = 0
-    for e, mem in enumerate(members):
-        kept, Bsz = s.kept[e], s.B
-        n_src = len(kept) - 1
-        per_src = [Bsz // n_src + (k < Bsz % n_src) for k in range(n_src)]
-        mine, src, a = x0[e * Bsz:(e + 1) * Bsz], {}, 0
-        for i, n in zip(kept[:-1], per_src):
-            src[i], a = mine[a:a + n], a + n
-        obs = {}
-        for f in kept[1:]:
-            obs[f], y_at = ys[y_at:y_at + Bsz], y_at + Bsz
+    for e, (mem, (src, obs)) in enumerate(zip(members, batch_per_member(s, L, step))):
+        kept = s.kept[e]
         obj = _Objective(s.times, kept, mem.hp["gamma"], mem.hp["sigma"], mem.hp["velocity_weight"], "torch",
                          "kept_times", s.unit)
         mi = s.model_of[e]

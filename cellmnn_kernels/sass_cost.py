@@ -191,12 +191,10 @@ def register_kernel_trips(kind: str, cfg: dict, T: int, per_block) -> dict:
     """Mean trips per program of each source loop of the register kernels."""
     nb = per_block.shape[1]
     L = per_block.double()
-    hi = per_block.amax(dim=1)
     trips = {"levels": nb, "time": nb, "march+": float(L.sum(1).mean()), "march-": 0.0}
     if kind == "bwd":
         rec = [[_recompute_trips(int(x), cfg["CAP"]) for x in row] for row in per_block.tolist()]
-        trips.update({"grad+": float((hi > 0).double().mean()) * (cfg["M"] - 1), "grad-": 0.0, "ring+": trips["march+"], "ring-": 0.0,
-                      "reverse+": trips["march+"], "reverse-": 0.0,
+        trips.update({"pairs": float(T), "reverse+": trips["march+"], "reverse-": 0.0,
                       "recompute+": sum(map(sum, rec)) / len(rec), "recompute-": 0.0})
     return trips
 
@@ -204,56 +202,49 @@ def register_kernel_trips(kind: str, cfg: dict, T: int, per_block) -> dict:
 def label_register_loops(kind: str, loops: list[Loop], D: int) -> list[str]:
     """Name every SASS loop of a register kernel after its source loop.
 
-    Top level: the levels pre-pass (loads, no stores), the time-block loop (stores) and, in the
-    backward, the two Frechet-derivative loops (no memory access).  The anchor-step matrices are
-    straight-line code.  Inside the time loop, in address order: the two
-    forward marches, then (backward) the checkpoint loop and the reverse loop (which holds the
-    recompute loop) of each direction.  Directions come in source order, + before -.
+    Top level: the levels pre-pass (loads, no stores) and the time-block loop (stores).  The
+    anchor-step matrices and (backward) their gradients are straight-line code.  Inside the time
+    loop, in address order: the two forward marches, then (backward) the loop over the pairs (the
+    one with the most instructions) and the reverse march of each direction (each holding the
+    recompute loop).  Directions come in source order, + before -.
     Raises if the structure differs: the model must then be updated with the kernel.
     """
     labels = [None] * len(loops)
     tops = [i for i, l in enumerate(loops) if l.parent is None]
-    mats = []
     for i in tops:
         t = loops[i].total
-        if t["stg"]:
-            labels[i] = "time"
-        elif t["ldg"]:
-            labels[i] = "levels"
-        else:
-            mats.append(i)
-    for i, name in zip(mats, ("grad+", "grad-")):
-        labels[i] = name
-    times = [i for i in tops if labels[i] == "time"]
-    expect_top = {"fwd": ["levels", "time"], "bwd": ["levels", "time", "grad+", "grad-"]}[kind]
+        labels[i] = "time" if t["stg"] else "levels" if t["ldg"] else None
     got = sorted(str(labels[i]) for i in tops)
-    if got != sorted(expect_top) or len(times) != 1:
+    if got != ["levels", "time"]:
         raise ValueError(f"unexpected loop structure for the {kind} kernel: top-level loops {got}, "
-                         f"expected {sorted(expect_top)}")
-    inner = [i for i in loops[times[0]].children]
+                         "expected ['levels', 'time']")
+    time = next(i for i in tops if labels[i] == "time")
+    inner = list(loops[time].children)
     if kind == "fwd":
-        names = ["march+", "march-"]
         if len(inner) != 2 or any(loops[i].children for i in inner):
             raise ValueError(f"unexpected loop structure in the forward time loop: {len(inner)} loops")
-        for i, n in zip(inner, names):
+        for i, n in zip(inner, ("march+", "march-")):
             labels[i] = n
-    else:
-        flat = [i for i in inner if not loops[i].children]
-        nested = [i for i in inner if loops[i].children]
-        if len(flat) != 4 or len(nested) != 2 or any(len(loops[i].children) != 1 for i in nested):
-            raise ValueError("unexpected loop structure in the backward time loop")
-        for i, n in zip(flat, ("march+", "march-", "ring+", "ring-")):
-            labels[i] = n
-        for i, n in zip(nested, ("reverse+", "reverse-")):
-            labels[i] = n
-            labels[loops[i].children[0]] = "recompute" + n[-1]
+        return labels
+    flat = [i for i in inner if not loops[i].children]
+    nested = [i for i in inner if loops[i].children]
+    if len(flat) != 3 or len(nested) != 2 or any(len(loops[i].children) != 1 for i in nested):
+        raise ValueError("unexpected loop structure in the backward time loop")
+    pairs = max(flat, key=lambda i: loops[i].own["instructions"])
+    labels[pairs] = "pairs"
+    for i, n in zip([i for i in flat if i != pairs], ("march+", "march-")):
+        labels[i] = n
+    for i, n in zip(nested, ("reverse+", "reverse-")):
+        labels[i] = n
+        labels[loops[i].children[0]] = "recompute" + n[-1]
     return labels
 
 
 def matrix_blocks(instrs, loops, D: int) -> list[tuple[int, int, dict]]:
     """Straight-line regions skipped by a forward conditional branch that hold at least D^3
-    floating-point instructions and no memory access or loop: the anchor-step matrices E+ and
-    E- (``_step_matrices``), in source order.  Raises unless there are exactly two."""
+    floating-point instructions, no store and no loop: the anchor-step matrices E+ and E-
+    (``_step_matrices``, no memory access) and, in the backward, the gradients through them
+    (which read dE from scratch), in source order.  Raises unless there are two of each kind."""
     out = []
     for ins in instrs:
         if ins.op.startswith("BRA") and ins.pred:
@@ -267,11 +258,14 @@ def matrix_blocks(instrs, loops, D: int) -> list[tuple[int, int, dict]]:
                 continue
             region = [x for x in instrs if ins.addr < x.addr < target]
             c = count(region)
-            if c["fp32"] + c["fp64"] >= D ** 3 and not (c["ldg"] or c["stg"]):
+            if c["fp32"] + c["fp64"] >= D ** 3 and not c["stg"]:
                 out.append((ins.addr, target, c))
-    if len(out) != 2:
-        raise ValueError(f"expected the two anchor-step matrix blocks, found {len(out)}")
-    return out
+    mats = [b for b in out if not b[2]["ldg"]]
+    grads = [b for b in out if b[2]["ldg"]]
+    if len(mats) != 2 or len(grads) not in (0, 2):
+        raise ValueError(f"expected the two anchor-step matrix blocks (and two gradient blocks), found "
+                         f"{len(mats)} and {len(grads)}")
+    return mats + grads
 
 
 def pair_bytes(kind: str, D: int, T: int, itemsize: int) -> float:
@@ -297,12 +291,15 @@ def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT
     trips = register_kernel_trips(kind, cfg, bench["T"], per_block)
     top = top_level(instrs, loops)
     warp_instr = top["instructions"]
-    # E+ runs in the programs with a pair beyond level 0; E- never (no dt < 0 in the input).
-    (_, _, e_pos), (_, _, e_neg) = matrix_blocks(instrs, loops, cfg["D"])
+    # E+ (and its gradient) runs in the programs with a pair beyond level 0; E- never (no dt < 0
+    # in the input).
+    blocks = matrix_blocks(instrs, loops, cfg["D"])
     ran = float((per_block.amax(dim=1) > 0).double().mean())
-    warp_instr -= (1.0 - ran) * e_pos["instructions"] + e_neg["instructions"]
-    rows = [{"loop": "matrix+ (straight line)", "body_instructions": e_pos["instructions"], "trips_per_program": ran},
-            {"loop": "matrix- (straight line)", "body_instructions": e_neg["instructions"], "trips_per_program": 0.0}]
+    rows = []
+    for (_, _, c), name in zip(blocks, ("matrix+", "matrix-", "grad+", "grad-")):
+        n = ran if name.endswith("+") else 0.0
+        warp_instr -= (1.0 - n) * c["instructions"]
+        rows.append({"loop": name + " (straight line)", "body_instructions": c["instructions"], "trips_per_program": n})
     for lp, name in zip(loops, labels):
         n = trips[name]
         warp_instr += lp.own["instructions"] * n
@@ -319,7 +316,7 @@ def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT
     mean_level = float(lev[:, :bench["T"]].double().mean())
     return {"thread_instructions_per_pair": per_pair, "straight_line_instructions": top["instructions"],
             "bar_sync_in_anchor_loops": sum(l.own["bar_sync"] for l, n in zip(loops, labels)
-                                            if n.startswith(("march", "ring", "reverse", "recompute"))),
+                                            if n.startswith(("march", "reverse", "recompute"))),
             "loops": rows, "bytes_per_pair": nbytes, "ceiling_fraction_of_copy_bandwidth": min(1.0, t_mem / t_issue),
             "mean_pair_level": mean_level, "mean_program_level_per_time_block": float(per_block.double().mean())}
 

@@ -50,7 +50,7 @@ def uses_register_kernels(D: int, dtype: torch.dtype) -> bool:
 def block_config(D: int, dtype: torch.dtype) -> dict:
     """Compile-time configuration of the register kernels (``uses_register_kernels``)."""
     theta, m = taylor_params(dtype)
-    return dict(D=D, BB=BB, BT=16, BT_BWD=4, M=m, MF=FINISH[dtype],
+    return dict(D=D, BB=BB, BT=16, BT_BWD=16, M=m, MF=FINISH[dtype],
                 CAP=CAP, num_warps=1)
 
 
@@ -84,20 +84,21 @@ if HAS_TRITON:
         return out
 
     @triton.jit
-    def _mm(P, Q, D: tl.constexpr, TP: tl.constexpr):
-        """P Q, or P^T Q when TP."""
+    def _mm(P, Q, D: tl.constexpr, TP: tl.constexpr, TQ: tl.constexpr = False, C=None):
+        """op(P) op(Q) (+ C), op(P) = P^T when TP, op(Q) = Q^T when TQ."""
         out = ()
         for i in tl.static_range(D):
             for k in tl.static_range(D):
-                if TP:
-                    acc = P[i] * Q[k]
-                else:
-                    acc = P[i * D] * Q[k]
-                for j in tl.static_range(1, D):
-                    if TP:
-                        acc = tl.fma(P[j * D + i], Q[j * D + k], acc)
+                for j in tl.static_range(D):
+                    p = P[j * D + i] if TP else P[i * D + j]
+                    q = Q[k * D + j] if TQ else Q[j * D + k]
+                    if j == 0:
+                        if C is None:
+                            acc = p * q
+                        else:
+                            acc = tl.fma(p, q, C[i * D + k])
                     else:
-                        acc = tl.fma(P[i * D + j], Q[j * D + k], acc)
+                        acc = tl.fma(p, q, acc)
                 out = out + (acc,)
         return out
 
@@ -129,59 +130,97 @@ if HAS_TRITON:
         return out
 
     @triton.jit
-    def _step_matrix(Z, SGN: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
-        """p_M(SGN Z) = sum_{k<=M} (SGN Z)^k / k! by Paterson-Stockmeyer with blocks of three
-        (Higham, Functions of Matrices, 2008, sec. 4.4.3): with W = SGN Z,
-        p = B_0 + W^3 (B_1 + W^3 (B_2 + ...)), B_q = c_3q I + c_3q+1 W + c_3q+2 W^2:
-        M // 3 + 1 matrix products instead of M - 1."""
-        W = ()
-        for e in tl.static_range(D * D):
-            W = W + (Z[e] * SGN,)
-        W2 = _mm(W, W, D, False)
-        W3 = _mm(W, W2, D, False)
-        c = tl.cast(1.0, Z[0].dtype)
+    def _coefs(dtype, M: tl.constexpr):
+        """(c_0, .., c_{M+2}): c_k = 1/k! up to k = M, then 0."""
+        c = tl.cast(1.0, dtype)
         coef = ()
-        for k in tl.static_range(M + 3):  # c_k = 1/k! up to k = M, then 0
+        for k in tl.static_range(M + 3):
             if k > M:
                 coef = coef + (c * 0.0,)
             else:
                 if k > 0:
                     c = c / k
                 coef = coef + (c,)
-        P = ()
-        for q in tl.static_range(M // 3 + 1):  # block M // 3 - q, from the top
-            if q > 0:
-                P = _mm(W3, P, D, False)
-            Pn = ()
-            for e in tl.static_range(D * D):
-                v = W[e] * coef[3 * (M // 3 - q) + 1] + W2[e] * coef[3 * (M // 3 - q) + 2]
-                if e % (D + 1) == 0:
-                    v += coef[3 * (M // 3 - q)]
-                if q > 0:
-                    v += P[e]
-                Pn = Pn + (v,)
-            P = Pn
+        return coef
+
+    @triton.jit
+    def _ps_block(W, W2, coef, q: tl.constexpr, D: tl.constexpr, P=None):
+        """B_q = c_3q I + c_3q+1 W + c_3q+2 W^2 (+ P)."""
+        out = ()
+        for e in tl.static_range(D * D):
+            v = W[e] * coef[3 * q + 1] + W2[e] * coef[3 * q + 2]
+            if e % (D + 1) == 0:
+                v += coef[3 * q]
+            if P is not None:
+                v += P[e]
+            out = out + (v,)
+        return out
+
+    @triton.jit
+    def _scaled(Z, s, D: tl.constexpr):
+        out = ()
+        for e in tl.static_range(D * D):
+            out = out + (Z[e] * s,)
+        return out
+
+    @triton.jit
+    def _step_matrix(Z, SGN: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
+        """p_M(SGN Z) = sum_{k<=M} (SGN Z)^k / k! by Paterson-Stockmeyer with blocks of three
+        (Higham, Functions of Matrices, 2008, sec. 4.4.3): with W = SGN Z,
+        p = P_0, P_q = B_q + W^3 P_{q+1}, P_top = B_top (top = M // 3),
+        B_q = c_3q I + c_3q+1 W + c_3q+2 W^2: M // 3 + 2 matrix products instead of M - 1."""
+        W = _scaled(Z, SGN, D)
+        W2 = _mm(W, W, D, False)
+        W3 = _mm(W, W2, D, False)
+        coef = _coefs(Z[0].dtype, M)
+        P = _ps_block(W, W2, coef, M // 3, D)
+        for q in tl.static_range(1, M // 3 + 1):
+            P = _ps_block(W, W2, coef, M // 3 - q, D, _mm(W3, P, D, False))
         return P
 
     @triton.jit
     def _step_matrix_grad(Z, G, SGN: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
-        """d<G, p_M(SGN Z)>/dZ = SGN L_p(SGN Z^T, G): SGN times the upper-right block of
-        p_M([[SGN Z^T, G], [0, SGN Z^T]]) (Mathias 1996), by Horner on the two blocks:
-        P = I + (SGN/k) Z^T P, R = (SGN/k) Z^T R + (1/k) G P; R is kept multiplied by SGN."""
-        P = _plus_identity(_transpose(Z, D), SGN / M, D)
-        R = ()
-        for e in tl.static_range(D * D):
-            R = R + (G[e] * (SGN / M),)
-        for kk in range(1, M):
-            c = SGN / tl.cast(M - kk, Z[0].dtype)
-            ZR = _mm(Z, R, D, True)
-            GP = _mm(G, P, D, False)
-            P = _plus_identity(_mm(Z, P, D, True), c, D)
-            Rn = ()
+        """d<G, p_M(SGN Z)>/dZ: reverse mode through ``_step_matrix``'s Paterson-Stockmeyer
+        scheme (2 (M // 3) + 6 matrix products, against 3 (M - 1) for Horner on the Frechet
+        derivative's block form)."""
+        W = _scaled(Z, SGN, D)
+        W2 = _mm(W, W, D, False)
+        W3 = _mm(W, W2, D, False)
+        coef = _coefs(Z[0].dtype, M)
+        NB: tl.constexpr = M // 3 + 1
+        # The forward's partial results P_1 .. P_top, concatenated (P_q at (q - 1) * D * D).
+        P = _ps_block(W, W2, coef, NB - 1, D)
+        Ps = P
+        for q in tl.static_range(1, NB - 1):
+            P = _ps_block(W, W2, coef, NB - 1 - q, D, _mm(W3, P, D, False))
+            Ps = P + Ps
+        # Adjoints: Gq of P_q (G of P_0), W3bar; B_q's adjoint is Gq.
+        Wb = _scaled(G, coef[1], D)
+        W2b = _scaled(G, coef[2], D)
+        W3b = ()
+        Gq = G
+        for q in tl.static_range(NB - 1):  # P_q = B_q + W3 P_{q+1}
+            Pn = ()
             for e in tl.static_range(D * D):
-                Rn = Rn + ((ZR[e] + GP[e]) * c,)
-            R = Rn
-        return R
+                Pn = Pn + (Ps[q * D * D + e],)
+            if q == 0:
+                W3b = _mm(Gq, Pn, D, False, True)
+            else:
+                W3b = _mm(Gq, Pn, D, False, True, W3b)
+            Gq = _mm(W3, Gq, D, True)
+            Wn = ()
+            W2n = ()
+            for e in tl.static_range(D * D):
+                Wn = Wn + (tl.fma(Gq[e], coef[3 * q + 4], Wb[e]),)
+                W2n = W2n + (tl.fma(Gq[e], coef[3 * q + 5], W2b[e]),)
+            Wb = Wn
+            W2b = W2n
+        # W3 = W W2, W2 = W W.
+        Wb = _mm(W3b, W2, D, False, True, Wb)
+        W2b = _mm(W, W3b, D, True, False, W2b)
+        Wb = _mm(W2b, W, D, False, True, Wb)
+        Wb = _mm(W, W2b, D, True, False, Wb)
+        return _scaled(Wb, SGN, D)
 
     @triton.jit
     def _finish(Z, y, rho, D: tl.constexpr, MF: tl.constexpr):
@@ -265,9 +304,14 @@ if HAS_TRITON:
             ok = ok + (okk,)
             neg = neg + (ng,)
             lev = lev + (lv.to(tl.int32),)
-            # A pair that cannot be computed gets rho = NaN: its X, V and ddt come out NaN.
-            rho = rho + (tl.where(okk | ~m, tau * inv_h - tl.where(ng, -lv, lv), float("nan")),)
+            rho = rho + (_pair_rho(tau, okk, m, lv, inv_h),)
         return inr, ok, neg, lev, rho
+
+    @triton.jit
+    def _pair_rho(tau, okk, m, lv, inv_h):
+        """Signed remainder dt / h -+ level of a pair.  A pair that cannot be computed gets
+        rho = NaN: its X, V and ddt come out NaN."""
+        return tl.where(okk | ~m, tau * inv_h - tl.where(tau < 0, -lv, lv), float("nan"))
 
     @triton.jit
     def _levels(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max, BT: tl.constexpr):
@@ -292,10 +336,21 @@ if HAS_TRITON:
         return tl.max(hi, axis=0)
 
     @triton.jit
-    def _march(E, x0, Y, ok, neg, lev, NEG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-        """Anchor states of one direction: Y[k] = E^lev[k] x0 for the pairs of that direction."""
+    def _march(E, x0, Y, ok, neg, lev, NEG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+               ring_ptr=None, CAP: tl.constexpr = 1, BB: tl.constexpr = 1):
+        """Anchor states of one direction: Y[k] = E^lev[k] x0 for the pairs of that direction.
+
+        With ``ring_ptr`` (backward), the states y_0, y_c, y_2c, .. (c = ceil(L / CAP), L the top
+        level) are stored there as checkpoints for the reverse march (``_ring``)."""
+        L = _top_level(ok, neg, lev, NEG, BT)
+        c = tl.maximum((L + CAP - 1) // CAP, 1)
+        nxt = L * 0  # the next checkpoint's level
         y = x0
-        for a in range(1, _top_level(ok, neg, lev, NEG, BT) + 1):
+        for a in range(1, L + 1):
+            if ring_ptr is not None:
+                if a - 1 == nxt:
+                    _park(ring_ptr + (nxt // c) * D * BB, y, D, BB)
+                    nxt += c
             y = _mv(E, y, D)
             Yn = ()
             for k in tl.static_range(BT):
@@ -306,16 +361,21 @@ if HAS_TRITON:
         return Y
 
     @triton.jit
-    def _anchor_states(Ep, En, x0, ok, neg, lev, HAS_POS, HAS_NEG, D: tl.constexpr, BT: tl.constexpr):
-        """Y[k*D + i]: the state at the anchor of pair k (x0 at level 0)."""
+    def _anchor_states(Ep, En, x0, ok, neg, lev, HAS_POS, HAS_NEG, D: tl.constexpr, BT: tl.constexpr,
+                       ring_ptr=None, CAP: tl.constexpr = 1, BB: tl.constexpr = 1):
+        """Y[k*D + i]: the state at the anchor of pair k (x0 at level 0).  With ``ring_ptr``, each
+        direction's checkpoints go there (+ at slots 0 .. CAP-1, - at CAP .. 2 CAP-1)."""
         Y = ()
         for k in tl.static_range(BT):
             for i in tl.static_range(D):
                 Y = Y + (x0[i],)
         if HAS_POS:
-            Y = _march(Ep, x0, Y, ok, neg, lev, False, D, BT)
+            Y = _march(Ep, x0, Y, ok, neg, lev, False, D, BT, ring_ptr, CAP, BB)
         if HAS_NEG:
-            Y = _march(En, x0, Y, ok, neg, lev, True, D, BT)
+            if ring_ptr is None:
+                Y = _march(En, x0, Y, ok, neg, lev, True, D, BT)
+            else:
+                Y = _march(En, x0, Y, ok, neg, lev, True, D, BT, ring_ptr + CAP * D * BB, CAP, BB)
         return Y
 
     @triton.jit
@@ -358,27 +418,62 @@ if HAS_TRITON:
                     tl.store(V_ptr + off + i, W[i] * inv_h, mask=inr[k])
 
     @triton.jit
-    def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr, Y_ptr, B, T,
+    def _park(ptr, v, n: tl.constexpr, BB: tl.constexpr):
+        """Store the tuple v at scratch slots ptr, ptr + BB, .. (one value per lane and slot)."""
+        for e in tl.static_range(n):
+            tl.store(ptr + e * BB, v[e])
+
+    @triton.jit
+    def _unpark(ptr, n: tl.constexpr, BB: tl.constexpr):
+        out = ()
+        for e in tl.static_range(n):
+            out = out + (tl.load(ptr + e * BB),)
+        return out
+
+    @triton.jit
+    def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr, S_ptr, Y_ptr, B, T,
                            sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
                            D: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr,
                            M: tl.constexpr, MF: tl.constexpr, CAP: tl.constexpr,
                            SAVE_ANCHORS: tl.constexpr):
         """dA (B, D, D), dx0 (B, D), ddt (B, T) from the upstream gX, gV (B, T, D) contiguous.
 
-        A pair with NaN/Inf or out-of-range inputs poisons its cell's dA and dx0 (as it would in a
-        dense computation) and its own ddt; it is never silently dropped.
+        S: scratch of ``scratch_size`` elements, private to each program and lane (the lane index
+        fastest, so every access is coalesced).  Per time block of BT pairs:
+        1. the anchor march of ``_anchor_states`` (bit for bit the forward's), which stores each
+           pair's anchor state and CAP checkpoints per direction in S;
+        2. one pair at a time: its Horner finish recomputed and run in reverse (dZ, ddt, and the
+           pair's anchor adjoint Ybar, which replaces its anchor state in S);
+        3. the anchor marches reversed once for all pairs of the block (dE, dx0).
+        The D x D quantities each phase does not use wait in S (``_park``), so that no phase holds
+        all of them in registers.
+        A pair with NaN/Inf or out-of-range inputs poisons its cell's dA and dx0 (as it would in
+        a dense computation) and its own ddt; it is never silently dropped.
         """
         cell, cm, Z, x0, nrm, finite, h, inv_h = _load_cell(
             A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D, BB)
         hi_pos, hi_neg = _levels(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max, BT)
+        TP = tl.cdiv(T, BT) * BT
+        # S per program: pair slots (t, i), checkpoints (2 CAP D), then Z, dZ, E+, E-, dE+, dE-.
+        sbase = S_ptr + tl.program_id(0).to(tl.int64) * ((TP + 2 * CAP + 6 * D) * D * BB) + tl.arange(0, BB)
+        ring = sbase + TP * D * BB
+        s_z = ring + 2 * CAP * D * BB
+        s_dz = s_z + D * D * BB
+        s_ep = s_dz + D * D * BB
+        s_en = s_ep + D * D * BB
+        s_dep = s_en + D * D * BB
+        s_den = s_dep + D * D * BB
         Ep, En = _step_matrices(Z, hi_pos, hi_neg, D, M)
         zero = tl.zeros_like(x0[0])
         dZ = ()
-        dEp = ()
         for e in tl.static_range(D * D):
             dZ = dZ + (zero,)
-            dEp = dEp + (zero,)
-        dEn = dEp
+        _park(s_z, Z, D * D, BB)
+        _park(s_dz, dZ, D * D, BB)
+        _park(s_ep, Ep, D * D, BB)
+        _park(s_en, En, D * D, BB)
+        _park(s_dep, dZ, D * D, BB)
+        _park(s_den, dZ, D * D, BB)
         dx0 = ()
         for i in tl.static_range(D):
             dx0 = dx0 + (zero,)
@@ -386,69 +481,49 @@ if HAS_TRITON:
         for t0 in range(0, T, BT):
             inr, ok, neg, lev, rho = _pairs(dt_ptr, cell, cm, t0, T, stb, stt, nrm, finite, inv_h,
                                             theta, nu_max, BT)
-            Y = _anchor_states(Ep, En, x0, ok, neg, lev, hi_pos > 0, hi_neg > 0, D, BT)
+            Y = _anchor_states(_unpark(s_ep, D * D, BB), _unpark(s_en, D * D, BB), x0, ok, neg, lev,
+                               hi_pos > 0, hi_neg > 0, D, BT, ring, CAP, BB)
             if SAVE_ANCHORS:
                 _save_anchors(Y_ptr, Y, cell, t0, T, inr, D, BT)
-            # Each pair's Horner in reverse; GY[k] = Ybar of pair k.
-            GY = ()
-            for k in tl.static_range(BT):
-                y = ()
-                for i in tl.static_range(D):
-                    y = y + (Y[k * D + i],)
-                off = (cell * T + t0 + k) * D
+            _park(sbase + t0 * D * BB, Y, BT * D, BB)
+            # 2. pairs, one at a time
+            Z = _unpark(s_z, D * D, BB)
+            dZ = _unpark(s_dz, D * D, BB)
+            for t in range(t0, tl.minimum(t0 + BT, T)):
+                tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
+                r = _pair_rho(tau, okk, cm, lv, inv_h)
+                y = _unpark(sbase + t * D * BB, D, BB)
                 gx = ()
                 gvh = ()  # upstream of Z X (V = (Z X) / h)
                 for i in tl.static_range(D):
-                    gx = gx + (tl.load(gX_ptr + off + i, mask=inr[k], other=0.0),)
-                    gvh = gvh + (tl.load(gV_ptr + off + i, mask=inr[k], other=0.0) * inv_h,)
-                X, Ws = _finish(Z, y, rho[k], D, MF)  # X_{j+1} is re-formed from W_{j+1} below
-                # V: dZ += gvh X^T, and X receives Z^T gvh.
-                dZ = _rank1(dZ, gvh, X, D)
-                ZTg = _mtv(Z, gvh, D)
-                xbar = ()
-                for i in tl.static_range(D):
-                    xbar = xbar + (gx[i] + ZTg[i],)
-                ybar = xbar
-                drho = zero
-                for j in tl.static_range(1, MF + 1):  # X_j = y + (rho/j) W_j, W_j = Z X_{j+1}
-                    wbar = ()
-                    xn = ()  # X_{j+1}, exactly as the Horner above formed it
-                    dr = zero
-                    for i in tl.static_range(D):  # W_j sits at position MF - j of Ws
-                        dr = tl.fma(xbar[i], Ws[(MF - j) * D + i], dr)
-                        wbar = wbar + (xbar[i] * (rho[k] * (1.0 / j)),)
-                        if j == MF:
-                            xn = xn + (y[i],)
-                        else:
-                            xn = xn + (tl.fma(Ws[(MF - j - 1) * D + i], rho[k] * (1.0 / (j + 1)), y[i]),)
-                    drho += dr * (1.0 / j)
-                    dZ = _rank1(dZ, wbar, xn, D)
-                    xbar = _mtv(Z, wbar, D)
-                    yb = ()
-                    for i in tl.static_range(D):
-                        yb = yb + (ybar[i] + xbar[i],)
-                    ybar = yb
-                GY = GY + ybar
-                bad = inr[k] & ~ok[k]
-                cell_bad = cell_bad | bad
-                tl.store(ddt_ptr + cell * T + t0 + k, drho * inv_h, mask=inr[k])
-            # Reverse the anchor marches: ybar_{a-1} = E^T ybar_a + (pairs at a-1), dE += ybar_a y_{a-1}^T.
+                    gx = gx + (tl.load(gX_ptr + (cell * T + t) * D + i, mask=cm, other=0.0),)
+                    gvh = gvh + (tl.load(gV_ptr + (cell * T + t) * D + i, mask=cm, other=0.0) * inv_h,)
+                dZ, ybar, drho = _pair_adjoint(Z, y, r, gx, gvh, dZ, D, MF)
+                _park(sbase + t * D * BB, ybar, D, BB)
+                tl.store(ddt_ptr + cell * T + t, drho * inv_h, mask=cm)
+                cell_bad = cell_bad | (cm & ~okk)
+            _park(s_dz, dZ, D * D, BB)
+            # 3. the anchor marches in reverse, all pairs of the block at once
+            GY = _unpark(sbase + t0 * D * BB, BT * D, BB)
+            dx0 = _level0(GY, dx0, inr, lev, D, BT)
             if hi_pos > 0:
-                dEp, dx0 = _march_back(Ep, x0, GY, dEp, dx0, ok, neg, lev, False, D, BT, CAP)
-            else:
-                dx0 = _level0(GY, dx0, ok, neg, lev, False, D, BT)
+                dEp, dx0 = _march_back(_unpark(s_ep, D * D, BB), GY, _unpark(s_dep, D * D, BB), dx0,
+                                       ok, neg, lev, ring, False, D, BT, CAP, BB)
+                _park(s_dep, dEp, D * D, BB)
             if hi_neg > 0:
-                dEn, dx0 = _march_back(En, x0, GY, dEn, dx0, ok, neg, lev, True, D, BT, CAP)
-            else:
-                dx0 = _level0(GY, dx0, ok, neg, lev, True, D, BT)
+                dEn, dx0 = _march_back(_unpark(s_en, D * D, BB), GY, _unpark(s_den, D * D, BB), dx0,
+                                       ok, neg, lev, ring + CAP * D * BB, True, D, BT, CAP, BB)
+                _park(s_den, dEn, D * D, BB)
+        Z = _unpark(s_z, D * D, BB)
+        dZ = _unpark(s_dz, D * D, BB)
         if hi_pos > 0:
-            G = _step_matrix_grad(Z, dEp, 1.0, D, M)
+            G = _step_matrix_grad(Z, _unpark(s_dep, D * D, BB), 1.0, D, M)
             dZn = ()
             for e in tl.static_range(D * D):
                 dZn = dZn + (dZ[e] + G[e],)
             dZ = dZn
         if hi_neg > 0:
-            G = _step_matrix_grad(Z, dEn, -1.0, D, M)
+            G = _step_matrix_grad(Z, _unpark(s_den, D * D, BB), -1.0, D, M)
             dZn = ()
             for e in tl.static_range(D * D):
                 dZn = dZn + (dZ[e] + G[e],)
@@ -459,74 +534,105 @@ if HAS_TRITON:
             tl.store(dx0_ptr + cell * D + i, tl.where(cell_bad, float("nan"), dx0[i]), mask=cm)
 
     @triton.jit
+    def _pair_adjoint(Z, y, rho, gx, gvh, dZ, D: tl.constexpr, MF: tl.constexpr):
+        """One pair's finish X = p_MF(rho Z) y, V = (Z X) / h in reverse: dZ accumulated, and the
+        adjoints of the anchor state y and of rho, from the upstream gx of X and gvh of Z X."""
+        X, Ws = _finish(Z, y, rho, D, MF)  # X_{j+1} is re-formed from W_{j+1} below
+        # V: dZ += gvh X^T, and X receives Z^T gvh.
+        dZ = _rank1(dZ, gvh, X, D)
+        ZTg = _mtv(Z, gvh, D)
+        xbar = ()
+        for i in tl.static_range(D):
+            xbar = xbar + (gx[i] + ZTg[i],)
+        ybar = xbar
+        drho = tl.zeros_like(rho)
+        for j in tl.static_range(1, MF + 1):  # X_j = y + (rho/j) W_j, W_j = Z X_{j+1}
+            wbar = ()
+            xn = ()  # X_{j+1}, exactly as the Horner above formed it
+            dr = tl.zeros_like(rho)
+            for i in tl.static_range(D):  # W_j sits at position MF - j of Ws
+                dr = tl.fma(xbar[i], Ws[(MF - j) * D + i], dr)
+                wbar = wbar + (xbar[i] * (rho * (1.0 / j)),)
+                if j == MF:
+                    xn = xn + (y[i],)
+                else:
+                    xn = xn + (tl.fma(Ws[(MF - j - 1) * D + i], rho * (1.0 / (j + 1)), y[i]),)
+            drho += dr * (1.0 / j)
+            dZ = _rank1(dZ, wbar, xn, D)
+            xbar = _mtv(Z, wbar, D)
+            yb = ()
+            for i in tl.static_range(D):
+                yb = yb + (ybar[i] + xbar[i],)
+            ybar = yb
+        return dZ, ybar, drho
+
+    @triton.jit
     def _save_anchors(Y_ptr, Y, cell, t0, T, inr, D: tl.constexpr, BT: tl.constexpr):
         for k in tl.static_range(BT):
             for i in tl.static_range(D):
                 tl.store(Y_ptr + (cell * T + t0 + k) * D + i, Y[k * D + i], mask=inr[k])
 
     @triton.jit
-    def _level0(GY, dx0, ok, neg, lev, NEG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-        """dx0 += Ybar of the pairs of one direction at level 0 (their anchor is x0)."""
+    def _level0(GY, dx0, inr, lev, D: tl.constexpr, BT: tl.constexpr):
+        """dx0 += Ybar of the pairs at level 0, either direction (their anchor is x0)."""
         out = ()
         for i in tl.static_range(D):
             acc = dx0[i]
             for k in tl.static_range(BT):
-                acc += tl.where((neg[k] == NEG) & (lev[k] == 0), GY[k * D + i], 0.0)
+                acc += tl.where(inr[k] & (lev[k] == 0), GY[k * D + i], 0.0)
             out = out + (acc,)
         return out
 
     @triton.jit
-    def _march_back(E, x0, GY, dE, dx0, ok, neg, lev, NEG: tl.constexpr, D: tl.constexpr,
-                    BT: tl.constexpr, CAP: tl.constexpr):
-        """Adjoint of one direction's anchor march of this time block.
+    def _march_back(E, GY, dE, dx0, ok, neg, lev, ring_ptr, NEG: tl.constexpr, D: tl.constexpr,
+                    BT: tl.constexpr, CAP: tl.constexpr, BB: tl.constexpr):
+        """Adjoint of one direction's anchor march of this time block: ybar_{a-1} = E^T ybar_a +
+        the Ybar of the pairs at level a-1, dE += ybar_a y_{a-1}^T, dx0 += ybar_0.
 
-        The states y_0 .. y_{L-1} are needed in reverse order: CAP checkpoints (every c-th level,
-        c = ceil(L / CAP)) are kept and the rest recomputed, at most c - 1 matvecs per level.
-        """
+        The states y_{a-1} are needed in reverse order: each is recomputed from the nearest
+        checkpoint below it (``_march``'s ring, every c-th level), at most c - 1 matvecs."""
         L = _top_level(ok, neg, lev, NEG, BT)
         c = tl.maximum((L + CAP - 1) // CAP, 1)
-        ring = ()
-        for s in tl.static_range(CAP):
-            ring = ring + x0
-        y = x0
-        for a in range(0, L):
-            if a % c == 0:
-                rn = ()
-                for s in tl.static_range(CAP):
-                    for i in tl.static_range(D):
-                        rn = rn + (tl.where(a // c == s, y[i], ring[s * D + i]),)
-                ring = rn
-            y = _mv(E, y, D)
+        # 1.0 for the pairs of this direction at the level of the loop below, else 0.0: their
+        # Ybar enter ybar by FMA.  (0 * Ybar of a pair that could not be computed is NaN, but such
+        # a pair makes its cell's dA and dx0 NaN anyway.)
+        sl = ()
+        for k in tl.static_range(BT):
+            sl = sl + (tl.where(ok[k] & (neg[k] == NEG), lev[k], 0),)
         ybar = ()
         for i in tl.static_range(D):
-            ybar = ybar + (tl.zeros_like(x0[0]),)
+            ybar = ybar + (tl.zeros_like(GY[0]),)
+        seg = (L - 1) // c  # checkpoint below level a - 1
         for ia in range(0, L):
             a = L - ia
+            hit = ()
+            for k in tl.static_range(BT):
+                hit = hit + (tl.where(sl[k] == a, 1.0, 0.0),)
             yb = ()
             for i in tl.static_range(D):
                 acc = ybar[i]
                 for k in tl.static_range(BT):
-                    acc += tl.where(ok[k] & (neg[k] == NEG) & (lev[k] == a), GY[k * D + i], 0.0)
+                    acc = tl.fma(hit[k], GY[k * D + i], acc)
                 yb = yb + (acc,)
             ybar = yb
-            seg = (a - 1) // c
-            yp = ()
-            for i in tl.static_range(D):
-                v = ring[i]
-                for s in tl.static_range(1, CAP):
-                    v = tl.where(seg == s, ring[s * D + i], v)
-                yp = yp + (v,)
+            if a - 1 < seg * c:
+                seg -= 1
+            yp = _unpark(ring_ptr + seg * D * BB, D, BB)
             for r in range(0, a - 1 - seg * c):
                 yp = _mv(E, yp, D)
             dE = _rank1(dE, ybar, yp, D)
             ybar = _mtv(E, ybar, D)
         out = ()
         for i in tl.static_range(D):
-            acc = dx0[i] + ybar[i]
-            for k in tl.static_range(BT):
-                acc += tl.where((neg[k] == NEG) & (lev[k] == 0), GY[k * D + i], 0.0)
-            out = out + (acc,)
+            out = out + (dx0[i] + ybar[i],)
         return dE, out
+
+
+def scratch_size(B: int, T: int, D: int) -> int:
+    """Elements of the backward kernel's scratch S."""
+    cfg = block_config(D, torch.float32)
+    bt = cfg["BT_BWD"]
+    return triton.cdiv(B, cfg["BB"]) * cfg["BB"] * (triton.cdiv(T, bt) * bt + 2 * cfg["CAP"] + 6 * D) * D
 
 
 def _kernel_args(A, x0, dt):
@@ -546,10 +652,10 @@ def forward_launch(A, x0, dt, X, V, anchors=None):
     return _llstep_fwd_kernel, (triton.cdiv(x0.shape[0], cfg["BB"]),), kw
 
 
-def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, anchors=None):
-    """(kernel, grid, keyword arguments) of the backward launch."""
+def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, S, anchors=None):
+    """(kernel, grid, keyword arguments) of the backward launch; S: ``scratch_size`` elements."""
     cfg = block_config(x0.shape[1], A.dtype)
-    kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, gX_ptr=gX, gV_ptr=gV, dA_ptr=dA, dx0_ptr=dx0, ddt_ptr=ddt,
+    kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, gX_ptr=gX, gV_ptr=gV, dA_ptr=dA, dx0_ptr=dx0, ddt_ptr=ddt, S_ptr=S,
               Y_ptr=gX if anchors is None else anchors, **_kernel_args(A, x0, dt), D=cfg["D"], BB=cfg["BB"],
               BT=cfg["BT_BWD"], M=cfg["M"], MF=cfg["MF"], CAP=cfg["CAP"], SAVE_ANCHORS=anchors is not None,
               num_warps=cfg["num_warps"])
@@ -585,7 +691,8 @@ def llstep_backward(A, x0, dt, gX, gV, anchors=None):
     dA = torch.empty((B, D, D), dtype=A.dtype, device=A.device)
     dx0 = torch.empty((B, D), dtype=A.dtype, device=A.device)
     ddt = torch.empty((B, T), dtype=A.dtype, device=A.device)
-    kernel, grid, kw = backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, anchors)
+    S = torch.empty(scratch_size(B, T, D), dtype=A.dtype, device=A.device)
+    kernel, grid, kw = backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, S, anchors)
     kernel[grid](**kw)
     return dA, dx0, ddt
 

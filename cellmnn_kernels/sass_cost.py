@@ -241,27 +241,33 @@ def label_register_loops(kind: str, loops: list[Loop], D: int) -> list[str]:
 
 
 def matrix_blocks(instrs, loops, D: int) -> list[tuple[int, int, dict]]:
-    """Straight-line regions skipped by a forward conditional branch that hold at least D^3
-    floating-point instructions, no store and no loop: the anchor-step matrices E+ and E-
-    (``_step_matrices``, no memory access) and, in the backward, the gradients through them
-    (which read dE from scratch), in source order.  Raises unless there are two of each kind."""
-    out = []
+    """Basic blocks outside every loop with at least 3 D^3 floating-point instructions: the
+    anchor-step matrices E+ and E- (``_step_matrices``: no load) and, in the backward, the
+    gradients through them (which load dE from scratch), each kind in source order.  (Basic
+    blocks rather than branch shapes: ptxas lays an ``if`` out as a skipped block or as an
+    if/else depending on its version.)  Raises unless there are two of each kind found."""
+    targets = set()
     for ins in instrs:
-        if ins.op.startswith("BRA") and ins.pred:
+        if ins.op.startswith("BRA"):
             m = re.search(r"0x([0-9a-f]+)", ins.args)
-            target = int(m.group(1), 16) if m else -1
-            if target <= ins.addr:
-                continue
-            if any(l.parent is None and (ins.addr < l.start < target) for l in loops):
-                continue
-            if any(l.start <= ins.addr <= l.end for l in loops):
-                continue
-            region = [x for x in instrs if ins.addr < x.addr < target]
-            c = count(region)
-            if c["fp32"] + c["fp64"] >= D ** 3 and not c["stg"]:
-                out.append((ins.addr, target, c))
-    mats = [b for b in out if not b[2]["ldg"]]
-    grads = [b for b in out if b[2]["ldg"]]
+            if m:
+                targets.add(int(m.group(1), 16))
+    top = [x for x in instrs if not any(l.start <= x.addr <= l.end for l in loops)]
+    blocks, cur = [], []
+    for x in top:
+        if cur and (x.addr in targets or x.addr != cur[-1].addr + 0x10):
+            blocks.append(cur)
+            cur = []
+        cur.append(x)
+        if x.op.startswith(("BRA", "EXIT", "RET")):
+            blocks.append(cur)
+            cur = []
+    if cur:
+        blocks.append(cur)
+    out = [(b[0].addr, b[-1].addr, count(b)) for b in blocks]
+    big = [o for o in out if o[2]["fp32"] + o[2]["fp64"] >= 3 * D ** 3]
+    mats = [o for o in big if not o[2]["ldg"]]
+    grads = [o for o in big if o[2]["ldg"]]
     if len(mats) != 2 or len(grads) not in (0, 2):
         raise ValueError(f"expected the two anchor-step matrix blocks (and two gradient blocks), found "
                          f"{len(mats)} and {len(grads)}")

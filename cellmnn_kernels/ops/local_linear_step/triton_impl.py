@@ -16,13 +16,15 @@ Scheme (the anchored Taylor steps of ``common.py``, evaluated for registers):
 * every pair is then finished once: X = p_MF(rho Z) y_a by Horner on vectors (MF matvecs; MF is
   lower than M because |rho Z| <= theta / 2), and V = A X = (Z X) / h.
 
-Backward, per cell (``_llstep_bwd_kernel``): each pair's Horner is recomputed and run in reverse
-(dZ += sum_j (rho/j) Xbar_j X_{j+1}^T, Ybar, drho); the anchor march is reversed level by level
-(dE += ybar_{a} y_{a-1}^T, ybar_{a-1} = E^T ybar_a + the captured pairs' Ybar) with the states
-y_{a-1} recomputed from CAP checkpoints; finally dZ += L_p(Z^T, dE+) - L_p(-Z^T, dE-), the
-Frechet derivative of the Taylor polynomial evaluated as the upper-right block of
-p([[Z^T, dE], [0, Z^T]]) by Horner (Mathias 1996).  The same @jit helpers compute the anchor
-states in both kernels, so the backward sees bit for bit the forward's states.
+Backward, per cell (``_llstep_bwd_kernel``), per block of BT = 16 target times (the forward's
+block): the anchor march is repeated (the same @jit helpers, so its states are bit for bit the
+forward's), storing each pair's anchor state and CAP checkpoints per direction in a per-lane
+scratch; then, one pair at a time, the pair's Horner is recomputed and run in reverse
+(dZ += sum_j (rho/j) Xbar_j X_{j+1}^T, drho, and the anchor adjoint Ybar, stored in place of the
+anchor state); then the march is reversed once for the whole block (dE += ybar_a y_{a-1}^T,
+ybar_{a-1} = E^T ybar_a + the Ybar of the pairs at level a-1, with y_{a-1} recomputed from the
+nearest checkpoint); finally dZ += the gradient through p(+-Z), by reverse mode through the
+Paterson-Stockmeyer evaluation of ``_step_matrix``.
 
 float64, and float32 with D > REG_MAX_D (up to 64), use the lane-tiled kernels of
 ``triton_tiled.py``.
@@ -181,8 +183,8 @@ if HAS_TRITON:
     @triton.jit
     def _step_matrix_grad(Z, G, SGN: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
         """d<G, p_M(SGN Z)>/dZ: reverse mode through ``_step_matrix``'s Paterson-Stockmeyer
-        scheme (2 (M // 3) + 6 matrix products, against 3 (M - 1) for Horner on the Frechet
-        derivative's block form)."""
+        scheme: 3 (M // 3) + 5 matrix products (14 at M = 11), against 3 (M - 1) (30) for Horner on
+        the block form of the Frechet derivative (Mathias 1996)."""
         W = _scaled(Z, SGN, D)
         W2 = _mm(W, W, D, False)
         W3 = _mm(W, W2, D, False)

@@ -85,6 +85,17 @@ def kernel_specs(with_meta: bool = False) -> list:
             add(KernelSpec(f"llstep_bwd_{tag}_BT{cfg['BT_BWD']}", f"{mod}:_llstep_bwd_kernel",
                            _signature(reg._llstep_bwd_kernel, f, bwd_c), tuple(bwd_c.items()), cfg["num_warps"]),
                 family="llstep_reg", kind="bwd", dtype=f, cfg=dict(cfg, BT=cfg["BT_BWD"]))
+    from .ops.local_linear_step import triton_group as group
+
+    mod = "cellmnn_kernels.ops.local_linear_step.triton_group"
+    for dtype in TAYLOR:
+        f = _DTYPE_SIG[dtype]
+        for cfg in group.all_configs(dtype):
+            c = {k: cfg[k] for k in ("D", "G", "R", "BT", "M", "MF")}
+            add(KernelSpec(f"llstep_group_fwd_{f}_D{cfg['D']}_G{cfg['G']}_BT{cfg['BT']}",
+                           f"{mod}:_llstep_fwd_group_kernel", _signature(group._llstep_fwd_group_kernel, f, c),
+                           tuple(c.items()), cfg["num_warps"]),
+                family="llstep_group", kind="fwd", dtype=f, cfg=cfg)
     mod = "cellmnn_kernels.ops.local_linear_step.triton_tiled"
     for dtype, (_, m) in TAYLOR.items():
         f = _DTYPE_SIG[dtype]
@@ -183,7 +194,8 @@ def compile_one(spec: KernelSpec, arch: int, keep_cubin: bool = False) -> dict:
 
 def compile_all(archs=(80, 90), jobs: int | None = None, reg_d=None) -> list[dict]:
     specs = [s for s, m in kernel_specs(with_meta=True)
-             if reg_d is None or not m["cfg"].get("reg", m["family"] == "llstep_reg") or m["cfg"]["D"] in reg_d]
+             if reg_d is None or not m["cfg"].get("reg", m["family"] in ("llstep_reg", "llstep_group"))
+             or m["cfg"]["D"] in reg_d]
     work = [(s, a) for a in archs for s in specs]
     jobs = jobs or max(1, os.cpu_count() or 1)
     if jobs == 1:

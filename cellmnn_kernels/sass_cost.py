@@ -354,12 +354,14 @@ def work_items(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True):
 
     items = []
     for spec, meta in kernel_specs(with_meta=True):
-        if meta.get("family") == "llstep_reg":
+        if meta.get("family") in ("llstep_reg", "llstep_group"):
             if only_d is not None and meta["cfg"]["D"] not in only_d:
                 continue
             if meta["dtype"] not in dtypes:
                 continue
-            items.append((spec, (meta["kind"], meta["cfg"], meta["dtype"])))
+            # Per-pair estimates for the register kernels; counts only for the lane-group ones.
+            est = (meta["kind"], meta["cfg"], meta["dtype"]) if meta["family"] == "llstep_reg" else None
+            items.append((spec, est))
         elif (meta.get("family") == "llstep_tiled" and tiled) or (meta.get("family") == "laplace" and mmd):
             if meta["dtype"] in dtypes:
                 items.append((spec, None))

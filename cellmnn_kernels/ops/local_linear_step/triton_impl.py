@@ -26,8 +26,8 @@ ybar_{a-1} = E^T ybar_a + the Ybar of the pairs at level a-1, with y_{a-1} recom
 nearest checkpoint); finally dZ += the gradient through p(+-Z), by reverse mode through the
 Paterson-Stockmeyer evaluation of ``_step_matrix``.
 
-float64, and float32 with D > REG_MAX_D (up to 64), use the lane-tiled kernels of
-``triton_tiled.py``.
+float32 with REG_MAX_D < D <= 16 takes the lane-group forward of ``triton_group.py``; those D
+(backward) and D up to 64, and float64, take the lane-tiled kernels of ``triton_tiled.py``.
 """
 from __future__ import annotations
 
@@ -671,6 +671,10 @@ def llstep_forward(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, anchors=
     kernels only)."""
     B, D = x0.shape
     if not uses_register_kernels(D, A.dtype):
+        from . import triton_group  # (it imports helpers from this module)
+
+        if anchors is None and triton_group.uses_group_kernel(D, A.dtype):
+            return triton_group.llstep_forward(A, x0, dt)
         return triton_tiled.llstep_forward(A, x0, dt)
     X = torch.empty((B, dt.shape[1], D), dtype=A.dtype, device=A.device)
     V = torch.empty_like(X)

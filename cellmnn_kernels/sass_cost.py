@@ -13,7 +13,8 @@ levels the kernel uses).  The result is an estimate of thread-instructions per (
 and, against the H100 SXM's issue rate and copy bandwidth (``ASSUMPTIONS``), the fraction of copy
 bandwidth the instruction stream alone would allow.  The two anchor-step matrix blocks are
 counted as the input runs them (E- never: no dt < 0); other straight-line code inside a branch is
-counted as executed (an upper bound); loops the input skips are not.
+counted as executed (an upper bound); loops the input skips are not.  The lane-group forward
+kernels (float32, 5 < D <= 16) and the tiled ones get the counts only, no trip-count model.
 
     python -m cellmnn_kernels.sass_cost [--json bench/results/sass_cost_<triton version>.json]
 """
@@ -399,9 +400,9 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write the report here")
-    parser.add_argument("--d", type=int, nargs="+", default=None, help="register kernels: only these D")
+    parser.add_argument("--d", type=int, nargs="+", default=None, help="register and lane-group step kernels: only these D")
     parser.add_argument("--dtype", nargs="+", default=["fp32", "fp64"], choices=["fp32", "fp64"])
-    parser.add_argument("--no-tiled", action="store_true", help="skip the lane-tiled D > 8 kernels")
+    parser.add_argument("--no-tiled", action="store_true", help="skip the lane-tiled step kernels")
     parser.add_argument("--no-mmd", action="store_true", help="skip the laplace_mmd kernels")
     parser.add_argument("--jobs", type=int, default=None)
     args = parser.parse_args(argv)

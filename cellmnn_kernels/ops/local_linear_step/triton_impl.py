@@ -45,7 +45,8 @@ CAP = 4  # anchor checkpoints per direction in the backward
 def uses_register_kernels(D: int, dtype: torch.dtype) -> bool:
     """float32 with D <= 5.  Beyond, the unrolled code outgrows the register file (sm_90, triton
     3.8: D = 8 float32 spills 1.4 kB and compiles in minutes; D = 5 float64 spills 1.6 kB
-    forward, 9.8 kB backward), and the lane-tiled kernels take over."""
+    forward, 9.8 kB backward): float32 up to D = 16 takes the lane-group forward
+    (``triton_group``), and the lane-tiled kernels take the rest."""
     return dtype == torch.float32 and D <= REG_MAX_D
 
 

@@ -256,9 +256,10 @@ def compiled_kernels(device):
     A, x0, dt = step_inputs(256, 16, 5, device)
     X, V = torch.empty(256, 16, 5, device=device), torch.empty(256, 16, 5, device=device)
     dA, dx0, ddt = torch.empty_like(A), torch.empty_like(x0), torch.empty_like(dt)
-    S = torch.empty(ti.scratch_size(256, 16, 5), device=device)
+    LS = ti.anchor_slots(A, dt)
+    S = torch.empty(ti.scratch_size(256, 5, LS), device=device)
     for name, (kernel, grid, kw) in (("llstep_fwd_fp32_D5", ti.forward_launch(A, x0, dt, X, V)),
-                                     ("llstep_bwd_fp32_D5", ti.backward_launch(A, x0, dt, X, V, dA, dx0, ddt, S))):
+                                     ("llstep_bwd_fp32_D5", ti.backward_launch(A, x0, dt, X, V, dA, dx0, ddt, S, LS))):
         try:
             ck = kernel[grid](**kw)
             out[name] = {"registers": getattr(ck, "n_regs", None), "spills": getattr(ck, "n_spills", None)}

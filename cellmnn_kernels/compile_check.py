@@ -76,15 +76,14 @@ def kernel_specs(with_meta: bool = False) -> list:
         f = _DTYPE_SIG[dtype]
         for cfg in reg.all_configs(dtype):
             fwd_c = {**{k: cfg[k] for k in ("D", "BB", "BT", "M", "MF")}, "SAVE_ANCHORS": False}
-            bwd_c = {"D": cfg["D"], "BB": cfg["BB"], "BT": cfg["BT_BWD"], "M": cfg["M"], "MF": cfg["MF"],
-                     "CAP": cfg["CAP"], "SAVE_ANCHORS": False}
+            bwd_c = {**{k: cfg[k] for k in ("D", "BB", "M", "MF")}, "SAVE_ANCHORS": False}
             tag = f"{f}_D{cfg['D']}"
             add(KernelSpec(f"llstep_fwd_{tag}_BT{cfg['BT']}", f"{mod}:_llstep_fwd_kernel",
                            _signature(reg._llstep_fwd_kernel, f, fwd_c), tuple(fwd_c.items()), cfg["num_warps"]),
                 family="llstep_reg", kind="fwd", dtype=f, cfg=dict(cfg, BT=cfg["BT"]))
-            add(KernelSpec(f"llstep_bwd_{tag}_BT{cfg['BT_BWD']}", f"{mod}:_llstep_bwd_kernel",
+            add(KernelSpec(f"llstep_bwd_{tag}", f"{mod}:_llstep_bwd_kernel",
                            _signature(reg._llstep_bwd_kernel, f, bwd_c), tuple(bwd_c.items()), cfg["num_warps"]),
-                family="llstep_reg", kind="bwd", dtype=f, cfg=dict(cfg, BT=cfg["BT_BWD"]))
+                family="llstep_reg", kind="bwd", dtype=f, cfg=cfg)
     from .ops.local_linear_step import triton_group as group
 
     mod = "cellmnn_kernels.ops.local_linear_step.triton_group"

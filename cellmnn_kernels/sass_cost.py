@@ -182,36 +182,67 @@ def benchmark_levels(D: int, B: int, T: int, seed: int, theta: float, BT: int, B
     return per_block, lev
 
 
-def _recompute_trips(L: int, cap: int) -> int:
-    """Matvecs the backward's reverse march recomputes for L levels with cap checkpoints."""
-    c = max(-(-L // cap), 1)
-    return sum((a - 1) - ((a - 1) // c) * c for a in range(1, L + 1))
-
-
 def register_kernel_trips(kind: str, cfg: dict, T: int, per_block) -> dict:
-    """Mean trips per program of each source loop of the register kernels."""
+    """Mean trips per program of each source loop of the register kernels (``per_block``: the
+    program's top level per time block, one block of all T for the backward)."""
     nb = per_block.shape[1]
     L = per_block.double()
-    trips = {"levels": nb, "time": nb, "march+": float(L.sum(1).mean()), "march-": 0.0}
-    if kind == "bwd":
-        rec = [[_recompute_trips(int(x), cfg["CAP"]) for x in row] for row in per_block.tolist()]
-        trips.update({"pairs": float(T), "reverse+": trips["march+"], "reverse-": 0.0,
-                      "recompute+": sum(map(sum, rec)) / len(rec), "recompute-": 0.0})
-    return trips
+    if kind == "fwd":
+        return {"levels": nb, "time": nb, "march+": float(L.sum(1).mean()), "march-": 0.0}
+    # Backward: one march and one reverse march per direction over all T; the march also stores
+    # level 0, so it runs top + 1 times (once for the unused direction).
+    top = float(L[:, 0].mean())
+    return {"levels": float(T), "directions": 2.0, "march": top + 2.0, "pairs": float(T),
+            "reverse directions": 2.0, "reverse": top}
+
+
+def _unrolled_trips(name: str, T: int) -> int:
+    """Trips of a loop of T iterations unrolled by u: "levels/u" runs T // u times, its remainder
+    loop "levels%u" T % u times."""
+    m = re.fullmatch(r"\w+([/%])(\d+)", name)
+    if not m:
+        raise ValueError(f"no trip count for loop {name!r}")
+    u = int(m.group(2))
+    return T // u if m.group(1) == "/" else T % u
 
 
 def label_register_loops(kind: str, loops: list[Loop], D: int) -> list[str]:
     """Name every SASS loop of a register kernel after its source loop.
 
-    Top level: the levels pre-pass (loads, no stores) and the time-block loop (stores).  The
-    anchor-step matrices and (backward) their gradients are straight-line code.  Inside the time
-    loop, in address order: the two forward marches, then (backward) the loop over the pairs (the
-    one with the most instructions) and the reverse march of each direction (each holding the
-    recompute loop).  Directions come in source order, + before -.
+    Forward, top level: the levels pre-pass (loads, no stores) and the time-block loop (stores),
+    which holds the two marches (+ then -); the anchor-step matrices are straight-line code.
+    Backward, top level in address order: the levels pre-pass (loads only), the loop over the two
+    directions holding the march (which stores the states), the loop over the pairs, and the loop
+    over the directions holding the reverse march; the step matrix and its gradient are blocks
+    of the two direction loops.
     Raises if the structure differs: the model must then be updated with the kernel.
     """
     labels = [None] * len(loops)
     tops = [i for i, l in enumerate(loops) if l.parent is None]
+    if kind == "bwd":
+        # The levels pre-pass may come unrolled (triton 3.6: by 4, with a remainder loop).
+        lv = []
+        for i in tops:
+            if loops[i].own["ldg"] and not loops[i].own["stg"] and not loops[i].children:
+                lv.append(i)
+            else:
+                break
+        rest = tops[len(lv):]
+        shape = [(bool(loops[i].total["ldg"]), bool(loops[i].own["stg"]), len(loops[i].children)) for i in rest]
+        names = ("directions", "pairs", "reverse directions")
+        if not 1 <= len(lv) <= 2 or len(rest) != 3 or [x[2] for x in shape] != [1, 0, 1]:
+            raise ValueError(f"unexpected loop structure for the backward kernel: {len(lv)} levels loops, then "
+                             f"(loads, stores, children) {shape}, expected {list(names)}")
+        if len(lv) == 1:
+            labels[lv[0]] = "levels"
+        else:
+            u = loops[lv[0]].own["ldg"]
+            labels[lv[0]], labels[lv[1]] = f"levels/{u}", f"levels%{u}"
+        for i, n in zip(rest, names):
+            labels[i] = n
+        labels[loops[rest[0]].children[0]] = "march"
+        labels[loops[rest[2]].children[0]] = "reverse"
+        return labels
     for i in tops:
         t = loops[i].total
         labels[i] = "time" if t["stg"] else "levels" if t["ldg"] else None
@@ -221,41 +252,28 @@ def label_register_loops(kind: str, loops: list[Loop], D: int) -> list[str]:
                          "expected ['levels', 'time']")
     time = next(i for i in tops if labels[i] == "time")
     inner = list(loops[time].children)
-    if kind == "fwd":
-        if len(inner) != 2 or any(loops[i].children for i in inner):
-            raise ValueError(f"unexpected loop structure in the forward time loop: {len(inner)} loops")
-        for i, n in zip(inner, ("march+", "march-")):
-            labels[i] = n
-        return labels
-    flat = [i for i in inner if not loops[i].children]
-    nested = [i for i in inner if loops[i].children]
-    if len(flat) != 3 or len(nested) != 2 or any(len(loops[i].children) != 1 for i in nested):
-        raise ValueError("unexpected loop structure in the backward time loop")
-    pairs = max(flat, key=lambda i: loops[i].own["instructions"])
-    labels[pairs] = "pairs"
-    for i, n in zip([i for i in flat if i != pairs], ("march+", "march-")):
+    if len(inner) != 2 or any(loops[i].children for i in inner):
+        raise ValueError(f"unexpected loop structure in the forward time loop: {len(inner)} loops")
+    for i, n in zip(inner, ("march+", "march-")):
         labels[i] = n
-    for i, n in zip(nested, ("reverse+", "reverse-")):
-        labels[i] = n
-        labels[loops[i].children[0]] = "recompute" + n[-1]
     return labels
 
 
-def matrix_blocks(instrs, loops, D: int) -> list[tuple[int, int, dict]]:
-    """Basic blocks outside every loop with at least 3 D^3 floating-point instructions: the
-    anchor-step matrices E+ and E- (``_step_matrices``: no load) and, in the backward, the
-    gradients through them (which load dE from scratch), each kind in source order.  (Basic
-    blocks rather than branch shapes: ptxas lays an ``if`` out as a skipped block or as an
-    if/else depending on its version.)  Raises unless there are two of each kind found."""
-    targets = set()
+def branch_targets(instrs) -> set:
+    out = set()
     for ins in instrs:
         if ins.op.startswith("BRA"):
             m = re.search(r"0x([0-9a-f]+)", ins.args)
             if m:
-                targets.add(int(m.group(1), 16))
-    top = [x for x in instrs if not any(l.start <= x.addr <= l.end for l in loops)]
+                out.add(int(m.group(1), 16))
+    return out
+
+
+def basic_blocks(region, targets) -> list[list[Instr]]:
+    """``region`` (instructions in address order) cut at ``targets`` (the branch targets of the
+    whole listing), after branches, and at gaps."""
     blocks, cur = [], []
-    for x in top:
+    for x in region:
         if cur and (x.addr in targets or x.addr != cur[-1].addr + 0x10):
             blocks.append(cur)
             cur = []
@@ -265,14 +283,36 @@ def matrix_blocks(instrs, loops, D: int) -> list[tuple[int, int, dict]]:
             cur = []
     if cur:
         blocks.append(cur)
-    out = [(b[0].addr, b[-1].addr, count(b)) for b in blocks]
-    big = [o for o in out if o[2]["fp32"] + o[2]["fp64"] >= 3 * D ** 3]
-    mats = [o for o in big if not o[2]["ldg"]]
-    grads = [o for o in big if o[2]["ldg"]]
-    if len(mats) != 2 or len(grads) not in (0, 2):
-        raise ValueError(f"expected the two anchor-step matrix blocks (and two gradient blocks), found "
-                         f"{len(mats)} and {len(grads)}")
-    return mats + grads
+    return blocks
+
+
+def matrix_blocks(instrs, loops, D: int, kind: str, labels=None) -> list[tuple[int, int, dict]]:
+    """The basic blocks with at least 3 D^3 floating-point instructions: the anchor-step matrices
+    E+ and E- (forward: straight-line code outside every loop) or the step matrix and its
+    gradient (backward: one block in each direction loop, ``labels`` from
+    ``label_register_loops``).  (Basic blocks rather than branch shapes: ptxas lays an ``if`` out
+    as a skipped block or as an if/else depending on its version.)  Raises unless two are found."""
+    targets = branch_targets(instrs)
+
+    def big(region):
+        blocks = basic_blocks(region, targets)
+        out = [(b[0].addr, b[-1].addr, count(b)) for b in blocks]
+        return [o for o in out if o[2]["fp32"] + o[2]["fp64"] >= 3 * D ** 3]
+
+    def outside(x, lps):
+        return not any(l.start <= x.addr <= l.end for l in lps)
+
+    if kind == "fwd":
+        found = big([x for x in instrs if outside(x, loops)])
+    else:
+        found = []
+        for name in ("directions", "reverse directions"):
+            lp = loops[labels.index(name)]
+            kids = [loops[c] for c in lp.children]
+            found += big([x for x in instrs if lp.start <= x.addr <= lp.end and outside(x, kids)])
+    if len(found) != 2:
+        raise ValueError(f"expected two matrix blocks in the {kind} kernel, found {len(found)}")
+    return found
 
 
 def pair_bytes(kind: str, D: int, T: int, itemsize: int) -> float:
@@ -294,21 +334,29 @@ def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT
     instrs = parse_sass(sass)
     loops = find_loops(instrs)
     labels = label_register_loops(kind, loops, cfg["D"])
-    per_block, lev = benchmark_levels(cfg["D"], bench["B"], bench["T"], bench["seed"], theta, cfg["BT"], cfg["BB"])
+    bt = cfg["BT"] if kind == "fwd" else bench["T"]
+    per_block, lev = benchmark_levels(cfg["D"], bench["B"], bench["T"], bench["seed"], theta, bt, cfg["BB"])
     trips = register_kernel_trips(kind, cfg, bench["T"], per_block)
     top = top_level(instrs, loops)
     warp_instr = top["instructions"]
-    # E+ (and its gradient) runs in the programs with a pair beyond level 0; E- never (no dt < 0
-    # in the input).
-    blocks = matrix_blocks(instrs, loops, cfg["D"])
+    # The step matrices (and their gradients) run in the programs with a pair beyond level 0, and
+    # only for dt >= 0 (the input has no dt < 0).  Forward: E+ and E- are straight-line code;
+    # backward: one block in each direction loop, which runs twice.
+    blocks = matrix_blocks(instrs, loops, cfg["D"], kind, labels)
     ran = float((per_block.amax(dim=1) > 0).double().mean())
     rows = []
-    for (_, _, c), name in zip(blocks, ("matrix+", "matrix-", "grad+", "grad-")):
-        n = ran if name.endswith("+") else 0.0
-        warp_instr -= (1.0 - n) * c["instructions"]
-        rows.append({"loop": name + " (straight line)", "body_instructions": c["instructions"], "trips_per_program": n})
+    names = ("matrix+", "matrix-") if kind == "fwd" else ("matrix", "grad")
+    for (_, _, c), name in zip(blocks, names):
+        if kind == "fwd":
+            n = ran if name.endswith("+") else 0.0
+            warp_instr -= (1.0 - n) * c["instructions"]
+            rows.append({"loop": name + " (straight line)", "body_instructions": c["instructions"], "trips_per_program": n})
+        else:
+            warp_instr -= (2.0 - ran) * c["instructions"]  # counted below with its loop's 2 trips
+            rows.append({"loop": name + " (block of a direction loop)", "body_instructions": c["instructions"],
+                         "trips_per_program": ran})
     for lp, name in zip(loops, labels):
-        n = trips[name]
+        n = trips[name] if name in trips else _unrolled_trips(name, bench["T"])
         warp_instr += lp.own["instructions"] * n
         rows.append({"loop": name, "body_instructions": lp.own["instructions"], "trips_per_program": n,
                      **{k: lp.own[k] for k in ("fp32", "fp64", "bar_sync", "lds", "sts", "shfl", "mufu", "local")}})
@@ -323,9 +371,10 @@ def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT
     mean_level = float(lev[:, :bench["T"]].double().mean())
     return {"thread_instructions_per_pair": per_pair, "straight_line_instructions": top["instructions"],
             "bar_sync_in_anchor_loops": sum(l.own["bar_sync"] for l, n in zip(loops, labels)
-                                            if n.startswith(("march", "reverse", "recompute"))),
+                                            if n.startswith(("march", "reverse"))),
             "loops": rows, "bytes_per_pair": nbytes, "ceiling_fraction_of_copy_bandwidth": min(1.0, t_mem / t_issue),
-            "mean_pair_level": mean_level, "mean_program_level_per_time_block": float(per_block.double().mean())}
+            "mean_pair_level": mean_level, "mean_program_level_per_time_block": float(per_block.double().mean()),
+            "time_block": bt}
 
 
 # ----------------------------------------------------------------------------- report

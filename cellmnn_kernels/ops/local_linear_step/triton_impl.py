@@ -16,15 +16,15 @@ Scheme (the anchored Taylor steps of ``common.py``, evaluated for registers):
 * every pair is then finished once: X = p_MF(rho Z) y_a by Horner on vectors (MF matvecs; MF is
   lower than M because |rho Z| <= theta / 2), and V = A X = (Z X) / h.
 
-Backward, per cell (``_llstep_bwd_kernel``), per block of BT = 16 target times (the forward's
-block): the anchor march is repeated (the same @jit helpers, so its states are bit for bit the
-forward's), storing each pair's anchor state and CAP checkpoints per direction in a per-lane
-scratch; then, one pair at a time, the pair's Horner is recomputed and run in reverse
-(dZ += sum_j (rho/j) Xbar_j X_{j+1}^T, drho, and the anchor adjoint Ybar, stored in place of the
-anchor state); then the march is reversed once for the whole block (dE += ybar_a y_{a-1}^T,
-ybar_{a-1} = E^T ybar_a + the Ybar of the pairs at level a-1, with y_{a-1} recomputed from the
-nearest checkpoint); finally dZ += the gradient through p(+-Z), by reverse mode through the
-Paterson-Stockmeyer evaluation of ``_step_matrix``.
+Backward, per cell (``_llstep_bwd_kernel``), over all T target times at once: each direction's
+anchors are marched again (the same arithmetic, so the states are bit for bit the forward's) and
+every level's state is kept in a per-lane scratch; then, one pair at a time, the pair's Horner is
+recomputed from its anchor's state and run in reverse (dZ += sum_j (rho/j) Xbar_j X_{j+1}^T,
+drho, and the anchor adjoint Ybar, summed per level); then each march is reversed
+(dE += ybar_a y_{a-1}^T, ybar_{a-1} = E^T ybar_a + the summed Ybar of level a-1) and dZ += the
+gradient through p(+-Z), by reverse mode through the Paterson-Stockmeyer evaluation of
+``_step_matrix``.  The scratch holds 2 (LS + 1) states of D per cell, LS the highest level of
+the launch (``anchor_slots``); batches whose scratch would pass ``SCRATCH_BYTES`` run in chunks.
 
 float32 with REG_MAX_D < D <= 16 takes the lane-group forward of ``triton_group.py``; those D
 (backward) and D up to 64, and float64, take the lane-tiled kernels of ``triton_tiled.py``.
@@ -35,11 +35,10 @@ import torch
 
 from ..utils import HAS_TRITON, first_order_only, tl, triton
 from . import triton_tiled
-from .common import FINISH, NU_MAX, SECOND_ORDER, empty_result, taylor_params
+from .common import FINISH, NU_MAX, SECOND_ORDER, empty_result, operator_norm1, taylor_params
 
 REG_MAX_D = 5  # largest D of the register-resident kernels (float32 only)
 BB = 32  # cells per program: one warp, one cell per lane
-CAP = 4  # anchor checkpoints per direction in the backward
 
 
 def uses_register_kernels(D: int, dtype: torch.dtype) -> bool:
@@ -53,8 +52,7 @@ def uses_register_kernels(D: int, dtype: torch.dtype) -> bool:
 def block_config(D: int, dtype: torch.dtype) -> dict:
     """Compile-time configuration of the register kernels (``uses_register_kernels``)."""
     theta, m = taylor_params(dtype)
-    return dict(D=D, BB=BB, BT=16, BT_BWD=16, M=m, MF=FINISH[dtype],
-                CAP=CAP, num_warps=1)
+    return dict(D=D, BB=BB, BT=16, M=m, MF=FINISH[dtype], num_warps=1)
 
 
 def all_configs(dtype: torch.dtype):
@@ -167,7 +165,7 @@ if HAS_TRITON:
         return out
 
     @triton.jit
-    def _step_matrix(Z, SGN: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
+    def _step_matrix(Z, SGN, D: tl.constexpr, M: tl.constexpr):
         """p_M(SGN Z) = sum_{k<=M} (SGN Z)^k / k! by Paterson-Stockmeyer with blocks of three
         (Higham, Functions of Matrices, 2008, sec. 4.4.3): with W = SGN Z,
         p = P_0, P_q = B_q + W^3 P_{q+1}, P_top = B_top (top = M // 3),
@@ -182,7 +180,7 @@ if HAS_TRITON:
         return P
 
     @triton.jit
-    def _step_matrix_grad(Z, G, SGN: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
+    def _step_matrix_grad(Z, G, SGN, D: tl.constexpr, M: tl.constexpr):
         """d<G, p_M(SGN Z)>/dZ: reverse mode through ``_step_matrix``'s Paterson-Stockmeyer
         scheme: 3 (M // 3) + 5 matrix products (14 at M = 11), against 3 (M - 1) (30) for Horner on
         the block form of the Frechet derivative (Mathias 1996)."""
@@ -339,21 +337,11 @@ if HAS_TRITON:
         return tl.max(hi, axis=0)
 
     @triton.jit
-    def _march(E, x0, Y, ok, neg, lev, NEG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-               ring_ptr=None, CAP: tl.constexpr = 1, BB: tl.constexpr = 1):
-        """Anchor states of one direction: Y[k] = E^lev[k] x0 for the pairs of that direction.
-
-        With ``ring_ptr`` (backward), the states y_0, y_c, y_2c, .. (c = ceil(L / CAP), L the top
-        level) are stored there as checkpoints for the reverse march (``_ring``)."""
+    def _march(E, x0, Y, ok, neg, lev, NEG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+        """Anchor states of one direction: Y[k] = E^lev[k] x0 for the pairs of that direction."""
         L = _top_level(ok, neg, lev, NEG, BT)
-        c = tl.maximum((L + CAP - 1) // CAP, 1)
-        nxt = L * 0  # the next checkpoint's level
         y = x0
         for a in range(1, L + 1):
-            if ring_ptr is not None:
-                if a - 1 == nxt:
-                    _park(ring_ptr + (nxt // c) * D * BB, y, D, BB)
-                    nxt += c
             y = _mv(E, y, D)
             Yn = ()
             for k in tl.static_range(BT):
@@ -364,21 +352,16 @@ if HAS_TRITON:
         return Y
 
     @triton.jit
-    def _anchor_states(Ep, En, x0, ok, neg, lev, HAS_POS, HAS_NEG, D: tl.constexpr, BT: tl.constexpr,
-                       ring_ptr=None, CAP: tl.constexpr = 1, BB: tl.constexpr = 1):
-        """Y[k*D + i]: the state at the anchor of pair k (x0 at level 0).  With ``ring_ptr``, each
-        direction's checkpoints go there (+ at slots 0 .. CAP-1, - at CAP .. 2 CAP-1)."""
+    def _anchor_states(Ep, En, x0, ok, neg, lev, HAS_POS, HAS_NEG, D: tl.constexpr, BT: tl.constexpr):
+        """Y[k*D + i]: the state at the anchor of pair k (x0 at level 0)."""
         Y = ()
         for k in tl.static_range(BT):
             for i in tl.static_range(D):
                 Y = Y + (x0[i],)
         if HAS_POS:
-            Y = _march(Ep, x0, Y, ok, neg, lev, False, D, BT, ring_ptr, CAP, BB)
+            Y = _march(Ep, x0, Y, ok, neg, lev, False, D, BT)
         if HAS_NEG:
-            if ring_ptr is None:
-                Y = _march(En, x0, Y, ok, neg, lev, True, D, BT)
-            else:
-                Y = _march(En, x0, Y, ok, neg, lev, True, D, BT, ring_ptr + CAP * D * BB, CAP, BB)
+            Y = _march(En, x0, Y, ok, neg, lev, True, D, BT)
         return Y
 
     @triton.jit
@@ -427,110 +410,127 @@ if HAS_TRITON:
             tl.store(ptr + e * BB, v[e])
 
     @triton.jit
-    def _unpark(ptr, n: tl.constexpr, BB: tl.constexpr):
+    def _unpark(ptr, n: tl.constexpr, BB: tl.constexpr, mask=None):
         out = ()
         for e in tl.static_range(n):
-            out = out + (tl.load(ptr + e * BB),)
+            if mask is None:
+                out = out + (tl.load(ptr + e * BB),)
+            else:
+                out = out + (tl.load(ptr + e * BB, mask=mask, other=0.0),)
         return out
 
     @triton.jit
-    def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr, S_ptr, Y_ptr, B, T,
+    def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr, S_ptr, Y_ptr, B, T, LS,
                            sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
-                           D: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr,
-                           M: tl.constexpr, MF: tl.constexpr, CAP: tl.constexpr,
+                           D: tl.constexpr, BB: tl.constexpr, M: tl.constexpr, MF: tl.constexpr,
                            SAVE_ANCHORS: tl.constexpr):
         """dA (B, D, D), dx0 (B, D), ddt (B, T) from the upstream gX, gV (B, T, D) contiguous.
 
-        S: scratch of ``scratch_size`` elements, private to each program and lane (the lane index
-        fastest, so every access is coalesced).  Per time block of BT pairs:
-        1. the anchor march of ``_anchor_states`` (bit for bit the forward's), which stores each
-           pair's anchor state and CAP checkpoints per direction in S;
-        2. one pair at a time: its Horner finish recomputed and run in reverse (dZ, ddt, and the
-           pair's anchor adjoint Ybar, which replaces its anchor state in S);
-        3. the anchor marches reversed once for all pairs of the block (dE, dx0).
-        The D x D quantities each phase does not use wait in S (``_park``), so that no phase holds
-        all of them in registers.
+        S: scratch of ``scratch_size(B, D, LS)`` elements, private to each program and lane (the
+        lane index fastest, so every access is coalesced); LS - 1 >= every pair's anchor level
+        (``anchor_slots``).  Per cell, with slot (d, a) for direction d (0: dt >= 0, 1: dt < 0)
+        and level a:
+        1. per direction, the anchor march of the forward (the same arithmetic, so its states are
+           bit for bit the forward's) stores every level's state y_a in its slot;
+        2. one pair at a time: its Horner finish recomputed from the state in its slot and run in
+           reverse (dZ, ddt, and the anchor adjoint Ybar, summed into the slot's accumulator);
+        3. per direction, the march reversed: ybar_{a-1} = E^T ybar_a + the accumulated Ybar of
+           level a-1, dE += ybar_a y_{a-1}^T, dx0 += ybar_0; then dZ += the gradient through
+           E = p(+-Z).
         A pair with NaN/Inf or out-of-range inputs poisons its cell's dA and dx0 (as it would in
         a dense computation) and its own ddt; it is never silently dropped.
         """
         cell, cm, Z, x0, nrm, finite, h, inv_h = _load_cell(
             A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D, BB)
-        hi_pos, hi_neg = _levels(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max, BT)
-        TP = tl.cdiv(T, BT) * BT
-        # S per program: pair slots (t, i), checkpoints (2 CAP D), then Z, dZ, E+, E-, dE+, dE-.
-        sbase = S_ptr + tl.program_id(0).to(tl.int64) * ((TP + 2 * CAP + 6 * D) * D * BB) + tl.arange(0, BB)
-        ring = sbase + TP * D * BB
-        s_z = ring + 2 * CAP * D * BB
-        s_dz = s_z + D * D * BB
-        s_ep = s_dz + D * D * BB
-        s_en = s_ep + D * D * BB
-        s_dep = s_en + D * D * BB
-        s_den = s_dep + D * D * BB
-        Ep, En = _step_matrices(Z, hi_pos, hi_neg, D, M)
+        # S per program: states (2 LS slots of D), accumulators (2 LS slots of D), E+ and E-.
+        sbase = S_ptr + tl.program_id(0).to(tl.int64) * ((4 * LS * D + 2 * D * D) * BB) + tl.arange(0, BB)
+        s_acc = sbase + 2 * LS * D * BB
+        s_e = s_acc + 2 * LS * D * BB
         zero = tl.zeros_like(x0[0])
-        dZ = ()
-        for e in tl.static_range(D * D):
-            dZ = dZ + (zero,)
-        _park(s_z, Z, D * D, BB)
-        _park(s_dz, dZ, D * D, BB)
-        _park(s_ep, Ep, D * D, BB)
-        _park(s_en, En, D * D, BB)
-        _park(s_dep, dZ, D * D, BB)
-        _park(s_den, dZ, D * D, BB)
-        dx0 = ()
+        zeros = ()
         for i in tl.static_range(D):
-            dx0 = dx0 + (zero,)
+            zeros = zeros + (zero,)
+        # This lane's top level per direction (-1: no pair), then the program's.
+        top_p = zero.to(tl.int32) - 1
+        top_n = top_p
+        for t in range(0, T):
+            tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
+            lv = lv.to(tl.int32)
+            top_p = tl.maximum(top_p, tl.where(cm & (tau >= 0), lv, -1))
+            top_n = tl.maximum(top_n, tl.where(cm & (tau < 0), lv, -1))
+        # 1. the anchor states of each direction
+        for d in range(0, 2):
+            sgn = 1.0 - 2.0 * d
+            top = tl.maximum(tl.max(tl.where(d == 0, top_p, top_n), axis=0), 0)
+            E = Z
+            if top > 0:
+                E = _step_matrix(Z, sgn, D, M)
+                _park(s_e + d * (D * D * BB), E, D * D, BB)
+            y = x0
+            for a in range(0, top + 1):
+                if a > 0:
+                    y = _mv(E, y, D)
+                _park(sbase + (d * LS + a) * (D * BB), y, D, BB)
+                _park(s_acc + (d * LS + a) * (D * BB), zeros, D, BB)
+        # 2. the pairs, one at a time
+        zmat = ()
+        for e in tl.static_range(D * D):
+            zmat = zmat + (zero,)
+        dZ = zmat
         cell_bad = cm & ~cm
-        for t0 in range(0, T, BT):
-            inr, ok, neg, lev, rho = _pairs(dt_ptr, cell, cm, t0, T, stb, stt, nrm, finite, inv_h,
-                                            theta, nu_max, BT)
-            Y = _anchor_states(_unpark(s_ep, D * D, BB), _unpark(s_en, D * D, BB), x0, ok, neg, lev,
-                               hi_pos > 0, hi_neg > 0, D, BT, ring, CAP, BB)
+        for t in range(0, T):
+            tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
+            okk = okk & (lv < LS)
+            r = _pair_rho(tau, okk, cm, lv, inv_h)
+            slot = (tl.where(tau < 0, LS, 0) + tl.where(okk, lv, 0.0).to(tl.int32)) * (D * BB)
+            y = _unpark(sbase + slot, D, BB)
             if SAVE_ANCHORS:
-                _save_anchors(Y_ptr, Y, cell, t0, T, inr, D, BT)
-            _park(sbase + t0 * D * BB, Y, BT * D, BB)
-            # 2. pairs, one at a time
-            Z = _unpark(s_z, D * D, BB)
-            dZ = _unpark(s_dz, D * D, BB)
-            for t in range(t0, tl.minimum(t0 + BT, T)):
-                tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
-                r = _pair_rho(tau, okk, cm, lv, inv_h)
-                y = _unpark(sbase + t * D * BB, D, BB)
-                gx = ()
-                gvh = ()  # upstream of Z X (V = (Z X) / h)
                 for i in tl.static_range(D):
-                    gx = gx + (tl.load(gX_ptr + (cell * T + t) * D + i, mask=cm, other=0.0),)
-                    gvh = gvh + (tl.load(gV_ptr + (cell * T + t) * D + i, mask=cm, other=0.0) * inv_h,)
-                dZ, ybar, drho = _pair_adjoint(Z, y, r, gx, gvh, dZ, D, MF)
-                _park(sbase + t * D * BB, ybar, D, BB)
-                tl.store(ddt_ptr + cell * T + t, drho * inv_h, mask=cm)
-                cell_bad = cell_bad | (cm & ~okk)
-            _park(s_dz, dZ, D * D, BB)
-            # 3. the anchor marches in reverse, all pairs of the block at once
-            GY = _unpark(sbase + t0 * D * BB, BT * D, BB)
-            dx0 = _level0(GY, dx0, inr, lev, D, BT)
-            if hi_pos > 0:
-                dEp, dx0 = _march_back(_unpark(s_ep, D * D, BB), GY, _unpark(s_dep, D * D, BB), dx0,
-                                       ok, neg, lev, ring, False, D, BT, CAP, BB)
-                _park(s_dep, dEp, D * D, BB)
-            if hi_neg > 0:
-                dEn, dx0 = _march_back(_unpark(s_en, D * D, BB), GY, _unpark(s_den, D * D, BB), dx0,
-                                       ok, neg, lev, ring + CAP * D * BB, True, D, BT, CAP, BB)
-                _park(s_den, dEn, D * D, BB)
-        Z = _unpark(s_z, D * D, BB)
-        dZ = _unpark(s_dz, D * D, BB)
-        if hi_pos > 0:
-            G = _step_matrix_grad(Z, _unpark(s_dep, D * D, BB), 1.0, D, M)
-            dZn = ()
-            for e in tl.static_range(D * D):
-                dZn = dZn + (dZ[e] + G[e],)
-            dZ = dZn
-        if hi_neg > 0:
-            G = _step_matrix_grad(Z, _unpark(s_den, D * D, BB), -1.0, D, M)
-            dZn = ()
-            for e in tl.static_range(D * D):
-                dZn = dZn + (dZ[e] + G[e],)
-            dZ = dZn
+                    tl.store(Y_ptr + (cell * T + t) * D + i, y[i], mask=cm)
+            gx = ()
+            gvh = ()  # upstream of Z X (V = (Z X) / h)
+            for i in tl.static_range(D):
+                gx = gx + (tl.load(gX_ptr + (cell * T + t) * D + i, mask=cm, other=0.0),)
+                gvh = gvh + (tl.load(gV_ptr + (cell * T + t) * D + i, mask=cm, other=0.0) * inv_h,)
+            dZ, ybar, drho = _pair_adjoint(Z, y, r, gx, gvh, dZ, D, MF)
+            acc = _unpark(s_acc + slot, D, BB)
+            for i in tl.static_range(D):
+                tl.store(s_acc + slot + i * BB, acc[i] + ybar[i])
+            tl.store(ddt_ptr + cell * T + t, drho * inv_h, mask=cm)
+            cell_bad = cell_bad | (cm & ~okk)
+        # 3. the marches in reverse
+        dx0 = zeros
+        for d in range(0, 2):
+            sgn = 1.0 - 2.0 * d
+            mine = tl.where(d == 0, top_p, top_n)
+            top = tl.maximum(tl.max(mine, axis=0), 0)
+            E = Z
+            if top > 0:
+                E = _unpark(s_e + d * (D * D * BB), D * D, BB)
+            dE = zmat
+            ybar = _unpark(s_acc + (d * LS + top) * (D * BB), D, BB)
+            for ia in range(0, top):
+                a = top - ia
+                # (a lane whose own pairs stop below level a has ybar = 0 here; its state is not
+                # read, so that a state that overflowed cannot turn 0 into NaN)
+                y = _unpark(sbase + (d * LS + a - 1) * (D * BB), D, BB, a <= mine)
+                dE = _rank1(dE, ybar, y, D)
+                ybar = _mtv(E, ybar, D)
+                acc = _unpark(s_acc + (d * LS + a - 1) * (D * BB), D, BB)
+                yb = ()
+                for i in tl.static_range(D):
+                    yb = yb + (ybar[i] + acc[i],)
+                ybar = yb
+            dxn = ()
+            for i in tl.static_range(D):
+                dxn = dxn + (dx0[i] + ybar[i],)
+            dx0 = dxn
+            if top > 0:
+                G = _step_matrix_grad(Z, dE, sgn, D, M)
+                dZn = ()
+                for e in tl.static_range(D * D):
+                    dZn = dZn + (dZ[e] + G[e],)
+                dZ = dZn
         for e in tl.static_range(D * D):
             tl.store(dA_ptr + cell * (D * D) + e, tl.where(cell_bad, float("nan"), dZ[e] * h), mask=cm)
         for i in tl.static_range(D):
@@ -575,67 +575,24 @@ if HAS_TRITON:
             for i in tl.static_range(D):
                 tl.store(Y_ptr + (cell * T + t0 + k) * D + i, Y[k * D + i], mask=inr[k])
 
-    @triton.jit
-    def _level0(GY, dx0, inr, lev, D: tl.constexpr, BT: tl.constexpr):
-        """dx0 += Ybar of the pairs at level 0, either direction (their anchor is x0)."""
-        out = ()
-        for i in tl.static_range(D):
-            acc = dx0[i]
-            for k in tl.static_range(BT):
-                acc += tl.where(inr[k] & (lev[k] == 0), GY[k * D + i], 0.0)
-            out = out + (acc,)
-        return out
 
-    @triton.jit
-    def _march_back(E, GY, dE, dx0, ok, neg, lev, ring_ptr, NEG: tl.constexpr, D: tl.constexpr,
-                    BT: tl.constexpr, CAP: tl.constexpr, BB: tl.constexpr):
-        """Adjoint of one direction's anchor march of this time block: ybar_{a-1} = E^T ybar_a +
-        the Ybar of the pairs at level a-1, dE += ybar_a y_{a-1}^T, dx0 += ybar_0.
-
-        The states y_{a-1} are needed in reverse order: each is recomputed from the nearest
-        checkpoint below it (``_march``'s ring, every c-th level), at most c - 1 matvecs."""
-        L = _top_level(ok, neg, lev, NEG, BT)
-        c = tl.maximum((L + CAP - 1) // CAP, 1)
-        # 1.0 for the pairs of this direction at the level of the loop below, else 0.0: their
-        # Ybar enter ybar by FMA.  (0 * Ybar of a pair that could not be computed is NaN, but such
-        # a pair makes its cell's dA and dx0 NaN anyway.)
-        sl = ()
-        for k in tl.static_range(BT):
-            sl = sl + (tl.where(ok[k] & (neg[k] == NEG), lev[k], 0),)
-        ybar = ()
-        for i in tl.static_range(D):
-            ybar = ybar + (tl.zeros_like(GY[0]),)
-        seg = (L - 1) // c  # checkpoint below level a - 1
-        for ia in range(0, L):
-            a = L - ia
-            hit = ()
-            for k in tl.static_range(BT):
-                hit = hit + (tl.where(sl[k] == a, 1.0, 0.0),)
-            yb = ()
-            for i in tl.static_range(D):
-                acc = ybar[i]
-                for k in tl.static_range(BT):
-                    acc = tl.fma(hit[k], GY[k * D + i], acc)
-                yb = yb + (acc,)
-            ybar = yb
-            if a - 1 < seg * c:
-                seg -= 1
-            yp = _unpark(ring_ptr + seg * D * BB, D, BB)
-            for r in range(0, a - 1 - seg * c):
-                yp = _mv(E, yp, D)
-            dE = _rank1(dE, ybar, yp, D)
-            ybar = _mtv(E, ybar, D)
-        out = ()
-        for i in tl.static_range(D):
-            out = out + (dx0[i] + ybar[i],)
-        return dE, out
+SCRATCH_BYTES = 1 << 28  # the backward's scratch per launch; larger batches go in chunks of cells
 
 
-def scratch_size(B: int, T: int, D: int) -> int:
-    """Elements of the backward kernel's scratch S."""
-    cfg = block_config(D, torch.float32)
-    bt = cfg["BT_BWD"]
-    return triton.cdiv(B, cfg["BB"]) * cfg["BB"] * (triton.cdiv(T, bt) * bt + 2 * cfg["CAP"] + 6 * D) * D
+def anchor_slots(A: torch.Tensor, dt: torch.Tensor) -> int:
+    """LS for the backward: one more than the highest anchor level of any pair, plus one level of
+    margin for rounding (the kernel computes ||A||_1 in its own order).  A pair whose level the
+    kernel finds at LS or above (which this margin rules out) would get NaN, not a wrong value."""
+    theta, _ = taylor_params(A.dtype)
+    nu = dt.detach().abs() * operator_norm1(A)[:, None]
+    nu = torch.where(nu <= NU_MAX, nu, torch.zeros_like(nu))  # NaN and out-of-range pairs: level 0
+    top = int(torch.floor(nu.amax() / theta + 0.5).item()) if nu.numel() else 0
+    return min(top, int(NU_MAX / theta + 0.5)) + 2
+
+
+def scratch_size(B: int, D: int, LS: int) -> int:
+    """Elements of the backward kernel's scratch S for B cells (``_llstep_bwd_kernel``)."""
+    return triton.cdiv(B, BB) * BB * (4 * LS * D + 2 * D * D)
 
 
 def _kernel_args(A, x0, dt):
@@ -655,13 +612,13 @@ def forward_launch(A, x0, dt, X, V, anchors=None):
     return _llstep_fwd_kernel, (triton.cdiv(x0.shape[0], cfg["BB"]),), kw
 
 
-def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, S, anchors=None):
-    """(kernel, grid, keyword arguments) of the backward launch; S: ``scratch_size`` elements."""
+def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, S, LS, anchors=None):
+    """(kernel, grid, keyword arguments) of the backward launch; S: ``scratch_size(B, D, LS)``
+    elements, LS from ``anchor_slots``."""
     cfg = block_config(x0.shape[1], A.dtype)
     kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, gX_ptr=gX, gV_ptr=gV, dA_ptr=dA, dx0_ptr=dx0, ddt_ptr=ddt, S_ptr=S,
-              Y_ptr=gX if anchors is None else anchors, **_kernel_args(A, x0, dt), D=cfg["D"], BB=cfg["BB"],
-              BT=cfg["BT_BWD"], M=cfg["M"], MF=cfg["MF"], CAP=cfg["CAP"], SAVE_ANCHORS=anchors is not None,
-              num_warps=cfg["num_warps"])
+              Y_ptr=gX if anchors is None else anchors, LS=LS, **_kernel_args(A, x0, dt), D=cfg["D"], BB=cfg["BB"],
+              M=cfg["M"], MF=cfg["MF"], SAVE_ANCHORS=anchors is not None, num_warps=cfg["num_warps"])
     return _llstep_bwd_kernel, (triton.cdiv(x0.shape[0], cfg["BB"]),), kw
 
 
@@ -698,9 +655,15 @@ def llstep_backward(A, x0, dt, gX, gV, anchors=None):
     dA = torch.empty((B, D, D), dtype=A.dtype, device=A.device)
     dx0 = torch.empty((B, D), dtype=A.dtype, device=A.device)
     ddt = torch.empty((B, T), dtype=A.dtype, device=A.device)
-    S = torch.empty(scratch_size(B, T, D), dtype=A.dtype, device=A.device)
-    kernel, grid, kw = backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, S, anchors)
-    kernel[grid](**kw)
+    LS = anchor_slots(A, dt)
+    per_cell = scratch_size(1, D, LS) // BB
+    chunk = max(BB, SCRATCH_BYTES // (per_cell * A.element_size()) // BB * BB)
+    S = torch.empty(scratch_size(min(B, chunk), D, LS), dtype=A.dtype, device=A.device)
+    for b0 in range(0, B, chunk):
+        c = slice(b0, min(B, b0 + chunk))
+        kernel, grid, kw = backward_launch(A[c], x0[c], dt[c], gX[c], gV[c], dA[c], dx0[c], ddt[c], S, LS,
+                                           None if anchors is None else anchors[c])
+        kernel[grid](**kw)
     return dA, dx0, ddt
 
 

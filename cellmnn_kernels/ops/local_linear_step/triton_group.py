@@ -42,7 +42,7 @@ def all_configs(dtype: torch.dtype):
 
 
 if HAS_TRITON:
-    from .triton_impl import _coefs, _pairs
+    from .triton_impl import _coefs, _pair_level, _pair_rho, _pairs, _park, _unpark
 
     @triton.jit
     def _allsum(x, BC: tl.constexpr, G: tl.constexpr):
@@ -101,20 +101,22 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _block_rows(Wr, W2r, coef, q: tl.constexpr, gi, D: tl.constexpr, R: tl.constexpr, Pr=None):
-        """Rows of B_q = c_3q I + c_3q+1 W + c_3q+2 W^2 (+ P)."""
+    def _block_rows(Wr, W2r, coef, q: tl.constexpr, gi, D: tl.constexpr, R: tl.constexpr, Pr=None,
+                    EYE: tl.constexpr = True):
+        """Rows of B_q = c_3q I + c_3q+1 W + c_3q+2 W^2 (+ P); without the identity if not EYE."""
         out = ()
         for r in tl.static_range(R):
             for k in tl.static_range(D):
                 v = Wr[r * D + k] * coef[3 * q + 1] + W2r[r * D + k] * coef[3 * q + 2]
-                v += tl.where(gi * R + r == k, coef[3 * q], 0.0)
+                if EYE:
+                    v += tl.where(gi * R + r == k, coef[3 * q], 0.0)
                 if Pr is not None:
                     v += Pr[r * D + k]
                 out = out + (v,)
         return out
 
     @triton.jit
-    def _step_rows(Zr, SGN: tl.constexpr, gi, n, D: tl.constexpr, R: tl.constexpr, BC: tl.constexpr,
+    def _step_rows(Zr, SGN, gi, n, D: tl.constexpr, R: tl.constexpr, BC: tl.constexpr,
                    G: tl.constexpr, M: tl.constexpr):
         """Rows of p_M(SGN Z) by Paterson-Stockmeyer (``triton_impl._step_matrix``), with
         P_q = B_q + P_{q+1} W^3 (p commutes with W)."""
@@ -128,6 +130,36 @@ if HAS_TRITON:
         for q in tl.static_range(1, M // 3 + 1):
             P = _block_rows(Wr, W2r, coef, M // 3 - q, gi, D, R, _mmr(P, W3r, gi, n, D, R, BC, G))
         return P
+
+    @triton.jit
+    def _step_rows_tangent(Zr, Fr, SGN, gi, n, D: tl.constexpr, R: tl.constexpr, BC: tl.constexpr,
+                           G: tl.constexpr, M: tl.constexpr):
+        """Rows of L(W, F), the Frechet derivative of p_M at W = SGN Z in the direction F: forward
+        mode through ``_step_rows`` (P_q' = B_q' + P_{q+1}' W^3 + P_{q+1} (W^3)'), 15 products."""
+        Wr = ()
+        for e in tl.static_range(R * D):
+            Wr = Wr + (Zr[e] * SGN,)
+        W2r = _mmr(Wr, Wr, gi, n, D, R, BC, G)
+        W2t = _mmr(Fr, Wr, gi, n, D, R, BC, G, _mmr(Wr, Fr, gi, n, D, R, BC, G))
+        W3r = _mmr(W2r, Wr, gi, n, D, R, BC, G)
+        W3t = _mmr(W2t, Wr, gi, n, D, R, BC, G, _mmr(W2r, Fr, gi, n, D, R, BC, G))
+        coef = _coefs(Zr[0].dtype, M)
+        P = _block_rows(Wr, W2r, coef, M // 3, gi, D, R)
+        Pt = _block_rows(Fr, W2t, coef, M // 3, gi, D, R, None, False)
+        for q in tl.static_range(1, M // 3 + 1):
+            Pt = _block_rows(Fr, W2t, coef, M // 3 - q, gi, D, R,
+                             _mmr(Pt, W3r, gi, n, D, R, BC, G, _mmr(P, W3t, gi, n, D, R, BC, G)), False)
+            P = _block_rows(Wr, W2r, coef, M // 3 - q, gi, D, R, _mmr(P, W3r, gi, n, D, R, BC, G))
+        return Pt
+
+    @triton.jit
+    def _rank1t(Gr, ud, vf, D: tl.constexpr, R: tl.constexpr):
+        """This lane's rows of G + u v^T: u distributed (R), v full (D)."""
+        out = ()
+        for r in tl.static_range(R):
+            for j in tl.static_range(D):
+                out = out + (tl.fma(ud[r], vf[j], Gr[r * D + j]),)
+        return out
 
     @triton.jit
     def _march(E, x0f, Y, ok, neg, lev, NEG: tl.constexpr, gi, D: tl.constexpr, R: tl.constexpr,
@@ -149,27 +181,20 @@ if HAS_TRITON:
         return Y
 
     @triton.jit
-    def _llstep_fwd_group_kernel(A_ptr, x0_ptr, dt_ptr, X_ptr, V_ptr, B, T, D_rt,
-                                 sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
-                                 D: tl.constexpr, G: tl.constexpr, R: tl.constexpr, BT: tl.constexpr,
-                                 M: tl.constexpr, MF: tl.constexpr):
-        """X, V (B, T, D) contiguous from A (B, D, D), x0 (B, D), dt (B, T), any strides.
-        D_rt: D again, at run time (``_mmr``)."""
+    def _load_cell_rows(A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D: tl.constexpr, G: tl.constexpr,
+                        R: tl.constexpr):
+        """The program's cells (32 / G, G lanes each), this lane's rows of Z = h A and of x0,
+        ||A||_1 and h = theta / ||A||_1 as in ``triton_impl._load_cell``."""
         BC: tl.constexpr = 32 // G
         pid = tl.program_id(0).to(tl.int64)
         cell = pid * BC + tl.arange(0, BC)[:, None] + tl.zeros((BC, G), tl.int64)
         gi = tl.arange(0, G)[None, :] + tl.zeros((BC, G), tl.int32)
         cm = cell < B
-        Ar = ()
-        for r in tl.static_range(R):
-            for j in tl.static_range(D):
-                row = gi * R + r
-                Ar = Ar + (tl.load(A_ptr + cell * sAb + row * sAi + j * sAj, mask=cm & (row < D), other=0.0),)
+        Ar = _load_rows(A_ptr + cell * sAb, sAi, sAj, gi, cm, 1.0, D, R)
         x0 = ()
         for r in tl.static_range(R):
             row = gi * R + r
             x0 = x0 + (tl.load(x0_ptr + cell * sxb + row * sxd, mask=cm & (row < D), other=0.0),)
-        # ||A||_1 and h = theta / ||A||_1 as in triton_impl._load_cell.
         nrm = tl.zeros((BC, G), tl.float32)
         total = tl.zeros((BC, G), tl.float32)
         for j in tl.static_range(D):
@@ -187,6 +212,28 @@ if HAS_TRITON:
         Zr = ()
         for e in tl.static_range(R * D):
             Zr = Zr + (Ar[e] * h,)
+        return cell, gi, cm, Zr, x0, nrm, finite, h, inv_h
+
+    @triton.jit
+    def _load_rows(base, s_row, s_col, gi, cm, scale, D: tl.constexpr, R: tl.constexpr):
+        """This lane's R rows of the D x D matrix at base (strides s_row, s_col), times scale."""
+        out = ()
+        for r in tl.static_range(R):
+            row = gi * R + r
+            for j in tl.static_range(D):
+                out = out + (tl.load(base + row * s_row + j * s_col, mask=cm & (row < D), other=0.0) * scale,)
+        return out
+
+    @triton.jit
+    def _llstep_fwd_group_kernel(A_ptr, x0_ptr, dt_ptr, X_ptr, V_ptr, B, T, D_rt,
+                                 sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
+                                 D: tl.constexpr, G: tl.constexpr, R: tl.constexpr, BT: tl.constexpr,
+                                 M: tl.constexpr, MF: tl.constexpr):
+        """X, V (B, T, D) contiguous from A (B, D, D), x0 (B, D), dt (B, T), any strides.
+        D_rt: D again, at run time (``_mmr``)."""
+        BC: tl.constexpr = 32 // G
+        cell, gi, cm, Zr, x0, nrm, finite, h, inv_h = _load_cell_rows(
+            A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D, G, R)
         # Highest anchor level per direction over the program.
         hi_pos = tl.zeros((BC, G), tl.int32)
         hi_neg = tl.zeros((BC, G), tl.int32) - 1
@@ -238,6 +285,161 @@ if HAS_TRITON:
                     tl.store(V_ptr + off, W[r] * inv_h, mask=m)
 
 
+    @triton.jit
+    def _llstep_bwd_group_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr, S_ptr,
+                                 B, T, LS, D_rt, sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
+                                 D: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+                                 M: tl.constexpr, MF: tl.constexpr):
+        """dA (B, D, D), dx0 (B, D), ddt (B, T) from the upstream gX, gV (B, T, D) contiguous.
+
+        The register backward's three phases (``triton_impl._llstep_bwd_kernel``: the anchor
+        states of every level in the scratch S, the pairs one at a time with their anchor
+        adjoints summed per level, the marches reversed) on rows distributed as in the forward.
+        Every transposed product is a product with rows of a transposed operator, so nothing
+        crosses lanes but the gathers: Z^T is loaded as rows, E^T = p(+-Z^T) is formed from
+        them, and the gradients are accumulated transposed (dZ^T, dE^T: a rank-1 update u v^T
+        becomes v u^T, rows of v times the full u); the gradient through E = p(+-Z) is then
+        dZ^T += +-L(+-Z, dE^T), the Frechet derivative (``_step_rows_tangent``).
+        S: ``scratch_size(B, D, LS)`` elements, LS from ``triton_impl.anchor_slots``.
+        """
+        BC: tl.constexpr = 32 // G
+        cell, gi, cm, Zr, x0, nrm, finite, h, inv_h = _load_cell_rows(
+            A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D, G, R)
+        ZTr = _load_rows(A_ptr + cell * sAb, sAj, sAi, gi, cm, h, D, R)  # rows of Z^T
+        x0f = _gather(x0, gi, D, R, BC, G)
+        lane = tl.arange(0, BC)[:, None] * G + gi
+        sbase = S_ptr + tl.program_id(0).to(tl.int64) * (4 * LS * R * 32) + lane
+        s_acc = sbase + 2 * LS * R * 32
+        zero = tl.zeros((BC, G), tl.float32)
+        zd = ()
+        for r in tl.static_range(R):
+            zd = zd + (zero,)
+        zmat = ()
+        for e in tl.static_range(R * D):
+            zmat = zmat + (zero,)
+        top_p = zero.to(tl.int32) - 1
+        top_n = top_p
+        for t in range(0, T):
+            tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
+            lv = lv.to(tl.int32)
+            top_p = tl.maximum(top_p, tl.where(cm & (tau >= 0), lv, -1))
+            top_n = tl.maximum(top_n, tl.where(cm & (tau < 0), lv, -1))
+        # 1. the anchor states of each direction, distributed
+        for d in range(0, 2):
+            sgn = 1.0 - 2.0 * d
+            top = tl.maximum(_top(tl.where(d == 0, top_p, top_n)), 0)
+            E = Zr
+            if top > 0:
+                E = _step_rows(Zr, sgn, gi, D_rt, D, R, BC, G, M)
+            y = x0f
+            yd = x0
+            for a in range(0, top + 1):
+                if a > 0:
+                    yd = _mvr(E, y, D, R)
+                    y = _gather(yd, gi, D, R, BC, G)
+                _park(sbase + (d * LS + a) * (R * 32), yd, R, 32)
+                _park(s_acc + (d * LS + a) * (R * 32), zd, R, 32)
+        # 2. the pairs, one at a time
+        dZT = zmat
+        cell_bad = cm & ~cm
+        for t in range(0, T):
+            tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
+            okk = okk & (lv < LS)
+            rho = _pair_rho(tau, okk, cm, lv, inv_h)
+            slot = (tl.where(tau < 0, LS, 0) + tl.where(okk, lv, 0.0).to(tl.int32)) * (R * 32)
+            yd = _unpark(sbase + slot, R, 32)
+            # the Horner finish again, keeping W_j = Z X_{j+1} (at MF - j)
+            Xf = _gather(yd, gi, D, R, BC, G)
+            Xd = yd
+            Ws = ()
+            for jj in tl.static_range(MF):
+                W = _mvr(Zr, Xf, D, R)
+                c = rho * (1.0 / (MF - jj))
+                Xd = ()
+                for r in tl.static_range(R):
+                    Xd = Xd + (tl.fma(W[r], c, yd[r]),)
+                if jj < MF - 1:
+                    Xf = _gather(Xd, gi, D, R, BC, G)
+                Ws = Ws + W
+            off = (cell * T + t) * D
+            gvf = ()  # upstream of Z X (V = (Z X) / h), full
+            for j in tl.static_range(D):
+                gvf = gvf + (tl.load(gV_ptr + off + j, mask=cm, other=0.0) * inv_h,)
+            dZT = _rank1t(dZT, Xd, gvf, D, R)
+            xb = _mvr(ZTr, gvf, D, R)
+            xbn = ()
+            for r in tl.static_range(R):
+                row = gi * R + r
+                xbn = xbn + (xb[r] + tl.load(gX_ptr + off + row, mask=cm & (row < D), other=0.0),)
+            xb = xbn
+            yb = xb
+            drho = zero
+            for j in tl.static_range(1, MF + 1):  # X_j = y + (rho/j) W_j
+                part = xb[0] * Ws[(MF - j) * R]
+                for r in tl.static_range(1, R):
+                    part = tl.fma(xb[r], Ws[(MF - j) * R + r], part)
+                drho += _allsum(part, BC, G) * (1.0 / j)
+                wb = ()
+                Xn = ()
+                for r in tl.static_range(R):
+                    wb = wb + (xb[r] * (rho * (1.0 / j)),)
+                    if j == MF:
+                        Xn = Xn + (yd[r],)
+                    else:
+                        Xn = Xn + (tl.fma(Ws[(MF - j - 1) * R + r], rho * (1.0 / (j + 1)), yd[r]),)
+                wf = _gather(wb, gi, D, R, BC, G)
+                dZT = _rank1t(dZT, Xn, wf, D, R)
+                xb = _mvr(ZTr, wf, D, R)
+                ybn = ()
+                for r in tl.static_range(R):
+                    ybn = ybn + (yb[r] + xb[r],)
+                yb = ybn
+            acc = _unpark(s_acc + slot, R, 32)
+            for r in tl.static_range(R):
+                tl.store(s_acc + slot + r * 32, acc[r] + yb[r])
+            tl.store(ddt_ptr + cell * T + t, drho * inv_h, mask=cm & (gi == 0))
+            cell_bad = cell_bad | (cm & ~okk)
+        # 3. the marches in reverse, with E^T = p(+-Z^T) as rows
+        dx0 = zd
+        for d in range(0, 2):
+            sgn = 1.0 - 2.0 * d
+            mine = tl.where(d == 0, top_p, top_n)
+            top = tl.maximum(_top(mine), 0)
+            ET = ZTr
+            if top > 0:
+                ET = _step_rows(ZTr, sgn, gi, D_rt, D, R, BC, G, M)
+            dET = zmat
+            yb = _unpark(s_acc + (d * LS + top) * (R * 32), R, 32)
+            for ia in range(0, top):
+                a = top - ia
+                ybf = _gather(yb, gi, D, R, BC, G)
+                yd = _unpark(sbase + (d * LS + a - 1) * (R * 32), R, 32, a <= mine)
+                dET = _rank1t(dET, yd, ybf, D, R)  # dE += ybar_a y_{a-1}^T, transposed
+                yb = _mvr(ET, ybf, D, R)
+                acc = _unpark(s_acc + (d * LS + a - 1) * (R * 32), R, 32)
+                ybn = ()
+                for r in tl.static_range(R):
+                    ybn = ybn + (yb[r] + acc[r],)
+                yb = ybn
+            dxn = ()
+            for r in tl.static_range(R):
+                dxn = dxn + (dx0[r] + yb[r],)
+            dx0 = dxn
+            if top > 0:
+                Lr = _step_rows_tangent(Zr, dET, sgn, gi, D_rt, D, R, BC, G, M)
+                dzn = ()
+                for e in tl.static_range(R * D):
+                    dzn = dzn + (tl.fma(Lr[e], sgn, dZT[e]),)
+                dZT = dzn
+        for r in tl.static_range(R):
+            row = gi * R + r
+            m = cm & (row < D)
+            for j in tl.static_range(D):
+                tl.store(dA_ptr + cell * (D * D) + j * D + row,
+                         tl.where(cell_bad, float("nan"), dZT[r * D + j] * h), mask=m)
+            tl.store(dx0_ptr + cell * D + row, tl.where(cell_bad, float("nan"), dx0[r]), mask=m)
+
+
 def forward_launch(A, x0, dt, X, V):
     """(kernel, grid, keyword arguments) of the forward launch."""
     cfg = block_config(x0.shape[1], A.dtype)
@@ -259,3 +461,22 @@ def llstep_forward(A, x0, dt):
     kernel, grid, kw = forward_launch(A, x0, dt, X, V)
     kernel[grid](**kw)
     return X, V
+
+
+def scratch_size(B: int, D: int, LS: int) -> int:
+    """Elements of the backward kernel's scratch S for B cells."""
+    cfg = block_config(D)
+    return triton.cdiv(B, 32 // cfg["G"]) * 32 * 4 * LS * cfg["R"]
+
+
+def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, S, LS):
+    """(kernel, grid, keyword arguments) of the backward launch."""
+    cfg = block_config(x0.shape[1], A.dtype)
+    theta, _ = taylor_params(A.dtype)
+    B = x0.shape[0]
+    kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, gX_ptr=gX, gV_ptr=gV, dA_ptr=dA, dx0_ptr=dx0, ddt_ptr=ddt, S_ptr=S,
+              B=B, T=dt.shape[1], LS=LS, D_rt=x0.shape[1],
+              sAb=A.stride(0), sAi=A.stride(1), sAj=A.stride(2), sxb=x0.stride(0), sxd=x0.stride(1),
+              stb=dt.stride(0), stt=dt.stride(1), theta=theta, nu_max=NU_MAX,
+              D=cfg["D"], G=cfg["G"], R=cfg["R"], M=cfg["M"], MF=cfg["MF"], num_warps=cfg["num_warps"])
+    return _llstep_bwd_group_kernel, (triton.cdiv(B, 32 // cfg["G"]),), kw

@@ -647,8 +647,13 @@ def llstep_backward(A, x0, dt, gX, gV, anchors=None):
     ``anchors``: an optional (B, T, D) tensor that receives the anchor states the backward
     recomputes (register kernels only)."""
     B, D = x0.shape
+    mod = None  # the register kernels (this module) or the lane-group ones
     if not uses_register_kernels(D, A.dtype):
-        return triton_tiled.llstep_backward(A, x0, dt, gX, gV)
+        from . import triton_group
+
+        if anchors is not None or not triton_group.uses_group_kernel(D, A.dtype):
+            return triton_tiled.llstep_backward(A, x0, dt, gX, gV)
+        mod = triton_group
     T = dt.shape[1]
     gX = torch.zeros((B, T, D), dtype=A.dtype, device=A.device) if gX is None else gX.contiguous()
     gV = torch.zeros((B, T, D), dtype=A.dtype, device=A.device) if gV is None else gV.contiguous()
@@ -656,13 +661,18 @@ def llstep_backward(A, x0, dt, gX, gV, anchors=None):
     dx0 = torch.empty((B, D), dtype=A.dtype, device=A.device)
     ddt = torch.empty((B, T), dtype=A.dtype, device=A.device)
     LS = anchor_slots(A, dt)
-    per_cell = scratch_size(1, D, LS) // BB
-    chunk = max(BB, SCRATCH_BYTES // (per_cell * A.element_size()) // BB * BB)
-    S = torch.empty(scratch_size(min(B, chunk), D, LS), dtype=A.dtype, device=A.device)
+    unit = BB if mod is None else 32 // mod.block_config(D)["G"]  # cells per program
+    size = scratch_size if mod is None else mod.scratch_size
+    per_cell = size(unit, D, LS) // unit
+    chunk = max(unit, SCRATCH_BYTES // (per_cell * A.element_size()) // unit * unit)
+    S = torch.empty(size(min(B, chunk), D, LS), dtype=A.dtype, device=A.device)
     for b0 in range(0, B, chunk):
         c = slice(b0, min(B, b0 + chunk))
-        kernel, grid, kw = backward_launch(A[c], x0[c], dt[c], gX[c], gV[c], dA[c], dx0[c], ddt[c], S, LS,
-                                           None if anchors is None else anchors[c])
+        args = (A[c], x0[c], dt[c], gX[c], gV[c], dA[c], dx0[c], ddt[c], S, LS)
+        if mod is None:
+            kernel, grid, kw = backward_launch(*args, None if anchors is None else anchors[c])
+        else:
+            kernel, grid, kw = mod.backward_launch(*args)
         kernel[grid](**kw)
     return dA, dx0, ddt
 

@@ -95,10 +95,16 @@ def kernel_specs(with_meta: bool = False) -> list:
                            f"{mod}:_llstep_fwd_group_kernel", _signature(group._llstep_fwd_group_kernel, f, c),
                            tuple(c.items()), cfg["num_warps"]),
                 family="llstep_group", kind="fwd", dtype=f, cfg=cfg)
+            c = {k: cfg[k] for k in ("D", "G", "R", "M", "MF")}
+            add(KernelSpec(f"llstep_group_bwd_{f}_D{cfg['D']}_G{cfg['G']}",
+                           f"{mod}:_llstep_bwd_group_kernel", _signature(group._llstep_bwd_group_kernel, f, c),
+                           tuple(c.items()), cfg["num_warps"]),
+                family="llstep_group", kind="bwd", dtype=f, cfg=cfg)
     mod = "cellmnn_kernels.ops.local_linear_step.triton_tiled"
     for dtype, (_, m) in TAYLOR.items():
         f = _DTYPE_SIG[dtype]
-        min_d = reg.REG_MAX_D + 1 if reg.all_configs(dtype) else 1
+        # The D the register and lane-group kernels serve never reach the tiled ones.
+        min_d = max([1] + [c["D"] + 1 for c in reg.all_configs(dtype) + group.all_configs(dtype)])
         for cfg in tiled.all_configs(dtype, min_d=min_d):
             tag = f"{f}_DP{cfg['DP']}_BT{cfg['BT']}"
             fwd_c = {"DP": cfg["DP"], "BB": cfg["BB"], "BT": cfg["BT"], "M": m}

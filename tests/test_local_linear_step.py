@@ -111,6 +111,18 @@ def test_gradients_match_oracle(backend, dtype, case):
     assert_grads_close(backend, A, x0, dt, GRAD_RTOL[dtype], seed=case["seed"] % 1000)
 
 
+@pytest.mark.parametrize("backend", [backend_param("triton")])
+@settings(max_examples=scaled_examples(6))
+@given(case=cases(max_B=3, max_T=4, max_D=16, max_nu=12.0))
+def test_lane_group_gradients_match_oracle(backend, case):
+    # float32 5 < D <= 16 takes the lane-group kernels (triton_group.py) forward and backward.
+    case["D"] = max(case["D"], 6)
+    A, x0, dt = build_inputs(dtype=torch.float32, **case)
+    X, V = local_linear_step(A, x0, dt, backend=backend)
+    assert_pairs_close(X, V, A, x0, dt, RTOL[torch.float32])
+    assert_grads_close(backend, A, x0, dt, GRAD_RTOL[torch.float32], seed=case["seed"] % 1000)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["decaying", "nonnormal", "growing"])

@@ -72,9 +72,10 @@ def test_register_kernels_meet_the_cost_model_targets(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_lane_group_forward_has_no_barrier_or_shared_memory(tmp_path):
-    # float32 5 < D <= 16: the lane-group forward; D = 8 here (D = 16 compiles for minutes; its
-    # counts are in bench/results/sass_cost_*.json).  Its only cross-lane traffic is shuffles.
+def test_lane_group_kernels_have_no_barrier_or_shared_memory(tmp_path):
+    # float32 5 < D <= 16: the lane-group forward and backward; D = 8 here (D = 16 compiles for
+    # minutes; its counts are in bench/results/sass_cost_*.json).  Their only cross-lane traffic
+    # is shuffles.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "cost.json"
     res = subprocess.run([sys.executable, "-m", "cellmnn_kernels.sass_cost", "--d", "8", "--dtype", "fp32",
@@ -82,8 +83,10 @@ def test_lane_group_forward_has_no_barrier_or_shared_memory(tmp_path):
                          capture_output=True, text=True, env=env, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     kernels = {k["name"]: k for k in json.loads(out.read_text())["kernels"]}
-    (name,) = [n for n in kernels if n.startswith("llstep_group_fwd_fp32_D8")]
-    k = kernels[name]
-    assert k["ok"] and k["spill_stores"] == 0
-    assert k["counts"]["bar_sync"] == 0 and k["counts"]["lds"] == 0 and k["counts"]["sts"] == 0
-    assert k["counts"]["shfl"] > 0  # the gathers are there, as shuffles
+    for kind in ("fwd", "bwd"):
+        (name,) = [n for n in kernels if n.startswith(f"llstep_group_{kind}_fp32_D8")]
+        k = kernels[name]
+        assert k["ok"], k
+        assert k["counts"]["bar_sync"] == 0 and k["counts"]["lds"] == 0 and k["counts"]["sts"] == 0, name
+        assert k["counts"]["shfl"] > 0, name  # the gathers are there, as shuffles
+    assert kernels[[n for n in kernels if n.startswith("llstep_group_fwd_fp32_D8")][0]]["spill_stores"] == 0

@@ -95,6 +95,7 @@ def kernel_specs(with_meta: bool = False) -> list:
                            f"{mod}:_llstep_fwd_group_kernel", _signature(group._llstep_fwd_group_kernel, f, c),
                            tuple(c.items()), cfg["num_warps"]),
                 family="llstep_group", kind="fwd", dtype=f, cfg=cfg)
+            cfg = group.block_config(cfg["D"], dtype, backward=True)
             c = {k: cfg[k] for k in ("D", "G", "R", "M", "MF")}
             add(KernelSpec(f"llstep_group_bwd_{f}_D{cfg['D']}_G{cfg['G']}",
                            f"{mod}:_llstep_bwd_group_kernel", _signature(group._llstep_bwd_group_kernel, f, c),

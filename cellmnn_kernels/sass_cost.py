@@ -184,26 +184,40 @@ def benchmark_levels(D: int, B: int, T: int, seed: int, theta: float, BT: int, B
 
 def register_kernel_trips(kind: str, cfg: dict, T: int, per_block) -> dict:
     """Mean trips per program of each source loop of the register kernels (``per_block``: the
-    program's top level per time block, one block of all T for the backward)."""
+    program's top level per time block, one block of all T for the backward).
+
+    A backward loop that the compiler unrolled by u appears as "name/u" (n // u trips for n
+    iterations) and its remainder loop as "name%u" (n % u trips); both are listed for u <= 8."""
     nb = per_block.shape[1]
     L = per_block.double()
     if kind == "fwd":
         return {"levels": nb, "time": nb, "march+": float(L.sum(1).mean()), "march-": 0.0}
-    # Backward: one march and one reverse march per direction over all T; the march also stores
-    # level 0, so it runs top + 1 times (once for the unused direction).
-    top = float(L[:, 0].mean())
-    return {"levels": float(T), "directions": 2.0, "march": top + 2.0, "pairs": float(T),
-            "reverse directions": 2.0, "reverse": top}
+    # Backward, iterations per program of each loop, per direction where it runs per direction:
+    # the march also stores level 0, so it runs top + 1 times (once for the unused direction); the
+    # reverse march runs top times (never for the unused direction).
+    top = L[:, 0]
+    one = top * 0 + 1
+    iters = {"levels": [T * one], "directions": [2 * one], "pairs": [T * one],
+             "reverse directions": [2 * one], "march": [top + 1, one], "reverse": [top, 0 * one]}
+    out = {}
+    for name, ns in iters.items():
+        out[name] = float(sum(ns).mean())
+        for u in range(2, 9):
+            out[f"{name}/{u}"] = float(sum((n / u).floor() for n in ns).mean())
+            out[f"{name}%{u}"] = float(sum(n - (n / u).floor() * u for n in ns).mean())
+    return out
 
 
-def _unrolled_trips(name: str, T: int) -> int:
-    """Trips of a loop of T iterations unrolled by u: "levels/u" runs T // u times, its remainder
-    loop "levels%u" T % u times."""
-    m = re.fullmatch(r"\w+([/%])(\d+)", name)
-    if not m:
-        raise ValueError(f"no trip count for loop {name!r}")
-    u = int(m.group(2))
-    return T // u if m.group(1) == "/" else T % u
+def _unrolled(loops, idx: list, name: str) -> list:
+    """Labels of the loops ``idx`` that compile one source loop: the loop itself, or a loop
+    unrolled by u (about u times the instructions) and its remainder."""
+    if len(idx) == 1:
+        return [name]
+    if len(idx) != 2:
+        raise ValueError(f"{len(idx)} loops for the source loop {name!r}")
+    a, b = (loops[i].own["instructions"] for i in idx)
+    u = max(2, round(max(a, b) / max(1, min(a, b))))
+    return [f"{name}/{u}", f"{name}%{u}"] if a >= b else [f"{name}%{u}", f"{name}/{u}"]
 
 
 def label_register_loops(kind: str, loops: list[Loop], D: int) -> list[str]:
@@ -220,7 +234,7 @@ def label_register_loops(kind: str, loops: list[Loop], D: int) -> list[str]:
     labels = [None] * len(loops)
     tops = [i for i, l in enumerate(loops) if l.parent is None]
     if kind == "bwd":
-        # The levels pre-pass may come unrolled (triton 3.6: by 4, with a remainder loop).
+        # The levels pre-pass, and for small D the marches, may come unrolled (with a remainder loop).
         lv = []
         for i in tops:
             if loops[i].own["ldg"] and not loops[i].own["stg"] and not loops[i].children:
@@ -230,18 +244,18 @@ def label_register_loops(kind: str, loops: list[Loop], D: int) -> list[str]:
         rest = tops[len(lv):]
         shape = [(bool(loops[i].total["ldg"]), bool(loops[i].own["stg"]), len(loops[i].children)) for i in rest]
         names = ("directions", "pairs", "reverse directions")
-        if not 1 <= len(lv) <= 2 or len(rest) != 3 or [x[2] for x in shape] != [1, 0, 1]:
+        if not 1 <= len(lv) <= 2 or len(rest) != 3 or not (1 <= shape[0][2] <= 2 and shape[1][2] == 0
+                                                            and 1 <= shape[2][2] <= 2):
             raise ValueError(f"unexpected loop structure for the backward kernel: {len(lv)} levels loops, then "
                              f"(loads, stores, children) {shape}, expected {list(names)}")
-        if len(lv) == 1:
-            labels[lv[0]] = "levels"
-        else:
-            u = loops[lv[0]].own["ldg"]
-            labels[lv[0]], labels[lv[1]] = f"levels/{u}", f"levels%{u}"
+        for i, n in zip(lv, _unrolled(loops, lv, "levels")):
+            labels[i] = n
         for i, n in zip(rest, names):
             labels[i] = n
-        labels[loops[rest[0]].children[0]] = "march"
-        labels[loops[rest[2]].children[0]] = "reverse"
+        for parent, name in ((rest[0], "march"), (rest[2], "reverse")):
+            kids = loops[parent].children
+            for i, n in zip(kids, _unrolled(loops, kids, name)):
+                labels[i] = n
         return labels
     for i in tops:
         t = loops[i].total
@@ -356,7 +370,7 @@ def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT
             rows.append({"loop": name + " (block of a direction loop)", "body_instructions": c["instructions"],
                          "trips_per_program": ran})
     for lp, name in zip(loops, labels):
-        n = trips[name] if name in trips else _unrolled_trips(name, bench["T"])
+        n = trips[name]
         warp_instr += lp.own["instructions"] * n
         rows.append({"loop": name, "body_instructions": lp.own["instructions"], "trips_per_program": n,
                      **{k: lp.own[k] for k in ("fp32", "fp64", "bar_sync", "lds", "sts", "shfl", "mufu", "local")}})

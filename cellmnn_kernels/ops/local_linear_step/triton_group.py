@@ -1,4 +1,4 @@
-"""Lane-group forward kernel of ``local_linear_step``: float32, 5 < D <= 16.
+"""Lane-group kernels of ``local_linear_step``: float32, 5 < D <= 16.
 
 The register kernels of ``triton_impl.py`` give each cell one lane; beyond D = 5 a cell's
 operators no longer fit one thread's registers.  Here a cell has G lanes (G = 4 for D <= 8, 8 up
@@ -15,7 +15,12 @@ The scheme is the register kernels' (``triton_impl``): per cell the anchor-step 
 E+- = p_M(+-Z) (Paterson-Stockmeyer; the polynomials commute with Z, so every product is "rows
 of the left operand times rows of the right one broadcast in turn"); per block of BT target
 times the anchors are marched once, every pair captures its nearest anchor and is finished by a
-degree-MF Horner, V = (Z X) / h.  The backward of these D is ``triton_tiled``'s.
+degree-MF Horner, V = (Z X) / h.
+
+The backward (``_llstep_bwd_group_kernel``) is the register backward's scheme on the same rows;
+it never needs a column of an operator it holds by rows: Z^T is loaded as rows too, E^T =
+p(+-Z^T) is formed from them, gradients are accumulated transposed, and the gradient through the
+step matrix is a Frechet derivative in forward mode (``_step_rows_tangent``).
 """
 from __future__ import annotations
 
@@ -31,14 +36,17 @@ def uses_group_kernel(D: int, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and MIN_D <= D <= MAX_D
 
 
-def block_config(D: int, dtype: torch.dtype = torch.float32) -> dict:
+def block_config(D: int, dtype: torch.dtype = torch.float32, backward: bool = False) -> dict:
+    """G lanes per cell, R = ceil(D / G) rows per lane, BT target times per forward block.  The
+    backward holds more operators at once (Z, Z^T, gradients): beyond D = 8 it takes 16 lanes and
+    one row per lane (8 lanes and 2 rows spill 140 B to 1.8 kB at D = 10..16 on sm_90)."""
     theta, m = taylor_params(dtype)
-    G = 4 if D <= 8 else 8
+    G = 4 if D <= 8 else (16 if backward else 8)
     return dict(D=D, G=G, R=-(-D // G), BT=8 if G == 4 else 4, M=m, MF=FINISH[dtype], num_warps=1)
 
 
-def all_configs(dtype: torch.dtype):
-    return [block_config(D, dtype) for D in range(MIN_D, MAX_D + 1) if uses_group_kernel(D, dtype)]
+def all_configs(dtype: torch.dtype, backward: bool = False):
+    return [block_config(D, dtype, backward) for D in range(MIN_D, MAX_D + 1) if uses_group_kernel(D, dtype)]
 
 
 if HAS_TRITON:
@@ -465,13 +473,13 @@ def llstep_forward(A, x0, dt):
 
 def scratch_size(B: int, D: int, LS: int) -> int:
     """Elements of the backward kernel's scratch S for B cells."""
-    cfg = block_config(D)
+    cfg = block_config(D, backward=True)
     return triton.cdiv(B, 32 // cfg["G"]) * 32 * 4 * LS * cfg["R"]
 
 
 def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, S, LS):
     """(kernel, grid, keyword arguments) of the backward launch."""
-    cfg = block_config(x0.shape[1], A.dtype)
+    cfg = block_config(x0.shape[1], A.dtype, backward=True)
     theta, _ = taylor_params(A.dtype)
     B = x0.shape[0]
     kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, gX_ptr=gX, gV_ptr=gV, dA_ptr=dA, dx0_ptr=dx0, ddt_ptr=ddt, S_ptr=S,

@@ -26,8 +26,8 @@ gradient through p(+-Z), by reverse mode through the Paterson-Stockmeyer evaluat
 ``_step_matrix``.  The scratch holds 2 (LS + 1) states of D per cell, LS the highest level of
 the launch (``anchor_slots``); batches whose scratch would pass ``SCRATCH_BYTES`` run in chunks.
 
-float32 with REG_MAX_D < D <= 16 takes the lane-group forward of ``triton_group.py``; those D
-(backward) and D up to 64, and float64, take the lane-tiled kernels of ``triton_tiled.py``.
+float32 with REG_MAX_D < D <= 16 takes the lane-group kernels of ``triton_group.py``; float32 with
+16 < D <= 64, and float64, take the lane-tiled kernels of ``triton_tiled.py``.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ BB = 32  # cells per program: one warp, one cell per lane
 def uses_register_kernels(D: int, dtype: torch.dtype) -> bool:
     """float32 with D <= 5.  Beyond, the unrolled code outgrows the register file (sm_90, triton
     3.8: D = 8 float32 spills 1.4 kB and compiles in minutes; D = 5 float64 spills 1.6 kB
-    forward, 9.8 kB backward): float32 up to D = 16 takes the lane-group forward
+    forward, 9.8 kB backward): float32 up to D = 16 takes the lane-group kernels
     (``triton_group``), and the lane-tiled kernels take the rest."""
     return dtype == torch.float32 and D <= REG_MAX_D
 
@@ -661,7 +661,7 @@ def llstep_backward(A, x0, dt, gX, gV, anchors=None):
     dx0 = torch.empty((B, D), dtype=A.dtype, device=A.device)
     ddt = torch.empty((B, T), dtype=A.dtype, device=A.device)
     LS = anchor_slots(A, dt)
-    unit = BB if mod is None else 32 // mod.block_config(D)["G"]  # cells per program
+    unit = BB if mod is None else 32 // mod.block_config(D, A.dtype, backward=True)["G"]  # cells per program
     size = scratch_size if mod is None else mod.scratch_size
     per_cell = size(unit, D, LS) // unit
     chunk = max(unit, SCRATCH_BYTES // (per_cell * A.element_size()) // unit * unit)

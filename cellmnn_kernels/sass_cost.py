@@ -303,7 +303,7 @@ def basic_blocks(region, targets) -> list[list[Instr]]:
 def matrix_blocks(instrs, loops, D: int, kind: str, labels=None) -> list[tuple[int, int, dict]]:
     """The basic blocks with at least 3 D^3 floating-point instructions: the anchor-step matrices
     E+ and E- (forward: straight-line code outside every loop) or the step matrix and its
-    gradient (backward: one block in each direction loop, ``labels`` from
+    gradient (backward: the largest block in each direction loop, ``labels`` from
     ``label_register_loops``).  (Basic blocks rather than branch shapes: ptxas lays an ``if`` out
     as a skipped block or as an if/else depending on its version.)  Raises unless two are found."""
     targets = branch_targets(instrs)
@@ -323,7 +323,9 @@ def matrix_blocks(instrs, loops, D: int, kind: str, labels=None) -> list[tuple[i
         for name in ("directions", "reverse directions"):
             lp = loops[labels.index(name)]
             kids = [loops[c] for c in lp.children]
-            found += big([x for x in instrs if lp.start <= x.addr <= lp.end and outside(x, kids)])
+            # (the largest such block: at small D other blocks of the loop pass 3 D^3 too)
+            found += sorted(big([x for x in instrs if lp.start <= x.addr <= lp.end and outside(x, kids)]),
+                            key=lambda o: o[2]["fp32"] + o[2]["fp64"])[-1:]
     if len(found) != 2:
         raise ValueError(f"expected two matrix blocks in the {kind} kernel, found {len(found)}")
     return found

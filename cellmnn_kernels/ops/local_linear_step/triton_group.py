@@ -50,7 +50,7 @@ def all_configs(dtype: torch.dtype, backward: bool = False):
 
 
 if HAS_TRITON:
-    from .triton_impl import _coefs, _pair_level, _pair_rho, _pairs, _park, _unpark
+    from .triton_impl import _coefs, _lane_tops, _pair_slot, _pairs, _park, _unpark, _vadd
 
     @triton.jit
     def _allsum(x, BC: tl.constexpr, G: tl.constexpr):
@@ -325,13 +325,7 @@ if HAS_TRITON:
         zmat = ()
         for e in tl.static_range(R * D):
             zmat = zmat + (zero,)
-        top_p = zero.to(tl.int32) - 1
-        top_n = top_p
-        for t in range(0, T):
-            tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
-            lv = lv.to(tl.int32)
-            top_p = tl.maximum(top_p, tl.where(cm & (tau >= 0), lv, -1))
-            top_n = tl.maximum(top_n, tl.where(cm & (tau < 0), lv, -1))
+        top_p, top_n = _lane_tops(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max)
         # 1. the anchor states of each direction, distributed
         for d in range(0, 2):
             sgn = 1.0 - 2.0 * d
@@ -351,10 +345,8 @@ if HAS_TRITON:
         dZT = zmat
         cell_bad = cm & ~cm
         for t in range(0, T):
-            tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
-            okk = okk & (lv < LS)
-            rho = _pair_rho(tau, okk, cm, lv, inv_h)
-            slot = (tl.where(tau < 0, LS, 0) + tl.where(okk, lv, 0.0).to(tl.int32)) * (R * 32)
+            okk, rho, slot = _pair_slot(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max, inv_h, LS)
+            slot = slot * (R * 32)
             yd = _unpark(sbase + slot, R, 32)
             # the Horner finish again, keeping W_j = Z X_{j+1} (at MF - j)
             Xf = _gather(yd, gi, D, R, BC, G)
@@ -398,13 +390,8 @@ if HAS_TRITON:
                 wf = _gather(wb, gi, D, R, BC, G)
                 dZT = _rank1t(dZT, Xn, wf, D, R)
                 xb = _mvr(ZTr, wf, D, R)
-                ybn = ()
-                for r in tl.static_range(R):
-                    ybn = ybn + (yb[r] + xb[r],)
-                yb = ybn
-            acc = _unpark(s_acc + slot, R, 32)
-            for r in tl.static_range(R):
-                tl.store(s_acc + slot + r * 32, acc[r] + yb[r])
+                yb = _vadd(yb, xb, R)
+            _park(s_acc + slot, _vadd(_unpark(s_acc + slot, R, 32), yb, R), R, 32)
             tl.store(ddt_ptr + cell * T + t, drho * inv_h, mask=cm & (gi == 0))
             cell_bad = cell_bad | (cm & ~okk)
         # 3. the marches in reverse, with E^T = p(+-Z^T) as rows
@@ -424,15 +411,8 @@ if HAS_TRITON:
                 yd = _unpark(sbase + (d * LS + a - 1) * (R * 32), R, 32, a <= mine)
                 dET = _rank1t(dET, yd, ybf, D, R)  # dE += ybar_a y_{a-1}^T, transposed
                 yb = _mvr(ET, ybf, D, R)
-                acc = _unpark(s_acc + (d * LS + a - 1) * (R * 32), R, 32)
-                ybn = ()
-                for r in tl.static_range(R):
-                    ybn = ybn + (yb[r] + acc[r],)
-                yb = ybn
-            dxn = ()
-            for r in tl.static_range(R):
-                dxn = dxn + (dx0[r] + yb[r],)
-            dx0 = dxn
+                yb = _vadd(yb, _unpark(s_acc + (d * LS + a - 1) * (R * 32), R, 32), R)
+            dx0 = _vadd(dx0, yb, R)
             if top > 0:
                 Lr = _step_rows_tangent(Zr, dET, sgn, gi, D_rt, D, R, BC, G, M)
                 dzn = ()

@@ -420,6 +420,36 @@ if HAS_TRITON:
         return out
 
     @triton.jit
+    def _vadd(u, v, n: tl.constexpr):
+        """u + v, element by element, for tuples of n tensors."""
+        out = ()
+        for e in tl.static_range(n):
+            out = out + (u[e] + v[e],)
+        return out
+
+    @triton.jit
+    def _pair_slot(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max, inv_h, LS):
+        """Backward: whether pair (cell, t) can be computed, its rho, and the scratch slot of its
+        anchor (direction * LS + level; a level the slots cannot hold makes the pair NaN)."""
+        tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
+        okk = okk & (lv < LS)
+        rho = _pair_rho(tau, okk, cm, lv, inv_h)
+        return okk, rho, tl.where(tau < 0, LS, 0) + tl.where(okk, lv, 0.0).to(tl.int32)
+
+    @triton.jit
+    def _lane_tops(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max):
+        """Highest anchor level of each lane's pairs per direction, dt >= 0 and dt < 0 (-1: none;
+        pairs that cannot be computed count at level 0)."""
+        top_p = (nrm * 0).to(tl.int32) - 1
+        top_n = top_p
+        for t in range(0, T):
+            tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
+            lv = lv.to(tl.int32)
+            top_p = tl.maximum(top_p, tl.where(cm & (tau >= 0), lv, -1))
+            top_n = tl.maximum(top_n, tl.where(cm & (tau < 0), lv, -1))
+        return top_p, top_n
+
+    @triton.jit
     def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr, S_ptr, Y_ptr, B, T, LS,
                            sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
                            D: tl.constexpr, BB: tl.constexpr, M: tl.constexpr, MF: tl.constexpr,
@@ -450,14 +480,7 @@ if HAS_TRITON:
         zeros = ()
         for i in tl.static_range(D):
             zeros = zeros + (zero,)
-        # This lane's top level per direction (-1: no pair), then the program's.
-        top_p = zero.to(tl.int32) - 1
-        top_n = top_p
-        for t in range(0, T):
-            tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
-            lv = lv.to(tl.int32)
-            top_p = tl.maximum(top_p, tl.where(cm & (tau >= 0), lv, -1))
-            top_n = tl.maximum(top_n, tl.where(cm & (tau < 0), lv, -1))
+        top_p, top_n = _lane_tops(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max)
         # 1. the anchor states of each direction
         for d in range(0, 2):
             sgn = 1.0 - 2.0 * d
@@ -479,10 +502,8 @@ if HAS_TRITON:
         dZ = zmat
         cell_bad = cm & ~cm
         for t in range(0, T):
-            tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
-            okk = okk & (lv < LS)
-            r = _pair_rho(tau, okk, cm, lv, inv_h)
-            slot = (tl.where(tau < 0, LS, 0) + tl.where(okk, lv, 0.0).to(tl.int32)) * (D * BB)
+            okk, r, slot = _pair_slot(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max, inv_h, LS)
+            slot = slot * (D * BB)
             y = _unpark(sbase + slot, D, BB)
             if SAVE_ANCHORS:
                 for i in tl.static_range(D):
@@ -493,9 +514,7 @@ if HAS_TRITON:
                 gx = gx + (tl.load(gX_ptr + (cell * T + t) * D + i, mask=cm, other=0.0),)
                 gvh = gvh + (tl.load(gV_ptr + (cell * T + t) * D + i, mask=cm, other=0.0) * inv_h,)
             dZ, ybar, drho = _pair_adjoint(Z, y, r, gx, gvh, dZ, D, MF)
-            acc = _unpark(s_acc + slot, D, BB)
-            for i in tl.static_range(D):
-                tl.store(s_acc + slot + i * BB, acc[i] + ybar[i])
+            _park(s_acc + slot, _vadd(_unpark(s_acc + slot, D, BB), ybar, D), D, BB)
             tl.store(ddt_ptr + cell * T + t, drho * inv_h, mask=cm)
             cell_bad = cell_bad | (cm & ~okk)
         # 3. the marches in reverse
@@ -516,21 +535,10 @@ if HAS_TRITON:
                 y = _unpark(sbase + (d * LS + a - 1) * (D * BB), D, BB, a <= mine)
                 dE = _rank1(dE, ybar, y, D)
                 ybar = _mtv(E, ybar, D)
-                acc = _unpark(s_acc + (d * LS + a - 1) * (D * BB), D, BB)
-                yb = ()
-                for i in tl.static_range(D):
-                    yb = yb + (ybar[i] + acc[i],)
-                ybar = yb
-            dxn = ()
-            for i in tl.static_range(D):
-                dxn = dxn + (dx0[i] + ybar[i],)
-            dx0 = dxn
+                ybar = _vadd(ybar, _unpark(s_acc + (d * LS + a - 1) * (D * BB), D, BB), D)
+            dx0 = _vadd(dx0, ybar, D)
             if top > 0:
-                G = _step_matrix_grad(Z, dE, sgn, D, M)
-                dZn = ()
-                for e in tl.static_range(D * D):
-                    dZn = dZn + (dZ[e] + G[e],)
-                dZ = dZn
+                dZ = _vadd(dZ, _step_matrix_grad(Z, dE, sgn, D, M), D * D)
         for e in tl.static_range(D * D):
             tl.store(dA_ptr + cell * (D * D) + e, tl.where(cell_bad, float("nan"), dZ[e] * h), mask=cm)
         for i in tl.static_range(D):

@@ -391,3 +391,30 @@ def test_backward_recomputes_the_forwards_anchor_states_bit_for_bit(D):
     assert torch.equal(Yf, Yb)
     # and they are the anchors: some pairs sit beyond level 0 in each direction
     assert (Yf != x0[:, None, :]).any(dim=-1).sum() > B
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("backend", [backend_param("triton")])
+def test_backward_scratch_too_small_gives_nan_not_a_wrong_gradient(backend):
+    # The launcher sizes the scratch from the launch's highest anchor level (anchor_slots); a
+    # kernel given fewer slots must keep its marches inside them and poison the pairs it cannot
+    # hold, never return a plausible wrong gradient.
+    from cellmnn_kernels.ops.local_linear_step import triton_impl as ti
+
+    A, x0, dt = build_inputs(3, 4, 3, 2, "random", 6.0, "pos", torch.float32)
+    dt[0] = 0.0  # cell 0: every pair at level 0
+    gX = torch.ones(4, 3, 2, device=A.device)
+    dA, dx0, ddt = (torch.empty_like(t) for t in (A, x0, dt))
+    LS = 2
+    assert ti.anchor_slots(A, dt) > LS
+    S = torch.full((ti.scratch_size(4, 2, LS),), float("nan"), device=A.device)
+    kernel, grid, kw = ti.backward_launch(A, x0, dt, gX, torch.zeros_like(gX), dA, dx0, ddt, S, LS)
+    kernel[grid](**kw)
+    theta, _ = ti.taylor_params(A.dtype)
+    lev = torch.floor(dt.abs() * ti.operator_norm1(A)[:, None] / theta + 0.5)
+    beyond = lev >= LS
+    assert beyond.any() and not beyond[0].any()
+    assert ddt[beyond].isnan().all() and dA[beyond.any(1)].isnan().all()
+    want = grads("reference", A.double(), x0.double(), dt.double(), gX.double(), torch.zeros_like(gX).double())
+    torch.testing.assert_close(dA[0].double(), want[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx0[0].double(), want[1][0], rtol=1e-4, atol=1e-5)

@@ -325,7 +325,7 @@ if HAS_TRITON:
         zmat = ()
         for e in tl.static_range(R * D):
             zmat = zmat + (zero,)
-        top_p, top_n = _lane_tops(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max)
+        top_p, top_n = _lane_tops(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max, LS)
         # 1. the anchor states of each direction, distributed
         for d in range(0, 2):
             sgn = 1.0 - 2.0 * d

@@ -23,8 +23,9 @@ recomputed from its anchor's state and run in reverse (dZ += sum_j (rho/j) Xbar_
 drho, and the anchor adjoint Ybar, summed per level); then each march is reversed
 (dE += ybar_a y_{a-1}^T, ybar_{a-1} = E^T ybar_a + the summed Ybar of level a-1) and dZ += the
 gradient through p(+-Z), by reverse mode through the Paterson-Stockmeyer evaluation of
-``_step_matrix``.  The scratch holds 2 (LS + 1) states of D per cell, LS the highest level of
-the launch (``anchor_slots``); batches whose scratch would pass ``SCRATCH_BYTES`` run in chunks.
+``_step_matrix``.  The scratch holds, per cell, a state and an adjoint sum for each of LS levels
+per direction, and E+-: 4 LS D + 2 D^2 floats, LS from ``anchor_slots`` (the launch's highest
+level + 2); batches whose scratch would pass ``SCRATCH_BYTES`` run in chunks of cells.
 
 float32 with REG_MAX_D < D <= 16 takes the lane-group kernels of ``triton_group.py``; float32 with
 16 < D <= 64, and float64, take the lane-tiled kernels of ``triton_tiled.py``.
@@ -437,14 +438,15 @@ if HAS_TRITON:
         return okk, rho, tl.where(tau < 0, LS, 0) + tl.where(okk, lv, 0.0).to(tl.int32)
 
     @triton.jit
-    def _lane_tops(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max):
+    def _lane_tops(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max, LS):
         """Highest anchor level of each lane's pairs per direction, dt >= 0 and dt < 0 (-1: none;
-        pairs that cannot be computed count at level 0)."""
+        pairs that cannot be computed count at level 0), at most LS - 1 so that the marches stay
+        in their scratch slots (a pair beyond is NaN, ``_pair_slot``)."""
         top_p = (nrm * 0).to(tl.int32) - 1
         top_n = top_p
         for t in range(0, T):
             tau, okk, lv = _pair_level(dt_ptr, cell, cm, t, stb, stt, nrm, finite, theta, nu_max)
-            lv = lv.to(tl.int32)
+            lv = tl.minimum(lv.to(tl.int32), LS - 1)
             top_p = tl.maximum(top_p, tl.where(cm & (tau >= 0), lv, -1))
             top_n = tl.maximum(top_n, tl.where(cm & (tau < 0), lv, -1))
         return top_p, top_n
@@ -480,7 +482,7 @@ if HAS_TRITON:
         zeros = ()
         for i in tl.static_range(D):
             zeros = zeros + (zero,)
-        top_p, top_n = _lane_tops(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max)
+        top_p, top_n = _lane_tops(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max, LS)
         # 1. the anchor states of each direction
         for d in range(0, 2):
             sgn = 1.0 - 2.0 * d

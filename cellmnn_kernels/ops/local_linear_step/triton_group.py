@@ -50,7 +50,8 @@ def all_configs(dtype: torch.dtype, backward: bool = False):
 
 
 if HAS_TRITON:
-    from .triton_impl import _coefs, _lane_tops, _pair_slot, _pairs, _park, _unpark, _vadd
+    from .triton_impl import (_coefs, _lane_tops, _mv, _pair_slot, _pairs, _park, _rank1, _step_scale, _unpark,
+                              _vadd)
 
     @triton.jit
     def _allsum(x, BC: tl.constexpr, G: tl.constexpr):
@@ -68,17 +69,6 @@ if HAS_TRITON:
         out = ()
         for j in tl.static_range(D):
             out = out + (_allsum(tl.where(gi == j // R, v[j % R], 0.0), BC, G),)
-        return out
-
-    @triton.jit
-    def _mvr(Zr, y, D: tl.constexpr, R: tl.constexpr):
-        """This lane's rows of Z y (R tensors), y full."""
-        out = ()
-        for r in tl.static_range(R):
-            acc = Zr[r * D] * y[0]
-            for j in tl.static_range(1, D):
-                acc = tl.fma(Zr[r * D + j], y[j], acc)
-            out = out + (acc,)
         return out
 
     @triton.jit
@@ -161,15 +151,6 @@ if HAS_TRITON:
         return Pt
 
     @triton.jit
-    def _rank1t(Gr, ud, vf, D: tl.constexpr, R: tl.constexpr):
-        """This lane's rows of G + u v^T: u distributed (R), v full (D)."""
-        out = ()
-        for r in tl.static_range(R):
-            for j in tl.static_range(D):
-                out = out + (tl.fma(ud[r], vf[j], Gr[r * D + j]),)
-        return out
-
-    @triton.jit
     def _march(E, x0f, Y, ok, neg, lev, NEG: tl.constexpr, gi, D: tl.constexpr, R: tl.constexpr,
                BC: tl.constexpr, G: tl.constexpr, BT: tl.constexpr):
         """Anchor states of one direction, distributed: Y[k*R + r] = rows of E^lev[k] x0."""
@@ -178,7 +159,7 @@ if HAS_TRITON:
             L = tl.maximum(L, tl.where(ok[k] & (neg[k] == NEG), lev[k], 0))
         y = x0f
         for a in range(1, _top(L) + 1):
-            yd = _mvr(E, y, D, R)
+            yd = _mv(E, y, D, R)
             Yn = ()
             for k in tl.static_range(BT):
                 at = ok[k] & (neg[k] == NEG) & (lev[k] == a)
@@ -213,13 +194,7 @@ if HAS_TRITON:
             total += col
             nrm = tl.maximum(nrm, col)
         finite = total < float("inf")
-        n_safe = tl.maximum(nrm, 1.1754943508222875e-38)
-        live = nrm > 0
-        h = tl.where(live, theta / n_safe, 1.0)
-        inv_h = tl.where(live, n_safe / theta, 1.0)
-        Zr = ()
-        for e in tl.static_range(R * D):
-            Zr = Zr + (Ar[e] * h,)
+        h, inv_h, Zr = _step_scale(Ar, nrm, theta, R * D)
         return cell, gi, cm, Zr, x0, nrm, finite, h, inv_h
 
     @triton.jit
@@ -278,13 +253,13 @@ if HAS_TRITON:
                 X = _gather(yd, gi, D, R, BC, G)
                 Xd = yd
                 for jj in tl.static_range(MF):  # X <- y + (rho / j) Z X, j = MF .. 1
-                    W = _mvr(Zr, X, D, R)
+                    W = _mv(Zr, X, D, R)
                     c = rho[k] * (1.0 / (MF - jj))
                     Xd = ()
                     for r in tl.static_range(R):
                         Xd = Xd + (tl.fma(W[r], c, yd[r]),)
                     X = _gather(Xd, gi, D, R, BC, G)
-                W = _mvr(Zr, X, D, R)
+                W = _mv(Zr, X, D, R)
                 for r in tl.static_range(R):
                     row = gi * R + r
                     m = inr[k] & (row < D)
@@ -337,7 +312,7 @@ if HAS_TRITON:
             yd = x0
             for a in range(0, top + 1):
                 if a > 0:
-                    yd = _mvr(E, y, D, R)
+                    yd = _mv(E, y, D, R)
                     y = _gather(yd, gi, D, R, BC, G)
                 _park(sbase + (d * LS + a) * (R * 32), yd, R, 32)
                 _park(s_acc + (d * LS + a) * (R * 32), zd, R, 32)
@@ -353,7 +328,7 @@ if HAS_TRITON:
             Xd = yd
             Ws = ()
             for jj in tl.static_range(MF):
-                W = _mvr(Zr, Xf, D, R)
+                W = _mv(Zr, Xf, D, R)
                 c = rho * (1.0 / (MF - jj))
                 Xd = ()
                 for r in tl.static_range(R):
@@ -365,8 +340,8 @@ if HAS_TRITON:
             gvf = ()  # upstream of Z X (V = (Z X) / h), full
             for j in tl.static_range(D):
                 gvf = gvf + (tl.load(gV_ptr + off + j, mask=cm, other=0.0) * inv_h,)
-            dZT = _rank1t(dZT, Xd, gvf, D, R)
-            xb = _mvr(ZTr, gvf, D, R)
+            dZT = _rank1(dZT, Xd, gvf, D, R)
+            xb = _mv(ZTr, gvf, D, R)
             xbn = ()
             for r in tl.static_range(R):
                 row = gi * R + r
@@ -388,8 +363,8 @@ if HAS_TRITON:
                     else:
                         Xn = Xn + (tl.fma(Ws[(MF - j - 1) * R + r], rho * (1.0 / (j + 1)), yd[r]),)
                 wf = _gather(wb, gi, D, R, BC, G)
-                dZT = _rank1t(dZT, Xn, wf, D, R)
-                xb = _mvr(ZTr, wf, D, R)
+                dZT = _rank1(dZT, Xn, wf, D, R)
+                xb = _mv(ZTr, wf, D, R)
                 yb = _vadd(yb, xb, R)
             _park(s_acc + slot, _vadd(_unpark(s_acc + slot, R, 32), yb, R), R, 32)
             tl.store(ddt_ptr + cell * T + t, drho * inv_h, mask=cm & (gi == 0))
@@ -409,8 +384,8 @@ if HAS_TRITON:
                 a = top - ia
                 ybf = _gather(yb, gi, D, R, BC, G)
                 yd = _unpark(sbase + (d * LS + a - 1) * (R * 32), R, 32, a <= mine)
-                dET = _rank1t(dET, yd, ybf, D, R)  # dE += ybar_a y_{a-1}^T, transposed
-                yb = _mvr(ET, ybf, D, R)
+                dET = _rank1(dET, yd, ybf, D, R)  # dE += ybar_a y_{a-1}^T, transposed
+                yb = _mv(ET, ybf, D, R)
                 yb = _vadd(yb, _unpark(s_acc + (d * LS + a - 1) * (R * 32), R, 32), R)
             dx0 = _vadd(dx0, yb, R)
             if top > 0:

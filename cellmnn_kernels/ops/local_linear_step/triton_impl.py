@@ -64,10 +64,10 @@ def all_configs(dtype: torch.dtype):
 if HAS_TRITON:
 
     @triton.jit
-    def _mv(Z, v, D: tl.constexpr):
-        """Z v: Z a row-major D*D tuple, v a D tuple."""
+    def _mv(Z, v, D: tl.constexpr, ROWS: tl.constexpr = None):
+        """Z v: Z a row-major tuple of ROWS rows of D (D rows by default), v a D tuple."""
         out = ()
-        for i in tl.static_range(D):
+        for i in tl.static_range(D if ROWS is None else ROWS):
             acc = Z[i * D] * v[0]
             for j in tl.static_range(1, D):
                 acc = tl.fma(Z[i * D + j], v[j], acc)
@@ -105,10 +105,10 @@ if HAS_TRITON:
         return out
 
     @triton.jit
-    def _rank1(G, u, v, D: tl.constexpr):
-        """G + u v^T."""
+    def _rank1(G, u, v, D: tl.constexpr, ROWS: tl.constexpr = None):
+        """G + u v^T: G a row-major tuple of ROWS rows of D (D rows by default), u of ROWS, v of D."""
         out = ()
-        for i in tl.static_range(D):
+        for i in tl.static_range(D if ROWS is None else ROWS):
             for j in tl.static_range(D):
                 out = out + (tl.fma(u[i], v[j], G[i * D + j]),)
         return out
@@ -266,6 +266,12 @@ if HAS_TRITON:
             total += col
             nrm = tl.maximum(nrm, col)
         finite = total < float("inf")  # false for NaN and Inf entries
+        h, inv_h, Z = _step_scale(A, nrm, theta, D * D)
+        return cell, cm, Z, x0, nrm, finite, h, inv_h
+
+    @triton.jit
+    def _step_scale(A, nrm, theta, n: tl.constexpr):
+        """h = theta / ||A||_1 (1 for A = 0), 1 / h, and Z = h A for the n entries of A held."""
         # Subnormal norms are raised to the smallest normal number so that theta / n cannot
         # overflow; h and 1/h stay exact partners.
         if A[0].dtype == tl.float64:
@@ -276,9 +282,9 @@ if HAS_TRITON:
         h = tl.where(live, theta / n_safe, 1.0)
         inv_h = tl.where(live, n_safe / theta, 1.0)
         Z = ()
-        for e in tl.static_range(D * D):
+        for e in tl.static_range(n):
             Z = Z + (A[e] * h,)
-        return cell, cm, Z, x0, nrm, finite, h, inv_h
+        return h, inv_h, Z
 
     @triton.jit
     def _pair_level(dt_ptr, cell, m, t, stb, stt, nrm, finite, theta, nu_max):

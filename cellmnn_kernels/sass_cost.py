@@ -108,18 +108,20 @@ def count(instrs) -> dict:
     return c
 
 
-def find_loops(instrs: list[Instr]) -> list[Loop]:
-    """Loops closed by backward branches, nested by address range, sorted by start address.
-
-    The self-branch that ends every kernel (``BRA`` to its own address) is not a loop."""
-    loops = []
+def branches(instrs):
+    """(instruction, target address) of every branch with an explicit target."""
     for ins in instrs:
         if ins.op.startswith("BRA"):
             m = re.search(r"0x([0-9a-f]+)", ins.args)
             if m:
-                target = int(m.group(1), 16)
-                if target < ins.addr:
-                    loops.append(Loop(target, ins.addr))
+                yield ins, int(m.group(1), 16)
+
+
+def find_loops(instrs: list[Instr]) -> list[Loop]:
+    """Loops closed by backward branches, nested by address range, sorted by start address.
+
+    The self-branch that ends every kernel (``BRA`` to its own address) is not a loop."""
+    loops = [Loop(target, ins.addr) for ins, target in branches(instrs) if target < ins.addr]
     loops.sort(key=lambda l: (l.start, -l.end))
     for i, lp in enumerate(loops):
         for j in range(i - 1, -1, -1):
@@ -274,13 +276,7 @@ def label_register_loops(kind: str, loops: list[Loop], D: int) -> list[str]:
 
 
 def branch_targets(instrs) -> set:
-    out = set()
-    for ins in instrs:
-        if ins.op.startswith("BRA"):
-            m = re.search(r"0x([0-9a-f]+)", ins.args)
-            if m:
-                out.add(int(m.group(1), 16))
-    return out
+    return {target for _, target in branches(instrs)}
 
 
 def basic_blocks(region, targets) -> list[list[Instr]]:

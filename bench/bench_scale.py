@@ -13,7 +13,7 @@ course in its first 5 columns), obs["day"] with the same proportions, rows shuff
   memory_pca  ``anndata.read_h5ad(path)``, then ``load_marginals(adata, time_key="day")`` (sklearn PCA of X)
   backed_pca  ``load_marginals(path, time_key="day", backed=True)`` (exact PCA of X from row chunks)
 
-Then, for every mode, ``cellmnn.ensemble`` is set up for one model (B = 200, holdout 2) and timed over
+Then, for every mode, ``cellmnn.train`` is set up for one model (B = 200, holdout 2) and timed over
 training steps.  Each (mode, size) runs in its own process so that its peak resident memory (VmHWM)
 is its own.  Reported: load seconds (inflate, or reading + ``load_marginals``), setup seconds (split,
 pools, weights), steps/s (median of 5 repeats of 20 steps; also per CPU second), peak RSS, and the
@@ -167,15 +167,16 @@ def wait_quiet(limit_s: float, below: float = 0.1) -> float:
 def one(n: int, mode: str = "inflate", path: str | None = None) -> dict:
     import torch
 
-    from cellmnn.ensemble import Member, _Runner, _Setup
-    from cellmnn.train import DEFAULTS
+    from cellmnn.train import HParams, Member
+    from cellmnn.train.layout import Setup
+    from cellmnn.train.step import Runner
 
     torch.set_num_threads(1)
     m, t_load = load(mode, n, path)
-    hp = dict(DEFAULTS, verbose=False)
+    hp = HParams(verbose=False)
     t0 = time.perf_counter()
-    s = _Setup(m, [Member(2, 0, hp)], torch.device("cpu"))
-    runner = _Runner(s, s.flat0, False)
+    s = Setup(m, [Member(2, 0, hp)], torch.device("cpu"))
+    runner = Runner(s, s.flat0, False)
     t_setup = time.perf_counter() - t0
     for _ in range(5):
         runner.step()
@@ -205,7 +206,8 @@ def line(r: dict) -> str:
         return f"{r['mode']:>10} {r['cells']:>9} {r.get('error') or r.get('skipped')}"
     busy = r["other_cpu_busy"]
     return (f"{r['mode']:>10} {r['cells']:>9} {r['load_s']:>8.2f} {r['setup_s']:>8.2f} {r['steps_per_s']:>8.1f} "
-            f"{r['steps_per_cpu_s']:>8.1f} {r['peak_rss_MB']:>12.0f} {busy if busy is not None else float('nan'):>7.0%}")
+            f"{r['steps_per_cpu_s']:>8.1f} {r['peak_rss_MB']:>12.0f} "
+            f"{busy if busy is not None else float('nan'):>7.0%}")
 
 
 def run(mode: str, n: int, path: str | None, wait_s: float) -> dict:

@@ -6,12 +6,13 @@ every kept time with ``torch.linalg.matrix_exp``, computes each MMD term densely
 ``torch.cdist`` (one call per kernel block), adds the kinetic term and takes a
 ``torch.optim.AdamW`` step.  Models of an ensemble are trained one after the other there.
 
-cellmnn: ``cellmnn.ensemble`` (E models in one step: stacked MLP, one ``local_linear_step``,
+cellmnn: ``cellmnn.train`` (E models in one step: stacked MLP, one ``local_linear_step``,
 one ``laplace_mmd_grouped``, one fused AdamW update).
 
 Reported per row: milliseconds per step and per-model epochs/s (E / (step time x steps per
 epoch); the authors take floor(cells / batch) steps per epoch, cellmnn the ceiling) for both,
-and the speedup in per-model throughput at equal work per step: E x authors' step time / ours.  Data: the embedded EMT time course for D = 3
+and the speedup in per-model throughput at equal work per step: E x authors' step time / ours.
+Data: the embedded EMT time course for D = 3
 (2,433 cells in 5 timepoints, holdout 1,2,3 rotating over members), Gaussian blobs drifting in
 time with the same timepoint sizes for D = 5 and 10.  One thread unless --threads.
 
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 
 import cellmnn
-from cellmnn.ensemble import Member, _Runner, _Setup
-from cellmnn.train import DEFAULTS, time_unit
+from cellmnn.train import HParams, Member, time_unit
+from cellmnn.train.layout import Setup
+from cellmnn.train.step import Runner
 
 
 def data(D: int):
@@ -55,12 +57,12 @@ class Authors:
         times = [float(t) for t in m.times]
         self.kept = [i for i in range(len(m)) if i != holdout]
         span = max(times) - min(times)
-        self.model = cellmnn.CellMNN(m.dim, hp["width"], hp["depth"], hp["init_scale"], time_offset=min(times),
+        self.model = cellmnn.CellMNN(m.dim, hp.width, hp.depth, hp.init_scale, time_offset=min(times),
                                      time_scale=span, time_unit=time_unit(times)).to(device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         self.data = {i: torch.as_tensor(m.data[i], dtype=torch.float32, device=device) for i in self.kept}
         self.times = torch.tensor([times[i] for i in self.kept], dtype=torch.float32, device=device)
-        n_src, B = len(self.kept) - 1, hp["batch_size"]
+        n_src, B = len(self.kept) - 1, hp.batch_size
         self.per_src = [B // n_src + (k == n_src - 1) * (B % n_src) for k in range(n_src)]  # theirs: remainder last
         self.steps = max(1, sum(len(m.data[i]) for i in self.kept) // B)
 
@@ -75,7 +77,7 @@ class Authors:
         return k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()
 
     def step(self):
-        hp, B = self.hp, self.hp["batch_size"]
+        hp, B = self.hp, self.hp.batch_size
         x0 = torch.cat([self.sample(s, n) for s, n in zip(self.kept[:-1], self.per_src)])
         t0 = torch.cat([self.times[k].expand(n) for k, n in enumerate(self.per_src)])
         A = self.model.operator(x0, t0)
@@ -87,9 +89,9 @@ class Authors:
         for k, n in enumerate(self.per_src):
             for r, col in enumerate(range(k + 1, len(self.kept)), start=1):
                 y = self.sample(self.kept[col], B)
-                loss = loss + hp["gamma"] ** (r - 1) * self.mmd(X[start:start + n, col], y, hp["sigma"])
+                loss = loss + hp.gamma ** (r - 1) * self.mmd(X[start:start + n, col], y, hp.sigma)
             start += n
-        loss = loss + hp["velocity_weight"] * (V * self.model.time_unit).pow(2).mean()
+        loss = loss + hp.velocity_weight * (V * self.model.time_unit).pow(2).mean()
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -111,11 +113,11 @@ def timed(fn, steps: int, repeats: int, sync):
 
 def row(D, E, B, device, steps, repeats):
     m = data(D)
-    hp = dict(DEFAULTS, batch_size=B, verbose=False, device=str(device))
+    hp = HParams(batch_size=B, verbose=False, device=str(device))
     members = [Member(1 + e % 3, e, hp) for e in range(E)]
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
-    s = _Setup(m, members, device)
-    runner = _Runner(s, s.flat0, False)
+    s = Setup(m, members, device)
+    runner = Runner(s, s.flat0, False)
     ours = timed(runner.step, steps, repeats, sync)
     ours_epochs = E / (ours * statistics.mean(s.steps))
     theirs_models = [Authors(m, mem.holdout, mem.seed, hp, device) for mem in members[:min(E, 3)]]

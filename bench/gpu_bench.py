@@ -196,23 +196,24 @@ def train_rows(run):
     """Training steps on the device: cellmnn's ensemble (eager and CUDA graph) beside the authors'
     formulation (bench_train.Authors); graph == eager; no host synchronisation in a step."""
     import cellmnn
-    from cellmnn.ensemble import Member, _Runner, _Setup
-    from cellmnn.train import DEFAULTS
+    from cellmnn.train import HParams, Member
+    from cellmnn.train.layout import Setup
+    from cellmnn.train.step import Runner
     from bench_train import Authors
 
     dev = torch.device(run.device)
     m = cellmnn.load_marginals(None)
     backend = "triton" if run.device == "cuda" else "torch"
-    hp = dict(DEFAULTS, verbose=False, device=run.device, backend=backend)
+    hp = HParams(verbose=False, device=run.device, backend=backend)
     members = [Member(1 + e % 3, e, hp) for e in range(9)]
-    s = _Setup(m, members, dev)
-    eager = _Runner(s, s.flat0, False)
+    s = Setup(m, members, dev)
+    eager = Runner(s, s.flat0, False)
     base = {"op": "train", "backend": backend, "mode": "step", "D": 3, "E": 9, "B": 200}
     run.row(dict(base, variant="cellmnn eager"), eager.step, ("train", "eager"), 1, compiles=True)
     if run.device == "cuda":
-        graph = _Runner(s, s.flat0, True)
+        graph = Runner(s, s.flat0, True)
         run.row(dict(base, variant="cellmnn cuda graph"), graph.step, ("train", "graph"), 1, compiles=True)
-        a, b = _Runner(s, s.flat0, False), _Runner(s, s.flat0, True)
+        a, b = Runner(s, s.flat0, False), Runner(s, s.flat0, True)
         for _ in range(8):
             a.step(), b.step()
         run.meta["cuda_graph_used"] = b.graph is not None

@@ -12,7 +12,7 @@ velocity_weight=0``) and with ``--correlation-only``; design 1: ``--seeds 0 1 2 
 ``--set velocity_weight=0``, and ``--correlation-only``).
 
 Two cases: a linear ODE dx/dt = M x with a random sparse signed M (10 genes), and the 11-gene
-Krumsiek myeloid network in Hill form with noise (``cellmnn.grn``).  For each seed: simulate
+Krumsiek myeloid network in Hill form with noise (``cellmnn.analysis.grn``).  For each seed: simulate
 snapshots, fit Cell-MNN on all timepoints, read J (targets x sources, gene space, averaged over all
 cells) and score it against the truth: AUROC and AUPRC of |J| for edges against non-edges (off the
 diagonal) and the sign accuracy on the true edges.  Both read-outs are scored: J from the operator
@@ -39,10 +39,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cellmnn  # noqa: E402
-from cellmnn.grn import krumsiek_network, linear_system, sample_linear, simulate_krumsiek  # noqa: E402
-from cellmnn.interactions import gene_interactions  # noqa: E402
-from cellmnn.io import check_output, json_kind, write_text_atomic  # noqa: E402
-from cellmnn.validation import recovery_scores  # noqa: E402
+from cellmnn.analysis.grn import krumsiek_network, linear_system, sample_linear, simulate_krumsiek  # noqa: E402
+from cellmnn.analysis.interactions import gene_interactions  # noqa: E402
+from cellmnn.files import check_output, json_kind, write_text_atomic  # noqa: E402
+from cellmnn.analysis.trrust import recovery_scores  # noqa: E402
 
 JSON_KIND = json_kind("cellmnn-grn-recovery", ("hparams", "rows", "summary"))
 

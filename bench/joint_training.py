@@ -4,7 +4,7 @@
                                    [--json bench/results/joint_training.json]
 
 Every scenario is a pair of time courses A and B in one model space (identical, identity
-transforms, so ``cellmnn.joint.check_joint`` accepts them).  For each dataset and each of its
+transforms, so ``cellmnn.data.joint.check_joint`` accepts them).  For each dataset and each of its
 interior timepoints k (every one held out in turn) and each seed, four predictions of timepoint
 k are scored by exact W1 (and MMD^2) against its held-out cells, as in ``cellmnn.leave_one_out``:
 
@@ -64,7 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cellmnn  # noqa: E402
-from cellmnn.io import check_output, json_kind, write_text_atomic  # noqa: E402
+from cellmnn.files import check_output, json_kind, write_text_atomic  # noqa: E402
 from simulated_courses import CASES, STEP, parse_set, simulate  # noqa: E402
 
 FORMAT = "cellmnn-joint-training"

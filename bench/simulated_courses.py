@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cellmnn  # noqa: E402
-from cellmnn.io import check_output, json_kind, write_text_atomic  # noqa: E402
+from cellmnn.files import check_output, json_kind, write_text_atomic  # noqa: E402
 
 JSON_KIND = json_kind("cellmnn-simulated-courses")
 STEP = 0.01

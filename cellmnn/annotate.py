@@ -19,21 +19,37 @@ A is per unit of the data's time (``CellMNN.operator``).  Everything written is 
 strings and numbers, so it survives ``write_h5ad`` / ``read_h5ad``.  A key is replaced only if an
 earlier ``annotate`` wrote it (recorded in ``uns[P]``); anything else is refused with an error
 naming the key.
+
+``uns[P]`` holds: "format" ("cellmnn-annotate"), "format_version", "cellmnn_version", "model"
+(``model.config()``), "transform" (``Transform.to_dict()``, fields that are None left out),
+"time_key", "embedding" (only when used), "pred_times", "keys" ({"obs": [...], "obsm": [...]},
+what was written), "pred_features" (whether ``obsm[P_pred_features]`` was written: it is
+skipped, with a warning, above 10^8 values), "training_times" and "training_source" (when the
+model records them), "fit" (when the model records its training: "seed", "epochs",
+"best_epoch", "best_score", "hparams", "holdout" (absent when no timepoint was held out; for a
+joint model one entry per dataset, -1 where none was), "history" (epochs x (epoch, train loss,
+validation score)) and "selection" (a JSON string) when present) and, with ``genes``,
+"interactions": {"genes", "weight" and "fraction_positive" (genes x genes, row = target i,
+column = source j, mean over all cells), "times", "n_cells", "weight_per_time" and
+"fraction_positive_per_time" (timepoints x genes x genes, per distinct cell time)};
+``pandas.DataFrame(d["weight"], index=d["genes"], columns=d["genes"])`` gives the table.
 """
 from __future__ import annotations
 
 import json
 import numbers
 import re
-import warnings
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from .data import DEFAULT_TIME_KEYS, Marginals, Transform, _as_float, _duplicates, _numeric_times
-from .interactions import _gene_names, _model_transform, gene_interactions
-from .model import CellMNN
+from .analysis.interactions import gene_interactions, gene_names, model_transform
+from .checks import warn
+from .data.marginals import Marginals, Transform
+from .data.tables import DEFAULT_TIME_KEYS, as_float, duplicates, numeric_times
+from .model.network import CellMNN
+from .version import __version__
 
 FORMAT = "cellmnn-annotate"
 FORMAT_VERSION = 1
@@ -46,7 +62,8 @@ _EMBEDDING_SOURCE = re.compile(r"obsm\[(['\"])(.+)\1\]$")
 
 def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None, embedding=None,
              prefix="cellmnn", copy=False, dataset=None):
-    """Write predictions, operator summaries, gene interactions and provenance into ``adata``.
+    """Write predictions, operator summaries, gene interactions and provenance into ``adata``
+    (the keys and ``uns[prefix]``: module docstring).
 
     Args:
         adata: AnnData with the cells to annotate: the training cells or new cells in the same
@@ -71,25 +88,101 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
         dataset: for a model trained jointly with a dataset embedding, the dataset (index in
             ``fit``'s list) these cells belong to; required there, an error otherwise.
 
-    ``uns[prefix]`` holds: "format" ("cellmnn-annotate"), "format_version", "cellmnn_version",
-    "model" (``model.config()``), "transform" (``Transform.to_dict()``, fields that are None left
-    out), "time_key", "embedding" (only when used), "pred_times", "keys" ({"obs": [...],
-    "obsm": [...]}, what was written), "pred_features" (whether ``obsm[prefix_pred_features]``
-    was written: it is skipped, with a warning, above 10^8 values), "training_times" and
-    "training_source" (when the model records them), "fit" (when the model records its training:
-    "seed", "epochs", "best_epoch", "best_score", "hparams", "holdout" (absent when no timepoint
-    was held out; for a joint model one entry per dataset, -1 where none was), "history" (epochs x (epoch, train loss, validation score)) and "selection" (a
-    JSON string) when present) and, with ``genes``, "interactions": {"genes", "weight" and
-    "fraction_positive" (genes x genes, row = target i, column = source j, mean over all cells),
-    "times", "n_cells", "weight_per_time" and "fraction_positive_per_time" (timepoints x genes x
-    genes, per distinct cell time)}; ``pandas.DataFrame(d["weight"], index=d["genes"],
-    columns=d["genes"])`` gives the table.
-
     Every argument is checked before any work, with an error naming it.
     """
+    _check_args(adata, model, marginals, prefix, copy, dataset, time_key, embedding)
+    tr, record = _transform(model, marginals)
+    key = _time_key(adata, time_key)
+    pred_times = _pred_times(times, model, marginals)
+    genes = _check_genes(genes, tr)
+    embedding = _default_embedding(adata, embedding, tr, record)
+    cols = _feature_columns(adata, embedding, tr)
+    keys_obs, keys_obsm = [f"{prefix}_{k}" for k in _OBS], [f"{prefix}_{k}" for k in _OBSM]
+    _check_overwrite(adata, prefix, keys_obs, keys_obsm)
+    t, x = _read_cells(adata, key, embedding, cols)
+
+    z = tr.to_model(x)
+    pred, trace, eig = _readouts(model, z, t, pred_times, dataset)
+    obsm = {f"{prefix}_z": z, f"{prefix}_pred": pred,
+            f"{prefix}_eigvals_real": eig.real.copy(), f"{prefix}_eigvals_imag": eig.imag.copy()}
+    features = _pred_features(pred, tr, prefix)
+    if features is not None:
+        obsm[f"{prefix}_pred_features"] = features
+    obs = {f"{prefix}_trace": trace, f"{prefix}_spectral_abscissa": eig.real.max(axis=1)}
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "cellmnn_version": __version__,
+            "model": model.config(), "transform": tr.to_dict(), "time_key": key, "embedding": embedding,
+            "pred_times": pred_times, "pred_features": features is not None}
+    if record:
+        info["training_times"], info["training_source"] = record.get("times"), record.get("source")
+    info["fit"] = _fit_record(model)
+    info["keys"] = {"obs": list(obs), "obsm": list(obsm)}
+    if genes is not None:
+        info["interactions"] = _interactions(model, z, t, tr, genes, dataset)
+
+    out = adata.copy() if copy else adata
+    _write(out, prefix, _plain(info), obs, obsm, keys_obs, keys_obsm)
+    return out if copy else None
+
+
+def _readouts(model, z, t, pred_times, dataset):
+    """Every cell pushed to ``pred_times`` (n, T, D) float32, and the trace and eigenvalues (sorted
+    by real part, then imaginary part, descending) of its operator, in chunks of ``CHUNK`` cells."""
+    n, D, T = len(z), model.dim, len(pred_times)
+    pred = np.empty((n, T, D), dtype=np.float32)
+    trace = np.empty(n)
+    eig = np.empty((n, D), dtype=np.complex128)
+    p = next(model.parameters())
+    for a in range(0, n, CHUNK):
+        zc, tc = z[a:a + CHUNK], t[a:a + CHUNK]
+        pred[a:a + CHUNK] = model.predict(zc, tc, pred_times, dataset=dataset)
+        with torch.no_grad():
+            A = model.operator(torch.as_tensor(zc, dtype=p.dtype, device=p.device),
+                               torch.as_tensor(tc, dtype=torch.float64, device=p.device), dataset=dataset)
+        A = A.cpu().double().numpy()
+        trace[a:a + CHUNK] = np.trace(A, axis1=1, axis2=2)
+        ev = np.linalg.eigvals(A)
+        order = np.lexsort((-ev.imag, -ev.real), axis=-1)
+        eig[a:a + CHUNK] = np.take_along_axis(ev, order, axis=-1)
+    return pred, trace, eig
+
+
+def _pred_features(pred, tr, prefix):
+    """The predictions in feature space (n, T, F) float32, or None (with a warning) above
+    ``MAX_FEATURE_VALUES`` values."""
+    n, T, D = pred.shape
+    F = tr.n_features
+    if n * T * F <= MAX_FEATURE_VALUES:
+        return tr.to_features(pred.reshape(n * T, D)).reshape(n, T, F).astype(np.float32)
+    warn(f"obsm[{prefix + '_pred_features'!r}] skipped: {n} cells x {T} times x {F} features is more than "
+         f"{MAX_FEATURE_VALUES:,} values; map obsm[{prefix + '_pred'!r}][:, j] with the model's transform "
+         "(to_features) for the genes you need")
+    return None
+
+
+def _write(out, prefix, info, obs, obsm, keys_obs, keys_obsm) -> None:
+    """Write the keys into ``out``; keys of this prefix an earlier annotate wrote and this one does
+    not (e.g. pred_features, now skipped) are stale and removed."""
+    old = out.uns.get(prefix)
+    if _is_ours(old):
+        for k in set(_recorded(old, "obsm")) & set(keys_obsm) - set(obsm):
+            if k in out.obsm:
+                del out.obsm[k]
+        for k in set(_recorded(old, "obs")) & set(keys_obs) - set(obs):
+            if k in out.obs.columns:
+                del out.obs[k]
+    for k, v in obsm.items():
+        out.obsm[k] = v
+    for k, v in obs.items():
+        out.obs[k] = v
+    out.uns[prefix] = info
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_args(adata, model, marginals, prefix, copy, dataset, time_key, embedding) -> None:
+    """The arguments' types and values that need no reading of the data."""
     import anndata
 
-    # ------------------------------------------------------------------ checks, before any work
     if not isinstance(adata, anndata.AnnData):
         raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
     if not isinstance(model, CellMNN):
@@ -116,17 +209,10 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
     if adata.n_obs == 0:
         raise ValueError("adata has no cells")
 
-    tr, record = _transform(model, marginals)
-    key = _time_key(adata, time_key)
-    pred_times = _pred_times(times, model, marginals)
-    genes = _check_genes(genes, tr)
-    embedding = _default_embedding(adata, embedding, tr, record)
-    cols = _feature_columns(adata, embedding, tr)
-    keys_obs = [f"{prefix}_{k}" for k in _OBS]
-    keys_obsm = [f"{prefix}_{k}" for k in _OBSM]
-    _check_overwrite(adata, prefix, keys_obs, keys_obsm)
 
-    t = _numeric_times(adata.obs[key].to_numpy(dtype=object, na_value=np.nan), f"adata.obs[{key!r}]")
+def _read_cells(adata, key, embedding, cols):
+    """Every cell's time and model features (raw), finite, or an error naming cells."""
+    t = numeric_times(adata.obs[key].to_numpy(dtype=object, na_value=np.nan), f"adata.obs[{key!r}]")
     bad = np.flatnonzero(~np.isfinite(t))
     if len(bad):
         raise ValueError(f"adata.obs[{key!r}]: {len(bad)} cells have a non-finite time (NaN or Inf), e.g. "
@@ -137,76 +223,13 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
         where = "X" if embedding is None else f"obsm[{embedding!r}]"
         raise ValueError(f"adata.{where}: {len(bad)} cells have NaN or Inf in the model's features, e.g. "
                          f"{_names(adata.obs_names[bad])}")
+    return t, x
 
-    # ------------------------------------------------------------------ work
-    z = tr.to_model(x)
-    n, D, T = len(z), model.dim, len(pred_times)
-    pred = np.empty((n, T, D), dtype=np.float32)
-    trace = np.empty(n)
-    eig = np.empty((n, D), dtype=np.complex128)
-    p = next(model.parameters())
-    for a in range(0, n, CHUNK):
-        zc, tc = z[a:a + CHUNK], t[a:a + CHUNK]
-        pred[a:a + CHUNK] = model.predict(zc, tc, pred_times, dataset=dataset)
-        with torch.no_grad():
-            A = model.operator(torch.as_tensor(zc, dtype=p.dtype, device=p.device),
-                               torch.as_tensor(tc, dtype=torch.float64, device=p.device), dataset=dataset)
-        A = A.cpu().double().numpy()
-        trace[a:a + CHUNK] = np.trace(A, axis1=1, axis2=2)
-        ev = np.linalg.eigvals(A)
-        order = np.lexsort((-ev.imag, -ev.real), axis=-1)
-        eig[a:a + CHUNK] = np.take_along_axis(ev, order, axis=-1)
-    F = tr.n_features
-    pred_features = None
-    if n * T * F <= MAX_FEATURE_VALUES:
-        pred_features = tr.to_features(pred.reshape(n * T, D)).reshape(n, T, F).astype(np.float32)
-    else:
-        warnings.warn(f"obsm[{prefix + '_pred_features'!r}] skipped: {n} cells x {T} times x {F} features is "
-                      f"more than {MAX_FEATURE_VALUES:,} values; map obsm[{prefix + '_pred'!r}][:, j] with "
-                      "the model's transform (to_features) for the genes you need", stacklevel=2)
-    interactions = None if genes is None else _interactions(model, z, t, tr, genes, dataset)
-
-    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "cellmnn_version": _version(),
-            "model": model.config(), "transform": tr.to_dict(), "time_key": key, "embedding": embedding,
-            "pred_times": pred_times, "pred_features": pred_features is not None}
-    if record:
-        info["training_times"] = record.get("times")
-        info["training_source"] = record.get("source")
-    info["fit"] = _fit_record(model)
-    written_obsm = {f"{prefix}_z": z, f"{prefix}_pred": pred,
-                    f"{prefix}_eigvals_real": eig.real.copy(), f"{prefix}_eigvals_imag": eig.imag.copy()}
-    if pred_features is not None:
-        written_obsm[f"{prefix}_pred_features"] = pred_features
-    written_obs = {f"{prefix}_trace": trace, f"{prefix}_spectral_abscissa": eig.real.max(axis=1)}
-    info["keys"] = {"obs": list(written_obs), "obsm": list(written_obsm)}
-    if interactions is not None:
-        info["interactions"] = interactions
-    info = _plain(info)
-
-    # ------------------------------------------------------------------ write
-    out = adata.copy() if copy else adata
-    old = out.uns.get(prefix)
-    if _is_ours(old):  # keys of this prefix an earlier annotate wrote and this one does not: stale, removed
-        for k in set(_recorded(old, "obsm")) & set(keys_obsm) - set(written_obsm):
-            if k in out.obsm:
-                del out.obsm[k]
-        for k in set(_recorded(old, "obs")) & set(keys_obs) - set(written_obs):
-            if k in out.obs.columns:
-                del out.obs[k]
-    for k, v in written_obsm.items():
-        out.obsm[k] = v
-    for k, v in written_obs.items():
-        out.obs[k] = v
-    out.uns[prefix] = info
-    return out if copy else None
-
-
-# ----------------------------------------------------------------------------- checks
 
 def _transform(model, marginals):
     """The transform that maps raw features to the model's space, and the model's data record."""
     record = getattr(model, "marginals_info", None) or {}
-    own = _model_transform(model)
+    own = model_transform(model)
     if marginals is not None:
         if own is not None and not own.same_as(marginals.transform):
             raise ValueError("marginals: their transform (features, PCA or z-score) is not the one the model was "
@@ -275,9 +298,9 @@ def _check_genes(genes, tr):
         raise TypeError(f"genes must be a list of gene names, got {type(genes).__name__}") from None
     if not genes or not all(isinstance(g, str) for g in genes):
         raise ValueError(f"genes must be a non-empty list of gene names (strings); got {genes[:5]!r}")
-    if _duplicates(genes):
-        raise ValueError(f"genes has repeated names: {_duplicates(genes)[:10]}")
-    names = _gene_names(tr, tr.n_features)
+    if duplicates(genes):
+        raise ValueError(f"genes has repeated names: {duplicates(genes)[:10]}")
+    names = gene_names(tr, tr.n_features)
     known = set(names)
     missing = [g for g in genes if g not in known]
     if missing:
@@ -324,10 +347,10 @@ def _feature_columns(adata, embedding, tr):
 
 def _read_features(adata, embedding, cols):
     if embedding is not None:
-        return _as_float(np.asarray(adata.obsm[embedding])[:, cols], f"adata.obsm[{embedding!r}]")
+        return as_float(np.asarray(adata.obsm[embedding])[:, cols], f"adata.obsm[{embedding!r}]")
     X = adata.X
     X = X[:, cols].toarray() if hasattr(X, "toarray") else np.asarray(X)[:, cols]
-    return _as_float(X, "adata.X")
+    return as_float(X, "adata.X")
 
 
 def _is_ours(entry) -> bool:
@@ -383,7 +406,7 @@ def _fit_record(model):
     info = getattr(model, "fit_info", None)
     if info is not None:
         rec = {"holdout": info.holdout, "seed": info.seed, "epochs": info.epochs, "best_epoch": info.best_epoch,
-               "best_score": info.best_score, "hparams": dict(info.hparams),
+               "best_score": info.best_score, "hparams": info.hparams.to_dict(),
                "history": np.asarray(info.history, dtype=np.float64).reshape(-1, 3) if info.history else None,
                "selection": info.selection}
     else:
@@ -435,12 +458,6 @@ def _plain(v):
             return np.zeros(0)
         return json.dumps(v.tolist() if isinstance(v, np.ndarray) else v, default=_json_default)
     return str(v)
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def transform_from_uns(entry) -> Transform:

@@ -4,7 +4,8 @@
     cellmnn fit DATA --holdout K --out DIR        train one model and save it (--resume DIR continues a killed run)
     cellmnn evaluate DATA [--json FILE]           leave-one-out, Cell-MNN beside OT-interpolate
     cellmnn predict MODEL DATA --from-time T0 --to-time T1 [T2 ...] --out FILE.csv
-    cellmnn interactions MODEL DATA (--genes G ... | --pairs S:T ... | --trrust TSV [--ensemble MODEL ...]) --out FILE.csv
+    cellmnn interactions MODEL DATA (--genes G ... | --pairs S:T ... | --trrust TSV [--ensemble MODEL ...])
+        --out FILE.csv
     cellmnn inflate DATA --n-cells N --out FILE.npz   noisy copies of the cells (the paper's scaling protocol)
 
 DATA is a .h5ad, .npz or .csv file, or ``emt-a549`` for the embedded dataset.
@@ -15,10 +16,24 @@ the same flags; rank 0 alone prints and writes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import files
+from .analysis.interactions import gene_interactions
+from .analysis.trrust import trrust_validation
+from .data.inflate import INFLATED, check_inflate_args, inflate, write_inflated
+from .data.load import load_marginals
+from .data.marginals import Marginals
+from .evaluate import leave_one_out, ot_interpolate
+from .model.persist import check_model_destination, load_model, save_model
+from .plots import plot_heatmap, plot_holdouts
+from .train import fit, resolve_device
 
 EMBEDDED = "emt-a549"
 
@@ -88,8 +103,6 @@ def _hparams(args) -> dict:
 
 
 def _load(args):
-    from .data import load_marginals
-
     source = None if args.data == EMBEDDED else args.data
     return load_marginals(source, time_key=args.time_key, embedding=args.embedding,
                           n_components=args.n_components, standardize=not args.no_standardize,
@@ -97,8 +110,6 @@ def _load(args):
 
 
 def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):
-    from .evaluate import leave_one_out, ot_interpolate
-
     t0 = time.time()
     result, models = leave_one_out(marginals, holdouts=holdouts, seeds=seeds, return_models=True, report=False,
                                    **hp)
@@ -111,8 +122,6 @@ def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):
         result.to_json(json_path)
         print(f"wrote {json_path}")
     if plot_path:
-        from .plots import plot_holdouts
-
         ks = sorted({k for k, _ in models})
         first_seed = min(s for _, s in models)
         preds, base = {}, {}
@@ -126,17 +135,14 @@ def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):
 
 
 def _check_outputs(args):
-    """Every output path of the command, checked before any work (``io.check_output``)."""
-    from . import io
-
-    for attr, kind in (("json", io.LOO_JSON), ("plot", io.FIGURE), ("heatmap", io.FIGURE)):
+    """Every output path of the command, checked before any work (``files.check_output``)."""
+    for attr, kind in (("json", files.LOO_JSON), ("plot", files.FIGURE), ("heatmap", files.FIGURE)):
         if getattr(args, attr, None):
-            io.check_output(getattr(args, attr), kind, f"--{attr}")
+            files.check_output(getattr(args, attr), kind, f"--{attr}")
 
 
 def cmd_demo(args):
-    from .data import load_marginals
-
+    """`cellmnn demo`: leave-one-out on the embedded EMT data (short), with a figure."""
     _check_outputs(args)
     marginals = load_marginals()
     hp = _hparams(args)
@@ -147,17 +153,13 @@ def cmd_demo(args):
 
 
 def cmd_fit(args):
-    import os
-
-    from . import io
-    from .train import fit
-
+    """`cellmnn fit`: train one model and save it (``--resume`` continues a killed run)."""
     out = args.out or args.resume
-    path = io.check_model_destination(out)
-    ckpt = os.path.join(path, io.CHECKPOINT)
-    has_ckpt = os.path.isfile(ckpt) and io.is_checkpoint(ckpt)
+    path = check_model_destination(out)
+    ckpt = os.path.join(path, files.CHECKPOINT)
+    has_ckpt = os.path.isfile(ckpt) and files.is_checkpoint(ckpt)
     if args.resume and not has_ckpt:
-        raise FileNotFoundError(f"--resume {out}: no training checkpoint ({io.CHECKPOINT}) in that folder")
+        raise FileNotFoundError(f"--resume {out}: no training checkpoint ({files.CHECKPOINT}) in that folder")
     if args.out and has_ckpt:
         raise FileExistsError(f"--out {out} holds the checkpoint of an interrupted run; continue it with "
                               f"--resume {out} (same flags), or choose another folder")
@@ -166,8 +168,8 @@ def cmd_fit(args):
         os.makedirs(path, exist_ok=True)
     model = fit(marginals, holdout=args.holdout, seed=args.seed, checkpoint=ckpt, **_hparams(args))
     if _RANK == 0:
-        io.save_model(model, path)
-        io.remove_checkpoint(ckpt)
+        save_model(model, path)
+        files.remove_checkpoint(ckpt)
         info = model.fit_info
         print(f"trained on {marginals} (holdout {args.holdout}): {info.epochs} epochs, best validation "
               f"{info.best_score:.5f} at epoch {info.best_epoch}; saved to {path}")
@@ -175,6 +177,7 @@ def cmd_fit(args):
 
 
 def cmd_evaluate(args):
+    """`cellmnn evaluate`: leave-one-out, Cell-MNN beside OT-interpolate."""
     _check_outputs(args)
     _evaluate(_load(args), args.holdouts, args.seeds, _hparams(args), args.json, args.plot)
     return 0
@@ -183,8 +186,6 @@ def cmd_evaluate(args):
 def _in_model_space(model, args):
     """The data's raw features, matched to the model's by name (``Transform.align``) and mapped with
     the model's own transform (its PCA and z-scoring)."""
-    from .data import Marginals, load_marginals
-
     if model.transform is None:
         raise ValueError(f"{args.model} carries no data transform; it cannot map new data")
     raw = load_marginals(None if args.data == EMBEDDED else args.data, time_key=args.time_key,
@@ -204,19 +205,14 @@ def _same_transform(other, model, path):
 
 
 def cmd_interactions(args):
-    from .interactions import gene_interactions
-    from .io import INTERACTIONS, TRRUST_REPORT, check_output, load_model
-    from .plots import plot_heatmap
-
+    """`cellmnn interactions`: gene interactions of a saved model (CSV, heatmap, TRRUST)."""
     if not args.trrust and (args.tfs or args.ensemble):
         raise ValueError(f"{'--tfs' if args.tfs else '--ensemble'} is used only with --trrust")
-    check_output(args.out, TRRUST_REPORT if args.trrust else INTERACTIONS, "--out")
+    files.check_output(args.out, files.TRRUST_REPORT if args.trrust else files.INTERACTIONS, "--out")
     _check_outputs(args)
     model = load_model(args.model)
     marginals = _in_model_space(model, args)
     if args.trrust:
-        from .validation import trrust_validation
-
         models = [model] + [_same_transform(load_model(path), model, path) for path in args.ensemble or []]
         report = trrust_validation(models, marginals, args.trrust, tfs=args.tfs)
         print(report.format())
@@ -243,9 +239,8 @@ def cmd_interactions(args):
 
 
 def cmd_predict(args):
-    from .io import PREDICTIONS, check_output, load_model, write_csv_atomic
-
-    check_output(args.out, PREDICTIONS, "--out")
+    """`cellmnn predict`: push the cells of one timepoint to other times with a saved model."""
+    files.check_output(args.out, files.PREDICTIONS, "--out")
     model = load_model(args.model)
     marginals = _in_model_space(model, args)
     matches = np.nonzero(np.isclose(marginals.times, args.from_time, rtol=1e-9, atol=0.0))[0]
@@ -261,20 +256,18 @@ def cmd_predict(args):
         names = list(model.transform.feature_names)
     rows = [[i, args.from_time, t, *[f"{v:.6g}" for v in pred[i, j]]]
             for j, t in enumerate(args.to_time) for i in range(pred.shape[0])]
-    write_csv_atomic(args.out, ["cell", "from_time", "time", *names], rows, PREDICTIONS)
+    files.write_csv_atomic(args.out, ["cell", "from_time", "time", *names], rows, files.PREDICTIONS)
     print(f"wrote {pred.shape[0]} cells x {len(args.to_time)} times to {args.out}")
     return 0
 
 
 def cmd_inflate(args):
-    from .io import check_output
-    from .scale import INFLATED, check_inflate_args, inflate, write_inflated
-
+    """`cellmnn inflate`: noisy copies of the cells (the paper's scaling protocol)."""
     n_cells, noise_std, seed, _ = check_inflate_args(args.n_cells, args.noise_std, args.seed)
     if not args.out.lower().endswith(".npz"):
         raise ValueError(f"--out must name a .npz file (the TrajectoryNet-style archive load_marginals reads); "
                          f"got {args.out!r}")
-    check_output(args.out, INFLATED, "--out")
+    files.check_output(args.out, INFLATED, "--out")
     marginals = _load(args)
     inflated, parents = inflate(marginals, n_cells, noise_std, seed, return_parents=True)
     write_inflated(args.out, inflated, parents, noise_std, seed)
@@ -284,6 +277,7 @@ def cmd_inflate(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
     ap = argparse.ArgumentParser(prog="cellmnn", description="Cell-MNN: learn cell dynamics from snapshots.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -363,19 +357,12 @@ DATA_PARALLEL = ("fit", "evaluate")
 def _init_distributed(args):
     """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (nccl when training on CUDA,
     one device per local rank; gloo on CPU) and return True."""
-    import os
-
     global _RANK
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if args.command not in DATA_PARALLEL:
         raise ValueError(f"only {' and '.join(DATA_PARALLEL)} run data-parallel; run `cellmnn {args.command}` "
                          "without torchrun")
-    import torch
-    import torch.distributed as dist
-
-    from .train import resolve_device
-
     dev = resolve_device(args.device or "cpu")
     if dev.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -389,8 +376,6 @@ def _init_distributed(args):
 def main(argv=None) -> int:
     """Run the command line; every failure is one line on stderr and a non-zero exit code
     (2 for bad input, 1 for anything unexpected; ``CELLMNN_TRACEBACK=1`` shows the traceback)."""
-    import os
-
     args = build_parser().parse_args(argv)
     distributed = False
     try:
@@ -408,8 +393,6 @@ def main(argv=None) -> int:
         return 2 if expected else 1
     finally:
         if distributed:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 

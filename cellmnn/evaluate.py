@@ -12,33 +12,17 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from cellmnn_kernels import laplace_mmd
+from .data.inflate import subsample
+from .data.marginals import Marginals, check_holdout
+from .files import LOO_JSON, write_text_atomic
+from .metrics import OT_MAX_ITER, mmd, sliced_wasserstein1, wasserstein1, wasserstein1_batched
+from .train import Member, best_candidate, check_inputs, check_seeds, check_select, fit_many, train
 
-from .data import Marginals
-from .train import best_candidate, check_holdout, check_inputs, check_seeds, check_select, fit_many
-
-OT_MAX_ITER = 1_000_000
 #: Cells per side beyond which leave-one-out scores a seeded subsample exactly (10k x 10k exact
 #: W1 measured 57 s and 4.3 GB here) and adds the batched and sliced estimates on all cells.
 EXACT_MAX = 10_000
 EVAL_SEED = 0  # the subsample's seed
-
-
-def wasserstein1(x, y, x_weights=None) -> float:
-    """Exact W1 between point clouds (Euclidean cost); uniform weights unless x_weights is given."""
-    import ot
-
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    a = np.full(len(x), 1.0 / len(x)) if x_weights is None else np.asarray(x_weights, dtype=np.float64)
-    b = np.full(len(y), 1.0 / len(y))
-    return float(ot.emd2(a / a.sum(), b, ot.dist(x, y, metric="euclidean"), numItermax=OT_MAX_ITER))
-
-
-def mmd(x, y, x_weights=None, sigma=1.0) -> float:
-    t = lambda v: torch.as_tensor(np.asarray(v), dtype=torch.float64)  # noqa: E731
-    return float(laplace_mmd(t(x), t(y), sigma, None if x_weights is None else t(x_weights), backend="torch"))
 
 
 def ot_interpolate(x0, x1, s: float):
@@ -77,6 +61,7 @@ class LeaveOneOutResult:
         return out
 
     def format_summary(self) -> str:
+        """The summary as printable lines."""
         lines = ["mean over held-out timepoints, mean +- std over seeds:"]
         for method, st in self.summary().items():
             lines.append(f"  {method:<16} W1 {st['W1'][0]:.4f} +- {st['W1'][1]:.4f}   "
@@ -97,6 +82,7 @@ class LeaveOneOutResult:
         return out
 
     def format_winners(self) -> str:
+        """Who wins on each held-out timepoint, as printable lines (empty without a baseline)."""
         rows = self.winners()
         if not rows:
             return ""
@@ -108,6 +94,7 @@ class LeaveOneOutResult:
         return "\n".join(lines)
 
     def format(self) -> str:
+        """Every row, the summary and the winners, as a printable table."""
         lines = [f"{'method':<16} {'holdout':>7} {'time':>6} {'seed':>5} {'W1':>8} {'MMD':>9}"]
         for r in self.rows:
             lines.append(f"{r['method']:<16} {r['holdout']:>7} {r['time']:>6g} {r['seed']:>5} "
@@ -116,8 +103,7 @@ class LeaveOneOutResult:
         return "\n".join(lines) + "\n\n" + self.format_summary() + ("\n" + winners if winners else "")
 
     def to_json(self, path: str) -> None:
-        from .io import LOO_JSON, write_text_atomic
-
+        """Write the rows, summary and winners as JSON (``format``: cellmnn-leave-one-out), atomically."""
         winners = [dict(holdout=k, time=t, cell_mnn_W1=a, ot_interpolate_W1=b, winner=w)
                    for k, t, a, b, w in self.winners()]
         write_text_atomic(path, json.dumps({"format": "cellmnn-leave-one-out", "rows": self.rows,
@@ -157,7 +143,7 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
     grid = check_select(select, select_grid, hp)
     jobs = [(k, seed) for k in holdouts for seed in seeds]
     trained = dict(zip(jobs, fit_many(marginals, jobs, hp, grid)))  # every fit at once, batched
-    result = LeaveOneOutResult(_rows(marginals, holdouts, seeds, trained, hp["sigma"], baseline))
+    result = LeaveOneOutResult(_rows(marginals, holdouts, seeds, trained, hp.sigma, baseline))
     if report:
         print(result.format_summary())
         print(result.format_winners())
@@ -184,8 +170,6 @@ def _rows(marginals, holdouts, seeds, trained, sigma, baseline, dataset=None) ->
     (seed ``EVAL_SEED``; "W1_cells" in the row): exact W1 and MMD of the subsample, and for
     Cell-MNN also "W1_batched" (the paper's mean W1 over 200 x 200 batches, an upper estimate)
     and "W1_sliced" (a lower bound) on every cell."""
-    from .scale import sliced_wasserstein1, subsample, wasserstein1_batched
-
     rows = []
     cap = lambda x: subsample(x, EXACT_MAX, EVAL_SEED)  # noqa: E731 - x itself when small enough
     for k in holdouts:
@@ -217,8 +201,6 @@ def _rows(marginals, holdouts, seeds, trained, sigma, baseline, dataset=None) ->
 
 
 def _joint_leave_one_out(datasets, holdouts, seeds, baseline, return_models, report, embed, hp):
-    from .ensemble import Member, train
-
     if holdouts is None:
         holdouts = [None] * len(datasets)
     if not isinstance(holdouts, (list, tuple)) or len(holdouts) != len(datasets):
@@ -233,7 +215,7 @@ def _joint_leave_one_out(datasets, holdouts, seeds, baseline, return_models, rep
     results = []
     for d, m in enumerate(datasets):
         mine = {(k, seed): trained[(d, k, seed)] for k in holdouts[d] for seed in seeds}
-        results.append(LeaveOneOutResult(_rows(m, holdouts[d], seeds, mine, hp["sigma"], baseline, dataset=d)))
+        results.append(LeaveOneOutResult(_rows(m, holdouts[d], seeds, mine, hp.sigma, baseline, dataset=d)))
         if report:
             print(f"dataset {d} ({m.source}), trained jointly with the other {len(datasets) - 1}:")
             print(results[-1].format_summary())

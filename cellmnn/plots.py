@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .io import check_output, FIGURE, save_figure
+from .files import FIGURE, check_output, save_figure
 
 
 def plot_holdouts(marginals, predictions: dict, baselines: dict, path: str, dims=(0, 1)) -> str:

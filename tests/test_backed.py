@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from hypothesis import given
 from hypothesis import strategies as st
 
-import cellmnn.data
+import cellmnn.data.backed
 from cellmnn import load_marginals
 
 
@@ -67,7 +67,7 @@ def both(path, **kw):
 
 @pytest.fixture
 def chunk7(monkeypatch):
-    monkeypatch.setattr(cellmnn.data, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(cellmnn.data.backed, "CHUNK_ROWS", 7)
 
 
 # ----------------------------------------------------------------------------- equal to in memory
@@ -75,7 +75,7 @@ def chunk7(monkeypatch):
 @pytest.mark.parametrize("chunk", [7, None])
 def test_obsm_embedding_keeps_the_first_columns(tmp_path, monkeypatch, chunk):
     if chunk:
-        monkeypatch.setattr(cellmnn.data, "CHUNK_ROWS", chunk)
+        monkeypatch.setattr(cellmnn.data.backed, "CHUNK_ROWS", chunk)
     rng = np.random.default_rng(0)
     X, t = course(rng, 93, 4)  # 93 = 13 chunks of 7 and a last one of 2
     path = write(tmp_path / "e.h5ad", X.astype(np.float32), t, {"X_pca": rng.normal(size=(93, 8)).astype(np.float32)})
@@ -120,13 +120,13 @@ def test_backed_pca_equals_in_memory_property(n, G, k, chunk, sparse, seed):
     if sparse:
         X[rng.random(X.shape) < 0.5] = 0.0
         X = sp.csr_matrix(X)
-    old = cellmnn.data.CHUNK_ROWS
-    cellmnn.data.CHUNK_ROWS = chunk
+    old = cellmnn.data.backed.CHUNK_ROWS
+    cellmnn.data.backed.CHUNK_ROWS = chunk
     try:
         with tempfile.TemporaryDirectory() as d:
             b, m = both(write(os.path.join(d, "p.h5ad"), X, t), n_components=k)
     finally:
-        cellmnn.data.CHUNK_ROWS = old
+        cellmnn.data.backed.CHUNK_ROWS = old
     if isinstance(m, tuple):
         assert b == m
         return
@@ -240,7 +240,7 @@ def test_csc_x_and_too_many_genes_are_refused_by_name(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"X is stored as csc_matrix; backed=True reads X by rows"):
         load_marginals(csc, backed=True)
     path = write(tmp_path / "wide.h5ad", X, t)
-    monkeypatch.setattr(cellmnn.data, "COV_BYTES", 8 * 5 * 5)
+    monkeypatch.setattr(cellmnn.data.backed, "COV_BYTES", 8 * 5 * 5)
     with pytest.raises(ValueError, match=r"backed=True computes the PCA of X from a 6 x 6 covariance .*6 genes.*"
                                          r"pass embedding="):
         load_marginals(path, backed=True)
@@ -304,14 +304,14 @@ def test_sparse_x_is_read_a_chunk_at_a_time(tmp_path, chunk7, monkeypatch):
     X, t = course(rng, 60, 30)
     X[rng.random(X.shape) < 0.7] = 0
     path = write(tmp_path / "s.h5ad", sp.csr_matrix(X), t)
-    seen, original = [], cellmnn.data._read_rows
+    seen, original = [], cellmnn.data.backed._read_rows
 
     def read_rows(elem, start, stop, ncols=None):
         out = original(elem, start, stop, ncols)
         seen.append(len(out))
         return out
 
-    monkeypatch.setattr(cellmnn.data, "_read_rows", read_rows)
+    monkeypatch.setattr(cellmnn.data.backed, "_read_rows", read_rows)
     m = load_marginals(path, n_components=3, backed=True)
     assert sum(seen) == 120 and max(seen) == 7
     monkeypatch.undo()
@@ -319,17 +319,17 @@ def test_sparse_x_is_read_a_chunk_at_a_time(tmp_path, chunk7, monkeypatch):
 
 
 def test_wide_x_chunks_shrink_to_the_byte_cap(monkeypatch):
-    monkeypatch.setattr(cellmnn.data, "CHUNK_BYTES", 8 * 100)
-    assert cellmnn.data._chunks(25, 10) == [(0, 10), (10, 20), (20, 25)]
-    assert cellmnn.data._chunks(3, 1000) == [(0, 1), (1, 2), (2, 3)]
-    assert cellmnn.data._chunks(0, 10) == []
+    monkeypatch.setattr(cellmnn.data.backed, "CHUNK_BYTES", 8 * 100)
+    assert cellmnn.data.backed._chunks(25, 10) == [(0, 10), (10, 20), (20, 25)]
+    assert cellmnn.data.backed._chunks(3, 1000) == [(0, 1), (1, 2), (2, 3)]
+    assert cellmnn.data.backed._chunks(0, 10) == []
 
 
 def test_cli_fit_reads_backed(tmp_path):
     """`cellmnn fit FILE.h5ad --backed` trains on the chunked read and saves the same transform as
     the in-memory loader."""
     from cellmnn.cli import main
-    from cellmnn.io import load_model
+    from cellmnn.model.persist import load_model
 
     rng = np.random.default_rng(3)
     X, t = course(rng, 90, 8)

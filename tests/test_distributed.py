@@ -18,8 +18,10 @@ import pytest
 import torch
 
 import cellmnn
-import cellmnn.io as cio
+import cellmnn.files as cfiles
+import cellmnn.model.persist as persist
 from cellmnn.cli import main
+from cellmnn.train import HParams, Member, train
 
 FLAGS = ["--holdout", "1", "--max-epochs", "4", "--check-every", "2", "--backend", "torch", "--quiet"]
 HP = dict(holdout=1, max_epochs=4, check_every=2, backend="torch", verbose=False)
@@ -55,7 +57,7 @@ def test_torchrun_fit_equals_one_process(tmp_path, emt, extra, hp):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("trained on") == 1  # rank 0 alone reports and writes
     assert sorted(os.listdir(out)) == ["config.json", "weights.pt"]  # no checkpoint left, nothing else
-    ddp = cio.load_model(out)
+    ddp = persist.load_model(out)
     one = cellmnn.fit(emt, **HP, **hp)
     assert _rel(_flat(one), _flat(ddp)) < 1e-5
     import json
@@ -90,7 +92,7 @@ def test_torchrun_python_api_ensemble(tmp_path, emt):
 
 def _interrupt_after(monkeypatch, k):
     """Make the k-th checkpoint write the last thing a run does (as if the process were killed)."""
-    real, n = cio.save_checkpoint, [0]
+    real, n = cfiles.save_checkpoint, [0]
 
     def save(state, path):
         real(state, path)
@@ -98,7 +100,7 @@ def _interrupt_after(monkeypatch, k):
         if n[0] == k:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cio, "save_checkpoint", save)
+    monkeypatch.setattr(cfiles, "save_checkpoint", save)
     return n
 
 
@@ -112,31 +114,28 @@ def test_resume_is_identical_to_uninterrupted(tmp_path, emt, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             cellmnn.fit(emt, checkpoint=ck, **kw)
         assert n[0] == 4
-    state = cio.load_checkpoint(ck)
+    state = cfiles.load_checkpoint(ck)
     assert not state["done"] and state["n"] > 0
     resumed = cellmnn.fit(emt, checkpoint=ck, **kw)
     for a, b in zip(ref, resumed):
         assert torch.equal(_flat(a), _flat(b))
         assert a.fit_info.history == b.fit_info.history
         assert (a.fit_info.best_epoch, a.fit_info.best_score) == (b.fit_info.best_epoch, b.fit_info.best_score)
-    assert cio.load_checkpoint(ck)["done"]
+    assert cfiles.load_checkpoint(ck)["done"]
     again = cellmnn.fit(emt, checkpoint=ck, **kw)  # a finished checkpoint returns the same models, untrained
     assert all(torch.equal(_flat(a), _flat(b)) for a, b in zip(ref, again))
 
 
 def test_resume_after_early_stop_compaction(tmp_path, emt, monkeypatch):
-    kw = dict(holdout=2, check_every=1, backend="torch", verbose=False)
-    from cellmnn.ensemble import Member, train
-    from cellmnn.train import DEFAULTS
-
-    members = [Member(2, 0, dict(DEFAULTS, **kw, max_epochs=2)), Member(2, 1, dict(DEFAULTS, **kw, max_epochs=5))]
+    kw = dict(check_every=1, backend="torch", verbose=False)
+    members = [Member(2, 0, HParams(**kw, max_epochs=2)), Member(2, 1, HParams(**kw, max_epochs=5))]
     ref = train(emt, members)
     ck = tmp_path / "c.ckpt"
     with monkeypatch.context() as mp:
         _interrupt_after(mp, 3)  # after epoch 3: member 0 left at epoch 2
         with pytest.raises(KeyboardInterrupt):
             train(emt, members, checkpoint=ck)
-    assert cio.load_checkpoint(ck)["runner"]["active"] == [1]
+    assert cfiles.load_checkpoint(ck)["runner"]["active"] == [1]
     resumed = train(emt, members, checkpoint=ck)
     assert all(torch.equal(_flat(a), _flat(b)) for a, b in zip(ref, resumed))
 
@@ -147,8 +146,9 @@ def test_cli_kill_and_resume(tmp_path, emt):
     out = tmp_path / "model"
     flags = ["--holdout", "1", "--max-epochs", "40", "--check-every", "1", "--backend", "torch", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "cellmnn", "fit", "emt-a549", *flags, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    ckpt = out / cio.CHECKPOINT
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    ckpt = out / cfiles.CHECKPOINT
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -156,28 +156,28 @@ def test_cli_kill_and_resume(tmp_path, emt):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists() and not (out / "config.json").exists(), "the run finished before it could be killed"
-    epochs_done = cio.load_checkpoint(ckpt)["infos"][0]["epochs"]
+    epochs_done = cfiles.load_checkpoint(ckpt)["infos"][0]["epochs"]
     assert 0 < epochs_done < 40
 
     assert main(["fit", "emt-a549", *flags, "--out", str(out)]) == 2  # --out refuses to start over a checkpoint
     assert main(["fit", "emt-a549", *flags, "--resume", str(out)]) == 0
     assert not ckpt.exists()
     ref = cellmnn.fit(emt, holdout=1, max_epochs=40, check_every=1, backend="torch", verbose=False)
-    assert torch.equal(_flat(ref), _flat(cio.load_model(out)))
+    assert torch.equal(_flat(ref), _flat(persist.load_model(out)))
 
 
 def test_torchrun_resumes_a_checkpoint(tmp_path, emt, monkeypatch):
     """A checkpoint written by one process, continued by two: equal to one uninterrupted process."""
     out = tmp_path / "model"
     out.mkdir()
-    ck = out / cio.CHECKPOINT
+    ck = out / cfiles.CHECKPOINT
     with monkeypatch.context() as mp:
         _interrupt_after(mp, 1)
         with pytest.raises(KeyboardInterrupt):
             cellmnn.fit(emt, checkpoint=ck, **HP)
     r = _torchrun(["-m", "cellmnn", "fit", "emt-a549", *FLAGS, "--resume", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _rel(_flat(cellmnn.fit(emt, **HP)), _flat(cio.load_model(out))) < 1e-5
+    assert _rel(_flat(cellmnn.fit(emt, **HP)), _flat(persist.load_model(out))) < 1e-5
 
 
 def test_checkpoint_errors(tmp_path, emt, capsys):
@@ -211,11 +211,11 @@ def test_model_folder_with_a_checkpoint_is_ours(tmp_path):
     foreign file beside it, it is not."""
     d = tmp_path / "m"
     d.mkdir()
-    cio.save_checkpoint({"n": np.int64(1).item()}, d / cio.CHECKPOINT)
-    cio.check_model_destination(d)
+    cfiles.save_checkpoint({"n": np.int64(1).item()}, d / cfiles.CHECKPOINT)
+    persist.check_model_destination(d)
     (d / "other.txt").write_text("x")
     with pytest.raises(FileExistsError):
-        cio.check_model_destination(d)
+        persist.check_model_destination(d)
 
 
 def test_torchrun_evaluate_writes_once_and_matches_one_process(tmp_path, emt):

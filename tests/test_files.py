@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import cellmnn
-import cellmnn.io as cio
+import cellmnn.files as cfiles
 from cellmnn.cli import main as cli_main
 
 FAST = ["--max-epochs", "2", "--check-every", "1", "--batch-size", "32", "--quiet"]
@@ -100,10 +100,10 @@ def test_save_into_new_or_empty_folder_then_replace_own_save(tmp_path):
 
 
 def test_cli_fit_into_the_current_folder_fails_before_training(data_csv, monkeypatch, capsys):
-    import cellmnn.train
+    import cellmnn.cli
 
     monkeypatch.chdir(data_csv.parent)
-    monkeypatch.setattr(cellmnn.train, "fit", lambda *a, **k: pytest.fail("trained before checking --out"))
+    monkeypatch.setattr(cellmnn.cli, "fit", lambda *a, **k: pytest.fail("trained before checking --out"))
     before = listing(data_csv.parent)
     assert cli_main(["fit", str(data_csv), "--out", ".", *FAST]) == 2
     assert "refusing" in capsys.readouterr().err
@@ -254,10 +254,10 @@ def test_version_1_saves_still_load(tmp_path):
 
 def test_outputs_are_checked_before_any_training(data_csv, tmp_path, unwritable, monkeypatch, capsys):
     import cellmnn.evaluate
-    import cellmnn.train
+    import cellmnn.train.fitting
 
     trained = lambda *a, **k: pytest.fail("trained before checking the outputs")  # noqa: E731
-    monkeypatch.setattr(cellmnn.train, "fit_many", trained)  # what fit and leave_one_out train through
+    monkeypatch.setattr(cellmnn.train.fitting, "fit_many", trained)  # what fit and leave_one_out train through
     monkeypatch.setattr(cellmnn.evaluate, "fit_many", trained)
     (tmp_path / "a-folder").mkdir()
     cases = [
@@ -290,9 +290,9 @@ def test_predict_and_interactions_outputs_checked_first_and_own_files_replaced(d
     assert cli_main(argv + ["--out", str(data_csv)]) == 2  # never the input data
     assert "not a predictions CSV written by cellmnn" in capsys.readouterr().err
     assert data_csv.read_text().startswith("time,a,b,c")
-    import cellmnn.interactions
+    import cellmnn.cli
 
-    monkeypatch.setattr(cellmnn.interactions, "gene_interactions", lambda *a, **k: pytest.fail("computed first"))
+    monkeypatch.setattr(cellmnn.cli, "gene_interactions", lambda *a, **k: pytest.fail("computed first"))
     (tmp_path / "a-folder").mkdir()
     for extra in (["--out", str(tmp_path / "a-folder")], ["--out", str(pred)],
                   ["--out", str(tmp_path / "w.csv"), "--heatmap", str(tmp_path / "a-folder")]):
@@ -305,7 +305,7 @@ def test_figures_and_json_replace_only_their_own_kind(tmp_path):
 
     png = tmp_path / "h.png"
     plot_heatmap(np.eye(2), ["a", "b"], png)
-    assert cio.png_software(str(png)).startswith("cellmnn")
+    assert cfiles.png_software(str(png)).startswith("cellmnn")
     plot_heatmap(np.eye(2), ["a", "b"], png)  # its own figure: replaced
     foreign = tmp_path / "photo.png"
     foreign.write_bytes(png.read_bytes().replace(b"Software\x00cellmnn", b"Software\x00someone"))

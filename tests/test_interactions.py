@@ -9,7 +9,7 @@ from torch import nn
 
 import cellmnn
 from cellmnn.cli import main as cli_main
-from cellmnn.grn import krumsiek_network, linear_system, sample_linear, simulate_krumsiek
+from cellmnn.analysis.grn import krumsiek_network, linear_system, sample_linear, simulate_krumsiek
 
 GENES = [f"G{i}" for i in range(8)]
 
@@ -70,7 +70,8 @@ def test_velocity_jacobian_is_the_gene_space_jacobian_of_the_learned_velocity(ad
     t = torch.full((len(z0),), 2.0, dtype=torch.float64)
 
     def gene_velocity(z):
-        return (torch.einsum("bde,be->bd", model.operator(z, t), z) * torch.tensor(tr.std)) @ torch.tensor(tr.pca_components)
+        v = torch.einsum("bde,be->bd", model.operator(z, t), z)
+        return (v * torch.tensor(tr.std)) @ torch.tensor(tr.pca_components)
 
     eps = 1e-6
     for p, (src, tgt) in enumerate([(1, 2), (3, 0), (5, 5)]):
@@ -246,7 +247,8 @@ def test_trrust_files_with_and_without_header(tmp_path):
     (tmp_path / "a.tsv").write_text(body)
     (tmp_path / "b.tsv").write_text("TF\tTarget\tMode of regulation\tReferences (PMID)\n" + body)
     rows = cellmnn.read_trrust(tmp_path / "a.tsv")
-    assert rows == cellmnn.read_trrust(tmp_path / "b.tsv") == [("JUN", "FOS", "Activation"), ("JUN", "MYC", "Repression"), ("FOS", "JUN", "Unknown")]
+    want = [("JUN", "FOS", "Activation"), ("JUN", "MYC", "Repression"), ("FOS", "JUN", "Unknown")]
+    assert rows == cellmnn.read_trrust(tmp_path / "b.tsv") == want
     (tmp_path / "c.tsv").write_text(body + "JUN\tX\tMaybe\t5\n")
     with pytest.raises(ValueError, match="mode must be one of"):
         cellmnn.read_trrust(tmp_path / "c.tsv")

@@ -1,5 +1,5 @@
-"""Joint training across datasets (``cellmnn.joint``, ``fit([...])``, ``leave_one_out([...])``):
-the joint step is the sum of each time course's single-model objective, a joint model trains the
+"""Joint training across datasets (``load_joint``, ``fit([...])``, ``leave_one_out([...])``):
+the joint step is the sum of each time course's reference objective, a joint model trains the
 same alone or beside other models, the dataset embedding, the shared loader, and the errors."""
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import pytest
 import torch
 
 import cellmnn
-import cellmnn.io as cio
-from cellmnn.ensemble import Member, _Runner, _Setup, step_losses, train
-from cellmnn.joint import load_joint
-from cellmnn.train import DEFAULTS, _Objective
-from test_ensemble import batch_per_member
+import cellmnn.files as cfiles
+import cellmnn.model.persist as persist
+from cellmnn.data.joint import load_joint
+from cellmnn.train import HParams, Member, train
+from cellmnn.train.layout import Setup
+from cellmnn.train.step import Runner, step_losses
+from test_ensemble import batch_per_member, reference_objective
 
 FAST = dict(max_epochs=3, check_every=1, patience=2, batch_size=32, verbose=False)
 
@@ -29,7 +31,7 @@ B = course((0.0, 2.0, 3.0, 5.0), n=30, seed=1, drift=(-0.5, 1.0))
 
 
 def hp(**kw):
-    return {**DEFAULTS, **FAST, **kw}
+    return HParams(**{**FAST, **kw})
 
 
 def _flat(model):
@@ -42,20 +44,17 @@ def test_joint_step_is_the_sum_of_each_courses_objective(embed):
     # both sides: rtol 1e-4 covers the batched vs per-model summation orders.
     members = [Member(1, 0, hp(), dataset=0, joint="j"), Member(None, 0, hp(), dataset=1, joint="j"),
                Member(2, 3, hp(sigma=0.5), dataset=1)]
-    s = _Setup([A, B], members, torch.device("cpu"), embed=embed)
+    s = Setup([A, B], members, torch.device("cpu"), embed=embed)
     assert s.model_members == [[0, 1], [2]]
-    runner = _Runner(s, s.flat0, False)
+    runner = Runner(s, s.flat0, False)
     L = runner.layout
     assert L.models == [0, 1] and L.shared
     step = torch.tensor(5)
     loss, _ = step_losses(s, L, runner.flat, step)
     for e, (mem, (src, obs)) in enumerate(zip(members, batch_per_member(s, L, step))):
-        kept = s.kept[e]
-        obj = _Objective(s.times, kept, mem.hp["gamma"], mem.hp["sigma"], mem.hp["velocity_weight"], "torch",
-                         "kept_times", s.unit)
         mi = s.model_of[e]
-        want, _ = obj(s.model(mi, runner.flat[mi]), src, obs, torch.float32, "cpu",
-                      dataset=mem.dataset if embed else None)
+        want, _ = reference_objective(s.model(mi, runner.flat[mi]), s.times, s.kept[e], mem.hp, "kept_times",
+                                      s.unit, src, obs, dataset=mem.dataset if embed else None)
         torch.testing.assert_close(loss[e], want.detach(), rtol=1e-4, atol=1e-6)
     per_model = runner.step()  # the joint model's loss is the sum of its two courses' losses
     assert per_model.shape == (2,)
@@ -81,8 +80,8 @@ def test_joint_fit_with_embedding_predicts_per_dataset_and_round_trips(tmp_path)
     p0, p1 = m.predict(x, 0.0, 1.0, dataset=0), m.predict(x, 0.0, 1.0, dataset=1)
     assert not np.allclose(p0, p1)  # the learned embedding moves the operator
     assert m.marginals_info["datasets"][1]["times"] == [0.0, 2.0, 3.0, 5.0]
-    cio.save_model(m, tmp_path / "m")
-    back = cio.load_model(tmp_path / "m")
+    persist.save_model(m, tmp_path / "m")
+    back = persist.load_model(tmp_path / "m")
     np.testing.assert_array_equal(back.predict(x, 0.0, 1.0, dataset=1), p1)
     with pytest.raises(ValueError, match="pass dataset="):
         m.predict(x, 0.0, 1.0)
@@ -98,7 +97,7 @@ def test_joint_checkpoint_resume_is_identical(tmp_path, monkeypatch):
     kw = dict(holdout=[1, None], dataset_embedding=True, **dict(FAST, max_epochs=4))
     ref = cellmnn.fit([A, B], **kw)
     ck = tmp_path / "j.ckpt"
-    real, n = cio.save_checkpoint, [0]
+    real, n = cfiles.save_checkpoint, [0]
 
     def save(state, path):
         real(state, path)
@@ -107,7 +106,7 @@ def test_joint_checkpoint_resume_is_identical(tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     with monkeypatch.context() as mp:
-        mp.setattr(cio, "save_checkpoint", save)
+        mp.setattr(cfiles, "save_checkpoint", save)
         with pytest.raises(KeyboardInterrupt):
             cellmnn.fit([A, B], checkpoint=ck, **kw)
     assert torch.equal(_flat(ref), _flat(cellmnn.fit([A, B], checkpoint=ck, **kw)))
@@ -148,9 +147,8 @@ def test_load_joint_fits_one_space_on_the_pooled_cells(tmp_path):
     pca = PCA(n_components=3, random_state=0).fit(pooled)
     z = (pooled - pca.mean_) @ pca.components_.T
     z = (z - z.mean(0)) / z.std(0)
-    np.testing.assert_allclose(np.concatenate(a.data + b.data), np.concatenate([z[:60][ta == t] for t in (0, 1, 2)]
-                                                                                + [z[60:][tb == t] for t in (0, 1.5, 3)]),
-                               rtol=1e-10, atol=1e-10)
+    want = np.concatenate([z[:60][ta == t] for t in (0, 1, 2)] + [z[60:][tb == t] for t in (0, 1.5, 3)])
+    np.testing.assert_allclose(np.concatenate(a.data + b.data), want, rtol=1e-10, atol=1e-10)
     assert list(b.times) == [0.0, 1.5, 3.0]
     cellmnn.fit([a, b], **FAST)  # they train together
 
@@ -193,12 +191,12 @@ def test_annotate_and_interactions_of_a_joint_model(tmp_path):
     import anndata
 
     model = cellmnn.fit([A, B], holdout=[1, None], dataset_embedding=True, **FAST)
-    cio.save_model(model, tmp_path / "m")
+    persist.save_model(model, tmp_path / "m")
     x = np.concatenate(B.data)
     t = np.concatenate([np.full(len(d), tt) for d, tt in zip(B.data, B.times)])
     ad = anndata.AnnData(X=x.astype(np.float32))
     ad.obs["day"] = t
-    for m in (model, cio.load_model(tmp_path / "m")):
+    for m in (model, persist.load_model(tmp_path / "m")):
         out = cellmnn.annotate(ad, m, times=[2.0], dataset=1, copy=True)
         want = model.predict(x.astype(np.float32), t, [2.0], dataset=1)
         np.testing.assert_allclose(out.obsm["cellmnn_pred"], want, rtol=1e-6, atol=1e-6)

@@ -1,5 +1,5 @@
 """Scaling: ``inflate`` (the paper's noisy copies) and W1 beyond exact OT (the authors' batched
-estimate, sliced W1, subsample), each held to exact W1 (``cellmnn.evaluate.wasserstein1``) on small
+estimate, sliced W1, subsample), each held to exact W1 (``cellmnn.metrics.wasserstein1``) on small
 data; the ``cellmnn inflate`` command writes atomically, refuses foreign files and reads back."""
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cellmnn
-import cellmnn.scale as scale
+import cellmnn.cli
+import cellmnn.metrics as metrics
 from cellmnn.cli import main as cli_main
-from cellmnn.evaluate import wasserstein1
-from cellmnn.scale import (inflate, proportional_sizes, sliced_wasserstein1, subsample, wasserstein1_batched,
-                           write_inflated)
+from cellmnn.data.inflate import inflate, proportional_sizes, subsample, write_inflated
+from cellmnn.metrics import sliced_wasserstein1, wasserstein1, wasserstein1_batched
 
 SCALES = np.array([1.0, 5.0, 0.2])  # per-coordinate spread: the z-score std is far from 1
 
@@ -182,7 +182,7 @@ def test_batched_is_biased_upward_within_a_stated_band():
 def test_batches_use_every_point_once_per_pass_and_never_twice_in_a_batch():
     rng = np.random.default_rng(0)
     for n, b, k in ((1000, 200, 5), (700, 200, 7), (450, 200, 9), (201, 200, 10)):
-        stream = scale._Batches(n, b, rng)
+        stream = metrics._Batches(n, b, rng)
         batches = [stream.next() for _ in range(k)]
         assert all(len(i) == b and len(np.unique(i)) == b for i in batches)
         used = np.bincount(np.concatenate(batches), minlength=n)
@@ -194,7 +194,7 @@ def test_batches_use_every_point_once_per_pass_and_never_twice_in_a_batch():
 def test_batched_default_batches_and_seeding(monkeypatch):
     x, y = shifted_gaussians(500, 450, seed=1)
     calls = []
-    monkeypatch.setattr(cellmnn.evaluate, "wasserstein1", lambda a, b: calls.append((len(a), len(b))) or
+    monkeypatch.setattr(metrics, "wasserstein1", lambda a, b: calls.append((len(a), len(b))) or
                         wasserstein1(a, b))
     wasserstein1_batched(x, y, batch=200)
     monkeypatch.undo()
@@ -299,7 +299,7 @@ def test_cli_inflate_round_trips_through_load_marginals(data_csv, tmp_path, caps
 
 
 def test_cli_inflate_refuses_foreign_files_before_any_work(data_csv, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(scale, "inflate", lambda *a, **k: pytest.fail("inflated before checking --out"))
+    monkeypatch.setattr(cellmnn.cli, "inflate", lambda *a, **k: pytest.fail("inflated before checking --out"))
     user_npz = tmp_path / "trajectorynet.npz"
     np.savez(user_npz, pcs=np.zeros((4, 2)), sample_labels=np.array([0, 0, 1, 1]))
     before = user_npz.read_bytes()
@@ -369,13 +369,13 @@ def _blobs(n=40, times=(0.0, 1.0, 2.0, 3.0)):
 def test_validation_scores_a_seeded_subsample_and_training_cells_do_not_change():
     import torch
 
-    from cellmnn.ensemble import Member, _Setup
-    from cellmnn.train import DEFAULTS
+    from cellmnn.train import HParams, Member
+    from cellmnn.train.layout import Setup
 
     m = _blobs(n=100)
-    hp = dict(DEFAULTS, verbose=False, val_fraction=0.2)
-    full = _Setup(m, [Member(1, 3, hp)], torch.device("cpu"))
-    capped = _Setup(m, [Member(1, 3, dict(hp, max_val_cells=7))], torch.device("cpu"))
+    hp = HParams(verbose=False, val_fraction=0.2)
+    full = Setup(m, [Member(1, 3, hp)], torch.device("cpu"))
+    capped = Setup(m, [Member(1, 3, hp.replace(max_val_cells=7))], torch.device("cpu"))
     assert torch.equal(full.pool, capped.pool)  # the same cells are held back from training
     for i in full.kept[0]:
         assert len(full.val[0][i]) > 7 and len(capped.val[0][i]) == 7
@@ -386,7 +386,6 @@ def test_validation_scores_a_seeded_subsample_and_training_cells_do_not_change()
 
 def test_leave_one_out_scores_large_timepoints_on_a_subsample(monkeypatch):
     import cellmnn.evaluate as ev
-    from cellmnn.scale import sliced_wasserstein1, subsample, wasserstein1_batched
 
     m = _blobs()
     kw = dict(holdouts=[1], seeds=[0], max_epochs=2, check_every=1, verbose=False, report=False, return_models=True)

@@ -54,7 +54,7 @@ class CellMNN(nn.Module):
         self.num_const_dims, self.backend = int(num_const_dims), backend
         self.time_offset, self.time_scale, self.time_unit = float(time_offset), float(time_scale), float(time_unit)
         self.n_datasets = int(n_datasets)
-        n_out = dim * dim + (dim - num_const_dims if parameterization == "eigen" else 0)
+        n_out = n_outputs(dim, parameterization, num_const_dims)
         layers, n_in = [], dim + 1 + self.n_datasets
         for _ in range(depth):
             layers += [nn.Linear(n_in, width), nn.LeakyReLU()]
@@ -69,6 +69,7 @@ class CellMNN(nn.Module):
             self.mlp[-1].weight.mul_(init_scale)
 
     def config(self) -> dict:
+        """The constructor's arguments (what ``save_model`` records)."""
         return dict(dim=self.dim, width=self.width, depth=self.depth, init_scale=self.init_scale,
                     parameterization=self.parameterization, num_const_dims=self.num_const_dims,
                     backend=self.backend, time_offset=self.time_offset, time_scale=self.time_scale,
@@ -113,7 +114,8 @@ class CellMNN(nn.Module):
         """Push cells x0 (n, D) observed at time(s) t0 to time(s) t.
 
         t0 is a number or (n,); t a number (returns (n, D)) or a sequence of T times (returns
-        (n, T, D)); ``dataset`` (models with a dataset embedding only) the cells' dataset.  Accepts and returns numpy arrays, or tensors if x0 is a tensor.  Non-numeric,
+        (n, T, D)); ``dataset`` (models with a dataset embedding only) the cells' dataset.  Accepts and
+        returns numpy arrays, or tensors if x0 is a tensor.  Non-numeric,
         NaN/Inf or wrongly shaped inputs are a ValueError/TypeError naming the argument.
         """
         as_numpy = not isinstance(x0, torch.Tensor)
@@ -127,7 +129,8 @@ class CellMNN(nn.Module):
             raise ValueError(f"x0 must have shape (n, {self.dim}); got {tuple(x0.shape)}")
         bad = (~torch.isfinite(x0).all(dim=1)).nonzero().flatten().tolist()
         if bad:
-            raise ValueError(f"x0 has {len(bad)} cell(s) with NaN or Inf (rows {bad[:5]}{' ...' if len(bad) > 5 else ''})")
+            raise ValueError(f"x0 has {len(bad)} cell(s) with NaN or Inf "
+                             f"(rows {bad[:5]}{' ...' if len(bad) > 5 else ''})")
         n = x0.shape[0]
         t0 = _times("t0", t0, p)
         if t0.dim() > 1 or (t0.dim() == 1 and t0.shape[0] != n):
@@ -140,6 +143,11 @@ class CellMNN(nn.Module):
         X, _ = self(x0, t0, tt.reshape(1, -1).expand(n, -1), dataset=dataset)
         X = X[:, 0] if scalar else X
         return X.cpu().numpy() if as_numpy else X
+
+
+def n_outputs(dim: int, parameterization: str, num_const_dims: int = 0) -> int:
+    """Outputs of the MLP: D^2 (the operator, or P for "eigen") plus the free eigenvalues."""
+    return dim * dim + (dim - num_const_dims if parameterization == "eigen" else 0)
 
 
 def outputs_to_operator(h: torch.Tensor, D: int, parameterization: str, num_const_dims: int = 0,

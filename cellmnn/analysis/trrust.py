@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..files import TRRUST_REPORT, write_csv_atomic
 from .interactions import centered_expression, gene_interactions
-from .io import TRRUST_REPORT, write_csv_atomic
 
 TRRUST_MODES = ("Activation", "Repression", "Unknown")
 
@@ -86,6 +86,7 @@ def _paper_metrics(truth_act: np.ndarray, correct: np.ndarray) -> dict:
 
 @dataclass
 class TrrustReport:
+    """Per-edge TRRUST sign checks of one or more models (``trrust_validation``), with metrics."""
     edges: list  # per edge: tf, target, mode, score, agreement, n_cells (cells with the TF above x*), correlation
     per_tf: list  # per TF: tf + standard metrics + mean agreement
     overall: dict  # pooled standard metrics; n_without_cells; correlation_sign_accuracy, correlation_auroc
@@ -93,6 +94,7 @@ class TrrustReport:
     paper: list = None  # per TF and "all": the paper's TP/FP/TN/FN, precision, recall, F1
 
     def format(self) -> str:
+        """The metrics and the edges as a printable table."""
         head = (f"{'TF':<10} {'edges':>5} {'act':>4} {'rep':>4} {'sign acc':>8} {'prec':>6} {'recall':>6} "
                 f"{'F1':>6} {'AUROC':>6} {'agree':>6}")
         lines = [head]
@@ -115,6 +117,7 @@ class TrrustReport:
         return "\n".join(lines)
 
     def to_csv(self, path: str) -> None:
+        """Write one row per edge (tf, target, mode, score, ...) as a CSV, atomically."""
         write_csv_atomic(path, ["tf", "target", "mode", "score", "agreement", "n_cells", "correlation"],
                          [[e["tf"], e["target"], e["mode"], f"{e['score']:.4f}", f"{e['agreement']:.4f}", e["n_cells"],
                            f"{e['correlation']:.4f}"] for e in self.edges], TRRUST_REPORT)

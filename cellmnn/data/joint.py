@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import Marginals, Transform, load_marginals
+from .load import load_marginals
+from .marginals import Marginals, Transform, check_holdout
 
 
 def check_joint(datasets) -> list:
@@ -36,8 +37,6 @@ def check_joint(datasets) -> list:
 
 def check_joint_holdout(datasets: list, holdout) -> list:
     """``holdout`` for joint training: None, or one entry (None or an interior index) per dataset."""
-    from .train import check_holdout
-
     if holdout is None:
         return [None] * len(datasets)
     if not isinstance(holdout, (list, tuple)) or len(holdout) != len(datasets):

@@ -15,7 +15,8 @@ from importlib import resources
 
 import numpy as np
 
-from .data import Marginals, load_marginals
+from ..data.load import load_marginals
+from ..data.marginals import Marginals
 
 
 def linear_system(D: int = 10, density: float = 0.15, seed: int = 0, scale: float = 0.6) -> np.ndarray:
@@ -61,7 +62,7 @@ def krumsiek_network(path=None):
     """(genes, rules, signed couplings): rules as Python boolean expressions over the genes, the
     coupling matrix C (targets x sources) with the model file's weights, 0 for no edge."""
     text = (open(path).read() if path is not None
-            else (resources.files("cellmnn") / "datasets" / "krumsiek11_model.txt").read_text())
+            else (resources.files("cellmnn.data") / "datasets" / "krumsiek11_model.txt").read_text())
     rules, couplings, section = {}, [], None
     for line in text.splitlines():
         s = line.strip()

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .io import INTERACTIONS, write_csv_atomic
+from ..data.marginals import Transform
+from ..files import INTERACTIONS, write_csv_atomic
 
 AGGREGATES = ("timepoint", "all", None)
 KINDS = ("weight", "jacobian", "velocity_jacobian")
@@ -64,11 +65,13 @@ class Interactions:
         return M
 
     def to_csv(self, path: str) -> None:
+        """Write the values as a CSV (one row per pair, and per timepoint or cell), atomically."""
         rows = []
         if self.aggregate == "timepoint":
             for k, t in enumerate(self.times):
                 for p, (s, g) in enumerate(self.pairs):
-                    rows.append([s, g, f"{t:g}", int(self.n_cells[k]), f"{self.values[k, p]:.6g}", f"{self.positive[k, p]:.4f}"])
+                    rows.append([s, g, f"{t:g}", int(self.n_cells[k]), f"{self.values[k, p]:.6g}",
+                                 f"{self.positive[k, p]:.4f}"])
             header = ["source", "target", "time", "n_cells", f"mean_{self.kind}", "fraction_positive"]
         elif self.aggregate == "all":
             for p, (s, g) in enumerate(self.pairs):
@@ -82,7 +85,8 @@ class Interactions:
         write_csv_atomic(path, header, rows, INTERACTIONS)
 
 
-def _gene_names(transform, G):
+def gene_names(transform, G) -> list:
+    """The transform's feature names when it has G of them, else x1..xG."""
     names = transform.feature_names if transform is not None and transform.feature_names else None
     return list(names) if names is not None and len(names) == G else [f"x{i + 1}" for i in range(G)]
 
@@ -92,14 +96,12 @@ def _loadings(data, transform):
     without PCA) and the gene names."""
     transform = data.transform if transform is None else transform
     W = np.eye(data.dim) if transform.pca_components is None else np.asarray(transform.pca_components, dtype=np.float64)
-    return transform, W, _gene_names(transform, W.shape[1])
+    return transform, W, gene_names(transform, W.shape[1])
 
 
-def _model_transform(model):
+def model_transform(model):
     """The transform a model was fitted with: ``model.transform`` (loaded models) or the record
     ``fit`` attaches; None when unknown."""
-    from .data import Transform
-
     tr = getattr(model, "transform", None)
     if tr is None and (getattr(model, "marginals_info", None) or {}).get("transform"):
         tr = Transform.from_dict(model.marginals_info["transform"])
@@ -108,7 +110,7 @@ def _model_transform(model):
 
 def _check_same_space(model, transform):
     """Refuse data mapped by another transform than the model's: its model space means other genes."""
-    own = _model_transform(model)
+    own = model_transform(model)
     if own is not None and not own.same_as(transform):
         raise ValueError("the data were mapped with another transform (features, PCA or z-score) than the model "
                          "was fitted with; map raw data with model.transform (its align and to_model)")

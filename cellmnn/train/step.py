@@ -1,0 +1,203 @@
+"""One training step of an ensemble, and what it is made of: the stacked loss (``step_losses``),
+AdamW on one (models, parameters) tensor, the data-parallel gather, and ``Runner``, which runs
+steps eagerly or as replays of a captured CUDA graph.
+
+A step is, for all members together: the batch drawn on the device (``sampling``); one stacked
+MLP (batched matmuls over models); one ``local_linear_step`` over every member's cells; the
+``Objective`` (one ``laplace_mmd_grouped`` for every MMD term of every member); one AdamW update.
+Nothing is read back to the host.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from cellmnn_kernels import local_linear_step
+
+from ..model.network import outputs_to_operator
+from ..model.stacked import stacked_mlp
+from .layout import Layout, Setup
+from .sampling import draw
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
+
+
+def step_losses(s: Setup, L: Layout, flat: torch.Tensor, step: torch.Tensor, check: bool = False):
+    """Per-member loss and MMD part (E,) of the batch of ``step`` for the members of ``L``;
+    ``flat``: (models, P) weights of ``L.models``.
+
+    Everything stays on the device; ``check=True`` validates the decoded operators (a host
+    synchronisation: used once, before training)."""
+    E, D = L.E, s.D
+    hp0 = s.members[L.active[0]].hp
+    rows = s.pool.index_select(0, L.starts + draw(L.u, step, L.lens))
+    cells = s.data.index_select(0, rows)
+    x0, ys = cells[:L.n_src], cells[L.n_src:]
+    if L.shared:  # members of one joint model use its weights
+        flat = flat.index_select(0, L.member_model)
+    h = stacked_mlp(flat, s.shapes, torch.cat([x0, L.t_in], 1).view(E, L.n_src // E, -1))
+    A, pen = outputs_to_operator(h.reshape(L.n_src, -1), D, hp0.parameterization, hp0.num_const_dims, s.unit,
+                                 check_errors=check)
+    X, V = local_linear_step(A, x0, L.dt, backend=s.backend, check_finite=check)
+    if L.world > 1:  # every rank evaluates the loss on all slots' decoded points
+        X, V, pen = gather_slots(X, V, pen, L)
+    return L.objective(X, V, ys, pen, check=check)
+
+
+class AdamW:
+    """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments; tested against
+    it) on one (E, P) tensor, with a learning rate and a weight decay per member, in a fixed
+    number of operations whatever E."""
+
+    def __init__(self, param: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor):
+        self.param, self.lr, self.wd = param, lr[:, None], weight_decay[:, None]
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+        self.t = torch.zeros((), dtype=param.dtype, device=param.device)  # steps taken (a device tensor)
+
+    @torch.no_grad()
+    def step(self):
+        """One AdamW update of every member from ``param.grad``."""
+        b1, b2 = ADAM_BETAS
+        g, p = self.param.grad, self.param
+        self.t.add_(1)
+        self.m.lerp_(g, 1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        p.mul_(1 - self.lr * self.wd)
+        denom = (self.v.sqrt() / (1 - b2 ** self.t).sqrt()).add_(ADAM_EPS)
+        p.sub_(self.lr / (1 - b1 ** self.t) * self.m / denom)
+
+    def keep(self, idx: torch.Tensor):
+        """Keep the state of members ``idx`` only (when members leave the ensemble)."""
+        self.lr, self.wd = self.lr[idx], self.wd[idx]
+        self.m, self.v = self.m[idx].contiguous(), self.v[idx].contiguous()
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+def world() -> tuple:
+    """(rank, world size) of the default ``torch.distributed`` process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGatherSlots(torch.autograd.Function):
+    """Gather every rank's (E, n_r, F) slots into (E, sum n_r, F), in rank order.
+
+    Backward returns this rank's slice of the incoming gradient, with no communication: every
+    rank computes the same loss from the gathered tensor, so that slice is the whole derivative
+    with respect to this rank's input (the parameter gradients are then summed over ranks)."""
+
+    @staticmethod
+    def forward(ctx, x, counts):
+        rank = dist.get_rank()
+        E, n, F = x.shape
+        buf = x.new_zeros(E, max(counts), F)
+        buf[:, :n] = x
+        parts = [torch.empty_like(buf) for _ in counts]
+        dist.all_gather(parts, buf)
+        ctx.lo, ctx.n = sum(counts[:rank]), n
+        return torch.cat([p[:, :c] for p, c in zip(parts, counts)], 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[:, ctx.lo:ctx.lo + ctx.n], None
+
+
+def gather_slots(X, V, pen, L: Layout):
+    """Decoded points X, V (E * n_r, T, D) and penalties (E * n_r,) of this rank's slots, gathered
+    from every rank into the single-process layout (E * B, T, D), in one collective."""
+    E, T, D = L.E, X.shape[1], X.shape[2]
+    n = L.n_src // E
+    parts = [X.reshape(E, n, T * D), V.reshape(E, n, T * D)] + ([] if pen is None else [pen.reshape(E, n, 1)])
+    g = _AllGatherSlots.apply(torch.cat(parts, -1), L.counts)
+    X, V = g[..., :T * D].reshape(-1, T, D), g[..., T * D:2 * T * D].reshape(-1, T, D)
+    return X, V, None if pen is None else g[..., -1].reshape(-1)
+
+
+class Runner:
+    """Training steps for the current members: eager, or replays of a captured CUDA graph.  In a
+    ``torch.distributed`` process group the parameter gradients are summed over ranks (one
+    all-reduce per step), so every rank takes the same AdamW step."""
+
+    def __init__(self, s: Setup, flat: torch.Tensor, use_graph: bool):
+        self.rank, self.world = world()
+        self.s, self.use_graph, self.graph, self.warm = s, use_graph, None, 0
+        self.step_t = torch.zeros((), dtype=torch.int64, device=s.device)
+        hps = [s.members[mm[0]].hp for mm in s.model_members]
+        lr = torch.tensor([hp.lr for hp in hps], dtype=s.dtype, device=s.device)
+        wd = torch.tensor([hp.weight_decay for hp in hps], dtype=s.dtype, device=s.device)
+        self.flat = flat.detach().clone().requires_grad_(True)
+        self.opt = AdamW(self.flat, lr, wd)
+        self.layout = Layout(s, s.members_of(range(len(hps))), self.rank, self.world)
+
+    def _body(self):
+        L = self.layout
+        loss, _ = step_losses(self.s, L, self.flat, self.step_t)
+        if L.shared:  # a joint model's loss: the sum of its members'
+            loss = loss.new_zeros(len(L.models)).index_add(0, L.member_model, loss)
+        loss.sum().backward()  # models are independent: each gets the gradient of its own loss
+        if self.world > 1:
+                dist.all_reduce(self.flat.grad)
+        self.opt.step()
+        self.step_t.add_(1)
+        return loss.detach()
+
+    def step(self) -> torch.Tensor:
+        """One training step of every member; the (E,) losses, on the device.  In graph mode the
+        first steps after a (re)layout run eagerly on a side stream (warm-up), then one step is
+        captured and every step replays it."""
+        if self.use_graph and self.graph is None:
+            if self.warm < 3:
+                self.warm += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self.flat.grad = None
+                    loss = self._body()
+                torch.cuda.current_stream().wait_stream(side)
+                return loss
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.static_loss.clone()
+        self.flat.grad = None
+        return self._body()
+
+    def _capture(self):
+        """Capture one step in a CUDA graph; on failure, warn and train eagerly."""
+        try:
+            self.flat.grad = None
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.static_loss = self._body()
+            self.graph = graph
+        except Exception as exc:  # noqa: BLE001 - any capture failure: train eagerly instead
+            warnings.warn(f"cellmnn: CUDA graph capture failed ({type(exc).__name__}: {exc}); training eagerly")
+            self.use_graph, self.graph = False, None
+
+    def keep(self, keep_local: list):
+        """Go on with the models at local positions ``keep_local`` only."""
+        idx = torch.as_tensor(keep_local, dtype=torch.int64, device=self.s.device)
+        self.flat = self.flat.detach()[idx].clone().requires_grad_(True)
+        self.opt.keep(idx)
+        self.opt.param = self.flat
+        models = [self.layout.models[k] for k in keep_local]
+        self.layout = Layout(self.s, self.s.members_of(models), self.rank, self.world)
+        self.graph, self.warm = None, 0  # shapes changed: capture again
+
+    def state(self) -> dict:
+        """The state a checkpoint needs: active models, weights, moments, step counter (on the CPU)."""
+        return {"active": list(self.layout.models), "flat": self.flat.detach().cpu(), "m": self.opt.m.cpu(),
+                "v": self.opt.v.cpu(), "t": self.opt.t.cpu(), "step": self.step_t.cpu()}
+
+    def load(self, st: dict):
+        """Continue from ``state()`` (a checkpoint): the models still training, weights, moments, steps."""
+        self.keep(list(st["active"]))  # from the full ensemble: local positions are model indices
+        dev = self.s.device
+        self.flat = st["flat"].to(dev).clone().requires_grad_(True)
+        self.opt.param = self.flat
+        self.opt.m, self.opt.v, self.opt.t = st["m"].to(dev).clone(), st["v"].to(dev).clone(), st["t"].to(dev).clone()
+        self.step_t = st["step"].to(dev).clone()

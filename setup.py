@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["cellmnn", "cellmnn.*", "cellmnn_kernels", "cellmnn_kernels.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "scikit-learn", "anndata", "pot", "tqdm", "matplotlib"],
-    package_data={"cellmnn": ["datasets/*.csv", "datasets/*.txt", "datasets/README.md"]},
+    package_data={"cellmnn.data": ["datasets/*.csv", "datasets/*.txt", "datasets/README.md"]},
     entry_points={"console_scripts": ["cellmnn=cellmnn.cli:main"]},
     extras_require={
         "triton": ["triton>=3.0"],

@@ -177,3 +177,34 @@ def test_lines_fit_in_120_columns():
                 if len(line) > MAX_COLUMNS:
                     wide.append(f"{path.relative_to(ROOT)}:{k} ({len(line)})")
     assert not wide, wide
+
+
+def _map_order() -> list:
+    """The README's map of the tree: its cellmnn paths as module names, in order."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text[text.index("## Map of the tree"):]
+    block = block[block.index("```text") + 7:]
+    block = block[:block.index("```")]
+    out = []
+    for line in block.splitlines():
+        path = line.split()[0] if line.split() else ""
+        if path.startswith("cellmnn/") and (path.endswith(".py") or path.endswith("/")):
+            mod = path.rstrip("/").removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+            out.append(mod)
+    return out
+
+
+def test_the_readme_map_lists_cellmnn_from_the_bottom_up():
+    # "a module imports only those listed above it": the map is an order of the import graph.
+    order = _map_order()
+    position = {m: k for k, m in enumerate(order)}
+    edges = graph("cellmnn")
+    late = []
+    for importer, targets in edges.items():
+        is_package = (ROOT / importer.replace(".", "/") / "__init__.py").exists()
+        if importer == "cellmnn" or is_package:
+            continue  # a package's __init__ gathers what is listed below it
+        assert importer in position, f"{importer} is not in the README's map"
+        late += [f"{importer} imports {t}, listed below it" for t in targets
+                 if t in position and position[t] > position[importer]]
+    assert not late, late

@@ -89,7 +89,7 @@ def batch_per_member(s, L, step) -> list:
 
 
 def reference_objective(model, times, kept, hp, kinetic, unit, src, obs, dataset=None):
-    """The objective of one time course term by term, as the README states it: sum over sources s
+    """The objective of one time course term by term, as docs/workflow.md states it: sum over sources s
     and later kept timepoints f of gamma^(r-1) MMD^2 (the dense reference MMD) + velocity_weight *
     the kinetic form + the mean eigen penalty.  Returns (loss, MMD part); the oracle of the tests
     of ``cellmnn.train.objective``."""

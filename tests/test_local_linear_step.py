@@ -1,6 +1,6 @@
 """local_linear_step: the torch and triton backends against a float64 matrix-exponential oracle.
 
-Tolerances (the accuracy contract of the README), per (cell, time) pair with ||dt A||_1 <= 30:
+Tolerances (the accuracy contract of docs/engine.md), per (cell, time) pair with ||dt A||_1 <= 30:
     ||X - X_ref|| <= RTOL * (||X_ref|| + 1e-6 ||x0||)
     ||V - V_ref|| <= RTOL * (||V_ref|| + 1e-6 ||A||_1 ||x0||)      (V = A X has the scale ||A|| ||X||)
 RTOL = 1e-4 in float32: unit roundoff 6e-8, about 30 anchor steps of some ten roundings each, and

@@ -149,7 +149,7 @@ def write_inflated(path, marginals: Marginals, parents=None, noise_std=None, see
     write recognises its own file), the transform (``zscore_mean``, ``zscore_std``, and
     ``pca_components``, ``pca_mean``, ``feature_names`` when there is a PCA) and, when given,
     ``parent`` (the row within its timepoint each cell was copied from), ``noise_std`` and ``seed``.
-    Written atomically; replaces only an earlier file of this kind (``cellmnn.io``)."""
+    Written atomically; replaces only an earlier file of this kind (``cellmnn.files``)."""
     if not isinstance(marginals, Marginals):
         raise TypeError(f"marginals must be a Marginals, got {type(marginals).__name__}")
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).lower().endswith(".npz"):

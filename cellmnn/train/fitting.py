@@ -78,7 +78,7 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_g
 
     Data parallel: called by every process of a ``torch.distributed`` group with the same
     arguments (``torchrun``), each process decodes its share of every batch and the gradients are
-    summed; the result equals one process's up to float rounding.  See the README.
+    summed; the result equals one process's up to float rounding (docs/scale.md).
     """
     hp = check_inputs(marginals, hparams)
     checks.flag("dataset_embedding", dataset_embedding)

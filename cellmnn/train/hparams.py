@@ -4,7 +4,7 @@ The defaults are the paper's (Cell-MNN, arXiv 2510.02903, and the authors' code)
 depth 4, init_scale 0.01, AdamW lr 2e-4 and weight_decay 1e-5, batch_size 200, gamma 0.1,
 sigma 1, velocity_weight 0.1 with the authors' kinetic form, up to 1000 epochs.  Early stopping
 (check_every 10 epochs, patience 10 checks, val_fraction 10% of the kept cells, scored on at most
-max_val_cells 5000 of them per timepoint) is this package's (README: where ``fit`` differs).
+max_val_cells 5000 of them per timepoint) is this package's (docs/workflow.md: where ``fit`` differs).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ SHARED = ("width", "depth", "parameterization", "num_const_dims", "batch_size", 
 
 @dataclass(frozen=True)
 class HParams:
-    """Every hyperparameter of ``fit`` (README, "Training"), checked on creation: an invalid value is
+    """Every hyperparameter of ``fit`` (docs/workflow.md, "Training"), checked on creation: an invalid value is
     a ValueError/TypeError naming it.  ``HParams.from_kwargs(**kw)`` also refuses unknown names;
     ``hp.replace(**kw)`` is a checked copy; ``hp.to_dict()`` the plain dict that saved models record.
     """

@@ -65,7 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cellmnn  # noqa: E402
 from cellmnn.files import check_output, json_kind, write_text_atomic  # noqa: E402
-from simulated_courses import CASES, STEP, parse_set, simulate  # noqa: E402
+from simulated_courses import parse_set, simulate  # noqa: E402
 
 FORMAT = "cellmnn-joint-training"
 JSON_KIND = json_kind(FORMAT)
@@ -75,23 +75,6 @@ MODES = ("separate", "joint", "joint_embedding", "ot_interpolate")
 
 
 # ----------------------------------------------------------------------------- data
-
-def simulate_from(case: str, x0_sampler, n_cells: int, seed: int):
-    """``case``'s drift, diffusion and snapshot times (``simulated_courses.CASES``) from another
-    initial distribution: each snapshot an independent population started by ``x0_sampler(n, rng)``
-    and integrated by Euler-Maruyama with ``simulated_courses.STEP``."""
-    drift, dim, times, s = CASES[case]
-    if dim != 2:
-        raise ValueError(f"simulate_from handles the 2-d cases; {case} has {dim} dimensions")
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for t in times:
-        x = x0_sampler(n_cells, rng)
-        for _ in range(int(round(t / STEP))):
-            x = x + drift(x) * STEP + s * np.sqrt(STEP) * rng.standard_normal(x.shape)
-        arrays.append(x)
-    return arrays, list(times)
-
 
 def shifted_bifurcation_start(n, rng):
     return np.stack([rng.normal(0.2, 0.2, n), rng.normal(-0.5, 0.3, n)], axis=1)
@@ -124,7 +107,7 @@ def emt_sparse():
 
 def sim_shared():
     return one_space([simulate("bifurcation", N_CELLS, seed=0),
-                      simulate_from("bifurcation", shifted_bifurcation_start, N_CELLS, seed=1)])
+                      simulate("bifurcation", N_CELLS, seed=1, initial=shifted_bifurcation_start)])
 
 
 def sim_different():

@@ -83,15 +83,19 @@ CASES = {  # name: (drift, dimension, times, diffusion)
 }
 
 
-def simulate(case: str, n_cells: int, seed: int):
-    """(arrays, times): one independent population of ``n_cells`` per snapshot time."""
+def simulate(case: str, n_cells: int, seed: int, initial=None):
+    """(arrays, times): one independent population of ``n_cells`` per snapshot time, each started
+    from the case's initial distribution (or ``initial(n, rng)``, a 2-d case's other start) and
+    integrated by Euler-Maruyama with step ``STEP``."""
     drift, dim, times, s = CASES[case]
+    if initial is not None and dim != 2:
+        raise ValueError(f"another initial distribution is for the 2-d cases; {case} has {dim} dimensions")
     rng = np.random.default_rng(seed)
     noise = np.full(dim, s)
     noise[2:] = 0.3  # the Ornstein-Uhlenbeck coordinates
     arrays = []
     for t in times:
-        x = start(case, n_cells, rng, dim)
+        x = start(case, n_cells, rng, dim) if initial is None else initial(n_cells, rng)
         for _ in range(int(round(t / STEP))):
             x = x + drift(x) * STEP + noise * np.sqrt(STEP) * rng.standard_normal(x.shape)
         arrays.append(x)

@@ -342,3 +342,44 @@ def test_cli_fit_reads_backed(tmp_path):
     np.testing.assert_allclose(saved["transform"]["mean"], memory.transform.mean, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(np.abs(saved["transform"]["pca_components"]), np.abs(memory.transform.pca_components),
                                rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("n_cells", [3, 4])
+def test_components_without_variance_are_dropped_not_fabricated(tmp_path, n_cells):
+    # n cells span at most n - 1 centred dimensions: with n_components = 5 the PCA's last
+    # components are rounding noise (std ~1e-16), which z-scoring would turn into unit-variance
+    # coordinates.  They are dropped with a warning saying how many and why, in memory and backed.
+    rng = np.random.default_rng(0)
+    X, t = course(rng, n_cells, 12, days=(0.0, 1.0))
+    path = write(tmp_path / "tiny.h5ad", X=X, times=t)
+    kept = min(5, n_cells - 1)
+    for backed in (False, True):
+        with pytest.warns(UserWarning, match=rf"{min(5, n_cells) - kept} of {min(5, n_cells)} PCA components "
+                                             r"have no variance .* model space has \d dimensions"):
+            m = load_marginals(path, n_components=5, backed=backed)
+        assert m.dim == kept and m.transform.pca_components.shape == (kept, 12)
+        z = np.concatenate(m.data)
+        np.testing.assert_allclose(z.std(axis=0), 1.0, rtol=1e-6)  # every coordinate carries real variance
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_same(*both(path, n_components=5))
+
+
+def test_constant_features_are_not_scaled_into_noise(tmp_path):
+    # A raw feature that is constant up to rounding (std 1e-17 around 1e3) must not become a
+    # unit-variance column: it is left unscaled, with a warning naming it.
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(size=(30, 2)), 1e3 + 1e-13 * rng.normal(size=(30, 1))], axis=1)
+    with pytest.warns(UserWarning, match=r"1 of 3 features are constant .*\['c'\]"):
+        m = _load_csv(tmp_path, x)
+    z = np.concatenate(m.data)
+    assert np.abs(z[:, 2]).max() < 1e-9 and np.allclose(z[:, :2].std(axis=0), 1.0)
+    with pytest.raises(ValueError, match="cells are all the same"):
+        load_marginals(write(tmp_path / "same.h5ad", X=np.ones((6, 8)), times=np.repeat([0.0, 1.0], 3)))
+
+
+def _load_csv(tmp_path, x):
+    path = tmp_path / "cells.csv"
+    rows = ["time,a,b,c"] + [f"{float(i >= 15)},{r[0]:.17g},{r[1]:.17g},{r[2]:.17g}" for i, r in enumerate(x)]
+    path.write_text("\n".join(rows) + "\n")
+    return load_marginals(str(path))

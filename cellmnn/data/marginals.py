@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..checks import warn
 from .tables import as_float, check_table, drop_rows, duplicates, merge_close_times
 
 
@@ -168,12 +169,46 @@ def check_holdout(marginals: Marginals, holdout) -> int | None:
 
 # ----------------------------------------------------------------------------- from a table
 
+#: A PCA component whose std is at most PCA_FLAT of the first component's is rounding noise (float64
+#: noise would put its variance near 1e-16 of the total); a raw feature is constant when its std is at
+#: most RAW_FLAT times the magnitude of its mean (or 0).
+PCA_FLAT, RAW_FLAT = 1e-6, 1e-10
+
+
+def _flat_columns(x, pca_components, source, names):
+    """Model-space columns with no real variance across the cells, which z-scoring would blow up into
+    unit-variance noise: PCA components at rounding level (fewer cells than components, or features
+    spanning fewer dimensions) are dropped; raw features that are constant are kept unscaled (so they
+    stay constant); either with a warning saying how many and why.  Returns (x, pca_components, the
+    mask of raw columns not to scale)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        std, mean = x.std(axis=0), np.abs(x.mean(axis=0))
+    if pca_components is None:
+        flat = (std == 0) | (std <= RAW_FLAT * mean)
+        if flat.any() and not flat.all():
+            cols = [names[j] if names else f"column {j + 1}" for j in np.flatnonzero(flat)]
+            warn(f"{source}: {len(cols)} of {len(flat)} features are constant across the {len(x)} cells "
+                 f"({cols[:5]}{' ...' if len(cols) > 5 else ''}); they are not z-scored (so they stay constant "
+                 "and carry no signal)")
+        return x, None, flat
+    flat = std <= PCA_FLAT * (std.max() if std.size else 0.0)
+    if flat.all():
+        raise ValueError(f"{source}: the {len(x)} cells are all the same; there is nothing to learn from")
+    if flat.any():
+        warn(f"{source}: {int(flat.sum())} of {len(flat)} PCA components have no variance across the {len(x)} cells "
+             f"(std at rounding level: fewer cells than components, or features spanning fewer dimensions); "
+             f"dropped, so the model space has {int((~flat).sum())} dimensions")
+    return x[:, ~flat], pca_components[~flat], np.zeros((~flat).sum(), dtype=bool)
+
+
 def finish(x, t, standardize, source, names, dropped, pca_components=None, pca_mean=None) -> Marginals:
-    """Model-space rows ``x`` (after any PCA) z-scored with pooled mean and std and split by time."""
+    """Model-space rows ``x`` (after any PCA) without columns of no variance, z-scored with pooled
+    mean and std and split by time."""
+    x, pca_components, flat = _flat_columns(x, pca_components, source, names)
     if standardize:
         with np.errstate(over="ignore", invalid="ignore"):
             mean, std = x.mean(axis=0), x.std(axis=0)
-        std = np.where(std > 0, std, 1.0)
+        std = np.where((std > 0) & ~flat, std, 1.0)
     else:
         mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):

@@ -12,6 +12,7 @@ import sys
 import warnings
 
 import numpy as np
+import torch
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -103,3 +104,21 @@ def warn(message: str) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, stacklevel=level)
+
+
+def device(value, name: str = "device") -> torch.device:
+    """"auto" (CUDA when available), or a torch device string/object that exists here: an unknown
+    device, or CUDA where there is none, is a ValueError naming ``name`` (before torch would fail)."""
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {value!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {value!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}={value!r}, but CUDA is not available here; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name}={value!r}, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev

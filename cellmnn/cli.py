@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import files
+from . import checks, files
 from .analysis.interactions import gene_interactions
 from .analysis.trrust import trrust_validation
 from .data.inflate import INFLATED, check_inflate_args, inflate, write_inflated
@@ -33,7 +33,7 @@ from .data.marginals import Marginals
 from .evaluate import leave_one_out, ot_interpolate
 from .model.persist import check_model_destination, load_model, save_model
 from .plots import plot_heatmap, plot_holdouts
-from .train import fit, resolve_device
+from .train import HParams, check_select, fit, resolve_device
 
 EMBEDDED = "emt-a549"
 
@@ -154,19 +154,30 @@ def cmd_demo(args):
 
 def cmd_fit(args):
     """`cellmnn fit`: train one model and save it (``--resume`` continues a killed run)."""
-    out = args.out or args.resume
+    out, flag = (args.out, "--out") if args.out else (args.resume, "--resume")
+    hp = _hparams(args)
+    _check_flags(hp, args.seed)  # every flag, on every process, before any folder is touched
+    ckpt = os.path.join(files.as_path(out, flag), files.CHECKPOINT)
+    problem = files.checkpoint_problem(ckpt) if os.path.lexists(ckpt) else None
+    if problem:
+        raise ValueError(f"{flag} {out}: {ckpt} is not a usable training checkpoint ({problem}); remove it to "
+                         "start afresh, or choose another folder")
     path = check_model_destination(out)
-    ckpt = os.path.join(path, files.CHECKPOINT)
-    has_ckpt = os.path.isfile(ckpt) and files.is_checkpoint(ckpt)
-    if args.resume and not has_ckpt:
+    if args.resume and not os.path.isfile(ckpt):
         raise FileNotFoundError(f"--resume {out}: no training checkpoint ({files.CHECKPOINT}) in that folder")
-    if args.out and has_ckpt:
+    if args.out and os.path.isfile(ckpt):
         raise FileExistsError(f"--out {out} holds the checkpoint of an interrupted run; continue it with "
                               f"--resume {out} (same flags), or choose another folder")
     marginals = _load(args)
+    created = _RANK == 0 and not os.path.exists(path)
     if _RANK == 0:
         os.makedirs(path, exist_ok=True)
-    model = fit(marginals, holdout=args.holdout, seed=args.seed, checkpoint=ckpt, **_hparams(args))
+    try:
+        model = fit(marginals, holdout=args.holdout, seed=args.seed, checkpoint=ckpt, **hp)
+    except BaseException:
+        if created and os.path.isdir(path) and not os.listdir(path):  # ours, and nothing was written in it
+            os.rmdir(path)
+        raise
     if _RANK == 0:
         save_model(model, path)
         files.remove_checkpoint(ckpt)
@@ -176,9 +187,19 @@ def cmd_fit(args):
     return 0
 
 
+def _check_flags(hp: dict, seed=None) -> None:
+    """The training flags and the seed, checked as ``fit`` will check them."""
+    kw = dict(hp)
+    select = kw.pop("select", None)
+    check_select(select, None, HParams.from_kwargs(**kw))
+    if seed is not None:
+        checks.seed(seed)
+
+
 def cmd_evaluate(args):
     """`cellmnn evaluate`: leave-one-out, Cell-MNN beside OT-interpolate."""
     _check_outputs(args)
+    _check_flags(_hparams(args))
     _evaluate(_load(args), args.holdouts, args.seeds, _hparams(args), args.json, args.plot)
     return 0
 

@@ -152,9 +152,16 @@ def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline
 
 def _check_holdouts(marginals, holdouts) -> list:
     K = len(marginals)
-    holdouts = list(range(1, K - 1)) if holdouts is None else [check_holdout(marginals, k) for k in holdouts]
-    if not holdouts:
-        raise ValueError(f"no interior timepoint to hold out: the data have {K} timepoints")
+    if holdouts is None:
+        holdouts = list(range(1, K - 1))
+        if not holdouts:
+            raise ValueError(f"no interior timepoint to hold out: the data have {K} timepoints")
+    else:
+        holdouts = [holdouts] if isinstance(holdouts, (int, np.integer)) else list(holdouts)
+        if not holdouts:
+            raise ValueError(f"holdouts is empty; name interior timepoints to hold out (1..{K - 2}), or pass None for "
+                             "all of them")
+        holdouts = [check_holdout(marginals, k) for k in holdouts]
     dup = sorted({k for k in holdouts if holdouts.count(k) > 1})
     if dup:
         raise ValueError(f"holdouts repeats {dup}; each must appear once (a repeat would count twice in the "

@@ -213,13 +213,21 @@ def save_figure(fig, path) -> str:
 
 # ----------------------------------------------------------------------------- training checkpoints
 
-def is_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a training checkpoint written by cellmnn (by its ``format`` field)."""
+def checkpoint_problem(path: str) -> str | None:
+    """Why ``path`` is not a training checkpoint written by cellmnn (unreadable, truncated, another
+    kind of file), or None when it is one (by its ``format`` field)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
-    except Exception:  # noqa: BLE001 - anything unreadable is not ours
-        return False
-    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is not ours
+        return f"unreadable: {' '.join(str(exc).split())[:200] or type(exc).__name__}"
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        return "not a cellmnn checkpoint (no 'format': 'cellmnn-checkpoint' entry)"
+    return None
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a training checkpoint written by cellmnn (by its ``format`` field)."""
+    return checkpoint_problem(path) is None
 
 
 CHECKPOINT_KIND = OutputKind("cellmnn training checkpoint", is_checkpoint)

@@ -243,3 +243,95 @@ def test_cli_reports_every_failure_in_one_line(fitted, capsys, monkeypatch):
     assert cli_main(["fit", data, "--out", str(tmp_path / "m5")]) == 1
     err = capsys.readouterr().err
     assert err == "cellmnn fit: error: boom (RuntimeError; set CELLMNN_TRACEBACK=1 to see where)\n"
+
+
+# ----------------------------------------------------------------------------- errors name the real cause
+
+def _emptied(m, k):
+    """``m`` with timepoint ``k`` holding no cells (as a filtered AnnData can leave it)."""
+    return cellmnn.Marginals([d if i != k else d[:0] for i, d in enumerate(m.data)], m.times, m.transform)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: cellmnn.fit(_emptied(m, 2), **FAST), r"marginals: timepoint 2 \(t = 2\) has no cells"),
+    (lambda m: cellmnn.fit([m, _emptied(m, 1)], **FAST), r"marginals\[1\]: timepoint 1 \(t = 1\) has no cells"),
+    (lambda m: cellmnn.leave_one_out(_emptied(m, 0), report=False, **FAST), r"timepoint 0 \(t = 0\) has no cells"),
+    (lambda m: cellmnn.fit([], **FAST), r"marginals is an empty list"),
+    (lambda m: cellmnn.fit([m, []], **FAST), r"marginals\[1\] must be a Marginals .* got list"),
+    (lambda m: cellmnn.leave_one_out(m, holdouts=[], report=False, **FAST), r"holdouts is empty; name interior"),
+    (lambda m: cellmnn.fit(cellmnn.Marginals(m.data, m.times[::-1], m.transform), **FAST), "strictly ascending"),
+])
+def test_each_check_names_the_cause_that_holds(marginals, call, match):
+    # Checks that can fire for several reasons say which one holds (not "val_fraction leaves no
+    # training cell", "must be a Marginals" for a valid list, or "no interior timepoint").
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(marginals)
+
+
+def test_load_joint_matches_genes_by_name_in_any_order(tmp_path):
+    arrays, times = blobs(D=3)
+    genes = ["GATA1", "SPI1", "CEBPA"]
+    write_table(tmp_path / "a.csv", ["time", *genes], arrays, times, genes)
+    write_table(tmp_path / "b.csv", ["time", "CEBPA", "GATA1", "SPI1"], arrays, times, genes)  # same cells
+    a, b = cellmnn.load_joint([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    for x, y in zip(a.data, b.data):
+        np.testing.assert_allclose(x, y, rtol=1e-12)  # the same cells, however the columns were ordered
+    write_table(tmp_path / "c.csv", ["time", "GATA1", "SPI1", "MPO"], arrays, times, ["GATA1", "SPI1", "MPO"])
+    with pytest.raises(ValueError, match=r"sources\[1\] has other features .*\['CEBPA'\].*\['MPO'\]"):
+        cellmnn.load_joint([str(tmp_path / "a.csv"), str(tmp_path / "c.csv")])
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", b"PK\x03\x04truncated"])
+def test_resume_with_a_damaged_checkpoint_names_the_file(fitted, capsys, content):
+    tmp_path, _, _ = fitted
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(content)
+    for flag in ("--resume", "--out"):
+        assert cli_main(["fit", str(tmp_path / "train.csv"), flag, str(run), *CLI_FAST]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {run}: {run / 'checkpoint.pt'} is not a usable training checkpoint" in err, err
+    assert (run / "checkpoint.pt").read_bytes() == content  # never touched
+
+
+def test_a_failed_fit_checks_flags_first_and_leaves_no_folder(fitted, capsys):
+    tmp_path, _, _ = fitted
+    for flags in (["--seed", "-3"], ["--lr", "-1"], ["--select", "inner", "--select-on-holdout"]):
+        out = tmp_path / "new-model"
+        assert cli_main(["fit", str(tmp_path / "train.csv"), "--out", str(out), *flags, *CLI_FAST]) == 2
+        assert not out.exists(), flags
+        assert capsys.readouterr().err.count("\n") == 1
+    out = tmp_path / "diverges"  # fails after the folder was made: the empty folder is removed again
+    assert cli_main(["fit", str(tmp_path / "train.csv"), "--out", str(out), "--lr", "1e30", *CLI_FAST]) == 2
+    assert "diverged" in capsys.readouterr().err and not out.exists()
+
+
+def test_load_model_checks_device_and_config_sections(fitted):
+    tmp_path, _, _ = fitted
+    import json
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda', but CUDA is not available"):
+            cellmnn.load_model(tmp_path / "model", device="cuda")
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda'"):
+        cellmnn.load_model(tmp_path / "model", device="tpu")
+    cfg = tmp_path / "model" / "config.json"
+    config = json.loads(cfg.read_text())
+    for section in ("data", "training"):
+        cfg.write_text(json.dumps(dict(config, **{section: "oops"})))
+        with pytest.raises(ValueError, match=rf"config.json has an invalid {section} section"):
+            cellmnn.load_model(tmp_path / "model")
+
+
+def test_trrust_input_errors_name_the_file_or_row(tmp_path, marginals):
+    (tmp_path / "bin.tsv").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ValueError, match=r"bin.tsv is not a text file .* give a TRRUST TSV"):
+        cellmnn.read_trrust(tmp_path / "bin.tsv")
+    model = cellmnn.CellMNN(3, width=8, depth=1)
+    with pytest.raises(ValueError, match=r"trrust\[1\] must be a \(TF, target, mode\) triple"):
+        cellmnn.trrust_validation(model, marginals, [("a", "b", "Activation"), ("a", "b")])
+
+
+def test_inflate_checks_memory_before_allocating(marginals):
+    with pytest.raises(ValueError, match=r"n_cells=1,000,000,000,000 needs about [\d,.]+ GiB .* available here"):
+        cellmnn.inflate(marginals, 10 ** 12)

@@ -35,24 +35,46 @@ TRRUST_MODES = ("Activation", "Repression", "Unknown")
 
 
 def read_trrust(path) -> list:
-    """(TF, target, mode) rows of a TRRUST TSV (TF, target, mode, PubMed ids), header line or not."""
+    """(TF, target, mode) rows of a TRRUST TSV (TF, target, mode, PubMed ids), header line or not;
+    a file that is not UTF-8 text or a row that is not TF, target, mode is an error naming the line."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            lines = fh.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a text file (byte {exc.object[exc.start]:#04x} at offset {exc.start} is not "
+                         "UTF-8); give a TRRUST TSV (TF, target, mode, PubMed ids)") from None
     rows = []
-    with open(path, newline="") as fh:
-        for n, line in enumerate(fh, start=1):
-            parts = line.rstrip("\r\n").split("\t")
-            if not line.strip():
+    for n, line in enumerate(lines, start=1):
+        parts = line.split("\t")
+        if not line.strip():
+            continue
+        if len(parts) < 3:
+            raise ValueError(f"{path}:{n}: expected tab-separated TF, target, mode (and PubMed ids); got {line!r}")
+        tf, target, mode = (p.strip() for p in parts[:3])
+        if mode not in TRRUST_MODES:
+            if n == 1:  # a header line
                 continue
-            if len(parts) < 3:
-                raise ValueError(f"{path}:{n}: expected tab-separated TF, target, mode (and PubMed ids); got {line!r}")
-            tf, target, mode = (p.strip() for p in parts[:3])
-            if mode not in TRRUST_MODES:
-                if n == 1:  # a header line
-                    continue
-                raise ValueError(f"{path}:{n}: mode must be one of {TRRUST_MODES}, got {mode!r}")
-            rows.append((tf, target, mode))
+            raise ValueError(f"{path}:{n}: mode must be one of {TRRUST_MODES}, got {mode!r}")
+        rows.append((tf, target, mode))
     if not rows:
         raise ValueError(f"{path}: no TRRUST rows")
     return rows
+
+
+def _check_rows(trrust) -> list:
+    """TRRUST rows given in memory: (TF, target, mode) triples of strings, mode one of TRRUST_MODES."""
+    try:
+        rows = list(trrust)
+    except TypeError:
+        raise TypeError(f"trrust must be a TSV path or a list of (TF, target, mode) rows; got "
+                        f"{type(trrust).__name__}") from None
+    for i, row in enumerate(rows):
+        if isinstance(row, str) or not hasattr(row, "__len__") or len(row) != 3 \
+                or not all(isinstance(v, str) for v in row):
+            raise ValueError(f"trrust[{i}] must be a (TF, target, mode) triple of strings; got {row!r}")
+        if row[2] not in TRRUST_MODES:
+            raise ValueError(f"trrust[{i}]: mode must be one of {TRRUST_MODES}, got {row[2]!r}")
+    return [tuple(r) for r in rows]
 
 
 def _precision_recall_f1(tp: int, fp: int, fn: int) -> dict:
@@ -142,7 +164,7 @@ def trrust_validation(models, data, trrust, tfs=None, cells=None) -> TrrustRepor
         tfs = list(tfs)
         if not tfs or not all(isinstance(tf, str) for tf in tfs):
             raise ValueError(f"tfs must be a non-empty list of gene names, got {tfs!r}")
-    rows = read_trrust(trrust) if isinstance(trrust, (str, os.PathLike)) else list(trrust)
+    rows = read_trrust(trrust) if isinstance(trrust, (str, os.PathLike)) else _check_rows(trrust)
     names = set(data.transform.feature_names or [])
     modes, why = {}, dict(unknown=0, self=0, missing=0, other_tf=0)
     missing = set()

@@ -122,6 +122,8 @@ def inflate(marginals: Marginals, n_cells, noise_std=0.1, seed=0, *, dtype=np.fl
     if n_cells < total:
         raise ValueError(f"n_cells={n_cells} is fewer than the {total} cells the data already have; inflate "
                          "keeps every original cell and only adds copies (use cellmnn.subsample to reduce)")
+    _check_memory(n_cells, max(m - n for m, n in zip(proportional_sizes(sizes, n_cells), sizes)), arrays[0].shape[1],
+                  np.dtype(dtype).itemsize)
     std = np.asarray(marginals.transform.std, dtype=np.float64)
     rng = np.random.default_rng(seed)
     data, parents = [], []
@@ -140,6 +142,31 @@ def inflate(marginals: Marginals, n_cells, noise_std=0.1, seed=0, *, dtype=np.fl
     result = Marginals(data, np.array(marginals.times, dtype=np.float64), marginals.transform, source,
                        dict(marginals.dropped))
     return (result, parents) if return_parents else result
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation here (Linux: MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(n_cells: int, largest_extra: int, D: int, itemsize: int) -> None:
+    """Refuse, before allocating, an inflation that cannot fit in memory: the cells (``itemsize``
+    per value) and their parent rows (int64), plus the largest timepoint's float64 noise and copies."""
+    need = n_cells * (D * itemsize + 8) + 3 * largest_extra * D * 8
+    have = available_memory()
+    if have is not None and need > have:
+        raise ValueError(f"n_cells={n_cells:,} needs about {need / 2**30:,.1f} GiB of memory for {D} values per cell "
+                         f"(and its parent row); {have / 2**30:,.1f} GiB are available here. Use fewer cells")
 
 
 def write_inflated(path, marginals: Marginals, parents=None, noise_std=None, seed=None) -> str:

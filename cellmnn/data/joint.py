@@ -51,14 +51,35 @@ def check_joint_holdout(datasets: list, holdout) -> list:
     return out
 
 
+def _in_order_of(names, m: Marginals, i: int, dim: int) -> Marginals:
+    """Source ``i``'s raw marginals with its features in the order ``names`` of source 0 (matched by
+    name when both have names, else by position), or an error saying what differs."""
+    own = m.transform.feature_names
+    if not names or not own:
+        if m.dim != dim or bool(names) != bool(own):
+            raise ValueError(f"sources[{i}] has {m.dim} features{' without names' if not own else ''}, sources[0] "
+                             f"{dim}{' without names' if not names else ''}; joint training needs one feature space")
+        return m
+    if own == names:
+        return m
+    missing, extra = [g for g in names if g not in set(own)], [g for g in own if g not in set(names)]
+    if missing or extra:
+        raise ValueError(f"sources[{i}] has other features than sources[0]: {len(missing)} of sources[0]'s are "
+                         f"missing (e.g. {missing[:5]}) and {len(extra)} are extra (e.g. {extra[:5]}); joint training "
+                         "needs the same genes")
+    order = [own.index(g) for g in names]  # the same genes in another order: matched by name
+    return Marginals([d[:, order] for d in m.data], m.times, Transform(m.transform.mean[order], m.transform.std[order],
+                     None, None, list(names)), m.source, m.dropped)
+
+
 def load_joint(sources, time_key=None, embedding=None, n_components=5, standardize=True,
                drop_nonfinite=False) -> list:
     """Several time courses read into one model space: one ``Marginals`` per source, sharing one
     ``Transform``.
 
     Each source is read as by ``load_marginals`` in its raw features (genes, or the first
-    ``n_components`` columns of a precomputed ``embedding``); the features must agree (same
-    names where the sources have names, else the same number).  A PCA to ``n_components`` (when
+    ``n_components`` columns of a precomputed ``embedding``); the features must agree (the same
+    names, matched by name in any order, where the sources have names; else the same number).  A PCA to ``n_components`` (when
     there are more raw features) and the z-score are then fitted on the pooled cells of all
     sources, so that a cell means the same thing in every dataset.
     """
@@ -74,15 +95,7 @@ def load_joint(sources, time_key=None, embedding=None, n_components=5, standardi
         except (ValueError, TypeError, OSError) as exc:
             raise type(exc)(f"sources[{i}]: {exc}") from None
     names = raw[0].transform.feature_names
-    for i, m in enumerate(raw[1:], start=1):
-        if m.dim != raw[0].dim:
-            raise ValueError(f"sources[{i}] has {m.dim} features, sources[0] {raw[0].dim}; joint training needs "
-                             "one feature space")
-        if (m.transform.feature_names or None) != (names or None):
-            a, b = m.transform.feature_names or [], names or []
-            raise ValueError(f"sources[{i}] has other features than sources[0] (e.g. "
-                             f"{sorted(set(a) ^ set(b))[:5]} are in only one); joint training needs the same "
-                             "genes in the same order")
+    raw = [raw[0]] + [_in_order_of(names, m, i, raw[0].dim) for i, m in enumerate(raw[1:], start=1)]
     x = np.concatenate([d for m in raw for d in m.data])
     pca_components = pca_mean = None
     if n_components is not None and x.shape[1] > n_components:

@@ -155,6 +155,33 @@ class Marginals:
                 f"{', from ' + self.source if self.source else ''})")
 
 
+def check_marginals(m, what: str = "marginals") -> Marginals:
+    """``m`` is a usable ``Marginals``: one non-empty, finite (cells x D) array per time, one D for
+    all, ascending finite times; otherwise an error naming ``what`` and the timepoint."""
+    if not isinstance(m, Marginals):
+        hint = " (for arrays, pass load_marginals(arrays, times=...))" if isinstance(m, (list, tuple, np.ndarray)) \
+            else ""
+        raise TypeError(f"{what} must be a Marginals from cellmnn.load_marginals(...) or load_joint, got "
+                        f"{type(m).__name__}{hint}")
+    times = np.asarray(m.times, dtype=np.float64)
+    if len(m.data) == 0 or times.ndim != 1 or len(times) != len(m.data):
+        raise ValueError(f"{what}: need one array of cells per time; got {len(m.data)} arrays and {times.size} times")
+    if not np.isfinite(times).all() or (np.diff(times) <= 0).any():
+        raise ValueError(f"{what}: times must be finite and strictly ascending; got {times.tolist()}")
+    D = None
+    for i, d in enumerate(m.data):
+        shape = np.shape(d)
+        if len(shape) != 2 or shape[0] == 0:
+            raise ValueError(f"{what}: timepoint {i} (t = {times[i]:g}) has no cells" if len(shape) == 2 else
+                             f"{what}: timepoint {i} (t = {times[i]:g}) must be a (cells x D) array; got shape {shape}")
+        D = shape[1] if D is None else D
+        if shape[1] != D:
+            raise ValueError(f"{what}: timepoint {i} (t = {times[i]:g}) has {shape[1]} dimensions, timepoint 0 {D}")
+        if not np.isfinite(d).all():
+            raise ValueError(f"{what}: timepoint {i} (t = {times[i]:g}) has NaN or Inf")
+    return m
+
+
 def check_holdout(marginals: Marginals, holdout) -> int | None:
     """``holdout`` as the index of an interior timepoint of ``marginals`` (or None)."""
     if holdout is None:

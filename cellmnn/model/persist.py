@@ -18,6 +18,7 @@ import tempfile
 
 import torch
 
+from .. import checks
 from ..checks import warn
 from ..data.marginals import Transform
 from ..files import (
@@ -195,6 +196,7 @@ def load_model(path, device="cpu") -> CellMNN:
     ``model.training_info`` (holdout, seed, epochs, hyperparameters) come with it.  Corrupt,
     incompatible or tampered saves (weights checksum) are refused with a ValueError."""
     path = as_path(path, "model path")
+    device = checks.device(device)
     commit = os.path.join(path, COMMIT)
     cfg_path, w_path = (os.path.join(commit if os.path.isfile(os.path.join(commit, name)) else path, name)
                         for name in MODEL_FILES)
@@ -233,6 +235,13 @@ def load_model(path, device="cpu") -> CellMNN:
     if not all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()):
         raise ValueError(f"{w_path} holds NaN or Inf weights")
     data = config.get("data") or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg_path} has an invalid data section: expected an object (times, transform, source), "
+                         f"got {type(data).__name__} {str(data)[:40]!r}")
+    training = config.get("training")
+    if training is not None and not isinstance(training, dict):
+        raise ValueError(f"{cfg_path} has an invalid training section: expected an object, got "
+                         f"{type(training).__name__}")
     try:
         model.transform = Transform.from_dict(data["transform"]) if data.get("transform") else None
     except (KeyError, TypeError, ValueError) as exc:
@@ -244,5 +253,5 @@ def load_model(path, device="cpu") -> CellMNN:
                              f"{model.dim}")
     model.times = data.get("times")
     model.marginals_info = data or None
-    model.training_info = config.get("training")
+    model.training_info = training
     return model.to(device).eval()

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import checks
 from ..data.joint import check_joint, check_joint_holdout
-from ..data.marginals import Marginals, check_holdout
+from ..data.marginals import Marginals, check_holdout, check_marginals
 from ..metrics import wasserstein1
 from .hparams import HParams
 from .layout import Member
@@ -28,12 +28,15 @@ SELECT_GRID = ({"velocity_weight": 0.1, "sigma": 1.0}, {"velocity_weight": 0.1, 
 def check_inputs(marginals, hparams: dict) -> HParams:
     """The checks ``fit`` and ``leave_one_out`` share: the data (one ``Marginals``, or a list of at
     least two in one model space) and every hyperparameter; returns the ``HParams``."""
-    if isinstance(marginals, (list, tuple)) and marginals and all(isinstance(m, Marginals) for m in marginals):
+    if isinstance(marginals, (list, tuple)):
+        if not marginals:
+            raise ValueError("marginals is an empty list; pass one Marginals, or a list of two or more time courses "
+                             "for joint training (load_joint)")
+        for i, m in enumerate(marginals):
+            check_marginals(m, f"marginals[{i}]")
         check_joint(marginals)
-    elif not isinstance(marginals, Marginals):
-        raise TypeError(f"marginals must be a Marginals from cellmnn.load_marginals(...), got "
-                        f"{type(marginals).__name__}" + (" (for arrays, pass load_marginals(arrays, times=...))"
-                                                         if isinstance(marginals, (list, tuple)) else ""))
+    else:
+        check_marginals(marginals)
     return HParams.from_kwargs(**hparams)
 
 

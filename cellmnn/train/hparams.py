@@ -94,20 +94,9 @@ class HParams:
 
 
 def resolve_device(device) -> torch.device:
-    """"auto" (CUDA when available), or a torch device string/object that exists here."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}, but CUDA is not available here; use 'cpu' or 'auto'")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device={device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
-    return dev
+    """"auto" (CUDA when available), or a torch device string/object that exists here
+    (``checks.device``)."""
+    return checks.device(device)
 
 
 def time_unit(times) -> float:

@@ -231,3 +231,14 @@ def test_torchrun_evaluate_writes_once_and_matches_one_process(tmp_path, emt):
                                 verbose=False, report=False)
     want = [row for row in one.rows if row["method"] == "Cell-MNN"]
     assert [row["W1"] for row in rows] == pytest.approx([row["W1"] for row in want], rel=1e-4)
+
+
+def test_torchrun_with_a_bad_flag_reports_it_on_every_rank_and_leaves_no_folder(tmp_path):
+    # Every rank checks the flags before any rank touches the output folder: each reports the real
+    # error (not a race about the folder), and no empty folder is left behind.
+    out = tmp_path / "model"
+    r = _torchrun(["-m", "cellmnn", "fit", "emt-a549", *FLAGS, "--seed", "-3", "--out", str(out)], tmp_path)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("cellmnn fit: error:")]
+    assert len(errors) == 2 and all("seed must be an integer in [0, 2**63), got -3" in e for e in errors), r.stderr
+    assert not out.exists()

@@ -6,12 +6,10 @@ D-vector G_i (common.py) in registers.  For D <= REG_MAX_D = 8 (``_laplace_rows_
 coordinate is its own tensor, unrolled at compile time: distances, the kernel value (one ``exp``
 per query-key pair) and the gradient terms all live on the (BM, BN) tile, so nothing is
 re-laid out or recomputed; wider points use the (BM, BN, DP) tile of ``_laplace_rows_kernel``.  Work items (job, row block) come from a small table
-built on the host from host-known segment lengths; a second grid axis splits each job's keys
+built on the host from host-known segment lengths, once per plan and device (``common.Plan.derived``); a second grid axis splits each job's keys
 into n_splits chunks so that small problems still fill the GPU (partials are summed after).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -145,11 +143,10 @@ def _n_splits(n_items: int, max_keys: int, cfg, device) -> int:
     return max(1, min(-(-target // max(1, n_items)), max_keys // (cfg["BN"] * 16)))
 
 
-@functools.lru_cache(maxsize=256)
 def _launch_tables(jobs, out_starts, BM, sigma, D, dtype, device):
     """The work items (query start, query end, key start, key end, output row) of a launch and its
-    parameters, on the device; cached, so that a repeated call (every training step) uploads
-    nothing from the host and can be captured in a CUDA graph."""
+    parameters, on the device.  Kept with the plan (``reduce_rows_triton``), so that a repeated
+    call (every training step) uploads nothing from the host and can be captured in a CUDA graph."""
     items = []
     for (q0, q1, k0, k1), o in zip(jobs, out_starts):
         for a in range(q0, q1, BM):
@@ -159,12 +156,16 @@ def _launch_tables(jobs, out_starts, BM, sigma, D, dtype, device):
     return table, params
 
 
-def reduce_rows_triton(Q, K, WK, jobs, out_starts, n_out, compute_g, sigma):
-    """r (n_out,) and G (n_out, D) or None, as ``reduce_rows_torch``; one launch."""
+def reduce_rows_triton(Q, K, WK, plan, i):
+    """r (n_rows,) and G (n_rows, D) or None for launch i of ``plan``, as ``reduce_rows_torch``;
+    one launch."""
+    lc = plan.launches[i]
+    jobs, n_out, compute_g = lc.jobs, lc.n_rows, lc.compute_g
     D = Q.shape[1]
     cfg = block_config(D, Q.dtype)
     BM = cfg["BM"]
-    table, params = _launch_tables(tuple(map(tuple, jobs)), tuple(out_starts), BM, float(sigma), D, Q.dtype, Q.device)
+    table, params = plan.derived(("triton", i, Q.device), lambda: _launch_tables(
+        jobs, lc.out_starts, BM, plan.sigma, D, Q.dtype, Q.device))
     max_keys = max(k1 - k0 for _, _, k0, k1 in jobs)
     splits = _n_splits(table.shape[0], max_keys, cfg, Q.device)
     items = range(table.shape[0])

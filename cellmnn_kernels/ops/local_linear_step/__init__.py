@@ -21,6 +21,7 @@ def _triton_impl():
 
 
 def resolve_backend(backend: str, device: torch.device, D: int) -> str:
+    """The backend a call with D x D operators on ``device`` runs (``ops.utils.resolve_backend``)."""
     return _resolve(backend, device, D, MAX_TRITON_D, "A")
 
 

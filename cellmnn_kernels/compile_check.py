@@ -5,10 +5,10 @@ the kernels for sm_80 and sm_90 and reports registers and spills from ``ptxas -v
 are those of every kernel family (``variants``: ``ops.variant.KernelVariant`` objects of every
 op); each family lists its configurations, and a configuration's constexprs are picked by the
 kernel's own ``tl.constexpr`` parameters (``ops.variant.launch_kwargs``, as the launchers do).
-By default one representative configuration per family and kernel (``KernelVariant.
-representative``); ``--all``: every configuration the launchers can choose.
+By default every configuration the launchers can choose; ``--representative``: only the
+configurations that stand for each family and kernel (``KernelVariant.representative``).
 
-    python -m cellmnn_kernels.compile_check [--arch 80 90] [--jobs N] [--all] [--d D ...]
+    python -m cellmnn_kernels.compile_check [--arch 80 90] [--jobs N] [--representative] [--reg-d D ...]
 
 Compiles go through Triton's cache (``TRITON_CACHE_DIR``, default ~/.triton/cache), which
 ``sass_cost`` shares; processes compiling the same kernel at the same time wait for each other
@@ -185,7 +185,7 @@ def _compile(spec: KernelSpec, arch: int, keep_cubin: bool) -> dict:
     return out
 
 
-def compile_all(archs=(80, 90), jobs: int | None = None, every: bool = False, only_d=None) -> list[dict]:
+def compile_all(archs=(80, 90), jobs: int | None = None, every: bool = True, only_d=None) -> list[dict]:
     """Compile ``kernel_specs(every, only_d=only_d)`` for every arch in ``jobs`` processes."""
     work = [(s, a) for a in archs for s in kernel_specs(every, only_d=only_d)]
     jobs = jobs or max(1, os.cpu_count() or 1)
@@ -212,12 +212,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--jobs", type=int, default=None)
-    parser.add_argument("--all", action="store_true",
-                        help="every configuration the launchers can choose (default: the representative ones)")
-    parser.add_argument("--d", type=int, nargs="+", default=None,
-                        help="kernels unrolled over D (one compile per D): only these D")
+    parser.add_argument("--representative", action="store_true",
+                        help="only each family's representative configurations (default: every configuration)")
+    parser.add_argument("--reg-d", type=int, nargs="+", default=None,
+                        help="kernels unrolled over D (one compile per D): only these D (default: every D they serve)")
     args = parser.parse_args(argv)
-    results = compile_all(tuple(args.arch), args.jobs, args.all, args.d)
+    results = compile_all(tuple(args.arch), args.jobs, not args.representative, args.reg_d)
     print(format_table(results))
     failed = [r for r in results if not r["ok"]]
     print(f"{len(results) - len(failed)}/{len(results)} kernels compiled")

@@ -251,16 +251,18 @@ def compiled_kernels(device):
     """Registers and spills of the kernels the JIT compiled for D = 5 float32 (launched once)."""
     if device != "cuda":
         return {"note": "no JIT compile on CPU (the interpreter runs the kernels)"}
-    from cellmnn_kernels.ops.local_linear_step import triton_impl as ti
+    from cellmnn_kernels.ops.local_linear_step.triton_impl import anchor_slots, variant_for
 
     out = {}
     A, x0, dt = step_inputs(256, 16, 5, device)
     X, V = torch.empty(256, 16, 5, device=device), torch.empty(256, 16, 5, device=device)
     dA, dx0, ddt = torch.empty_like(A), torch.empty_like(x0), torch.empty_like(dt)
-    LS = ti.anchor_slots(A, dt)
-    S = torch.empty(ti.scratch_size(256, 5, LS), device=device)
-    for name, (kernel, grid, kw) in (("llstep_fwd_fp32_D5", ti.forward_launch(A, x0, dt, X, V)),
-                                     ("llstep_bwd_fp32_D5", ti.backward_launch(A, x0, dt, X, V, dA, dx0, ddt, S, LS))):
+    v = variant_for(5, A.dtype)  # the register kernels
+    LS = anchor_slots(A, dt)
+    S = torch.empty(v.scratch_size(256, 5, LS), device=device)
+    launches = {f"{v.name}_fwd_fp32_D5": v.forward_launch(A, x0, dt, X, V),
+                f"{v.name}_bwd_fp32_D5": v.backward_launch(A, x0, dt, X, V, dA, dx0, ddt, S, LS)}
+    for name, (kernel, grid, kw) in launches.items():
         try:
             ck = kernel[grid](**kw)
             out[name] = {"registers": getattr(ck, "n_regs", None), "spills": getattr(ck, "n_spills", None)}

@@ -1,29 +1,45 @@
-"""Ahead-of-time compile of every Triton kernel for NVIDIA GPUs, on a machine without one.
+"""Ahead-of-time compile of the Triton kernels for NVIDIA GPUs, on a machine without one.
 
 The interpreter used by the CPU tests accepts code that the GPU compiler rejects, so CI compiles
-each kernel for sm_80 and sm_90 in every constexpr configuration the launchers can choose, and
-reports registers and spills from ``ptxas -v``.
+the kernels for sm_80 and sm_90 and reports registers and spills from ``ptxas -v``.  The kernels
+are those of every kernel family (``variants``: ``ops.variant.KernelVariant`` objects of every
+op); each family lists its configurations, and a configuration's constexprs are picked by the
+kernel's own ``tl.constexpr`` parameters (``ops.variant.launch_kwargs``, as the launchers do).
+By default every configuration the launchers can choose; ``--representative``: only the
+configurations that stand for each family and kernel (``KernelVariant.representative``).
 
-    python -m cellmnn_kernels.compile_check [--arch 80 90] [--jobs N] [--reg-d D ...]
+    python -m cellmnn_kernels.compile_check [--arch 80 90] [--jobs N] [--representative] [--reg-d D ...]
+
+Compiles go through Triton's cache (``TRITON_CACHE_DIR``, default ~/.triton/cache), which
+``sass_cost`` shares; processes compiling the same kernel at the same time wait for each other
+(a lock per kernel and arch), so that the second one finds it in the cache.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
+import importlib
+import inspect
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-_DTYPE_SIG = {torch.float32: "fp32", torch.float64: "fp64"}
+from .ops.variant import launch_kwargs
+
+DTYPE_TAGS = {torch.float32: "fp32", torch.float64: "fp64"}
 
 
 @dataclass(frozen=True)
 class KernelSpec:
+    """One kernel in one configuration, as ``compile_one`` compiles it (picklable)."""
     name: str
     kernel: str  # "module:attribute" so that specs pickle across processes
     signature: tuple  # ((argument, type), ...) in order
@@ -31,13 +47,21 @@ class KernelSpec:
     num_warps: int
 
 
-def _signature(kernel, dtype_tag: str, constexprs: dict, pointer_types=None) -> tuple:
-    """The kernel's own arguments, in order, typed by name: ``*_ptr`` arguments point to the op's
-    dtype (unless ``pointer_types`` says otherwise), ``theta``/``nu_max`` are fp32 scalars and the
-    rest i32 (sizes and strides)."""
-    pointer_types = pointer_types or {}
+def variants() -> tuple:
+    """Every Triton kernel family of every op (this imports the kernel modules)."""
+    from .ops.laplace_mmd import triton_impl as mmd
+    from .ops.local_linear_step import triton_impl as llstep
+
+    return llstep.VARIANTS + mmd.VARIANTS
+
+
+def _signature(kernel, dtype_tag: str, constexprs: dict, pointer_types: dict) -> tuple:
+    """The kernel's own run-time arguments, in order, typed by name: ``*_ptr`` arguments point to
+    the op's dtype (unless ``pointer_types`` says otherwise), ``theta``/``nu_max`` are fp32 scalars
+    and the rest i32 (sizes and strides)."""
+    fn = getattr(kernel, "fn", kernel)  # an interpreted kernel wraps the Python function
     sig = []
-    for name in _arg_names(kernel):
+    for name in getattr(kernel, "arg_names", None) or list(inspect.signature(fn).parameters):
         if name in constexprs:
             continue
         if name.endswith("_ptr"):
@@ -49,91 +73,36 @@ def _signature(kernel, dtype_tag: str, constexprs: dict, pointer_types=None) -> 
     return tuple(sig)
 
 
-def _arg_names(kernel) -> list:
-    fn = getattr(kernel, "fn", kernel)  # an interpreted kernel wraps the Python function
-    names = getattr(kernel, "arg_names", None)
-    if names is None:
-        import inspect
+def spec_of(variant, kind: str, dtype: torch.dtype, cfg: dict) -> KernelSpec:
+    """The ``KernelSpec`` of ``variant``'s kernel ``kind`` in configuration ``cfg``, named
+    <family>_<kind>_<dtype>_<integer constexprs>."""
+    kernel = variant.kernels[kind]
+    kw = launch_kwargs(kernel, cfg)
+    num_warps = kw.pop("num_warps")
+    tag = DTYPE_TAGS[dtype]
+    sizes = "_".join(f"{k}{v}" for k, v in kw.items() if not isinstance(v, bool))
+    fn = getattr(kernel, "fn", kernel)
+    return KernelSpec(f"{variant.name}_{kind}_{tag}_{sizes}", f"{fn.__module__}:{fn.__name__}",
+                      _signature(kernel, tag, kw, variant.pointer_types), tuple(kw.items()), num_warps)
 
-        names = list(inspect.signature(fn).parameters)
-    return list(names)
 
-
-def kernel_specs(with_meta: bool = False) -> list:
-    """Every (kernel, configuration) the launchers of all ops can choose; signatures come from the
-    kernels' own argument lists, constexpr values from the launchers' ``block_config``."""
-    from .ops.local_linear_step import triton_impl as reg, triton_tiled as tiled
-    from .ops.local_linear_step.common import TAYLOR
-    from .ops.utils import next_power_of_2
-
+def kernel_specs(every: bool = True, with_meta: bool = False, only_d=None) -> list:
+    """The (kernel, configuration) pairs to compile: every one the launchers of all ops can choose
+    (``every``), or each family's representative ones; ``only_d``: only configurations for these D
+    (families unrolled over D at compile time, whose configuration names D).  With ``with_meta``:
+    (spec, {"variant", "kind", "dtype", "cfg"}) pairs."""
     out = []
-
-    def add(spec, **meta):
-        out.append((spec, meta))
-
-    mod = "cellmnn_kernels.ops.local_linear_step.triton_impl"
-    for dtype in TAYLOR:
-        f = _DTYPE_SIG[dtype]
-        for cfg in reg.all_configs(dtype):
-            fwd_c = {**{k: cfg[k] for k in ("D", "BB", "BT", "M", "MF")}, "SAVE_ANCHORS": False}
-            bwd_c = {**{k: cfg[k] for k in ("D", "BB", "M", "MF")}, "SAVE_ANCHORS": False}
-            tag = f"{f}_D{cfg['D']}"
-            add(KernelSpec(f"llstep_fwd_{tag}_BT{cfg['BT']}", f"{mod}:_llstep_fwd_kernel",
-                           _signature(reg._llstep_fwd_kernel, f, fwd_c), tuple(fwd_c.items()), cfg["num_warps"]),
-                family="llstep_reg", kind="fwd", dtype=f, cfg=dict(cfg, BT=cfg["BT"]))
-            add(KernelSpec(f"llstep_bwd_{tag}", f"{mod}:_llstep_bwd_kernel",
-                           _signature(reg._llstep_bwd_kernel, f, bwd_c), tuple(bwd_c.items()), cfg["num_warps"]),
-                family="llstep_reg", kind="bwd", dtype=f, cfg=cfg)
-    from .ops.local_linear_step import triton_group as group
-
-    mod = "cellmnn_kernels.ops.local_linear_step.triton_group"
-    for dtype in TAYLOR:
-        f = _DTYPE_SIG[dtype]
-        for cfg in group.all_configs(dtype):
-            c = {k: cfg[k] for k in ("D", "G", "R", "BT", "M", "MF")}
-            add(KernelSpec(f"llstep_group_fwd_{f}_D{cfg['D']}_G{cfg['G']}_BT{cfg['BT']}",
-                           f"{mod}:_llstep_fwd_group_kernel", _signature(group._llstep_fwd_group_kernel, f, c),
-                           tuple(c.items()), cfg["num_warps"]),
-                family="llstep_group", kind="fwd", dtype=f, cfg=cfg)
-            cfg = group.block_config(cfg["D"], dtype, backward=True)
-            c = {k: cfg[k] for k in ("D", "G", "R", "M", "MF")}
-            add(KernelSpec(f"llstep_group_bwd_{f}_D{cfg['D']}_G{cfg['G']}",
-                           f"{mod}:_llstep_bwd_group_kernel", _signature(group._llstep_bwd_group_kernel, f, c),
-                           tuple(c.items()), cfg["num_warps"]),
-                family="llstep_group", kind="bwd", dtype=f, cfg=cfg)
-    mod = "cellmnn_kernels.ops.local_linear_step.triton_tiled"
-    for dtype, (_, m) in TAYLOR.items():
-        f = _DTYPE_SIG[dtype]
-        # The D the register and lane-group kernels serve never reach the tiled ones.
-        min_d = max([1] + [c["D"] + 1 for c in reg.all_configs(dtype) + group.all_configs(dtype)])
-        for cfg in tiled.all_configs(dtype, min_d=min_d):
-            tag = f"{f}_DP{cfg['DP']}_BT{cfg['BT']}"
-            fwd_c = {"DP": cfg["DP"], "BB": cfg["BB"], "BT": cfg["BT"], "M": m}
-            bwd_c = {"DP": cfg["DP"], "BB": cfg["BB_BWD"], "BT": cfg["BT"], "M": m,
-                     "MP": next_power_of_2(m + 2), "CAP": tiled.CAP}
-            add(KernelSpec(f"llstep_tiled_fwd_{tag}_BB{cfg['BB']}", f"{mod}:_llstep_fwd_kernel",
-                           _signature(tiled._llstep_fwd_kernel, f, fwd_c), tuple(fwd_c.items()), cfg["num_warps"]),
-                family="llstep_tiled", kind="fwd", dtype=f, cfg=cfg)
-            add(KernelSpec(f"llstep_tiled_bwd_{tag}_BB{cfg['BB_BWD']}", f"{mod}:_llstep_bwd_kernel",
-                           _signature(tiled._llstep_bwd_kernel, f, bwd_c), tuple(bwd_c.items()), cfg["num_warps"]),
-                family="llstep_tiled", kind="bwd", dtype=f, cfg=cfg)
-    mod = "cellmnn_kernels.ops.laplace_mmd.triton_impl"
-    from .ops.laplace_mmd import triton_impl as mmd
-
-    for dtype, f in _DTYPE_SIG.items():
-        for cfg in mmd.all_configs(dtype):
-            for g in (False, True):
-                if cfg["reg"]:
-                    kern, name = mmd._laplace_rows_reg_kernel, "_laplace_rows_reg_kernel"
-                    c = {"D": cfg["D"], "BM": cfg["BM"], "BN": cfg["BN"], "COMPUTE_G": g}
-                    tag = f"laplace_rows_reg_{f}_D{cfg['D']}_BM{cfg['BM']}_BN{cfg['BN']}"
+    for v in variants():
+        for kind in v.kernels:
+            for dtype, tag in DTYPE_TAGS.items():
+                if every:
+                    cfgs = v.configs(kind, dtype)
                 else:
-                    kern, name = mmd._laplace_rows_kernel, "_laplace_rows_kernel"
-                    c = {"DP": cfg["DP"], "BM": cfg["BM"], "BN": cfg["BN"], "COMPUTE_G": g}
-                    tag = f"laplace_rows_{f}_DP{cfg['DP']}_BM{cfg['BM']}_BN{cfg['BN']}"
-                add(KernelSpec(tag + ("_G" if g else ""), f"{mod}:{name}",
-                               _signature(kern, f, c, {"items_ptr": "*i64"}), tuple(c.items()), cfg["num_warps"]),
-                    family="laplace", kind="G" if g else "r", dtype=f, cfg=cfg)
+                    cfgs = [v.config(kind, D, dt, 16) for k, D, dt in v.representative if k == kind and dt == dtype]
+                for cfg in cfgs:
+                    if only_d is not None and "D" in launch_kwargs(v.kernels[kind], cfg) and cfg["D"] not in only_d:
+                        continue
+                    out.append((spec_of(v, kind, dtype, cfg), dict(variant=v.name, kind=kind, dtype=tag, cfg=cfg)))
     return out if with_meta else [s for s, _ in out]
 
 
@@ -156,10 +125,28 @@ def _ptxas(arch: int) -> str:
         return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
+@contextmanager
+def _compile_lock(spec: KernelSpec, arch: int):
+    """Held while ``spec`` compiles for ``arch``: a second process compiling the same kernel (a
+    parallel test, ``sass_cost``) waits, then finds it in Triton's cache."""
+    key = repr((spec, arch, sys.prefix, os.environ.get("TRITON_CACHE_DIR", ""), os.path.expanduser("~")))
+    path = os.path.join(tempfile.gettempdir(), f"cellmnn-compile-{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock")
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def compile_one(spec: KernelSpec, arch: int, keep_cubin: bool = False) -> dict:
     """Compile ``spec`` for sm_<arch>; return registers/spills (and the cubin), or the error text."""
-    import importlib
+    with _compile_lock(spec, arch):
+        return _compile(spec, arch, keep_cubin)
 
+
+def _compile(spec: KernelSpec, arch: int, keep_cubin: bool) -> dict:
+    """``compile_one`` without the lock."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -198,11 +185,9 @@ def compile_one(spec: KernelSpec, arch: int, keep_cubin: bool = False) -> dict:
     return out
 
 
-def compile_all(archs=(80, 90), jobs: int | None = None, reg_d=None) -> list[dict]:
-    specs = [s for s, m in kernel_specs(with_meta=True)
-             if reg_d is None or not m["cfg"].get("reg", m["family"] in ("llstep_reg", "llstep_group"))
-             or m["cfg"]["D"] in reg_d]
-    work = [(s, a) for a in archs for s in specs]
+def compile_all(archs=(80, 90), jobs: int | None = None, every: bool = True, only_d=None) -> list[dict]:
+    """Compile ``kernel_specs(every, only_d=only_d)`` for every arch in ``jobs`` processes."""
+    work = [(s, a) for a in archs for s in kernel_specs(every, only_d=only_d)]
     jobs = jobs or max(1, os.cpu_count() or 1)
     if jobs == 1:
         return [compile_one(s, a) for s, a in work]
@@ -211,25 +196,28 @@ def compile_all(archs=(80, 90), jobs: int | None = None, reg_d=None) -> list[dic
 
 
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'kernel':<40} {'arch':>5} {'warps':>5} {'regs':>5} {'spill st/ld (B)':>16}"]
+    """One line per compile: kernel, arch, warps, registers and spills (or the error)."""
+    lines = [f"{'kernel':<56} {'arch':>5} {'warps':>5} {'regs':>5} {'spill st/ld (B)':>16}"]
     for r in results:
         if r["ok"]:
-            lines.append(f"{r['name']:<40} {'sm_' + str(r['arch']):>5} {r['num_warps']:>5} {r['registers']:>5} "
+            lines.append(f"{r['name']:<56} {'sm_' + str(r['arch']):>5} {r['num_warps']:>5} {r['registers']:>5} "
                          f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>16}")
         else:
-            lines.append(f"{r['name']:<40} {'sm_' + str(r['arch']):>5} FAILED: {r['error'][:200]}")
+            lines.append(f"{r['name']:<56} {'sm_' + str(r['arch']):>5} FAILED: {r['error'][:200]}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    """Command line: compile, print the table, exit 1 if any kernel failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--representative", action="store_true",
+                        help="only each family's representative configurations (default: every configuration)")
     parser.add_argument("--reg-d", type=int, nargs="+", default=None,
-                        help="register kernels (unrolled over D, one compile per D): only these D "
-                             "(default: every D they serve)")
+                        help="kernels unrolled over D (one compile per D): only these D (default: every D they serve)")
     args = parser.parse_args(argv)
-    results = compile_all(tuple(args.arch), args.jobs, args.reg_d)
+    results = compile_all(tuple(args.arch), args.jobs, not args.representative, args.reg_d)
     print(format_table(results))
     failed = [r for r in results if not r["ok"]]
     print(f"{len(results) - len(failed)}/{len(results)} kernels compiled")

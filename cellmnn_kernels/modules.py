@@ -16,7 +16,9 @@ class LocalLinearStep(nn.Module):
         self.check_finite = check_finite
 
     def forward(self, A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor):
+        """X, V (B, T, D): ``local_linear_step(A, x0, dt)`` with this module's backend and checks."""
         return local_linear_step(A, x0, dt, backend=self.backend, check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
+        """The backend, in the module's repr."""
         return f"backend={self.backend!r}"

@@ -1,20 +1,22 @@
 """GPU-free cost model of the Triton kernels, read from their sm_90 machine code.
 
-Every kernel configuration the launchers can choose is compiled ahead of time for sm_90 (as
-``compile_check`` does) and disassembled with the ``cuobjdump`` that Triton ships.  Per kernel:
+Every kernel configuration the launchers can choose (``compile_check.kernel_specs``) is compiled
+ahead of time for sm_90 (through ``compile_check``, so that both share Triton's cache) and
+disassembled with the ``cuobjdump`` that Triton ships.  Per kernel:
 registers and spills (ptxas), the instruction mix (FP32/FP64 arithmetic, ``BAR.SYNC``,
 ``LDS``/``STS``, ``SHFL``, ``MUFU``, global and local memory), and every loop (a backward branch
 closes one) with the instructions of its own body.
 
-For the register-resident ``local_linear_step`` kernels the loops are matched to the kernel's
+For the register kernels of ``local_linear_step`` (family "llstep_reg") the loops are matched to the kernel's
 source loops and multiplied by their trip counts on a stated benchmark input (A = randn / sqrt(D),
 x0 = randn, dt ~ U[0, 4], T = 16, B = 32768, seed 0; trip counts computed from the same anchor
 levels the kernel uses).  The result is an estimate of thread-instructions per (cell, time) pair
 and, against the H100 SXM's issue rate and copy bandwidth (``ASSUMPTIONS``), the fraction of copy
 bandwidth the instruction stream alone would allow.  The two anchor-step matrix blocks are
 counted as the input runs them (E- never: no dt < 0); other straight-line code inside a branch is
-counted as executed (an upper bound); loops the input skips are not.  The lane-group forward
-kernels (float32, 5 < D <= 16) and the tiled ones get the counts only, no trip-count model.
+counted as executed (an upper bound); loops the input skips are not.  The lane-group kernels
+(float32, 5 < D <= 16), the tiled ones and the laplace_mmd row kernels get the counts only, no
+trip-count model.  Each result names its kernel family ("variant"), "kind" and "dtype".
 
     python -m cellmnn_kernels.sass_cost [--json bench/results/sass_cost_<triton version>.json]
 """
@@ -64,6 +66,7 @@ _LINE = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([
 
 @dataclass
 class Instr:
+    """One SASS instruction."""
     addr: int
     op: str  # opcode with modifiers, e.g. "FFMA" or "BAR.SYNC.DEFER_BLOCKING"
     pred: str
@@ -72,6 +75,7 @@ class Instr:
 
 @dataclass
 class Loop:
+    """A loop of the machine code, with the counts of its body."""
     start: int  # address of the first instruction of the body (the branch target)
     end: int  # address of the backward branch
     depth: int = 0
@@ -96,10 +100,12 @@ def parse_sass(text: str) -> list[Instr]:
 
 
 def classify(op: str) -> list[str]:
+    """The ``CLASSES`` an opcode falls in."""
     return [name for name, rx in CLASSES.items() if rx.match(op)]
 
 
 def count(instrs) -> dict:
+    """Instructions, and instructions per class of ``CLASSES``."""
     c = {"instructions": 0, **{k: 0 for k in CLASSES}}
     for ins in instrs:
         c["instructions"] += 1
@@ -140,6 +146,7 @@ def find_loops(instrs: list[Instr]) -> list[Loop]:
 
 
 def top_level(instrs, loops) -> dict:
+    """``count`` of the instructions outside every loop."""
     outer = [l for l in loops if l.parent is None]
     return count([x for x in instrs if not any(l.start <= x.addr <= l.end for l in outer)])
 
@@ -276,6 +283,7 @@ def label_register_loops(kind: str, loops: list[Loop], D: int) -> list[str]:
 
 
 def branch_targets(instrs) -> set:
+    """Addresses some branch jumps to."""
     return {target for _, target in branches(instrs)}
 
 
@@ -305,11 +313,13 @@ def matrix_blocks(instrs, loops, D: int, kind: str, labels=None) -> list[tuple[i
     targets = branch_targets(instrs)
 
     def big(region):
+        """(start, end, counts) of the region's basic blocks with at least 3 D^3 fp instructions."""
         blocks = basic_blocks(region, targets)
         out = [(b[0].addr, b[-1].addr, count(b)) for b in blocks]
         return [o for o in out if o[2]["fp32"] + o[2]["fp64"] >= 3 * D ** 3]
 
     def outside(x, lps):
+        """Whether instruction x lies outside the loops lps."""
         return not any(l.start <= x.addr <= l.end for l in lps)
 
     if kind == "fwd":
@@ -362,7 +372,8 @@ def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT
         if kind == "fwd":
             n = ran if name.endswith("+") else 0.0
             warp_instr -= (1.0 - n) * c["instructions"]
-            rows.append({"loop": name + " (straight line)", "body_instructions": c["instructions"], "trips_per_program": n})
+            rows.append({"loop": name + " (straight line)", "body_instructions": c["instructions"],
+                         "trips_per_program": n})
         else:
             warp_instr -= (2.0 - ran) * c["instructions"]  # counted below with its loop's 2 trips
             rows.append({"loop": name + " (block of a direction loop)", "body_instructions": c["instructions"],
@@ -392,8 +403,10 @@ def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT
 # ----------------------------------------------------------------------------- report
 
 def _analyse(args):
-    spec, est = args
+    """Compile one work item for sm_90 and read its counts, loops and (register kernels) estimate."""
+    spec, meta, est = args
     res = compile_sass(spec, 90)
+    res.update({k: meta[k] for k in ("variant", "kind", "dtype")})
     if not res["ok"]:
         return res
     sass = res.pop("sass")
@@ -412,25 +425,29 @@ def _analyse(args):
 
 
 def work_items(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True):
+    """(spec, meta, estimate arguments or None) of every kernel to analyse: the register and
+    lane-group step kernels (only D in ``only_d`` if given), the tiled step kernels (``tiled``) and
+    the laplace_mmd row kernels (``mmd``), in ``dtypes``."""
     from .compile_check import kernel_specs
 
     items = []
-    for spec, meta in kernel_specs(with_meta=True):
-        if meta.get("family") in ("llstep_reg", "llstep_group"):
+    for spec, meta in kernel_specs(every=True, with_meta=True):
+        family = meta["variant"]
+        if meta["dtype"] not in dtypes:
+            continue
+        if family in ("llstep_reg", "llstep_group"):
             if only_d is not None and meta["cfg"]["D"] not in only_d:
                 continue
-            if meta["dtype"] not in dtypes:
-                continue
             # Per-pair estimates for the register kernels; counts only for the lane-group ones.
-            est = (meta["kind"], meta["cfg"], meta["dtype"]) if meta["family"] == "llstep_reg" else None
-            items.append((spec, est))
-        elif (meta.get("family") == "llstep_tiled" and tiled) or (meta.get("family") == "laplace" and mmd):
-            if meta["dtype"] in dtypes:
-                items.append((spec, None))
+            est = (meta["kind"], meta["cfg"], meta["dtype"]) if family == "llstep_reg" else None
+            items.append((spec, meta, est))
+        elif (family == "llstep_tiled" and tiled) or (family.startswith("laplace") and mmd):
+            items.append((spec, meta, None))
     return items
 
 
 def run(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True, jobs=None) -> list[dict]:
+    """Analyse ``work_items(...)`` in ``jobs`` processes; one result dict per kernel."""
     items = work_items(only_d, dtypes, tiled, mmd)
     jobs = jobs or max(1, os.cpu_count() or 1)
     if jobs == 1:
@@ -440,28 +457,32 @@ def run(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True, jobs=None) -
 
 
 def format_table(results) -> str:
-    lines = [f"{'kernel':<40} {'regs':>4} {'spill':>5} {'instr':>6} {'BAR':>4} {'LDS/STS':>8} {'SHFL':>4} "
+    """One line per kernel: registers, spills, instruction counts, and the register kernels'
+    per-pair estimate and bandwidth ceiling."""
+    lines = [f"{'kernel':<52} {'regs':>4} {'spill':>5} {'instr':>6} {'BAR':>4} {'LDS/STS':>8} {'SHFL':>4} "
              f"{'MUFU':>4} {'loop BAR':>8} {'per pair':>9} {'ceiling':>8}"]
     for r in results:
         if not r["ok"]:
-            lines.append(f"{r['name']:<40} FAILED: {r['error'][:150]}")
+            lines.append(f"{r['name']:<52} FAILED: {r['error'][:150]}")
             continue
         c = r["counts"]
         est = r.get("estimate")
         pp = f"{est['thread_instructions_per_pair']:9.0f}" if est else f"{'-':>9}"
         ceil = f"{100 * est['ceiling_fraction_of_copy_bandwidth']:7.0f}%" if est else f"{'-':>8}"
-        lines.append(f"{r['name']:<40} {r['registers']:>4} {r['spill_stores']:>5} {c['instructions']:>6} "
+        lines.append(f"{r['name']:<52} {r['registers']:>4} {r['spill_stores']:>5} {c['instructions']:>6} "
                      f"{c['bar_sync']:>4} {str(c['lds']) + '/' + str(c['sts']):>8} {c['shfl']:>4} {c['mufu']:>4} "
                      f"{r['in_loops']['bar_sync']:>8} {pp} {ceil}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    """Command line: analyse, print the table, write the JSON report; exit 1 if a compile failed."""
     import triton
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write the report here")
-    parser.add_argument("--d", type=int, nargs="+", default=None, help="register and lane-group step kernels: only these D")
+    parser.add_argument("--d", type=int, nargs="+", default=None,
+                        help="register and lane-group step kernels: only these D")
     parser.add_argument("--dtype", nargs="+", default=["fp32", "fp64"], choices=["fp32", "fp64"])
     parser.add_argument("--no-tiled", action="store_true", help="skip the lane-tiled step kernels")
     parser.add_argument("--no-mmd", action="store_true", help="skip the laplace_mmd kernels")

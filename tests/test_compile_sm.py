@@ -1,10 +1,13 @@
-"""Every Triton kernel compiles for sm_80 and sm_90 (ahead of time, no GPU needed): the tiled
-kernels in every configuration the launchers can choose, and the register kernels (unrolled over D
-at compile time, up to a minute per compile) for D = 5, the paper's dimension, and the lane-group
-forward for D = 8; other D are the same
-code unrolled a different number of times, and ``python -m cellmnn_kernels.compile_check``
-compiles every one.  The interpreter that runs the other tests on CPU accepts code the GPU
-compiler rejects; this catches it.  Registers and spills are printed."""
+"""The Triton kernels compile for sm_80 and sm_90 (ahead of time, no GPU needed).  The interpreter
+that runs the other tests on CPU accepts code the GPU compiler rejects; this catches it.
+Registers and spills are printed.
+
+By default one representative configuration per kernel family and kernel (the families'
+``representative``: the register step kernels at D = 5, the paper's dimension; the lane-group ones
+at D = 8; the tiled ones in float32 at D = 32 and in float64 at D = 5; both laplace_mmd row kernels
+with the gradient term), forward and backward.  Other configurations are the same code unrolled or
+tiled differently; ``test_every_configuration_compiles`` (marker ``compile_all``, skipped unless
+selected: ``pytest -m compile_all``) compiles every one the launchers can choose."""
 import os
 import subprocess
 import sys
@@ -14,14 +17,24 @@ import pytest
 from cellmnn_kernels.ops.utils import HAS_TRITON
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_every_kernel_compiles_for_sm80_and_sm90(capsys):
-    # A fresh interpreter without TRITON_INTERPRET, so that kernels are real JIT functions.
+def compile_check(capsys, *args, timeout):
+    """Run ``python -m cellmnn_kernels.compile_check --arch 80 90 *args`` in a fresh interpreter
+    without TRITON_INTERPRET (so that kernels are real JIT functions); fail on any failed compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "cellmnn_kernels.compile_check", "--arch", "80", "90",
-                          "--reg-d", "5", "8"],
-                         capture_output=True, text=True, env=env, timeout=1800)
+    res = subprocess.run([sys.executable, "-m", "cellmnn_kernels.compile_check", "--arch", "80", "90", *args],
+                         capture_output=True, text=True, env=env, timeout=timeout)
     with capsys.disabled():
         print("\n" + res.stdout.strip())
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "FAILED" not in res.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_representative_kernels_compile_for_sm80_and_sm90(capsys):
+    compile_check(capsys, "--representative", timeout=1800)
+
+
+@pytest.mark.compile_all
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_every_configuration_compiles(capsys):
+    compile_check(capsys, timeout=4 * 3600)

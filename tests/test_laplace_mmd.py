@@ -193,10 +193,10 @@ def test_batched_groups_and_sub_batches_match_the_reference(dtype, case):
                                    case["sigma"], wx, wy, backend=be)
 
     batches = []
-    real = ti._batches
+    real = ti.launch_batches
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ti, "CHUNK_ELEMS", case["chunk"])
-        mp.setattr(ti, "_batches", lambda *args: batches.append(real(*args)) or batches[-1])
+        mp.setattr(ti, "launch_batches", lambda *args: batches.append(real(*args)) or batches[-1])
         total, values = run("torch", *leaves)
         total.backward()
     # The (a, a) jobs of S(X, X) (keys equal to queries) did not fit one batch, and no batch holds
@@ -214,8 +214,9 @@ def test_batched_groups_and_sub_batches_match_the_reference(dtype, case):
 
 
 def test_repeated_grouped_call_builds_no_index_tensors(monkeypatch):
-    # The plan, its index tensors and the reducer's gather indices are cached: a second call with
-    # the same offsets and terms creates no tensor from host data (on CUDA: no upload).
+    # The plan and what is derived from it (its index tensors, the term weights, the reducer's
+    # gather indices) are cached: a second call with the same offsets and terms creates no tensor
+    # from host data (on CUDA: no upload).
     x = torch.randn(40, 3, device=DEVICE, requires_grad=True)
     y = torch.randn(30, 3, device=DEVICE, requires_grad=True)
     args = (x, [0, 7, 14, 20, 40], y, [0, 10, 20, 30], [0, 1, 2, 3, 0], [0, 1, 2, 2, 1], [1.0, 0.1, 0.01, 1.0, 2.0])

@@ -24,6 +24,37 @@ from cellmnn_kernels.ops.utils import HAS_TRITON
 from cellmnn_kernels.testing import DEVICE, KINDS, backend_param, scaled_examples
 from cellmnn_kernels.testing import build_inputs as _build_inputs
 
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from cellmnn_kernels.ops.local_linear_step.triton_jit import _pair_slot, _pairs, _unpark
+    from cellmnn_kernels.ops.local_linear_step.triton_reg import (_anchor_states, _levels, _load_cell, _scratch_base,
+                                                                  _step_matrices)
+
+    @triton.jit
+    def _anchor_states_kernel(A_ptr, x0_ptr, dt_ptr, S_ptr, Yf_ptr, Yb_ptr, B, T, LS,
+                              sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
+                              D: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, M: tl.constexpr):
+        """Yf (B, T, D): each pair's anchor state as the register forward forms it (its helpers, in
+        its order); Yb: the state that a register backward launch left in the pair's slot of its
+        scratch S (the slot found by the backward's own helper)."""
+        cell, cm, Z, x0, nrm, finite, h, inv_h = _load_cell(A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D, BB)
+        hi_pos, hi_neg = _levels(dt_ptr, cell, cm, T, stb, stt, nrm, finite, theta, nu_max, BT)
+        Ep, En = _step_matrices(Z, hi_pos, hi_neg, D, M)
+        sbase = _scratch_base(S_ptr, LS, D, BB)
+        for t0 in range(0, T, BT):
+            inr, ok, neg, lev, rho = _pairs(dt_ptr, cell, cm, t0, T, stb, stt, nrm, finite, inv_h, theta, nu_max, BT)
+            Y = _anchor_states(Ep, En, x0, ok, neg, lev, hi_pos > 0, hi_neg > 0, D, BT)
+            for k in tl.static_range(BT):
+                okk, r, slot = _pair_slot(dt_ptr, cell, inr[k], t0 + k, stb, stt, nrm, finite, theta, nu_max, inv_h,
+                                          LS)
+                yb = _unpark(sbase + slot * (D * BB), D, BB, inr[k])
+                off = (cell * T + t0 + k) * D
+                for i in tl.static_range(D):
+                    tl.store(Yf_ptr + off + i, Y[k * D + i], mask=inr[k])
+                    tl.store(Yb_ptr + off + i, yb[i], mask=inr[k])
+
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 GRAD_RTOL = {torch.float32: 1e-3, torch.float64: 1e-7}
 DTYPES = [torch.float32, torch.float64]
@@ -360,7 +391,8 @@ def test_package_imports_and_runs_without_triton():
         "X, V = cellmnn_kernels.local_linear_step(torch.eye(2)[None], torch.ones(1, 2), torch.ones(1, 3))\n"
         "assert torch.allclose(X, torch.full((1, 3, 2), 2.718281828))\n"
         "try:\n"
-        "    cellmnn_kernels.local_linear_step(torch.eye(2)[None], torch.ones(1, 2), torch.ones(1, 3), backend='triton')\n"
+        "    cellmnn_kernels.local_linear_step(torch.eye(2)[None], torch.ones(1, 2), torch.ones(1, 3),\n"
+        "                                      backend='triton')\n"
         "except RuntimeError as e:\n"
         "    assert 'not installed' in str(e)\n"
         "else:\n"
@@ -373,20 +405,32 @@ def test_package_imports_and_runs_without_triton():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("D", [2, 5])
 def test_backward_recomputes_the_forwards_anchor_states_bit_for_bit(D):
-    # The backward kernel marches the anchors again instead of storing them: its states must be
-    # exactly the forward's (any difference would make the gradient that of another function).
-    from cellmnn_kernels.ops.local_linear_step.triton_impl import llstep_backward, llstep_forward
+    # The backward kernel marches the anchors again instead of storing them: the states it keeps in
+    # its scratch must be exactly the ones the forward finishes its pairs from (any difference would
+    # make the gradient that of another function).  _anchor_states_kernel forms the forward's with
+    # the forward's helpers and reads the backward's from the scratch of a real backward launch.
+    from cellmnn_kernels.ops.local_linear_step import triton_reg
+    from cellmnn_kernels.ops.local_linear_step.common import launch_scalars
+    from cellmnn_kernels.ops.local_linear_step.triton_impl import anchor_slots
 
     dtype = torch.float32  # the register kernels' dtype
     g = torch.Generator().manual_seed(D)
-    B, T = 33, 9  # two programs; several backward time blocks, the last one partly empty
+    B, T = 33, 9  # two programs; several forward time blocks, the last one partly empty
     A = (torch.randn(B, D, D, generator=g, dtype=torch.float64) * 3 / D ** 0.5).to(dtype).to(DEVICE)
     x0 = torch.randn(B, D, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
     dt = (torch.rand(B, T, generator=g, dtype=torch.float64) * 8 - 3).to(dtype).to(DEVICE)  # both signs
+    variant, LS = triton_reg.VARIANT, anchor_slots(A, dt)
+    S = torch.full((variant.scratch_size(B, D, LS),), float("nan"), dtype=dtype, device=DEVICE)
+    gX = torch.ones(B, T, D, dtype=dtype, device=DEVICE)
+    dA, dx0, ddt = (torch.empty_like(t) for t in (A, x0, dt))
+    kernel, grid, kw = variant.backward_launch(A, x0, dt, gX, torch.zeros_like(gX), dA, dx0, ddt, S, LS)
+    kernel[grid](**kw)
     Yf = torch.full((B, T, D), float("nan"), dtype=dtype, device=DEVICE)
     Yb = torch.full((B, T, D), float("nan"), dtype=dtype, device=DEVICE)
-    llstep_forward(A, x0, dt, anchors=Yf)
-    llstep_backward(A, x0, dt, torch.ones(B, T, D, dtype=dtype, device=DEVICE), None, anchors=Yb)
+    cfg = triton_reg.config("fwd", D, dtype)
+    _anchor_states_kernel[grid](A_ptr=A, x0_ptr=x0, dt_ptr=dt, S_ptr=S, Yf_ptr=Yf, Yb_ptr=Yb, LS=LS,
+                                **launch_scalars(A, x0, dt), D=D, BB=cfg["BB"], BT=cfg["BT"], M=cfg["M"],
+                                num_warps=cfg["num_warps"])
     assert not Yf.isnan().any()
     assert torch.equal(Yf, Yb)
     # and they are the anchors: some pairs sit beyond level 0 in each direction
@@ -399,19 +443,21 @@ def test_backward_scratch_too_small_gives_nan_not_a_wrong_gradient(backend):
     # The launcher sizes the scratch from the launch's highest anchor level (anchor_slots); a
     # kernel given fewer slots must keep its marches inside them and poison the pairs it cannot
     # hold, never return a plausible wrong gradient.
-    from cellmnn_kernels.ops.local_linear_step import triton_impl as ti
+    from cellmnn_kernels.ops.local_linear_step.common import operator_norm1, taylor_params
+    from cellmnn_kernels.ops.local_linear_step.triton_impl import anchor_slots, variant_for
 
     A, x0, dt = build_inputs(3, 4, 3, 2, "random", 6.0, "pos", torch.float32)
     dt[0] = 0.0  # cell 0: every pair at level 0
     gX = torch.ones(4, 3, 2, device=A.device)
     dA, dx0, ddt = (torch.empty_like(t) for t in (A, x0, dt))
     LS = 2
-    assert ti.anchor_slots(A, dt) > LS
-    S = torch.full((ti.scratch_size(4, 2, LS),), float("nan"), device=A.device)
-    kernel, grid, kw = ti.backward_launch(A, x0, dt, gX, torch.zeros_like(gX), dA, dx0, ddt, S, LS)
+    assert anchor_slots(A, dt) > LS
+    variant = variant_for(2, A.dtype)  # the register kernels
+    S = torch.full((variant.scratch_size(4, 2, LS),), float("nan"), device=A.device)
+    kernel, grid, kw = variant.backward_launch(A, x0, dt, gX, torch.zeros_like(gX), dA, dx0, ddt, S, LS)
     kernel[grid](**kw)
-    theta, _ = ti.taylor_params(A.dtype)
-    lev = torch.floor(dt.abs() * ti.operator_norm1(A)[:, None] / theta + 0.5)
+    theta, _ = taylor_params(A.dtype)
+    lev = torch.floor(dt.abs() * operator_norm1(A)[:, None] / theta + 0.5)
     beyond = lev >= LS
     assert beyond.any() and not beyond[0].any()
     assert ddt[beyond].isnan().all() and dA[beyond.any(1)].isnan().all()

@@ -1,5 +1,7 @@
 """The GPU-free cost model: its SASS parsing on a fixed listing, and the register kernels' targets
-read from their sm_90 code (compiled ahead of time in a subprocess, no GPU needed)."""
+read from their sm_90 code (compiled ahead of time in a subprocess, no GPU needed).  The kernels
+compiled here (register D = 5, lane-group D = 8) are among test_compile_sm's representative ones,
+in the same configurations: within one run (and across runs) they come from Triton's cache."""
 import json
 import os
 import subprocess
@@ -60,7 +62,7 @@ def test_register_kernels_meet_the_cost_model_targets(tmp_path, capsys):
     with capsys.disabled():
         print("\n" + res.stdout.strip())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    kernels = {k["name"].split("_")[1]: k for k in json.loads(out.read_text())["kernels"]}
+    kernels = {k["kind"]: k for k in json.loads(out.read_text())["kernels"] if k["variant"] == "llstep_reg"}
     fwd, bwd = kernels["fwd"], kernels["bwd"]
     for k in (fwd, bwd):
         assert k["counts"]["bar_sync"] == 0 and k["counts"]["lds"] == 0 and k["counts"]["sts"] == 0
@@ -82,11 +84,10 @@ def test_lane_group_kernels_have_no_barrier_or_shared_memory(tmp_path):
                           "--no-tiled", "--no-mmd", "--json", str(out)],
                          capture_output=True, text=True, env=env, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    kernels = {k["name"]: k for k in json.loads(out.read_text())["kernels"]}
-    for kind in ("fwd", "bwd"):
-        (name,) = [n for n in kernels if n.startswith(f"llstep_group_{kind}_fp32_D8")]
-        k = kernels[name]
+    kernels = {k["kind"]: k for k in json.loads(out.read_text())["kernels"] if k["variant"] == "llstep_group"}
+    assert sorted(kernels) == ["bwd", "fwd"]
+    for kind, k in kernels.items():
         assert k["ok"], k
-        assert k["counts"]["bar_sync"] == 0 and k["counts"]["lds"] == 0 and k["counts"]["sts"] == 0, name
-        assert k["counts"]["shfl"] > 0, name  # the gathers are there, as shuffles
-    assert kernels[[n for n in kernels if n.startswith("llstep_group_fwd_fp32_D8")][0]]["spill_stores"] == 0
+        assert k["counts"]["bar_sync"] == 0 and k["counts"]["lds"] == 0 and k["counts"]["sts"] == 0, k["name"]
+        assert k["counts"]["shfl"] > 0, k["name"]  # the gathers are there, as shuffles
+    assert kernels["fwd"]["spill_stores"] == 0

@@ -56,6 +56,7 @@ def resolve_backend(backend: str, device: torch.device, D: int, max_triton_d: in
 
 
 def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
@@ -70,6 +71,7 @@ def check_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
 
 
 def check_same_dtype_device(**tensors: torch.Tensor) -> None:
+    """TypeError unless the named tensors share one dtype, ValueError unless one device."""
     names = list(tensors)
     first = tensors[names[0]]
     for n in names[1:]:
@@ -88,6 +90,7 @@ def count_nonfinite(**tensors: torch.Tensor) -> dict[str, int]:
 
 
 def raise_if_nonfinite(**tensors: torch.Tensor) -> None:
+    """ValueError naming the first tensor with NaN or Inf entries (one host synchronisation)."""
     for name, bad in count_nonfinite(**tensors).items():
         if bad:
             total = tensors[name].numel()
@@ -99,11 +102,13 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, message, grad, *inputs):
+        """A copy of ``grad``."""
         ctx.message = message
         return grad.clone()
 
     @staticmethod
     def backward(ctx, *grads):
+        """Raises RuntimeError(message): a second derivative is not supported."""
         raise RuntimeError(ctx.message)
 
 

@@ -17,6 +17,7 @@ __all__ = ["laplace_mmd", "laplace_mmd_grouped", "laplace_mmd_reference", "lapla
 
 
 def resolve_backend(backend: str, device: torch.device, D: int) -> str:
+    """The backend a call on points of dimension D on ``device`` runs (``ops.utils.resolve_backend``)."""
     from .triton_impl import MAX_D
 
     return _resolve(backend, device, D, MAX_D, "x")

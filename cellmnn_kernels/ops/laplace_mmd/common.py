@@ -10,13 +10,17 @@ formed in the same pass as the values (the exponential is evaluated once per pai
 of a cross sum S(X, Y) is the query side of S(Y, X), which is run only when y or its weights
 need gradients.  Symmetric sums S(X, X) count their rows twice.
 
-A plan (which sums, which launches) depends only on host integers and the gradient flags: it is
-memoised (``cached_plan``), and so are its index tensors per device (``Plan.tensors``), so that a
-training loop repeating its offsets and terms builds and uploads nothing per call.
+A plan (which sums, which launches) depends only on host values: the offsets, the terms, the
+gradient flags, sigma, D, the dtype and term weights given as plain numbers.  It is the one cache
+of this op: ``cached_plan`` memoises plans (``PLAN_CACHE`` of them), and each plan keeps what the
+backends derive from it per device (``Plan.derived``: its index tensors, the term weights, the
+torch path's gather batches, the Triton launch tables), so that a training loop repeating its
+offsets and terms builds and uploads nothing per call.
 """
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -33,6 +37,7 @@ CLAMP = 1e-8
 # ----------------------------------------------------------------------------- input checks
 
 def check_sigma(sigma) -> float:
+    """sigma as a float; TypeError or ValueError unless it is a positive finite real number."""
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
         raise TypeError(f"sigma must be a positive real number, got {type(sigma).__name__}")
     sigma = float(sigma)
@@ -42,6 +47,7 @@ def check_sigma(sigma) -> float:
 
 
 def check_points(x, y):
+    """x (N, D) and y (M, D): tensors of one supported dtype and device, D >= 1, N, M >= 1."""
     check_tensor("x", x, 2, "(N, D)")
     check_tensor("y", y, 2, "(M, D)")
     check_same_dtype_device(x=x, y=y)
@@ -54,6 +60,7 @@ def check_points(x, y):
 
 
 def check_weights(name, w, n, like):
+    """Optional point weights ``w``: None, or a (n,) tensor of ``like``'s dtype and device."""
     if w is None:
         return None
     check_tensor(name, w, 1, f"({n},)")
@@ -82,6 +89,7 @@ def host_ints(name, v) -> list[int]:
 
 
 def check_offsets(name, offsets, n) -> list[int]:
+    """Segment offsets as host integers: non-decreasing, from 0 to the number of points n."""
     off = host_ints(name, offsets)
     if len(off) < 2 or off[0] != 0 or off[-1] != n:
         raise ValueError(f"{name} must start at 0 and end at the number of points ({n}); got {off[:3]}...{off[-2:]}")
@@ -91,15 +99,16 @@ def check_offsets(name, offsets, n) -> list[int]:
 
 
 def check_term_weights(term_weights, n_terms: int, device):
-    """(n_terms,) float64 tensor of the terms' weights (differentiable if given as such), or None."""
+    """The terms' weights: None (all 1), a tuple of plain numbers (the plan keeps their device
+    tensor, ``Plan.weights``: no upload per call), or an (n_terms,) float64 tensor (differentiable
+    if given as such)."""
     if term_weights is None:
         return None
     if isinstance(term_weights, (list, tuple)) and all(type(v) in (int, float) for v in term_weights):
-        # Plain numbers: one cached device tensor per (values, device), no upload per call.
-        w = _constant_weights(tuple(term_weights), torch.device(device))
-        if w.shape != (n_terms,):
-            raise ValueError(f"term_weights must have one weight per term ({n_terms}); got shape {tuple(w.shape)}")
-        return w
+        if len(term_weights) != n_terms:
+            raise ValueError(f"term_weights must have one weight per term ({n_terms}); got shape "
+                             f"({len(term_weights)},)")
+        return tuple(term_weights)
     try:
         w = torch.as_tensor(term_weights, dtype=torch.float64, device=device)
     except (TypeError, ValueError, RuntimeError):
@@ -107,12 +116,6 @@ def check_term_weights(term_weights, n_terms: int, device):
     if w.shape != (n_terms,):
         raise ValueError(f"term_weights must have one weight per term ({n_terms}); got shape {tuple(w.shape)}")
     return w
-
-
-@functools.lru_cache(maxsize=256)
-def _constant_weights(values: tuple, device: torch.device) -> torch.Tensor:
-    with torch.inference_mode(False):  # a normal tensor, reusable by calls that record graphs
-        return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def check_values(x, y, x_weights, y_weights, segments, term_weights=None) -> None:
@@ -124,9 +127,13 @@ def check_values(x, y, x_weights, y_weights, segments, term_weights=None) -> Non
         tensors["x_weights"] = x_weights
     if y_weights is not None:
         tensors["y_weights"] = y_weights
-    for name, bad in count_nonfinite(**tensors).items():
-        if bad:
-            raise ValueError(f"{name} has {bad} non-finite entries (NaN or Inf) out of {tensors[name].numel()}")
+    numbers_ = {n: v for n, v in tensors.items() if isinstance(v, tuple)}  # plain term weights
+    counts = count_nonfinite(**{n: v for n, v in tensors.items() if n not in numbers_})
+    counts.update({n: sum(not math.isfinite(w) for w in v) for n, v in numbers_.items()})
+    for name in tensors:
+        if counts[name]:
+            total = len(tensors[name]) if name in numbers_ else tensors[name].numel()
+            raise ValueError(f"{name} has {counts[name]} non-finite entries (NaN or Inf) out of {total}")
     for name, w, offs, used in (("x_weights", x_weights, *segments[0]), ("y_weights", y_weights, *segments[1])):
         if w is None:
             continue
@@ -142,7 +149,9 @@ def check_values(x, y, x_weights, y_weights, segments, term_weights=None) -> Non
 
 @dataclass
 class Launch:
-    """One row-reduction launch: queries from side q (0 = x, 1 = y), keys from side k."""
+    """One row-reduction launch: queries from side q (0 = x, 1 = y), keys from side k; its jobs
+    (query range, key range), and per job the S slot, the S index whose upstream gradient scales
+    it and its factor."""
     q_side: int
     k_side: int
     compute_g: bool
@@ -153,6 +162,7 @@ class Launch:
 
     @property
     def out_starts(self):
+        """Per job, its first output row (rows of all jobs, concatenated)."""
         starts, n = [], 0
         for q0, q1, _, _ in self.jobs:
             starts.append(n)
@@ -161,11 +171,15 @@ class Launch:
 
     @property
     def n_rows(self):
+        """Output rows of the launch: every job's query rows."""
         return sum(q1 - q0 for q0, q1, _, _ in self.jobs)
 
 
 @dataclass
 class Plan:
+    """Which pair sums a grouped call computes (``n_sums``), in which launches, and how the terms
+    combine them; the call's sigma, D, dtype and plain term weights; and, per device and backend,
+    what was derived from it (``derived``)."""
     launches: list
     n_sums: int
     term_xx: list
@@ -175,17 +189,34 @@ class Plan:
     y_segments: list
     term_sx: list  # per term: position of its x segment in x_segments
     term_sy: list
-    _tensors: dict = field(default_factory=dict, repr=False, compare=False)  # device -> PlanTensors
+    sigma: float = 1.0
+    D: int = 0
+    dtype: torch.dtype = torch.float32
+    term_weights: tuple | None = None  # plain-number term weights (None: all 1, or given as a tensor)
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def derived(self, key: tuple, build):
+        """``build()``, kept with the plan under ``key`` (what, device, ...): everything the
+        backends derive from the plan is built once per plan and key.  Built as normal tensors
+        even under inference_mode, since later calls that record autograd graphs reuse them."""
+        out = self._derived.get(key)
+        if out is None:
+            with torch.inference_mode(False):
+                out = self._derived[key] = build()
+        return out
 
     def tensors(self, device) -> "PlanTensors":
-        """The plan's index tensors on ``device``, built on first use and kept with the plan."""
-        t = self._tensors.get(device)
-        if t is None:
-            t = self._tensors[device] = PlanTensors.build(self, device)
-        return t
+        """The plan's index tensors on ``device``."""
+        return self.derived(("index", device), lambda: PlanTensors.build(self, device))
+
+    def weights(self, device) -> torch.Tensor:
+        """The plain-number term weights as an (n_terms,) float64 tensor on ``device``."""
+        return self.derived(("term_weights", device),
+                            lambda: torch.tensor(self.term_weights, dtype=torch.float64, device=device))
 
 
-def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy) -> Plan:
+def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma=1.0, D=0, dtype=torch.float32,
+               term_weights=None) -> Plan:
     """Which pair sums a grouped call computes, grouped into at most four launches."""
     xs, ys = sorted(set(terms_x)), sorted(set(terms_y))
     pos_x = {s: i for i, s in enumerate(xs)}
@@ -217,18 +248,19 @@ def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy) -> Plan:
     launches = [lc for lc in (xx, yy, xy, yx) if lc.jobs]
     return Plan(launches, n, [sum_xx[s] for s in terms_x], [sum_yy[s] for s in terms_y], term_xy,
                 [(x_off[s], x_off[s + 1]) for s in xs], [(y_off[s], y_off[s + 1]) for s in ys],
-                [pos_x[s] for s in terms_x], [pos_y[s] for s in terms_y])
+                [pos_x[s] for s in terms_x], [pos_y[s] for s in terms_y], sigma, D, dtype, term_weights)
 
 
-PLAN_CACHE = 128  # plans (with their device index tensors) kept by ``cached_plan``
+PLAN_CACHE = 128  # plans (with everything derived from them) kept by ``cached_plan``: the op's one cache
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE)
 def cached_plan(x_off: tuple, y_off: tuple, terms_x: tuple, terms_y: tuple, grad_x: bool, grad_y: bool,
-                grad_wy: bool) -> Plan:
-    """``build_plan`` memoised on its (hashable) inputs: a training loop that repeats its offsets
-    and terms reuses one plan and its device index tensors.  Plans are never modified."""
-    return build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy)
+                grad_wy: bool, sigma: float, D: int, dtype: torch.dtype, term_weights: tuple | None) -> Plan:
+    """``build_plan`` memoised on its (hashable) inputs: a training loop that repeats its call
+    reuses one plan and what was derived from it.  Plans are never modified (but for the store
+    of ``Plan.derived``)."""
+    return build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma, D, dtype, term_weights)
 
 
 @dataclass
@@ -255,42 +287,43 @@ class PlanTensors:
 
     @staticmethod
     def build(plan: Plan, device) -> "PlanTensors":
-        # Built on the host, then moved in one copy each; normal tensors even under inference_mode,
-        # since later calls that record autograd graphs reuse them.
-        with torch.inference_mode(False):
-            host = lambda v, dtype=torch.int64: torch.tensor(v, dtype=dtype)  # noqa: E731
-            launches = []
-            for lc in plan.launches:
-                n = lc.n_rows
-                job = torch.repeat_interleave(torch.arange(len(lc.jobs)), host([q1 - q0 for q0, q1, _, _ in lc.jobs]),
-                                              output_size=n)
-                point = host([j[0] for j in lc.jobs])[job] + torch.arange(n) - host(lc.out_starts)[job]
-                slot = host([s if s >= 0 else plan.n_sums for s in lc.job_s])[job]
-                launches.append(LaunchTensors(point.to(device), slot.to(device), host(lc.job_grad_of)[job].to(device),
-                                              host(lc.job_factor, torch.float64)[job].to(device)))
-            xs, ys = [plan.x_segments[i] for i in plan.term_sx], [plan.y_segments[i] for i in plan.term_sy]
-            dev = lambda v: host(v).to(device)  # noqa: E731
-            return PlanTensors(launches, dev([a for a, _ in xs]), dev([b for _, b in xs]), dev([a for a, _ in ys]),
-                               dev([b for _, b in ys]), dev(plan.term_xx), dev(plan.term_yy), dev(plan.term_xy))
+        """Built on the host, then moved in one copy each (``Plan.tensors`` keeps them)."""
+        host = lambda v, dtype=torch.int64: torch.tensor(v, dtype=dtype)  # noqa: E731
+        launches = []
+        for lc in plan.launches:
+            n = lc.n_rows
+            job = torch.repeat_interleave(torch.arange(len(lc.jobs)), host([q1 - q0 for q0, q1, _, _ in lc.jobs]),
+                                          output_size=n)
+            point = host([j[0] for j in lc.jobs])[job] + torch.arange(n) - host(lc.out_starts)[job]
+            slot = host([s if s >= 0 else plan.n_sums for s in lc.job_s])[job]
+            launches.append(LaunchTensors(point.to(device), slot.to(device), host(lc.job_grad_of)[job].to(device),
+                                          host(lc.job_factor, torch.float64)[job].to(device)))
+        xs, ys = [plan.x_segments[i] for i in plan.term_sx], [plan.y_segments[i] for i in plan.term_sy]
+        dev = lambda v: host(v).to(device)  # noqa: E731
+        return PlanTensors(launches, dev([a for a, _ in xs]), dev([b for _, b in xs]), dev([a for a, _ in ys]),
+                           dev([b for _, b in ys]), dev(plan.term_xx), dev(plan.term_yy), dev(plan.term_xy))
 
 
 # ----------------------------------------------------------------------------- autograd
 
 class PairSums(torch.autograd.Function):
-    """S (n_sums,) float64 from points and weights; one row reduction per launch of the plan."""
+    """S (n_sums,) float64 from points and weights; one row reduction per launch of the plan.
+
+    ``reducer(Q, K, WK, plan, i)`` -> (r, G or None) for launch i of the plan (a backend's
+    ``reduce_rows_*``)."""
 
     @staticmethod
-    def forward(ctx, x, y, wx, wy, plan: Plan, reducer, sigma: float):
+    def forward(ctx, x, y, wx, wy, plan: Plan, reducer):
+        """S: the plan's pair sums, one ``reducer`` call per launch; rows saved for backward."""
         pts, wts = (x, y), (wx, wy)
-        D = x.shape[1]
         S = torch.zeros(plan.n_sums + 1, dtype=torch.float64, device=x.device)
         saved = []
-        for lc, lt in zip(plan.launches, plan.tensors(x.device).launches):
+        for i, (lc, lt) in enumerate(zip(plan.launches, plan.tensors(x.device).launches)):
             Q, K, WQ, WK = pts[lc.q_side], pts[lc.k_side], wts[lc.q_side], wts[lc.k_side]
-            r, G = reducer(Q, K, WK, lc.jobs, lc.out_starts, lc.n_rows, lc.compute_g, sigma)
+            r, G = reducer(Q, K, WK, plan, i)
             S.index_add_(0, lt.slot, (WQ[lt.point] * r).double())
             saved += [r, G]
-        ctx.plan, ctx.sigma, ctx.D = plan, sigma, D
+        ctx.plan = plan
         # Everything backward reads goes through save_for_backward, so that a second backward
         # (retain_graph=True) finds it again.
         ctx.save_for_backward(x, y, wx, wy, *saved)
@@ -299,15 +332,17 @@ class PairSums(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gS):
+        """Gradients in x, y and the point weights from the saved rows (first derivatives only)."""
         x, y, wx, wy, *saved = ctx.saved_tensors
         rows = [tuple(saved[i:i + 2]) for i in range(0, len(saved), 2)]
         with torch.no_grad():
             grads = PairSums._backward(ctx, gS, wx, wy, rows)
-        return (*first_order_only(SECOND_ORDER, grads, (x, y, wx, wy)), None, None, None)
+        return (*first_order_only(SECOND_ORDER, grads, (x, y, wx, wy)), None, None)
 
     @staticmethod
     def _backward(ctx, gS, wx, wy, rows):
-        plan, sigma, D = ctx.plan, ctx.sigma, ctx.D
+        plan = ctx.plan
+        sigma, D = plan.sigma, plan.D
         xshape, yshape, dtype = ctx.shapes
         need = ctx.needs_input_grad
         grads = [torch.zeros(xshape, dtype=dtype, device=gS.device) if need[0] else None,
@@ -327,17 +362,22 @@ class PairSums(torch.autograd.Function):
 
 
 def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, wy, reducer):
-    """(sum_t w_t MMD^2_t, per-term MMD^2) through ``reducer``; inputs validated."""
+    """(sum_t w_t MMD^2_t, per-term MMD^2) through ``reducer`` (``PairSums``); inputs validated,
+    ``term_weights`` as ``check_term_weights`` returns them."""
     wx = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if wx is None else wx
     wy = torch.ones(y.shape[0], dtype=y.dtype, device=y.device) if wy is None else wy
     # Weight gradients come from the row sums every launch computes, except those of y, which
     # need the S(Y, X) launch.
+    plain = term_weights if isinstance(term_weights, tuple) else None
     plan = cached_plan(tuple(x_off), tuple(y_off), tuple(terms_x), tuple(terms_y), x.requires_grad,
-                       y.requires_grad, wy.requires_grad)
-    S = PairSums.apply(x, y, wx, wy, plan, reducer, sigma)
+                       y.requires_grad, wy.requires_grad, sigma, x.shape[1], x.dtype, plain)
+    if plain is not None:
+        term_weights = plan.weights(x.device)
+    S = PairSums.apply(x, y, wx, wy, plan, reducer)
     t = plan.tensors(x.device)
 
     def seg_sums(w, a, b):
+        """Per term, the sum of the weights w[a:b] of its segment (float64)."""
         c = torch.cat([w.new_zeros(1, dtype=torch.float64), torch.cumsum(w.double(), 0)])
         return c[b] - c[a]
 

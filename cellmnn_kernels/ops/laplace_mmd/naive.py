@@ -12,6 +12,7 @@ CLAMP = 1e-8
 
 
 def laplace_kernel_dense(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The (N, M) kernel matrix k(a_i, b_j) of points a (N, D) and b (M, D)."""
     dist = torch.cdist(a, b, p=1) / a.shape[1]
     return torch.exp(-dist.clamp_min(CLAMP) / sigma)
 

@@ -7,12 +7,11 @@ and coordinate instead of per job.  A batch holds no more than ``CHUNK_ELEMS`` k
 blocks of that size are alive at once: the distances, turned into kernel values in place, and one
 scratch block): a group is cut into sub-batches of at most CHUNK_ELEMS // (nq nk) jobs, and a job
 larger than CHUNK_ELEMS on its own into pieces of CHUNK_ELEMS // nk rows (each its own batch):
-memory O((N + M) D + chunk), never the N x M matrix.  The gather indices are built on the host once per
-(jobs, device) and cached, so a repeated call uploads nothing.
+memory O((N + M) D + chunk), never the N x M matrix.  The gather indices are built on the host
+once per plan, launch and device and kept with the plan (``launch_batches``), so a repeated call
+uploads nothing.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -22,7 +21,6 @@ CHUNK_ELEMS = 1 << 22  # kernel values per chunk (16 MB in float32)
 # Below this many kernel values a single call is cheaper in the dense form (measured on CPU:
 # dense wins below about 500 x 500 points, is even up to 2000 and loses above).
 DENSE_MAX_ELEMS = 1 << 18
-BATCH_CACHE = 256  # (jobs, device) entries of gather indices kept
 
 
 def _rows(starts, n):
@@ -33,8 +31,7 @@ def _rows(starts, n):
     return (torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(n)).reshape(-1)
 
 
-@functools.lru_cache(maxsize=BATCH_CACHE)
-def _batches(jobs: tuple, out_starts: tuple, chunk: int, device: torch.device) -> tuple:
+def _batches(jobs, out_starts, chunk: int, device: torch.device) -> tuple:
     """How a launch is computed: ``(J, nq, nk, q, k, o, same)`` per batch of J jobs of one shape
     (q, k, o: the rows to gather and to write, each an int start where they are consecutive, else
     a flat device index; same: every job of the batch has its keys equal to its queries).  A batch
@@ -50,21 +47,26 @@ def _batches(jobs: tuple, out_starts: tuple, chunk: int, device: torch.device) -
             b = min(q1, a + step)
             groups.setdefault((b - a, nk), []).append((a, b, k0, k1, o + a - q0))
     out = []
-    # Normal tensors even when the first call runs under inference_mode: they are reused by later
-    # calls that may record autograd graphs.
-    with torch.inference_mode(False):
-        for (nq, nk), members in groups.items():
-            per = max(1, chunk // max(1, nq * nk))
-            per = -(-len(members) // -(-len(members) // per))  # as many sub-batches, of even sizes
-            for i in range(0, len(members), per):
-                sub = members[i:i + per]
-                sel = []
-                for col, n in ((0, nq), (2, nk), (4, nq)):
-                    v = _rows([m[col] for m in sub], n)
-                    sel.append(v if isinstance(v, int) else v.to(device))
-                same = all(m[0] == m[2] and m[1] == m[3] for m in sub)
-                out.append((len(sub), nq, nk, *sel, same))
+    for (nq, nk), members in groups.items():
+        per = max(1, chunk // max(1, nq * nk))
+        per = -(-len(members) // -(-len(members) // per))  # as many sub-batches, of even sizes
+        for i in range(0, len(members), per):
+            sub = members[i:i + per]
+            sel = []
+            for col, n in ((0, nq), (2, nk), (4, nq)):
+                v = _rows([m[col] for m in sub], n)
+                sel.append(v if isinstance(v, int) else v.to(device))
+            same = all(m[0] == m[2] and m[1] == m[3] for m in sub)
+            out.append((len(sub), nq, nk, *sel, same))
     return tuple(out)
+
+
+def launch_batches(plan, i: int, device: torch.device) -> tuple:
+    """``_batches`` of launch i of ``plan`` for the current ``CHUNK_ELEMS``, kept with the plan
+    (built as normal tensors even under inference_mode, ``Plan.derived``)."""
+    lc = plan.launches[i]
+    return plan.derived(("torch", i, CHUNK_ELEMS, device),
+                        lambda: _batches(lc.jobs, lc.out_starts, CHUNK_ELEMS, device))
 
 
 def _gather_t(T, sel, J, n):
@@ -75,12 +77,14 @@ def _gather_t(T, sel, J, n):
 
 
 def _gather_w(W, sel, J, n):
+    """(J, 1, n) block of the weights ``sel`` of W (N,)."""
     if isinstance(sel, int):
         return W[sel:sel + J * n].view(J, 1, n)
     return W.index_select(0, sel).view(J, 1, n)
 
 
 def _scatter(out, sel, block):
+    """out[sel] = block, for ``sel`` an int start or a flat index."""
     if isinstance(sel, int):
         out[sel:sel + block.shape[0]] = block
     else:
@@ -88,13 +92,15 @@ def _scatter(out, sel, block):
 
 
 @torch.no_grad()
-def reduce_rows_torch(Q, K, WK, jobs, out_starts, n_out, compute_g, sigma):
-    """r (n_out,) and, if ``compute_g``, G (n_out, D) for every job (q0, q1, k0, k1); see common.py."""
-    D = Q.shape[1]
-    r = Q.new_empty(n_out)
-    G = Q.new_empty(n_out, D) if compute_g else None
-    scale, clamp_d = 1.0 / (sigma * D), CLAMP * D  # k = exp(-max(dist, 1e-8 D) / (sigma D))
-    for J, nq, nk, qs, ks, os_, same in _batches(tuple(map(tuple, jobs)), tuple(out_starts), CHUNK_ELEMS, Q.device):
+def reduce_rows_torch(Q, K, WK, plan, i):
+    """r (n_rows,) and, if the launch computes gradients, G (n_rows, D) for every job
+    (q0, q1, k0, k1) of launch i of ``plan``; see common.py."""
+    lc = plan.launches[i]
+    D, compute_g = Q.shape[1], lc.compute_g
+    r = Q.new_empty(lc.n_rows)
+    G = Q.new_empty(lc.n_rows, D) if compute_g else None
+    scale, clamp_d = 1.0 / (plan.sigma * D), CLAMP * D  # k = exp(-max(dist, 1e-8 D) / (sigma D))
+    for J, nq, nk, qs, ks, os_, same in launch_batches(plan, i, Q.device):
         # Coordinates first: Qt[d] (J, nq) and Kt[d] (J, nk) are contiguous, and the L1 distance is
         # a sum over d of |Qt[d] - Kt[d]| on the (J, nq, nk) block (cheaper than cdist at small D).
         Qt = _gather_t(Q, qs, J, nq)

@@ -2,47 +2,42 @@
 
 One program owns a block of BM query rows of one job (their points stay in registers) and
 streams the job's keys in tiles of BN, accumulating r_i and, when gradients are wanted, the
-D-vector G_i (common.py) in registers.  For D <= REG_MAX_D = 8 (``_laplace_rows_reg_kernel``) every
-coordinate is its own tensor, unrolled at compile time: distances, the kernel value (one ``exp``
-per query-key pair) and the gradient terms all live on the (BM, BN) tile, so nothing is
-re-laid out or recomputed; wider points use the (BM, BN, DP) tile of ``_laplace_rows_kernel``.  Work items (job, row block) come from a small table
-built on the host from host-known segment lengths; a second grid axis splits each job's keys
-into n_splits chunks so that small problems still fill the GPU (partials are summed after).
+D-vector G_i (common.py) in registers.  Two kernel families (``ops.variant.KernelVariant``):
+
+* ``REG`` (D <= REG_MAX_D = 8, ``_laplace_rows_reg_kernel``): every coordinate is its own
+  tensor, unrolled at compile time: distances, the kernel value (one ``exp`` per query-key pair)
+  and the gradient terms all live on the (BM, BN) tile, so nothing is re-laid out or recomputed;
+* ``TILED`` (wider points, ``_laplace_rows_tiled_kernel``): the (BM, BN, DP) tile.
+
+Work items (job, row block) come from a small table built on the host from host-known segment
+lengths, once per plan and device (``common.Plan.derived``); a second grid axis splits each job's
+keys into n_splits chunks so that small problems still fill the GPU (partials are summed after).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
 from ..utils import HAS_TRITON, next_power_of_2, tl, triton, triton_interpreted
+from ..variant import KernelVariant, launch_kwargs
 from .common import CLAMP
 
 MAX_D = 128
 REG_MAX_D = 8
 
 
-def block_config(D: int, dtype: torch.dtype) -> dict:
-    """Compile-time tile sizes.  D <= REG_MAX_D: (BM, BN) tiles of 32 x 32 (32 x 16 in float64)
-    over 4 warps, so each thread holds 8 (4) values of each accumulator and of each coordinate's
-    difference; wider: (BM, BN, DP) tiles of 4096 values
-    (2048 in float64)."""
+def config(kind: str, D: int, dtype: torch.dtype, T=None) -> dict:
+    """Compile-time configuration of a row reduction without (kind "rows") or with ("grad") the
+    gradient term G.  D <= REG_MAX_D: (BM, BN) tiles of 32 x 32 (32 x 16 in float64) over 4
+    warps, so each thread holds 8 (4) values of each accumulator and of each coordinate's
+    difference; wider: (BM, BN, DP) tiles of 4096 values (2048 in float64).  (T: unused.)"""
     if D <= REG_MAX_D:
         wide = 2 if dtype == torch.float64 else 1
-        return dict(D=D, DP=D, BM=32, BN=32 // wide, num_warps=4, reg=True)
+        return dict(D=D, BM=32, BN=32 // wide, num_warps=4, COMPUTE_G=kind == "grad")
     DP = max(2, next_power_of_2(D))
     BM = 64 if DP <= 8 else 32 if DP <= 32 else 16
     budget = 2048 if dtype == torch.float64 else 4096
     BN = max(1, min(32, budget // (BM * DP)))
-    return dict(D=D, DP=DP, BM=BM, BN=BN, num_warps=4, reg=False)
-
-
-def all_configs(dtype: torch.dtype):
-    seen = {}
-    for D in range(1, MAX_D + 1):
-        c = block_config(D, dtype)
-        seen[(c["reg"], c["D"] if c["reg"] else c["DP"])] = c
-    return list(seen.values())
+    return dict(DP=DP, BM=BM, BN=BN, num_warps=4, COMPUTE_G=kind == "grad")
 
 
 if HAS_TRITON:
@@ -64,9 +59,10 @@ if HAS_TRITON:
         return rows, rows < q_end, kb, tl.minimum(kb + chunk, k1), split * n_out + o_start + (rows - q_start)
 
     @triton.jit
-    def _laplace_rows_kernel(Q_ptr, K_ptr, WK_ptr, items_ptr, params_ptr, R_ptr, G_ptr, n_out, D, sq, sk,
-                             n_splits, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             COMPUTE_G: tl.constexpr):
+    def _laplace_rows_tiled_kernel(Q_ptr, K_ptr, WK_ptr, items_ptr, params_ptr, R_ptr, G_ptr, n_out, D, sq, sk,
+                                   n_splits, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                   COMPUTE_G: tl.constexpr):
+        """As ``_laplace_rows_reg_kernel``, on (BM, BN, DP) tiles: D at run time, padded to DP."""
         # 1 / (sigma D) and the clamp 1e-8 D come in the data's dtype (a float argument would
         # arrive as float32 and cost float64 its accuracy).
         scale = tl.load(params_ptr)
@@ -93,7 +89,6 @@ if HAS_TRITON:
         tl.store(R_ptr + orow, r, mask=rmask)
         if COMPUTE_G:
             tl.store(G_ptr + orow[:, None] * D + d[None, :], G, mask=rmask[:, None] & dmask[None, :])
-
 
     @triton.jit
     def _laplace_rows_reg_kernel(Q_ptr, K_ptr, WK_ptr, items_ptr, params_ptr, R_ptr, G_ptr, n_out, sq, sk,
@@ -139,17 +134,17 @@ if HAS_TRITON:
 
 
 def _n_splits(n_items: int, max_keys: int, cfg, device) -> int:
+    """Key splits per job: enough programs for about four per SM (1 off the GPU)."""
     if device.type != "cuda" or triton_interpreted():
         return 1
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(-(-target // max(1, n_items)), max_keys // (cfg["BN"] * 16)))
 
 
-@functools.lru_cache(maxsize=256)
 def _launch_tables(jobs, out_starts, BM, sigma, D, dtype, device):
     """The work items (query start, query end, key start, key end, output row) of a launch and its
-    parameters, on the device; cached, so that a repeated call (every training step) uploads
-    nothing from the host and can be captured in a CUDA graph."""
+    parameters, on the device.  Kept with the plan (``reduce_rows_triton``), so that a repeated
+    call (every training step) uploads nothing from the host and can be captured in a CUDA graph."""
     items = []
     for (q0, q1, k0, k1), o in zip(jobs, out_starts):
         for a in range(q0, q1, BM):
@@ -159,29 +154,57 @@ def _launch_tables(jobs, out_starts, BM, sigma, D, dtype, device):
     return table, params
 
 
-def reduce_rows_triton(Q, K, WK, jobs, out_starts, n_out, compute_g, sigma):
-    """r (n_out,) and G (n_out, D) or None, as ``reduce_rows_torch``; one launch."""
+def _rows_launch(kernel, Q, K, WK, table, params, R, G, n_splits, compute_g):
+    """(kernel, grid, keyword arguments) of a row reduction: the work items of ``table``, each
+    job's keys in n_splits parts; r into R (n_splits, n_out), G (n_splits, n_out, D) if
+    ``compute_g`` (else G is not written)."""
+    cfg = config("grad" if compute_g else "rows", Q.shape[1], Q.dtype)
+    kw = dict(Q_ptr=Q, K_ptr=K, WK_ptr=WK, items_ptr=table, params_ptr=params, R_ptr=R, G_ptr=G, n_out=R.shape[1],
+              D=Q.shape[1], sq=Q.stride(0), sk=K.stride(0), n_splits=n_splits)
+    return kernel, (table.shape[0], n_splits), {**kw, **launch_kwargs(kernel, cfg)}
+
+
+def reg_launch(Q, K, WK, table, params, R, G, n_splits, compute_g):
+    """``_rows_launch`` of the register kernel (D <= REG_MAX_D)."""
+    return _rows_launch(_laplace_rows_reg_kernel, Q, K, WK, table, params, R, G, n_splits, compute_g)
+
+
+def tiled_launch(Q, K, WK, table, params, R, G, n_splits, compute_g):
+    """``_rows_launch`` of the tiled kernel (REG_MAX_D < D <= MAX_D)."""
+    return _rows_launch(_laplace_rows_tiled_kernel, Q, K, WK, table, params, R, G, n_splits, compute_g)
+
+
+if HAS_TRITON:
+    _BOTH = (torch.float32, torch.float64)
+    REG = KernelVariant(
+        name="laplace_reg", dims={dt: range(1, REG_MAX_D + 1) for dt in _BOTH},
+        kernels={"rows": _laplace_rows_reg_kernel, "grad": _laplace_rows_reg_kernel}, config=config,
+        representative=(("grad", 5, torch.float32),), forward_launch=reg_launch, pointer_types={"items_ptr": "*i64"})
+    TILED = KernelVariant(
+        name="laplace_tiled", dims={dt: range(REG_MAX_D + 1, MAX_D + 1) for dt in _BOTH},
+        kernels={"rows": _laplace_rows_tiled_kernel, "grad": _laplace_rows_tiled_kernel}, config=config,
+        representative=(("grad", 16, torch.float32),), forward_launch=tiled_launch,
+        pointer_types={"items_ptr": "*i64"})
+    VARIANTS = (REG, TILED)
+
+
+def reduce_rows_triton(Q, K, WK, plan, i):
+    """r (n_rows,) and G (n_rows, D) or None for launch i of ``plan``, as ``reduce_rows_torch``;
+    one kernel launch."""
+    lc = plan.launches[i]
     D = Q.shape[1]
-    cfg = block_config(D, Q.dtype)
-    BM = cfg["BM"]
-    table, params = _launch_tables(tuple(map(tuple, jobs)), tuple(out_starts), BM, float(sigma), D, Q.dtype, Q.device)
-    max_keys = max(k1 - k0 for _, _, k0, k1 in jobs)
+    variant = REG if D <= REG_MAX_D else TILED
+    cfg = variant.config("grad" if lc.compute_g else "rows", D, Q.dtype)
+    table, params = plan.derived(("triton", i, Q.device), lambda: _launch_tables(
+        lc.jobs, lc.out_starts, cfg["BM"], plan.sigma, D, Q.dtype, Q.device))
+    max_keys = max(k1 - k0 for _, _, k0, k1 in lc.jobs)
     splits = _n_splits(table.shape[0], max_keys, cfg, Q.device)
-    items = range(table.shape[0])
     Q, K, WK = Q.contiguous(), K.contiguous(), WK.contiguous()
-    R = torch.empty((splits, n_out), dtype=Q.dtype, device=Q.device)
-    G = torch.empty((splits, n_out, D), dtype=Q.dtype, device=Q.device) if compute_g else R
-    if cfg["reg"]:
-        _laplace_rows_reg_kernel[(len(items), splits)](
-            Q_ptr=Q, K_ptr=K, WK_ptr=WK, items_ptr=table, params_ptr=params, R_ptr=R, G_ptr=G, n_out=n_out,
-            sq=Q.stride(0), sk=K.stride(0), n_splits=splits, D=D, BM=BM, BN=cfg["BN"], COMPUTE_G=compute_g,
-            num_warps=cfg["num_warps"])
-    else:
-        _laplace_rows_kernel[(len(items), splits)](
-            Q_ptr=Q, K_ptr=K, WK_ptr=WK, items_ptr=table, params_ptr=params, R_ptr=R, G_ptr=G, n_out=n_out,
-            D=D, sq=Q.stride(0), sk=K.stride(0), n_splits=splits, DP=cfg["DP"], BM=BM, BN=cfg["BN"],
-            COMPUTE_G=compute_g, num_warps=cfg["num_warps"])
+    R = torch.empty((splits, lc.n_rows), dtype=Q.dtype, device=Q.device)
+    G = torch.empty((splits, lc.n_rows, D), dtype=Q.dtype, device=Q.device) if lc.compute_g else R
+    kernel, grid, kw = variant.forward_launch(Q, K, WK, table, params, R, G, splits, lc.compute_g)
+    kernel[grid](**kw)
     r = R[0] if splits == 1 else R.sum(0)
-    if not compute_g:
+    if not lc.compute_g:
         return r, None
     return r, (G[0] if splits == 1 else G.sum(0))

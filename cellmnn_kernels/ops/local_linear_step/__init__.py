@@ -15,12 +15,15 @@ __all__ = ["local_linear_step", "local_linear_step_reference", "local_linear_ste
 
 
 def _triton_impl():
+    """The Triton backend, imported on first use: triton is optional, and the kernels must be
+    defined after TRITON_INTERPRET is set (CPU runs)."""
     from .triton_impl import local_linear_step_triton
 
     return local_linear_step_triton
 
 
 def resolve_backend(backend: str, device: torch.device, D: int) -> str:
+    """The backend a call with D x D operators on ``device`` runs (``ops.utils.resolve_backend``)."""
     return _resolve(backend, device, D, MAX_TRITON_D, "A")
 
 

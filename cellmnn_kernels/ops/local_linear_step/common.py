@@ -24,10 +24,10 @@ most theta^(m+1) / (m+1)! * e^(2 theta) (remainder bound divided by the smallest
 ||e^Z y|| / ||y|| = e^-theta), which (theta, m) below keep under the unit roundoff.  Anchors
 only ever march forward in their own direction, so strongly decaying operators lose no
 relative accuracy to cancellation (Al-Mohy & Higham 2011 discuss the same trade-off for the
-action of the matrix exponential); the nearest-anchor finish (register kernels, torch path) may go back at most h / 2 from
-the next anchor, which can amplify that anchor's relative error by at most e^(theta / 2).  The
-anchor spacing h and the split of dt into anchor and
-remainder do not change the exact value of X, so gradients treat them as constants.
+action of the matrix exponential); the nearest-anchor finish (register kernels, torch path) may
+go back at most h / 2 from the next anchor, which can amplify that anchor's relative error by at
+most e^(theta / 2).  The anchor spacing h and the split of dt into anchor and remainder do not
+change the exact value of X, so gradients treat them as constants.
 """
 from __future__ import annotations
 
@@ -65,7 +65,16 @@ def empty_result(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor):
 
 
 def taylor_params(dtype: torch.dtype) -> tuple[float, int]:
+    """(theta, m) of ``dtype``: the anchor steps' norm bound and Taylor degree (``TAYLOR``)."""
     return TAYLOR[dtype]
+
+
+def launch_scalars(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor) -> dict:
+    """The run-time scalars every Triton step kernel takes, by its parameter names: B, T, the
+    strides of A, x0 and dt, theta and NU_MAX."""
+    theta, _ = taylor_params(A.dtype)
+    return dict(B=x0.shape[0], T=dt.shape[1], sAb=A.stride(0), sAi=A.stride(1), sAj=A.stride(2),
+                sxb=x0.stride(0), sxd=x0.stride(1), stb=dt.stride(0), stt=dt.stride(1), theta=theta, nu_max=NU_MAX)
 
 
 def operator_norm1(A: torch.Tensor) -> torch.Tensor:

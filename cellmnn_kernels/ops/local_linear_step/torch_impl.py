@@ -92,7 +92,8 @@ def _taylor_matrix(Z: torch.Tensor, m: int) -> torch.Tensor:
     for _ in range(s - 1):
         powers.append(torch.bmm(powers[-1], Z))
 
-    def block(lo):  # sum_{k=lo}^{min(lo+s-1, m)} Z^(k-lo) / k!
+    def block(lo):
+        """sum_{k=lo}^{min(lo+s-1, m)} Z^(k-lo) / k!"""
         return sum(powers[k - lo] / math.factorial(k) for k in range(lo, min(lo + s, m + 1)))
 
     starts = list(range(0, m + 1, s))
@@ -136,6 +137,7 @@ class _PairHorner(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, y, r, m):
+        """X = p_m(r A) y and V = A X per pair, by Horner; the Horner states kept for backward."""
         B, T, D = y.shape
         # hs[i] = h_{m-i} (hs[0] = y, hs[m] = X) and Ahs[i] = A h_{m-i}.
         # Two allocations rather than one: blocks under glibc's 32 MB mmap ceiling are reused
@@ -154,6 +156,7 @@ class _PairHorner(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gX, gV):
+        """Gradients in A, y and r (first derivatives only)."""
         A, rD, hs, Ahs = ctx.saved_tensors
         with torch.no_grad():
             grads = _PairHorner._backward(ctx.m, A, rD, hs, Ahs, gX, gV)

@@ -1,6 +1,6 @@
 """Lane-group kernels of ``local_linear_step``: float32, 5 < D <= 16.
 
-The register kernels of ``triton_impl.py`` give each cell one lane; beyond D = 5 a cell's
+The register kernels of ``triton_reg.py`` give each cell one lane; beyond D = 5 a cell's
 operators no longer fit one thread's registers.  Here a cell has G lanes (G = 4 for D <= 8, 8 up
 to D = 16; 32 / G cells per one-warp program) and each lane owns R = ceil(D / G) rows of every
 D x D operator, as registers unrolled at compile time.  Every tensor has the shape (32 / G, G),
@@ -11,7 +11,7 @@ one element per lane:
 * the full vector every lane needs for the next product is gathered by D sums across the G lanes
   of the cell (butterfly shuffles inside the warp): no shared memory and no barrier anywhere.
 
-The scheme is the register kernels' (``triton_impl``): per cell the anchor-step matrices
+The scheme is the register kernels' (``triton_reg``): per cell the anchor-step matrices
 E+- = p_M(+-Z) (Paterson-Stockmeyer; the polynomials commute with Z, so every product is "rows
 of the left operand times rows of the right one broadcast in turn"); per block of BT target
 times the anchors are marched once, every pair captures its nearest anchor and is finished by a
@@ -21,37 +21,39 @@ The backward (``_llstep_bwd_group_kernel``) is the register backward's scheme on
 it never needs a column of an operator it holds by rows: Z^T is loaded as rows too, E^T =
 p(+-Z^T) is formed from them, gradients are accumulated transposed, and the gradient through the
 step matrix is a Frechet derivative in forward mode (``_step_rows_tangent``).
+
+``VARIANT`` is this family as the dispatch (``triton_impl``) and the compile tools see it.
 """
 from __future__ import annotations
 
 import torch
 
 from ..utils import HAS_TRITON, tl, triton
-from .common import FINISH, NU_MAX, taylor_params
+from ..variant import KernelVariant, launch_kwargs
+from .common import FINISH, launch_scalars, taylor_params
 
-MIN_D, MAX_D = 6, 16
-
-
-def uses_group_kernel(D: int, dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and MIN_D <= D <= MAX_D
+MIN_D, MAX_D = 6, 16  # the D of the lane-group kernels (float32 only)
 
 
-def block_config(D: int, dtype: torch.dtype = torch.float32, backward: bool = False) -> dict:
+def config(kind: str, D: int, dtype: torch.dtype = torch.float32, T: int = 16) -> dict:
     """G lanes per cell, R = ceil(D / G) rows per lane, BT target times per forward block.  The
-    backward holds more operators at once (Z, Z^T, gradients): beyond D = 8 it takes 16 lanes and
-    one row per lane (8 lanes and 2 rows spill 140 B to 1.8 kB at D = 10..16 on sm_90)."""
-    theta, m = taylor_params(dtype)
-    G = 4 if D <= 8 else (16 if backward else 8)
+    backward (kind "bwd") holds more operators at once (Z, Z^T, gradients): beyond D = 8 it takes
+    16 lanes and one row per lane (8 lanes and 2 rows spill 140 B to 1.8 kB at D = 10..16 on
+    sm_90)."""
+    _, m = taylor_params(dtype)
+    G = 4 if D <= 8 else (16 if kind == "bwd" else 8)
     return dict(D=D, G=G, R=-(-D // G), BT=8 if G == 4 else 4, M=m, MF=FINISH[dtype], num_warps=1)
 
 
-def all_configs(dtype: torch.dtype, backward: bool = False):
-    return [block_config(D, dtype, backward) for D in range(MIN_D, MAX_D + 1) if uses_group_kernel(D, dtype)]
+def scratch(D: int, LS: int) -> tuple[int, int]:
+    """Cells per program and scratch elements per program of the backward: per lane, a state
+    and an adjoint sum (R rows each) for each of LS levels per direction."""
+    cfg = config("bwd", D)
+    return 32 // cfg["G"], 32 * 4 * LS * cfg["R"]
 
 
 if HAS_TRITON:
-    from .triton_impl import (_coefs, _lane_tops, _mv, _pair_slot, _pairs, _park, _rank1, _step_scale, _unpark,
-                              _vadd)
+    from .triton_jit import _coefs, _lane_tops, _mv, _pair_slot, _pairs, _park, _rank1, _step_scale, _unpark, _vadd
 
     @triton.jit
     def _allsum(x, BC: tl.constexpr, G: tl.constexpr):
@@ -116,7 +118,7 @@ if HAS_TRITON:
     @triton.jit
     def _step_rows(Zr, SGN, gi, n, D: tl.constexpr, R: tl.constexpr, BC: tl.constexpr,
                    G: tl.constexpr, M: tl.constexpr):
-        """Rows of p_M(SGN Z) by Paterson-Stockmeyer (``triton_impl._step_matrix``), with
+        """Rows of p_M(SGN Z) by Paterson-Stockmeyer (``triton_reg._step_matrix``), with
         P_q = B_q + P_{q+1} W^3 (p commutes with W)."""
         Wr = ()
         for e in tl.static_range(R * D):
@@ -173,7 +175,7 @@ if HAS_TRITON:
     def _load_cell_rows(A_ptr, x0_ptr, B, sAb, sAi, sAj, sxb, sxd, theta, D: tl.constexpr, G: tl.constexpr,
                         R: tl.constexpr):
         """The program's cells (32 / G, G lanes each), this lane's rows of Z = h A and of x0,
-        ||A||_1 and h = theta / ||A||_1 as in ``triton_impl._load_cell``."""
+        ||A||_1 and h = theta / ||A||_1 as in ``triton_reg._load_cell``."""
         BC: tl.constexpr = 32 // G
         pid = tl.program_id(0).to(tl.int64)
         cell = pid * BC + tl.arange(0, BC)[:, None] + tl.zeros((BC, G), tl.int64)
@@ -267,7 +269,6 @@ if HAS_TRITON:
                     tl.store(X_ptr + off, Xd[r], mask=m)
                     tl.store(V_ptr + off, W[r] * inv_h, mask=m)
 
-
     @triton.jit
     def _llstep_bwd_group_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr, S_ptr,
                                  B, T, LS, D_rt, sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
@@ -275,7 +276,7 @@ if HAS_TRITON:
                                  M: tl.constexpr, MF: tl.constexpr):
         """dA (B, D, D), dx0 (B, D), ddt (B, T) from the upstream gX, gV (B, T, D) contiguous.
 
-        The register backward's three phases (``triton_impl._llstep_bwd_kernel``: the anchor
+        The register backward's three phases (``triton_reg._llstep_bwd_reg_kernel``: the anchor
         states of every level in the scratch S, the pairs one at a time with their anchor
         adjoints summed per level, the marches reversed) on rows distributed as in the forward.
         Every transposed product is a product with rows of a transposed operator, so nothing
@@ -283,7 +284,7 @@ if HAS_TRITON:
         them, and the gradients are accumulated transposed (dZ^T, dE^T: a rank-1 update u v^T
         becomes v u^T, rows of v times the full u); the gradient through E = p(+-Z) is then
         dZ^T += +-L(+-Z, dE^T), the Frechet derivative (``_step_rows_tangent``).
-        S: ``scratch_size(B, D, LS)`` elements, LS from ``triton_impl.anchor_slots``.
+        S: ``VARIANT.scratch_size(B, D, LS)`` elements, LS from ``triton_impl.anchor_slots``.
         """
         BC: tl.constexpr = 32 // G
         cell, gi, cm, Zr, x0, nrm, finite, h, inv_h = _load_cell_rows(
@@ -404,42 +405,26 @@ if HAS_TRITON:
 
 
 def forward_launch(A, x0, dt, X, V):
-    """(kernel, grid, keyword arguments) of the forward launch."""
-    cfg = block_config(x0.shape[1], A.dtype)
-    theta, _ = taylor_params(A.dtype)
-    B = x0.shape[0]
-    kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, X_ptr=X, V_ptr=V, B=B, T=dt.shape[1], D_rt=x0.shape[1],
-              sAb=A.stride(0), sAi=A.stride(1), sAj=A.stride(2), sxb=x0.stride(0), sxd=x0.stride(1),
-              stb=dt.stride(0), stt=dt.stride(1), theta=theta, nu_max=NU_MAX,
-              D=cfg["D"], G=cfg["G"], R=cfg["R"], BT=cfg["BT"], M=cfg["M"], MF=cfg["MF"],
-              num_warps=cfg["num_warps"])
-    return _llstep_fwd_group_kernel, (triton.cdiv(B, 32 // cfg["G"]),), kw
-
-
-def llstep_forward(A, x0, dt):
-    """X, V (B, T, D) contiguous; inputs validated, any strides."""
-    B, D = x0.shape
-    X = torch.empty((B, dt.shape[1], D), dtype=A.dtype, device=A.device)
-    V = torch.empty_like(X)
-    kernel, grid, kw = forward_launch(A, x0, dt, X, V)
-    kernel[grid](**kw)
-    return X, V
-
-
-def scratch_size(B: int, D: int, LS: int) -> int:
-    """Elements of the backward kernel's scratch S for B cells."""
-    cfg = block_config(D, backward=True)
-    return triton.cdiv(B, 32 // cfg["G"]) * 32 * 4 * LS * cfg["R"]
+    """(kernel, grid, keyword arguments) of the forward launch: X, V (B, T, D) contiguous from
+    A, x0, dt (validated, any strides)."""
+    cfg = config("fwd", x0.shape[1], A.dtype)
+    kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, X_ptr=X, V_ptr=V, D_rt=x0.shape[1], **launch_scalars(A, x0, dt),
+              **launch_kwargs(_llstep_fwd_group_kernel, cfg))
+    return _llstep_fwd_group_kernel, (triton.cdiv(x0.shape[0], 32 // cfg["G"]),), kw
 
 
 def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, S, LS):
-    """(kernel, grid, keyword arguments) of the backward launch."""
-    cfg = block_config(x0.shape[1], A.dtype, backward=True)
-    theta, _ = taylor_params(A.dtype)
-    B = x0.shape[0]
+    """(kernel, grid, keyword arguments) of the backward launch: dA, dx0, ddt from the upstream
+    gX, gV (B, T, D) contiguous; S: ``VARIANT.scratch_size(B, D, LS)`` elements."""
+    cfg = config("bwd", x0.shape[1], A.dtype)
     kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, gX_ptr=gX, gV_ptr=gV, dA_ptr=dA, dx0_ptr=dx0, ddt_ptr=ddt, S_ptr=S,
-              B=B, T=dt.shape[1], LS=LS, D_rt=x0.shape[1],
-              sAb=A.stride(0), sAi=A.stride(1), sAj=A.stride(2), sxb=x0.stride(0), sxd=x0.stride(1),
-              stb=dt.stride(0), stt=dt.stride(1), theta=theta, nu_max=NU_MAX,
-              D=cfg["D"], G=cfg["G"], R=cfg["R"], M=cfg["M"], MF=cfg["MF"], num_warps=cfg["num_warps"])
-    return _llstep_bwd_group_kernel, (triton.cdiv(B, 32 // cfg["G"]),), kw
+              LS=LS, D_rt=x0.shape[1], **launch_scalars(A, x0, dt), **launch_kwargs(_llstep_bwd_group_kernel, cfg))
+    return _llstep_bwd_group_kernel, (triton.cdiv(x0.shape[0], 32 // cfg["G"]),), kw
+
+
+if HAS_TRITON:
+    VARIANT = KernelVariant(
+        name="llstep_group", dims={torch.float32: range(MIN_D, MAX_D + 1)},
+        kernels={"fwd": _llstep_fwd_group_kernel, "bwd": _llstep_bwd_group_kernel}, config=config,
+        representative=(("fwd", 8, torch.float32), ("bwd", 8, torch.float32)),
+        forward_launch=forward_launch, backward_launch=backward_launch, scratch=scratch)

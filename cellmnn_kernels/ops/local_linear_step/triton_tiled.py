@@ -1,5 +1,5 @@
-"""Lane-tiled Triton kernels of ``local_linear_step``: float64, and float32 with 5 < D <= 64
-(``triton_impl`` has the register-resident kernels and the autograd wrapper).
+"""Tiled kernels of ``local_linear_step``: float64, and float32 with 16 < D <= 64 (smaller
+float32 D take the register and lane-group kernels, ``triton_reg`` and ``triton_group``).
 
 One program owns a block of BB cells and a block of BT of their target times.  Per direction of
 time it marches the cells' anchors (``common.py``); at each anchor it forms the Krylov vectors
@@ -15,39 +15,40 @@ Backward (per cell, reverse sweep over anchors): with upstream gX and gV/h of th
     dA = h dZ,   ddt = (1/h) d/drho of the pair's polynomials, dotted with gX and gV/h.
 The anchor states are needed in reverse order: the kernel keeps CAP checkpoints in registers
 (every c-th anchor, c = ceil(levels / CAP)) and recomputes at most c - 1 steps from the nearest
-checkpoint, so the sweep costs O(levels * (1 + (c - 1) / 2)) anchor steps.
+checkpoint, so the sweep costs O(levels * (1 + (c - 1) / 2)) anchor steps.  Each program
+writes its cells' dA and dx0 summed over its own time block: the backward leaves one partial sum
+per time block (``VARIANT.backward_parts``), which the caller adds up.
+
+``VARIANT`` is this family as the dispatch (``triton_impl``) and the compile tools see it.
 """
 from __future__ import annotations
 
 import torch
 
 from ..utils import HAS_TRITON, next_power_of_2, tl, triton
-from .common import MAX_TRITON_D, NU_MAX, taylor_params
+from ..variant import KernelVariant, launch_kwargs
+from .common import MAX_TRITON_D, launch_scalars, taylor_params
 
 CAP = 16  # anchor checkpoints held in registers by the backward kernel
+MIN_FP32_D = 17  # float32 below takes the register and lane-group kernels
 
 
-def block_config(D: int, T: int, dtype: torch.dtype) -> dict:
-    """Compile-time configuration the launchers choose; ``all_configs`` lists every one.
+def config(kind: str, D: int, dtype: torch.dtype, T: int) -> dict:
+    """Compile-time configuration of the forward (kind "fwd") or backward ("bwd") kernel.
 
     Blocks are sized so that per-pair tensors (BB, BT, DP) hold about 1024 and the cells'
-    operators (BB, DP, DP) at most 2048 32-bit registers' worth per program (half for float64).
+    operators (BB, DP, DP) at most 2048 32-bit registers' worth per program (half for float64);
+    the backward takes half as many cells per program.
     """
+    _, m = taylor_params(dtype)
     DP = max(2, next_power_of_2(D))
     BT = 4 if T <= 4 else 16
     scale = 2 if dtype == torch.float64 else 1
     BB = max(1, min(1024 // (BT * DP * scale), 2048 // (DP * DP * scale), 64))
-    return dict(DP=DP, BT=BT, BB=BB, BB_BWD=max(1, BB // 2), num_warps=4 if DP <= 16 else 8)
-
-
-def all_configs(dtype: torch.dtype, min_d: int = 1):
-    """Every configuration ``block_config`` can return for D in min_d..64 (ahead-of-time compiles)."""
-    seen = {}
-    for D in range(min_d, MAX_TRITON_D + 1):
-        for T in (1, 16):
-            c = block_config(D, T, dtype)
-            seen[(c["DP"], c["BT"])] = c
-    return list(seen.values())
+    cfg = dict(DP=DP, BT=BT, BB=BB, M=m, num_warps=4 if DP <= 16 else 8)
+    if kind == "bwd":
+        cfg.update(BB=max(1, BB // 2), MP=next_power_of_2(m + 2), CAP=CAP)
+    return cfg
 
 
 if HAS_TRITON:
@@ -114,9 +115,11 @@ if HAS_TRITON:
         return tl.where((a + 1 < n_cell)[:, None], y_next, y)
 
     @triton.jit
-    def _llstep_fwd_kernel(A_ptr, x0_ptr, dt_ptr, X_ptr, V_ptr, B, T, D, n_tblocks,
-                           sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
-                           DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, M: tl.constexpr):
+    def _llstep_fwd_tiled_kernel(A_ptr, x0_ptr, dt_ptr, X_ptr, V_ptr, B, T, D, n_tblocks,
+                                 sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
+                                 DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, M: tl.constexpr):
+        """X, V (B, T, D) contiguous from A (B, D, D), x0 (B, D), dt (B, T), any strides; one
+        program per block of BB cells and block of BT target times (n_tblocks per cell)."""
         cell, t, d, cm, dm, pm, Z, x0, tau, ok, lev, rho, h, inv_h = _load_block(
             A_ptr, x0_ptr, dt_ptr, B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt,
             theta, nu_max, DP, BB, BT)
@@ -153,10 +156,12 @@ if HAS_TRITON:
         tl.store(V_ptr + off, V, mask=om)
 
     @triton.jit
-    def _llstep_bwd_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr,
-                           B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
-                           DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, M: tl.constexpr,
-                           MP: tl.constexpr, CAP: tl.constexpr):
+    def _llstep_bwd_tiled_kernel(A_ptr, x0_ptr, dt_ptr, gX_ptr, gV_ptr, dA_ptr, dx0_ptr, ddt_ptr,
+                                 B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt, theta, nu_max,
+                                 DP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, M: tl.constexpr,
+                                 MP: tl.constexpr, CAP: tl.constexpr):
+        """dA (n_tblocks, B, D, D) and dx0 (n_tblocks, B, D), one partial sum per time block, and
+        ddt (B, T) from the upstream gX, gV (B, T, D) contiguous; MP: a power of two >= M + 2."""
         cell, t, d, cm, dm, pm, Z, x0, tau, ok, lev, rho, h, inv_h = _load_block(
             A_ptr, x0_ptr, dt_ptr, B, T, D, n_tblocks, sAb, sAi, sAj, sxb, sxd, stb, stt,
             theta, nu_max, DP, BB, BT)
@@ -243,39 +248,40 @@ if HAS_TRITON:
         tl.store(ddt_ptr + cell[:, None] * T + t[None, :], dtau, mask=pm)
 
 
-def _launch_args(A, x0, dt):
-    B, D = x0.shape
-    T = dt.shape[1]
-    theta, m = taylor_params(A.dtype)
-    cfg = block_config(D, T, A.dtype)
+def _n_tblocks(D: int, T: int, dtype: torch.dtype) -> int:
+    """Time blocks per cell: the backward's partial sums of dA and dx0."""
+    return triton.cdiv(T, config("fwd", D, dtype, T)["BT"])
+
+
+def forward_launch(A, x0, dt, X, V):
+    """(kernel, grid, keyword arguments) of the forward launch: X, V (B, T, D) contiguous from
+    A, x0, dt (validated, any strides)."""
+    (B, D), T = x0.shape, dt.shape[1]
+    cfg = config("fwd", D, A.dtype, T)
     n_tblocks = triton.cdiv(T, cfg["BT"])
-    args = (B, T, D, n_tblocks, *A.stride(), *x0.stride(), *dt.stride(), theta, NU_MAX)
-    return B, T, D, m, cfg, n_tblocks, args
+    kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, X_ptr=X, V_ptr=V, D=D, n_tblocks=n_tblocks,
+              **launch_scalars(A, x0, dt), **launch_kwargs(_llstep_fwd_tiled_kernel, cfg))
+    return _llstep_fwd_tiled_kernel, (triton.cdiv(B, cfg["BB"]) * n_tblocks,), kw
 
 
-def llstep_forward(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor):
-    """Launch the forward kernel; inputs validated, any strides; returns contiguous X, V (B,T,D)."""
-    B, T, D, m, cfg, n_tblocks, args = _launch_args(A, x0, dt)
-    X = torch.empty((B, T, D), dtype=A.dtype, device=A.device)
-    V = torch.empty_like(X)
-    grid = (triton.cdiv(B, cfg["BB"]) * n_tblocks,)
-    _llstep_fwd_kernel[grid](A, x0, dt, X, V, *args, DP=cfg["DP"], BB=cfg["BB"], BT=cfg["BT"], M=m,
-                             num_warps=cfg["num_warps"])
-    return X, V
+def backward_launch(A, x0, dt, gX, gV, dA, dx0, ddt, S=None, LS=None):
+    """(kernel, grid, keyword arguments) of the backward launch: dA (P, B, D, D) and dx0 (P, B, D),
+    P = ``VARIANT.parts(D, T, dtype)`` partial sums, and ddt (B, T) from the upstream gX, gV
+    (B, T, D) contiguous.  No scratch: S and LS are not used."""
+    (B, D), T = x0.shape, dt.shape[1]
+    cfg = config("bwd", D, A.dtype, T)
+    n_tblocks = triton.cdiv(T, cfg["BT"])
+    kw = dict(A_ptr=A, x0_ptr=x0, dt_ptr=dt, gX_ptr=gX, gV_ptr=gV, dA_ptr=dA, dx0_ptr=dx0, ddt_ptr=ddt, D=D,
+              n_tblocks=n_tblocks, **launch_scalars(A, x0, dt), **launch_kwargs(_llstep_bwd_tiled_kernel, cfg))
+    return _llstep_bwd_tiled_kernel, (triton.cdiv(B, cfg["BB"]) * n_tblocks,), kw
 
 
-def llstep_backward(A, x0, dt, gX, gV):
-    """Launch the backward kernel; returns dA (B,D,D), dx0 (B,D), ddt (B,T)."""
-    B, T, D, m, cfg, n_tblocks, args = _launch_args(A, x0, dt)
-    gX = torch.zeros((B, T, D), dtype=A.dtype, device=A.device) if gX is None else gX.contiguous()
-    gV = torch.zeros((B, T, D), dtype=A.dtype, device=A.device) if gV is None else gV.contiguous()
-    dA = torch.empty((n_tblocks, B, D, D), dtype=A.dtype, device=A.device)
-    dx0 = torch.empty((n_tblocks, B, D), dtype=A.dtype, device=A.device)
-    ddt = torch.empty((B, T), dtype=A.dtype, device=A.device)
-    grid = (triton.cdiv(B, cfg["BB_BWD"]) * n_tblocks,)
-    _llstep_bwd_kernel[grid](A, x0, dt, gX, gV, dA, dx0, ddt, *args, DP=cfg["DP"], BB=cfg["BB_BWD"],
-                             BT=cfg["BT"], M=m, MP=next_power_of_2(m + 2), CAP=CAP,
-                             num_warps=cfg["num_warps"])
-    if n_tblocks == 1:
-        return dA[0], dx0[0], ddt
-    return dA.sum(0), dx0.sum(0), ddt
+if HAS_TRITON:
+    VARIANT = KernelVariant(
+        name="llstep_tiled",
+        dims={torch.float32: range(MIN_FP32_D, MAX_TRITON_D + 1), torch.float64: range(1, MAX_TRITON_D + 1)},
+        kernels={"fwd": _llstep_fwd_tiled_kernel, "bwd": _llstep_bwd_tiled_kernel}, config=config,
+        representative=(("fwd", 32, torch.float32), ("bwd", 32, torch.float32),
+                        ("fwd", 5, torch.float64), ("bwd", 5, torch.float64)),
+        forward_launch=forward_launch, backward_launch=backward_launch, backward_parts=_n_tblocks,
+        times=(4, 16))

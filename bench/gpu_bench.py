@@ -380,6 +380,26 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
+def sweeps(run, device: str, imported: dict) -> None:
+    """The sweeps, smallest sizes first, while time is left: local_linear_step over B*T and D,
+    laplace_mmd over N, for every backend."""
+    backends = ("triton", "torch", "reference") if device == "cuda" else ("torch", "reference")
+    sizes = [10 ** k for k in range(3, 8)] if device == "cuda" else [10 ** 3, 10 ** 4]
+    for D in (5, 16, 64):
+        for P in sizes:
+            for backend in backends:
+                for mode in ("fwd", "fwd+bwd"):
+                    if _find(run.rows, op="local_linear_step", backend=backend, mode=mode, D=D, pairs=P):
+                        continue
+                    step_row(run, backend, mode, max(1, P // 16), 16, D)
+    mmd_backends = backends + (("keops",) if imported["pykeops"] and device == "cuda" else ())
+    for N in ([1000, 10 ** 5, 10 ** 6] if device == "cuda" else [200, 1000]):
+        for backend in mmd_backends:
+            if backend == "reference" and N > 16384:
+                continue
+            mmd_row(run, backend, "fwd+bwd", N)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -446,22 +466,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # recorded, not fatal: the sweeps still run
         meta["train_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         run.flush()
-    # Then the sweeps, smallest first, while time is left.
-    backends = ("triton", "torch", "reference") if device == "cuda" else ("torch", "reference")
-    sizes = [10 ** k for k in range(3, 8)] if device == "cuda" else [10 ** 3, 10 ** 4]
-    for D in (5, 16, 64):
-        for P in sizes:
-            for backend in backends:
-                for mode in ("fwd", "fwd+bwd"):
-                    if _find(run.rows, op="local_linear_step", backend=backend, mode=mode, D=D, pairs=P):
-                        continue
-                    step_row(run, backend, mode, max(1, P // 16), 16, D)
-    mmd_backends = backends + (("keops",) if imported["pykeops"] and device == "cuda" else ())
-    for N in ([1000, 10 ** 5, 10 ** 6] if device == "cuda" else [200, 1000]):
-        for backend in mmd_backends:
-            if backend == "reference" and N > 16384:
-                continue
-            mmd_row(run, backend, "fwd+bwd", N)
+    sweeps(run, device, imported)
     meta["wall_s"] = round(time.time() - t_start, 1)
     run.flush()
     say(*summary_lines(meta, run.rows), sep="\n")

@@ -31,8 +31,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
 
+from .ops.laplace_mmd import triton_impl as mmd
+from .ops.local_linear_step import triton_impl as llstep
 from .ops.variant import launch_kwargs
+
+try:
+    from triton.backends.nvidia.compiler import get_ptxas
+except ImportError:  # older Triton layouts
+    get_ptxas = None
 
 DTYPE_TAGS = {torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -48,10 +57,7 @@ class KernelSpec:
 
 
 def variants() -> tuple:
-    """Every Triton kernel family of every op (this imports the kernel modules)."""
-    from .ops.laplace_mmd import triton_impl as mmd
-    from .ops.local_linear_step import triton_impl as llstep
-
+    """Every Triton kernel family of every op."""
     return llstep.VARIANTS + mmd.VARIANTS
 
 
@@ -106,23 +112,17 @@ def kernel_specs(every: bool = True, with_meta: bool = False, only_d=None) -> li
     return out if with_meta else [s for s, _ in out]
 
 
-def _tool(name: str) -> str:
+def cuda_tool(name: str) -> str:
     """A CUDA binary that Triton ships (ptxas, cuobjdump, nvdisasm)."""
-    import triton
-
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def _ptxas(arch: int) -> str:
     """The ptxas that Triton itself uses for ``arch`` (its PTX version must match)."""
-    import triton
-
     try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
         return get_ptxas(arch).path
-    except (ImportError, AttributeError, TypeError):  # older Triton layouts
-        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    except (AttributeError, TypeError):  # older Triton layouts (get_ptxas None or another signature)
+        return cuda_tool("ptxas")
 
 
 @contextmanager
@@ -147,9 +147,6 @@ def compile_one(spec: KernelSpec, arch: int, keep_cubin: bool = False) -> dict:
 
 def _compile(spec: KernelSpec, arch: int, keep_cubin: bool) -> dict:
     """``compile_one`` without the lock."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     mod_name, attr = spec.kernel.split(":")
     fn = getattr(importlib.import_module(mod_name), attr)
     constexprs = dict(spec.constexprs)

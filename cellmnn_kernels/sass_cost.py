@@ -33,6 +33,12 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+import triton
+
+from .compile_check import compile_one, cuda_tool, kernel_specs
+from .ops.local_linear_step.common import TAYLOR
+
 ASSUMPTIONS = {
     "gpu": "NVIDIA H100 SXM",
     "sms": 132,
@@ -155,8 +161,6 @@ def top_level(instrs, loops) -> dict:
 
 def compile_sass(spec, arch: int = 90) -> dict:
     """Compile one ``compile_check.KernelSpec``; registers, spills and the SASS text."""
-    from .compile_check import compile_one, _tool
-
     res = compile_one(spec, arch, keep_cubin=True)
     if not res["ok"]:
         return res
@@ -165,7 +169,7 @@ def compile_sass(spec, arch: int = 90) -> dict:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as fh:
             fh.write(cubin)
-        dis = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True)
+        dis = subprocess.run([cuda_tool("cuobjdump"), "-sass", path], capture_output=True, text=True)
     if dis.returncode != 0:
         res.update(ok=False, error=dis.stderr.strip())
         return res
@@ -178,8 +182,6 @@ def compile_sass(spec, arch: int = 90) -> dict:
 def benchmark_levels(D: int, B: int, T: int, seed: int, theta: float, BT: int, BB: int = 32):
     """Per program and time block, the highest anchor level of the benchmark input's pairs
     (every dt >= 0, so only the forward direction marches), as the kernels compute it."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(B, D, D, generator=g) / math.sqrt(D)
     dt = torch.rand(B, T, generator=g) * 4.0
@@ -347,10 +349,6 @@ def pair_bytes(kind: str, D: int, T: int, itemsize: int) -> float:
 
 def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT) -> dict:
     """Thread-instructions per pair of a register kernel on the benchmark input."""
-    import torch
-
-    from .ops.local_linear_step.common import TAYLOR
-
     dtype = {"fp32": torch.float32, "fp64": torch.float64}[dtype_name]
     theta = TAYLOR[dtype][0]
     instrs = parse_sass(sass)
@@ -428,8 +426,6 @@ def work_items(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True):
     """(spec, meta, estimate arguments or None) of every kernel to analyse: the register and
     lane-group step kernels (only D in ``only_d`` if given), the tiled step kernels (``tiled``) and
     the laplace_mmd row kernels (``mmd``), in ``dtypes``."""
-    from .compile_check import kernel_specs
-
     items = []
     for spec, meta in kernel_specs(every=True, with_meta=True):
         family = meta["variant"]
@@ -477,8 +473,6 @@ def format_table(results) -> str:
 
 def main(argv=None) -> int:
     """Command line: analyse, print the table, write the JSON report; exit 1 if a compile failed."""
-    import triton
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write the report here")
     parser.add_argument("--d", type=int, nargs="+", default=None,

@@ -9,6 +9,8 @@ import math
 import numpy as np
 import torch
 
+from .ops.utils import HAS_TRITON, triton_usable_on
+
 KINDS = ["random", "decaying", "growing", "mixed", "nonnormal", "rotation", "diagonal"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -16,8 +18,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def backend_param(name: str):
     """A pytest parameter for backend ``name``, skipped (with the reason) where it cannot run."""
     import pytest
-
-    from .ops.utils import HAS_TRITON, triton_usable_on
 
     usable = name != "triton" or triton_usable_on(torch.device(DEVICE))
     reason = "triton is not installed" if not HAS_TRITON else "needs CUDA or TRITON_INTERPRET=1"

@@ -79,9 +79,9 @@ def load_joint(sources, time_key=None, embedding=None, n_components=5, standardi
 
     Each source is read as by ``load_marginals`` in its raw features (genes, or the first
     ``n_components`` columns of a precomputed ``embedding``); the features must agree (the same
-    names, matched by name in any order, where the sources have names; else the same number).  A PCA to ``n_components`` (when
-    there are more raw features) and the z-score are then fitted on the pooled cells of all
-    sources, so that a cell means the same thing in every dataset.
+    names, matched by name in any order, where the sources have names; else the same number).  A
+    PCA to ``n_components`` (when there are more raw features) and the z-score are then fitted on
+    the pooled cells of all sources, so that a cell means the same thing in every dataset.
     """
     sources = list(sources) if isinstance(sources, (list, tuple)) else None
     if not sources or len(sources) < 2:

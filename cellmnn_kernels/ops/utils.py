@@ -17,6 +17,15 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
+#: The only imports a function of cellmnn_kernels may make (module name or last component -> why):
+#: everything else is imported at the top of its module (a test walks the package and checks it).
+LAZY_IMPORTS = {
+    "triton_impl": "an op's Triton backend: its kernels are defined on first use, so after TRITON_INTERPRET is "
+                   "set (CPU runs), and only where triton is installed",
+    "pytest": "the skip helpers of cellmnn_kernels.testing (pytest is a test dependency)",
+    "hypothesis": "the example counts of cellmnn_kernels.testing (hypothesis is a test dependency)",
+}
+
 
 def triton_interpreted() -> bool:
     """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""

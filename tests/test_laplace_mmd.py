@@ -386,3 +386,10 @@ def test_second_backward_with_retain_graph(backend):
     g1, = torch.autograd.grad(total, x, retain_graph=True)
     g2, = torch.autograd.grad(total, x)
     assert torch.equal(g1, g2) and g1.abs().sum() > 0
+
+
+def test_meta_tensors_infer_shapes_as_torch_ops_do():
+    x, y = torch.empty(5, 3, device="meta"), torch.empty(6, 3, device="meta")
+    assert laplace_mmd(x, y).shape == () and laplace_mmd(x, y).device.type == "meta"
+    total, per_term = laplace_mmd_grouped(x, [0, 2, 5], y, [0, 6], [0, 1], [0, 0])
+    assert total.shape == () and per_term.shape == (2,)

@@ -464,3 +464,17 @@ def test_backward_scratch_too_small_gives_nan_not_a_wrong_gradient(backend):
     want = grads("reference", A.double(), x0.double(), dt.double(), gX.double(), torch.zeros_like(gX).double())
     torch.testing.assert_close(dA[0].double(), want[0][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dx0[0].double(), want[1][0], rtol=1e-4, atol=1e-5)
+
+
+def test_meta_tensors_infer_shapes_as_torch_ops_do():
+    # Shape inference (meta tensors carry no values): X and V of the right shape and dtype, tied to
+    # the inputs so that a backward also infers the gradients' shapes; bad shapes still fail.
+    A = torch.empty(4, 3, 3, device="meta", dtype=torch.float64, requires_grad=True)
+    x0 = torch.empty(4, 3, device="meta", dtype=torch.float64)
+    dt = torch.empty(4, 7, device="meta", dtype=torch.float64)
+    X, V = local_linear_step(A, x0, dt)
+    assert X.shape == V.shape == (4, 7, 3) and X.device.type == "meta" and X.dtype == torch.float64
+    (X.sum() + V.sum()).backward()
+    assert A.grad.shape == (4, 3, 3)
+    with pytest.raises(ValueError, match="x0 must have shape"):
+        local_linear_step(A, torch.empty(4, 2, device="meta", dtype=torch.float64), dt)

@@ -72,6 +72,9 @@ def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weigh
     term_weights = check_term_weights(term_weights, len(tx), x.device)
     x_weights = check_weights("x_weights", x_weights, x.shape[0], x)
     y_weights = check_weights("y_weights", y_weights, y.shape[0], y)
+    if x.device.type == "meta":  # shape inference: no values to compute or check
+        tie = (x.sum() + y.sum()) * 0
+        return tie, tie.expand(len(tx)).clone()
     backend = resolve_backend(backend, x.device, x.shape[1])
     if check_finite is None:
         check_finite = x.device.type != "cuda"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import BACKENDS, resolve_backend as _resolve
-from .common import MAX_TRITON_D, check_overflow, check_values, validate_inputs
+from .common import MAX_TRITON_D, check_overflow, check_values, empty_result, validate_inputs
 from .naive import local_linear_step_reference
 from .torch_impl import local_linear_step_torch
 
@@ -46,9 +46,12 @@ def local_linear_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, backe
     Returns:
         X, V: (B, T, D), dtype and device of the inputs (float32 or float64; one dtype for all
         three inputs).  Differentiable with respect to A, x0 and dt through X and V; the triton
-        backend supports first derivatives only.
+        backend supports first derivatives only.  Meta tensors (shape inference, e.g. under
+        ``torch.device("meta")``) give meta X and V of the right shape, tied to the inputs.
     """
     B, T, D = validate_inputs(A, x0, dt)
+    if A.device.type == "meta":  # no values to compute or check: shapes only
+        return empty_result(A, x0, dt)
     backend = resolve_backend(backend, A.device, D)
     if check_finite is None:
         check_finite = A.device.type != "cuda"

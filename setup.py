@@ -16,6 +16,6 @@ setup(
     entry_points={"console_scripts": ["cellmnn=cellmnn.cli:main"]},
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["triton>=3.0", "pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["triton>=3.0", "pytest", "pytest-xdist", "pytest-benchmark", "hypothesis"],
     },
 )

@@ -1,4 +1,5 @@
-"""Benchmarks (pytest-benchmark).  Run: python -m pytest bench -q
+"""Benchmarks (pytest-benchmark).  Run: python -m pytest bench -q -n 0 (one process: pytest-benchmark
+does not time tests spread over pytest-xdist workers, which the project's pytest.ini asks for)
 
 Each op file records its medians in RESULTS; the pytest run ends with a table of speed-ups of every
 backend over "reference" at the same size, measured in the same run."""

@@ -280,6 +280,8 @@ def anchor_statistics():
 
 
 def run_tests(timeout, dry_run):
+    """The GPU subset of the op tests (compiled kernels; on a dry run, two under the interpreter) in
+    a pytest subprocess capped at ``timeout`` seconds: ok, return code, seconds, the output's tail."""
     env = dict(os.environ)
     if dry_run:
         env["TRITON_INTERPRET"] = "1"
@@ -287,7 +289,9 @@ def run_tests(timeout, dry_run):
     else:
         env.pop("TRITON_INTERPRET", None)
         selection = TEST_SELECTION
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", selection,
+    # -o addopts=: one process, whatever pytest.ini asks for (its -n needs pytest-xdist, and the
+    # kernels compile once in this process rather than once per worker).
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=-ra", "-k", selection,
            os.path.join(ROOT, "tests", "test_local_linear_step.py"), os.path.join(ROOT, "tests", "test_laplace_mmd.py")]
     t0 = time.time()
     try:

@@ -382,8 +382,10 @@ def _find(rows, **key):
 
 
 def summary_lines(meta, rows):
+    tests = meta.get("tests", {})
+    verdict = "passed" if tests.get("ok") else "skipped" if tests.get("skipped") else "FAILED or not run"
     lines = [f"summary on {meta['device']}: copy bandwidth {meta.get('copy_Bps', 0) / 1e9:.0f} GB/s; "
-             f"correctness {'passed' if meta.get('tests', {}).get('ok') else 'FAILED or not run'}"]
+             f"pytest correctness step {verdict}"]
     for c in meta.get("oracle", []):
         errors = ", ".join(f"{k} {v:.1e}" for k, v in c.items() if isinstance(v, float))
         lines.append(f"  {c['check']}: {'ok' if c['ok'] else 'FAILED'} ({c.get('error') or errors})")

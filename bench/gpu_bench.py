@@ -217,6 +217,18 @@ def oracle_mmd(device, N=8192, seed=1) -> dict:
             "ok": bool(err <= 1e-5 and eg <= 1e-4)}
 
 
+def oracle_checks(device) -> list:
+    """``oracle_step`` and ``oracle_mmd``, each printed as it ends; an exception is a failed check."""
+    out = []
+    for check in (oracle_step, oracle_mmd):
+        try:
+            out.append(check(device))
+        except Exception as exc:  # noqa: BLE001 - recorded, and the run fails
+            out.append({"check": check.__name__, "error": f"{type(exc).__name__}: {exc}", "ok": False})
+        say("oracle:", json.dumps(out[-1]))
+    return out
+
+
 def mmd_row(run, backend, mode, N, target=False):
     from cellmnn_kernels import laplace_mmd
 
@@ -515,13 +527,7 @@ def main(argv=None) -> int:
     mmd_row(run, fast, "fwd+bwd", n_mmd, target=True)
     mmd_row(run, "reference", "fwd+bwd", n_mmd, target=True)
     if device == "cuda":  # the compiled kernels just timed, against the float64 oracles
-        meta["oracle"] = []
-        for check in (oracle_step, oracle_mmd):
-            try:
-                meta["oracle"].append(check(device))
-            except Exception as exc:  # noqa: BLE001 - recorded, and the run fails below
-                meta["oracle"].append({"check": check.__name__, "error": f"{type(exc).__name__}: {exc}", "ok": False})
-            say("oracle:", json.dumps(meta["oracle"][-1]))
+        meta["oracle"] = oracle_checks(device)
         run.flush()
     try:
         meta["compiled_kernels"] = compiled_kernels(device)

@@ -92,11 +92,11 @@ def spec_of(variant, kind: str, dtype: torch.dtype, cfg: dict) -> KernelSpec:
                       _signature(kernel, tag, kw, variant.pointer_types), tuple(kw.items()), num_warps)
 
 
-def kernel_specs(every: bool = True, with_meta: bool = False, only_d=None) -> list:
+def kernel_specs(every: bool = True, with_meta: bool = False, only_d=None, arch: int | None = None) -> list:
     """The (kernel, configuration) pairs to compile: every one the launchers of all ops can choose
-    (``every``), or each family's representative ones; ``only_d``: only configurations for these D
-    (families unrolled over D at compile time, whose configuration names D).  With ``with_meta``:
-    (spec, {"variant", "kind", "dtype", "cfg"}) pairs."""
+    (``every``), or each family's representative ones (for ``arch``, when an entry names one);
+    ``only_d``: only configurations for these D (families unrolled over D at compile time, whose
+    configuration names D).  With ``with_meta``: (spec, {"variant", "kind", "dtype", "cfg"}) pairs."""
     out = []
     for v in variants():
         for kind in v.kernels:
@@ -104,7 +104,8 @@ def kernel_specs(every: bool = True, with_meta: bool = False, only_d=None) -> li
                 if every:
                     cfgs = v.configs(kind, dtype)
                 else:
-                    cfgs = [v.config(kind, D, dt, 16) for k, D, dt in v.representative if k == kind and dt == dtype]
+                    cfgs = [v.config(kind, r[1], dtype, 16) for r in v.representative if r[0] == kind and
+                            r[2] == dtype and (len(r) < 4 or arch is None or r[3] == arch)]
                 for cfg in cfgs:
                     if only_d is not None and "D" in launch_kwargs(v.kernels[kind], cfg) and cfg["D"] not in only_d:
                         continue
@@ -183,8 +184,8 @@ def _compile(spec: KernelSpec, arch: int, keep_cubin: bool) -> dict:
 
 
 def compile_all(archs=(80, 90), jobs: int | None = None, every: bool = True, only_d=None) -> list[dict]:
-    """Compile ``kernel_specs(every, only_d=only_d)`` for every arch in ``jobs`` processes."""
-    work = [(s, a) for a in archs for s in kernel_specs(every, only_d=only_d)]
+    """Compile ``kernel_specs(every, only_d=only_d, arch=a)`` for every arch ``a`` in ``jobs`` processes."""
+    work = [(s, a) for a in archs for s in kernel_specs(every, only_d=only_d, arch=a)]
     jobs = jobs or max(1, os.cpu_count() or 1)
     if jobs == 1:
         return [compile_one(s, a) for s, a in work]

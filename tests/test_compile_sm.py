@@ -3,8 +3,9 @@ that runs the other tests on CPU accepts code the GPU compiler rejects; this cat
 Registers and spills are printed.
 
 By default one representative configuration per kernel family and kernel (the families'
-``representative``: the register step kernels at D = 5, the paper's dimension; the lane-group ones
-at D = 8; the tiled ones in float32 at D = 32 and in float64 at D = 5; both laplace_mmd row kernels
+``representative``: the register step kernels at D = 5, the paper's dimension, for sm_90 (the cost
+model's, shared with test_sass_cost through Triton's cache) and at D = 2 for sm_80; the lane-group
+ones at D = 6; the tiled ones in float32 at D = 32 and in float64 at D = 5; both laplace_mmd row kernels
 with the gradient term), forward and backward.  Other configurations are the same code unrolled or
 tiled differently; ``test_every_configuration_compiles`` (marker ``compile_all``, skipped unless
 selected: ``pytest -m compile_all``) compiles every one the launchers can choose."""

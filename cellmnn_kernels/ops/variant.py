@@ -44,7 +44,8 @@ class KernelVariant:
         config: ``config(kind, D, dtype, T)`` -> the configuration the launcher chooses (T, the
             number of target times, matters to the tiled step kernels only).
         representative: (kind, D, dtype) of the configurations that stand for the family in
-            the default compile test (``compile_check --representative``).
+            the default compile test (``compile_check --representative``); (kind, D, dtype,
+            arch) for an entry of one architecture only.
         forward_launch: (inputs, outputs) -> (kernel, grid, keyword arguments); the arguments
             are the op's (see its dispatch module).
         backward_launch: the same for the backward kernel, or None (the row reductions compute

@@ -1,5 +1,11 @@
 import os
 
+# Under pytest-xdist each worker is one process per core: a torch (OpenMP) pool per worker as well
+# would put several threads on each core, and their spin-waits more than double the time of the
+# training tests.  One thread per worker (and per subprocess a test starts), unless set already.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Triton reads TRITON_INTERPRET when a kernel is defined: set it before any kernel module loads.
 # Without a GPU the kernels then run on CPU tensors through the interpreter.
 if "TRITON_INTERPRET" not in os.environ:

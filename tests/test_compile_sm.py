@@ -19,10 +19,12 @@ from cellmnn_kernels.ops.utils import HAS_TRITON
 
 
 def compile_check(capsys, *args, timeout):
-    """Run ``python -m cellmnn_kernels.compile_check --arch 80 90 *args`` in a fresh interpreter
-    without TRITON_INTERPRET (so that kernels are real JIT functions); fail on any failed compile."""
+    """Run ``python -m cellmnn_kernels.compile_check *args`` in a fresh interpreter without
+    TRITON_INTERPRET (so that kernels are real JIT functions); fail on any failed compile.  Under
+    pytest-xdist (a worker per core already) it compiles in one process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "cellmnn_kernels.compile_check", "--arch", "80", "90", *args],
+    jobs = ["--jobs", "1"] if "PYTEST_XDIST_WORKER" in os.environ else []
+    res = subprocess.run([sys.executable, "-m", "cellmnn_kernels.compile_check", *jobs, *args],
                          capture_output=True, text=True, env=env, timeout=timeout)
     with capsys.disabled():
         print("\n" + res.stdout.strip())
@@ -31,11 +33,12 @@ def compile_check(capsys, *args, timeout):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_representative_kernels_compile_for_sm80_and_sm90(capsys):
-    compile_check(capsys, "--representative", timeout=1800)
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_representative_kernels_compile(capsys, arch):
+    compile_check(capsys, "--arch", arch, "--representative", timeout=1800)
 
 
 @pytest.mark.compile_all
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_every_configuration_compiles(capsys):
-    compile_check(capsys, timeout=4 * 3600)
+    compile_check(capsys, "--arch", "80", "90", timeout=4 * 3600)

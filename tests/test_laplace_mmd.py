@@ -302,15 +302,16 @@ def test_chunked_and_split_reductions(backend, monkeypatch):
 
 
 def test_memory_stays_linear():
-    # 20000 x 20000 float32 kernel values would take 1.6 GB; the chunked path keeps a few 16 MB blocks.
+    # 10000 x 10000 float32 kernel values would take 400 MB (its gradient as much again); the chunked
+    # path keeps a few 16 MB blocks (about 76 MB growth measured, most of it torch's own start-up).
     import subprocess
     import sys
 
     from cellmnn_kernels.testing import PEAK_CODE
 
-    code = PEAK_CODE.format(N=20000, backend="torch")
+    code = PEAK_CODE.format(N=10000, backend="torch")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert int(out.stdout.strip()) < 512, f"peak grew by {out.stdout.strip()} MB"
+    assert int(out.stdout.strip()) < 256, f"peak grew by {out.stdout.strip()} MB"
 
 
 def _pts(**over):

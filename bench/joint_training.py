@@ -30,8 +30,8 @@ Scenarios:
   ``cellmnn.load_marginals()`` gives, t = 0..4), each timepoint's cells split at random (seed 0)
   into two halves; A = first halves at all five timepoints, B = second halves at t = 0, 2, 3, 4
   only (a sparser replicate with an interior gap).  Held out: t = 1, 2, 3 of A; t = 2, 3 of B.
-* ``sim-shared``: two simulations of the pitchfork SDE of ``bench/simulated_courses.py``
-  (``bifurcation``, t = 0..4, 300 cells per snapshot, diffusion 0.1).  A: that script's
+* ``sim-shared``: two simulations of the pitchfork SDE of ``cellmnn.data.simulate``
+  (``bifurcation``, t = 0..4, 300 cells per snapshot, diffusion 0.1).  A: bench/simulated_courses.py's
   simulation (start x ~ N(0, 0.1^2), y ~ N(0, 0.3^2), data seed 0); B: the same drift and noise
   from another start, x ~ N(0.2, 0.2^2), y ~ N(-0.5, 0.3^2) (most cells take the x = +1 fate),
   data seed 1.  Shared dynamics.
@@ -63,9 +63,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from simulated_courses import parse_set  # noqa: E402
+
 import cellmnn  # noqa: E402
+from cellmnn.data.simulate import simulate  # noqa: E402
 from cellmnn.files import check_output, json_kind, write_text_atomic  # noqa: E402
-from simulated_courses import parse_set, simulate  # noqa: E402
 
 FORMAT = "cellmnn-joint-training"
 JSON_KIND = json_kind(FORMAT)

@@ -3,20 +3,9 @@
     python bench/simulated_courses.py [--cases ...] [--seeds 0 1] [--n-cells 300] [--set key=value ...]
                                       [--json bench/results/simulated_courses.json]
 
-Each case is a stochastic differential equation dx = f(x) dt + s dW integrated by Euler-Maruyama
-(step 0.01); every snapshot is an independent population (cells are destroyed by measurement),
-so only the marginals carry the dynamics.  The cases:
-
-* ``bifurcation`` (2-d): a pitchfork, dx = 2 (x - x^3) dt, dy = 0.5 dt, from x ~ N(0, 0.1^2):
-  one population splits into two fates.
-* ``cycle`` (2-d): a limit cycle of radius 1 turning at one radian per unit time, from a cluster
-  at angle 0: the population travels most of the way round.
-* ``converging`` (2-d): two starting clusters at (-2, +-1) drawn to one fate at (2, 0) at rate 0.6.
-* ``uneven-gaps``: the bifurcation with snapshots at t = 0, 0.3, 1.0, 1.2, 3.0.
-* ``heavy-noise``: the converging case with diffusion s = 0.6 (others 0.1).
-* ``bifurcation-5d`` and ``bifurcation-10d``: the bifurcation plus 3 or 8 Ornstein-Uhlenbeck
-  coordinates (rate 1, s = 0.3), all turned by a random rotation, so every coordinate mixes the
-  dynamics with noise.
+The cases are the simulated courses of ``cellmnn.data.simulate`` (stochastic differential equations
+integrated by Euler-Maruyama; every snapshot an independent population): bifurcation, cycle, converging,
+uneven-gaps, heavy-noise, bifurcation-5d and bifurcation-10d.
 
 Every case has 5 snapshots (t = 0..4 unless stated); every interior snapshot is held out in turn.
 Scores: exact W1 and MMD^2 (``cellmnn.leave_one_out``), mean over held-out timepoints.
@@ -29,80 +18,13 @@ import os
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cellmnn  # noqa: E402
+from cellmnn.data.simulate import CASES, simulate  # noqa: E402
 from cellmnn.files import check_output, json_kind, write_text_atomic  # noqa: E402
 
 JSON_KIND = json_kind("cellmnn-simulated-courses")
-STEP = 0.01
-
-
-def bifurcation(x):
-    return np.stack([2.0 * (x[:, 0] - x[:, 0] ** 3), np.full(len(x), 0.5)], axis=1)
-
-
-def cycle(x):
-    r2 = (x ** 2).sum(axis=1, keepdims=True)
-    rot = np.stack([-x[:, 1], x[:, 0]], axis=1)
-    return x * (1.0 - r2) + rot
-
-
-def converging(x):
-    return -0.6 * (x - np.array([2.0, 0.0]))
-
-
-def ou_padded(drift):
-    """``drift`` on the first two coordinates, Ornstein-Uhlenbeck decay (rate 1) on the others."""
-    def f(x):
-        return np.concatenate([drift(x[:, :2]), -x[:, 2:]], axis=1)
-    return f
-
-
-def start(case, n, rng, dim):
-    if case.startswith("bifurcation") or case == "uneven-gaps":
-        x = np.stack([rng.normal(0.0, 0.1, n), rng.normal(0.0, 0.3, n)], axis=1)
-    elif case == "cycle":
-        angle, radius = rng.normal(0.0, 0.2, n), rng.normal(1.0, 0.1, n)
-        x = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
-    else:  # converging, heavy-noise
-        x = np.stack([rng.normal(-2.0, 0.25, n), rng.choice([-1.0, 1.0], n) + rng.normal(0.0, 0.25, n)], axis=1)
-    return np.concatenate([x, rng.normal(0.0, 0.3, (n, dim - 2))], axis=1)
-
-
-CASES = {  # name: (drift, dimension, times, diffusion)
-    "bifurcation": (bifurcation, 2, (0, 1, 2, 3, 4), 0.1),
-    "cycle": (cycle, 2, (0, 1, 2, 3, 4), 0.1),
-    "converging": (converging, 2, (0, 1, 2, 3, 4), 0.1),
-    "uneven-gaps": (bifurcation, 2, (0, 0.3, 1.0, 1.2, 3.0), 0.1),
-    "heavy-noise": (converging, 2, (0, 1, 2, 3, 4), 0.6),
-    "bifurcation-5d": (ou_padded(bifurcation), 5, (0, 1, 2, 3, 4), 0.1),
-    "bifurcation-10d": (ou_padded(bifurcation), 10, (0, 1, 2, 3, 4), 0.1),
-}
-
-
-def simulate(case: str, n_cells: int, seed: int, initial=None):
-    """(arrays, times): one independent population of ``n_cells`` per snapshot time, each started
-    from the case's initial distribution (or ``initial(n, rng)``, a 2-d case's other start) and
-    integrated by Euler-Maruyama with step ``STEP``."""
-    drift, dim, times, s = CASES[case]
-    if initial is not None and dim != 2:
-        raise ValueError(f"another initial distribution is for the 2-d cases; {case} has {dim} dimensions")
-    rng = np.random.default_rng(seed)
-    noise = np.full(dim, s)
-    noise[2:] = 0.3  # the Ornstein-Uhlenbeck coordinates
-    arrays = []
-    for t in times:
-        x = start(case, n_cells, rng, dim) if initial is None else initial(n_cells, rng)
-        for _ in range(int(round(t / STEP))):
-            x = x + drift(x) * STEP + noise * np.sqrt(STEP) * rng.standard_normal(x.shape)
-        arrays.append(x)
-    if dim > 2:  # mix the dynamics into every coordinate
-        Q, _ = np.linalg.qr(np.random.default_rng(1000 + seed).standard_normal((dim, dim)))
-        arrays = [a @ Q.T for a in arrays]
-    return arrays, list(times)
 
 
 def parse_set(pairs) -> dict:

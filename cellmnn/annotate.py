@@ -38,26 +38,25 @@ from __future__ import annotations
 
 import json
 import numbers
-import re
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from .analysis.interactions import gene_interactions, gene_names, model_transform
+from .analysis.cells import check_dataset, plan_cells, read_cells
+from .analysis.interactions import gene_interactions, gene_names
 from .checks import warn
 from .data.marginals import Marginals, Transform
-from .data.tables import DEFAULT_TIME_KEYS, as_float, duplicates, numeric_times
-from .model.network import CellMNN
+from .data.tables import duplicates
+from .files import ANNOTATE_FORMAT
 from .version import __version__
 
-FORMAT = "cellmnn-annotate"
+FORMAT = ANNOTATE_FORMAT
 FORMAT_VERSION = 1
 CHUNK = 65536  # cells per model call
 MAX_FEATURE_VALUES = 10 ** 8  # obsm[P_pred_features] is written only up to n * T * F values (400 MB)
 _OBSM = ("z", "pred", "pred_features", "eigvals_real", "eigvals_imag")
 _OBS = ("trace", "spectral_abscissa")
-_EMBEDDING_SOURCE = re.compile(r"obsm\[(['\"])(.+)\1\]$")
 
 
 def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None, embedding=None,
@@ -90,18 +89,15 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
 
     Every argument is checked before any work, with an error naming it.
     """
-    _check_args(adata, model, marginals, prefix, copy, dataset, time_key, embedding)
-    tr, record = _transform(model, marginals)
-    key = _time_key(adata, time_key)
+    _check_args(adata, model, prefix, copy, dataset)
+    plan = plan_cells(adata, model, marginals, time_key, embedding)
+    tr, record, key, embedding = plan.transform, plan.record, plan.time_key, plan.embedding
     pred_times = _pred_times(times, model, marginals)
     genes = _check_genes(genes, tr)
-    embedding = _default_embedding(adata, embedding, tr, record)
-    cols = _feature_columns(adata, embedding, tr)
     keys_obs, keys_obsm = [f"{prefix}_{k}" for k in _OBS], [f"{prefix}_{k}" for k in _OBSM]
     _check_overwrite(adata, prefix, keys_obs, keys_obsm)
-    t, x = _read_cells(adata, key, embedding, cols)
+    t, z = read_cells(adata, plan)
 
-    z = tr.to_model(x)
     pred, trace, eig = _readouts(model, z, t, pred_times, dataset)
     obsm = {f"{prefix}_z": z, f"{prefix}_pred": pred,
             f"{prefix}_eigvals_real": eig.real.copy(), f"{prefix}_eigvals_imag": eig.imag.copy()}
@@ -179,85 +175,18 @@ def _write(out, prefix, info, obs, obsm, keys_obs, keys_obsm) -> None:
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_args(adata, model, marginals, prefix, copy, dataset, time_key, embedding) -> None:
-    """The arguments' types and values that need no reading of the data."""
-    import anndata
-
-    if not isinstance(adata, anndata.AnnData):
-        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
-    if not isinstance(model, CellMNN):
-        raise TypeError(f"model must be a fitted CellMNN, got {type(model).__name__}")
-    if marginals is not None and not isinstance(marginals, Marginals):
-        raise TypeError(f"marginals must be cellmnn.Marginals or None, got {type(marginals).__name__}")
+def _check_args(adata, model, prefix, copy, dataset) -> None:
+    """The arguments of annotate's own (``plan_cells`` checks the rest), before any reading."""
     if not isinstance(copy, (bool, np.bool_)):
         raise TypeError(f"copy must be True or False, got {type(copy).__name__} {copy!r}")
     if not isinstance(prefix, str) or not prefix or "/" in prefix:
         raise ValueError(f"prefix must be a non-empty string without '/', got {prefix!r}")
-    n_sets = getattr(model, "n_datasets", 0)
-    if n_sets and (isinstance(dataset, bool) or not isinstance(dataset, (int, np.integer))
-                   or not 0 <= dataset < n_sets):
-        raise ValueError(f"dataset: the model was trained on {n_sets} datasets with a dataset embedding; pass "
-                         f"dataset= the index (0..{n_sets - 1}) of the one these cells belong to; got {dataset!r}")
-    if not n_sets and dataset is not None:
-        raise ValueError("dataset= is only for models trained jointly with a dataset embedding")
-    for name, value in (("time_key", time_key), ("embedding", embedding)):
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"{name} must be a string or None, got {type(value).__name__} {value!r}")
-    if adata.is_view and not copy:
+    check_dataset(model, dataset)
+    if getattr(adata, "is_view", False) and not copy:
         raise ValueError("adata is a view of another AnnData: annotating it in place would not reach the "
                          "original; pass copy=True or annotate adata.copy()")
-    if adata.n_obs == 0:
-        raise ValueError("adata has no cells")
 
 
-def _read_cells(adata, key, embedding, cols):
-    """Every cell's time and model features (raw), finite, or an error naming cells."""
-    t = numeric_times(adata.obs[key].to_numpy(dtype=object, na_value=np.nan), f"adata.obs[{key!r}]")
-    bad = np.flatnonzero(~np.isfinite(t))
-    if len(bad):
-        raise ValueError(f"adata.obs[{key!r}]: {len(bad)} cells have a non-finite time (NaN or Inf), e.g. "
-                         f"{_names(adata.obs_names[bad])}")
-    x = _read_features(adata, embedding, cols)
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-    if len(bad):
-        where = "X" if embedding is None else f"obsm[{embedding!r}]"
-        raise ValueError(f"adata.{where}: {len(bad)} cells have NaN or Inf in the model's features, e.g. "
-                         f"{_names(adata.obs_names[bad])}")
-    return t, x
-
-
-def _transform(model, marginals):
-    """The transform that maps raw features to the model's space, and the model's data record."""
-    record = getattr(model, "marginals_info", None) or {}
-    own = model_transform(model)
-    if marginals is not None:
-        if own is not None and not own.same_as(marginals.transform):
-            raise ValueError("marginals: their transform (features, PCA or z-score) is not the one the model was "
-                             "fitted with; pass the marginals the model was fitted on, or none")
-        if marginals.dim != model.dim:
-            raise ValueError(f"marginals have {marginals.dim} dimensions; the model has {model.dim}")
-        own = marginals.transform
-    if own is None:
-        raise ValueError("model carries no data transform (it was not made by cellmnn.fit or load_model); pass "
-                         "marginals= the Marginals it was fitted on")
-    if len(own.mean) != model.dim:
-        raise ValueError(f"model: its transform maps to {len(own.mean)} dimensions but the model has {model.dim}")
-    if marginals is not None and not record:
-        record = {"times": [float(v) for v in marginals.times], "source": marginals.source}
-    return own, record
-
-
-def _time_key(adata, time_key):
-    if time_key is not None:
-        if time_key not in adata.obs.columns:
-            raise ValueError(f"time_key {time_key!r} not found in adata.obs; available columns: "
-                             f"{list(adata.obs.columns)}")
-        return time_key
-    found = [k for k in DEFAULT_TIME_KEYS if k in adata.obs.columns]
-    if not found:
-        raise ValueError(f"no time column found in adata.obs (tried {list(DEFAULT_TIME_KEYS)}); pass time_key= "
-                         f"one of {list(adata.obs.columns)}")
-    return found[0]
 
 
 def _pred_times(times, model, marginals):
@@ -309,48 +238,10 @@ def _check_genes(genes, tr):
     return genes
 
 
-def _default_embedding(adata, embedding, tr, record):
-    if embedding is None and not tr.feature_names:
-        m = _EMBEDDING_SOURCE.search(str(record.get("source", "")))
-        if m and m.group(2) in adata.obsm:
-            embedding = m.group(2)
-    if embedding is not None:
-        if tr.feature_names:
-            raise ValueError(f"embedding {embedding!r}: the model was fitted on named features "
-                             f"({_names(tr.feature_names)}), which are read from adata.X; leave embedding=None")
-        if embedding not in adata.obsm:
-            raise ValueError(f"embedding {embedding!r} not found in adata.obsm; available: {list(adata.obsm.keys())}")
-    return embedding
 
 
-def _feature_columns(adata, embedding, tr):
-    """The columns of X or of obsm[embedding] that hold the model's features, in its order (checked by
-    ``Transform.align`` on a row of column indices: by name when both sides have names, else by position)."""
-    F = tr.n_features
-    if embedding is not None:
-        shape = np.shape(adata.obsm[embedding])
-        if len(shape) != 2:
-            raise ValueError(f"adata.obsm[{embedding!r}] must be 2-D (cells x features); got shape {shape}")
-        if tr.pca_components is None and shape[1] >= F:  # as the loader: the first n_components columns
-            return np.arange(F)
-        return tr.align(np.arange(shape[1])[None, :], None, f"adata.obsm[{embedding!r}]")[0].astype(np.int64)
-    if adata.X is None:
-        raise ValueError(f"adata has no X; pass embedding= one of {list(adata.obsm.keys())}")
-    names = [str(v) for v in adata.var_names]
-    try:
-        cols = tr.align(np.arange(len(names))[None, :], names, "adata.X")
-    except ValueError as exc:
-        hint = f"; or pass embedding= one of {list(adata.obsm.keys())}" if adata.obsm and not tr.feature_names else ""
-        raise ValueError(f"{exc}{hint}") from None
-    return cols[0].astype(np.int64)
 
 
-def _read_features(adata, embedding, cols):
-    if embedding is not None:
-        return as_float(np.asarray(adata.obsm[embedding])[:, cols], f"adata.obsm[{embedding!r}]")
-    X = adata.X
-    X = X[:, cols].toarray() if hasattr(X, "toarray") else np.asarray(X)[:, cols]
-    return as_float(X, "adata.X")
 
 
 def _is_ours(entry) -> bool:
@@ -378,9 +269,6 @@ def _check_overwrite(adata, prefix, keys_obs, keys_obsm):
                                  "to overwrite it (pass another prefix= or remove it)")
 
 
-def _names(values, k=5) -> str:
-    values = [str(v) for v in values]
-    return f"{values[:k]}{' ...' if len(values) > k else ''}"
 
 
 # ----------------------------------------------------------------------------- read-outs

@@ -1,14 +1,19 @@
 """The ``cellmnn`` command line.
 
     cellmnn demo [--out DIR]                      leave-one-out on the embedded A549 EMT data
-    cellmnn fit DATA --holdout K --out DIR        train one model and save it (--resume DIR continues a killed run)
-    cellmnn evaluate DATA [--json FILE]           leave-one-out, Cell-MNN beside OT-interpolate
+    cellmnn fit DATA [DATA ...] --holdout K --out DIR   train one model and save it (--resume DIR continues a
+                                                  killed run); several DATA: one model trained jointly
+    cellmnn evaluate DATA [DATA ...] [--json FILE]     leave-one-out, Cell-MNN beside OT-interpolate
     cellmnn predict MODEL DATA --from-time T0 --to-time T1 [T2 ...] --out FILE.csv
     cellmnn interactions MODEL DATA (--genes G ... | --pairs S:T ... | --trrust TSV [--ensemble MODEL ...])
         --out FILE.csv
     cellmnn inflate DATA --n-cells N --out FILE.npz   noisy copies of the cells (the paper's scaling protocol)
+    cellmnn annotate MODEL DATA.h5ad --out NEW.h5ad   read-outs written into a copy of the AnnData
+    cellmnn transitions MODEL DATA.h5ad --annotation KEY --source T0 --target T1 --out FILE.csv
+        [--heatmap PNG] [--flow PNG]              fate probabilities between the groups of two times
 
-DATA is a .h5ad, .npz or .csv file, or ``emt-a549`` for the embedded dataset.
+DATA is a .h5ad, .npz or .csv file, or ``emt-a549`` for the embedded dataset (``annotate`` and
+``transitions`` read a .h5ad).
 
 ``fit`` and ``evaluate`` run data-parallel under ``torchrun`` (gloo on CPU, nccl on CUDA) with
 the same flags; rank 0 alone prints and writes.
@@ -25,21 +30,30 @@ import torch
 import torch.distributed as dist
 
 from . import checks, files
+from .analysis.fate import RULES, cell_transition
 from .analysis.interactions import gene_interactions
 from .analysis.trrust import trrust_validation
+from .annotate import annotate
 from .data.inflate import INFLATED, check_inflate_args, inflate, write_inflated
+from .data.joint import load_joint
 from .data.load import load_marginals
 from .data.marginals import Marginals
-from .evaluate import leave_one_out, ot_interpolate
+from .evaluate import joint_to_json, leave_one_out, ot_interpolate
 from .model.persist import check_model_destination, load_model, save_model
-from .plots import plot_heatmap, plot_holdouts
+from .plots import plot_flow, plot_heatmap, plot_holdouts, plot_transitions
 from .train import HParams, check_select, fit, resolve_device
 
 EMBEDDED = "emt-a549"
 
 
-def _data_args(p):
-    p.add_argument("data", help=f"a .h5ad, .npz or .csv file, or {EMBEDDED!r} for the embedded dataset")
+def _data_args(p, joint=False):
+    if joint:
+        p.add_argument("data", nargs="+", help=f"a .h5ad, .npz or .csv file, or {EMBEDDED!r} for the embedded "
+                       "dataset; several: one model trained jointly on all, in one model space (load_joint)")
+        p.add_argument("--dataset-embedding", action="store_true",
+                       help="several DATA: the model also reads each dataset's one-hot code")
+    else:
+        p.add_argument("data", help=f"a .h5ad, .npz or .csv file, or {EMBEDDED!r} for the embedded dataset")
     p.add_argument("--time-key", default=None, help="time column (obs key, CSV column or npz array)")
     p.add_argument("--embedding", default=None, help="obsm key of an AnnData embedding (e.g. X_pca)")
     p.add_argument("--n-components", type=int, default=5, help="PCA components / embedding columns (default 5)")
@@ -102,11 +116,58 @@ def _hparams(args) -> dict:
     return hp
 
 
+def _joint(args) -> bool:
+    """Whether the command was given several DATA (joint training)."""
+    return isinstance(args.data, list) and len(args.data) > 1
+
+
 def _load(args):
-    source = None if args.data == EMBEDDED else args.data
-    return load_marginals(source, time_key=args.time_key, embedding=args.embedding,
+    """The DATA as ``Marginals``, or a list of them in one model space when several were given."""
+    sources = args.data if isinstance(args.data, list) else [args.data]
+    sources = [None if d == EMBEDDED else d for d in sources]
+    if len(sources) > 1:
+        if getattr(args, "backed", False):
+            raise ValueError("--backed reads one .h5ad; several DATA (joint training) are read into memory")
+        return load_joint(sources, time_key=args.time_key, embedding=args.embedding,
+                          n_components=args.n_components, standardize=not args.no_standardize,
+                          drop_nonfinite=args.drop_nonfinite)
+    return load_marginals(sources[0], time_key=args.time_key, embedding=args.embedding,
                           n_components=args.n_components, standardize=not args.no_standardize,
                           drop_nonfinite=args.drop_nonfinite, backed=getattr(args, "backed", False))
+
+
+def _holdout(args):
+    """``--holdout``: one index (or "none") per DATA; None, an int, or a list for joint training."""
+    n = len(args.data) if isinstance(args.data, list) else 1
+    given = args.holdout if args.holdout is not None else ["none"] * n
+    if len(given) != n:
+        raise ValueError(f"--holdout takes one value per DATA ({n}; 'none' for a dataset with nothing held out); "
+                         f"got {len(given)}")
+    values = []
+    for v in given:
+        if str(v).lower() == "none":
+            values.append(None)
+            continue
+        try:
+            values.append(int(v))
+        except ValueError:
+            raise ValueError(f"--holdout takes timepoint indices or 'none'; got {v!r}") from None
+    return values if n > 1 else values[0]
+
+
+def _evaluate_joint(datasets, seeds, hp, json_path=None, embed=False):
+    t0 = time.time()
+    results = leave_one_out(datasets, seeds=seeds, report=False, dataset_embedding=embed, **hp)
+    if _RANK != 0:
+        return results
+    for d, (m, result) in enumerate(zip(datasets, results)):
+        print(f"dataset {d}: {m}, trained jointly with the other {len(datasets) - 1}")
+        print(result.format())
+    print(f"wall time {time.time() - t0:.0f} s")
+    if json_path:
+        joint_to_json(results, [m.source for m in datasets], json_path)
+        print(f"wrote {json_path}")
+    return results
 
 
 def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):
@@ -136,7 +197,8 @@ def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):
 
 def _check_outputs(args):
     """Every output path of the command, checked before any work (``files.check_output``)."""
-    for attr, kind in (("json", files.LOO_JSON), ("plot", files.FIGURE), ("heatmap", files.FIGURE)):
+    for attr, kind in (("json", files.LOO_JSON), ("plot", files.FIGURE), ("heatmap", files.FIGURE),
+                       ("flow", files.FIGURE)):
         if getattr(args, attr, None):
             files.check_output(getattr(args, attr), kind, f"--{attr}")
 
@@ -156,6 +218,9 @@ def cmd_fit(args):
     """`cellmnn fit`: train one model and save it (``--resume`` continues a killed run)."""
     out, flag = (args.out, "--out") if args.out else (args.resume, "--resume")
     hp = _hparams(args)
+    holdout = _holdout(args)
+    if args.dataset_embedding and not _joint(args):
+        raise ValueError("--dataset-embedding needs several DATA (joint training)")
     _check_flags(hp, args.seed)  # every flag, on every process, before any folder is touched
     ckpt = os.path.join(files.as_path(out, flag), files.CHECKPOINT)
     problem = files.checkpoint_problem(ckpt) if os.path.lexists(ckpt) else None
@@ -173,7 +238,8 @@ def cmd_fit(args):
     if _RANK == 0:
         os.makedirs(path, exist_ok=True)
     try:
-        model = fit(marginals, holdout=args.holdout, seed=args.seed, checkpoint=ckpt, **hp)
+        model = fit(marginals, holdout=holdout, seed=args.seed, checkpoint=ckpt,
+                    dataset_embedding=args.dataset_embedding, **hp)
     except BaseException:
         if created and os.path.isdir(path) and not os.listdir(path):  # ours, and nothing was written in it
             os.rmdir(path)
@@ -182,7 +248,8 @@ def cmd_fit(args):
         save_model(model, path)
         files.remove_checkpoint(ckpt)
         info = model.fit_info
-        print(f"trained on {marginals} (holdout {args.holdout}): {info.epochs} epochs, best validation "
+        what = "; ".join(str(m) for m in marginals) if isinstance(marginals, list) else marginals
+        print(f"trained on {what} (holdout {info.holdout}): {info.epochs} epochs, best validation "
               f"{info.best_score:.5f} at epoch {info.best_epoch}; saved to {path}")
     return 0
 
@@ -200,6 +267,15 @@ def cmd_evaluate(args):
     """`cellmnn evaluate`: leave-one-out, Cell-MNN beside OT-interpolate."""
     _check_outputs(args)
     _check_flags(_hparams(args))
+    if _joint(args):
+        for flag, value in (("--holdouts", args.holdouts), ("--plot", args.plot)):
+            if value is not None:
+                raise ValueError(f"{flag} is for one DATA; with several, every interior timepoint of each is held "
+                                 "out in turn (the Python API's leave_one_out takes holdouts per dataset)")
+        _evaluate_joint(_load(args), args.seeds, _hparams(args), args.json, args.dataset_embedding)
+        return 0
+    if args.dataset_embedding:
+        raise ValueError("--dataset-embedding needs several DATA (joint training)")
     _evaluate(_load(args), args.holdouts, args.seeds, _hparams(args), args.json, args.plot)
     return 0
 
@@ -225,16 +301,22 @@ def _same_transform(other, model, path):
     return other
 
 
+def _models(args):
+    """The saved model and any ``--ensemble`` models (same data transform)."""
+    model = load_model(args.model)
+    return [model] + [_same_transform(load_model(path), model, path) for path in getattr(args, "ensemble", None) or []]
+
+
 def cmd_interactions(args):
     """`cellmnn interactions`: gene interactions of a saved model (CSV, heatmap, TRRUST)."""
     if not args.trrust and (args.tfs or args.ensemble):
         raise ValueError(f"{'--tfs' if args.tfs else '--ensemble'} is used only with --trrust")
     files.check_output(args.out, files.TRRUST_REPORT if args.trrust else files.INTERACTIONS, "--out")
     _check_outputs(args)
-    model = load_model(args.model)
+    models = _models(args)
+    model = models[0]
     marginals = _in_model_space(model, args)
     if args.trrust:
-        models = [model] + [_same_transform(load_model(path), model, path) for path in args.ensemble or []]
         report = trrust_validation(models, marginals, args.trrust, tfs=args.tfs)
         print(report.format())
         report.to_csv(args.out)
@@ -297,6 +379,95 @@ def cmd_inflate(args):
     return 0
 
 
+def _read_h5ad(path, what: str = "DATA"):
+    """An .h5ad file read into memory (the commands that need ``obs`` annotations read only these)."""
+    import anndata
+
+    if not str(path).lower().endswith(".h5ad"):
+        raise ValueError(f"{what} must be an .h5ad file (an AnnData with obs annotations); got {path!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    return anndata.read_h5ad(path)
+
+
+def cmd_annotate(args):
+    """`cellmnn annotate`: a model's read-outs written into a new .h5ad (the input is never changed)."""
+    out = files.check_output(args.out, files.ANNOTATED_H5AD, "--out")
+    if not out.lower().endswith(".h5ad"):
+        raise ValueError(f"--out must name a .h5ad file; got {args.out!r}")
+    if os.path.abspath(args.data) == out or (os.path.exists(out) and os.path.samefile(args.data, out)):
+        raise ValueError("--out is the input file; annotate writes a new file and never changes DATA")
+    model = load_model(args.model)
+    adata = _read_h5ad(args.data)
+    annotate(adata, model, times=args.times, genes=args.genes, time_key=args.time_key, embedding=args.embedding,
+             prefix=args.prefix, dataset=args.dataset)
+    files.write_atomic(out, files.ANNOTATED_H5AD, adata.write_h5ad, ".h5ad")
+    info = adata.uns[args.prefix]
+    print(f"annotated {adata.n_obs} cells at {len(info['pred_times'])} times ({', '.join(info['keys']['obsm'])}, "
+          f"{', '.join(info['keys']['obs'])}); wrote {out}")
+    return 0
+
+
+def cmd_transitions(args):
+    """`cellmnn transitions`: fate probabilities from the groups of one time to those of a later one."""
+    files.check_output(args.out, files.TRANSITIONS, "--out")
+    _check_outputs(args)
+    models = _models(args)
+    adata = _read_h5ad(args.data)
+    table = cell_transition(models if len(models) > 1 else models[0], adata, args.annotation, args.source,
+                            args.target, target_annotation=args.target_annotation, rule=args.rule, k=args.k,
+                            time_key=args.time_key, embedding=args.embedding, dataset=args.dataset)
+    counts = table.attrs["source_counts"]
+    rows = [[g, h, f"{table.loc[g, h]:.6g}", f"{table.attrs['source_time']:g}", f"{table.attrs['target_time']:g}",
+             counts[g], args.rule] for g in table.index for h in table.columns]
+    files.write_csv_atomic(args.out, ["source_group", "target_group", "probability", "source_time", "target_time",
+                                      "n_source_cells", "rule"], rows, files.TRANSITIONS)
+    print(table.round(3).to_string())
+    print(f"wrote {len(rows)} group pairs to {args.out}")
+    for path, plot in ((args.heatmap, plot_transitions), (args.flow, lambda t, p: plot_flow([t], p))):
+        if path:
+            plot(table, path)
+            print(f"wrote {path}")
+    return 0
+
+
+def _add_annotate(sub):
+    p = sub.add_parser("annotate", help="a model's read-outs written into a new .h5ad (never changes DATA)")
+    p.add_argument("model", help="a model directory written by `cellmnn fit`")
+    p.add_argument("data", help="an .h5ad with the model's raw features (X or --embedding) and times")
+    p.add_argument("--out", required=True, help="the annotated .h5ad to write (a new file)")
+    p.add_argument("--times", type=float, nargs="+", default=None,
+                   help="times to predict every cell at (default: the model's timepoints)")
+    p.add_argument("--genes", nargs="+", default=None, help="genes whose pairwise interaction weights to record")
+    p.add_argument("--prefix", default="cellmnn", help="start of every key written (default cellmnn)")
+    p.add_argument("--time-key", default=None)
+    p.add_argument("--embedding", default=None)
+    p.add_argument("--dataset", type=int, default=None, help="joint models with a dataset embedding: the dataset")
+    p.set_defaults(func=cmd_annotate)
+
+
+def _add_transitions(sub):
+    p = sub.add_parser("transitions", help="fate probabilities between the groups of two times (CSV, figures)")
+    p.add_argument("model", help="a model directory written by `cellmnn fit`")
+    p.add_argument("data", help="an .h5ad with the model's raw features, times and the group annotation")
+    p.add_argument("--annotation", required=True, help="obs column naming each cell's group")
+    p.add_argument("--target-annotation", default=None, help="another obs column for the groups at --target")
+    p.add_argument("--source", type=float, required=True, help="the earlier time")
+    p.add_argument("--target", type=float, required=True, help="the later time")
+    p.add_argument("--rule", choices=RULES, default="knn",
+                   help="how pushed cells meet observed ones: k nearest (default) or an exact OT match")
+    p.add_argument("--k", type=int, default=15, help="neighbours per pushed cell with --rule knn")
+    p.add_argument("--ensemble", nargs="+", default=None, metavar="MODEL",
+                   help="more saved models (same data transform) whose couplings are averaged")
+    p.add_argument("--time-key", default=None)
+    p.add_argument("--embedding", default=None)
+    p.add_argument("--dataset", type=int, default=None, help="joint models with a dataset embedding: the dataset")
+    p.add_argument("--out", required=True, help="CSV to write (one row per pair of groups)")
+    p.add_argument("--heatmap", default=None, help="PNG heatmap of the table")
+    p.add_argument("--flow", default=None, help="PNG sankey-style flow between the two times")
+    p.set_defaults(func=cmd_transitions)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     ap = argparse.ArgumentParser(prog="cellmnn", description="Cell-MNN: learn cell dynamics from snapshots.")
@@ -310,8 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("fit", help="train one model and save it")
-    _data_args(p)
-    p.add_argument("--holdout", type=int, default=None, help="index of an interior timepoint to leave out")
+    _data_args(p, joint=True)
+    p.add_argument("--holdout", nargs="+", default=None, metavar="K",
+                   help="index of an interior timepoint to leave out; with several DATA one per dataset ('none' "
+                        "for none)")
     p.add_argument("--seed", type=int, default=0)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="model directory to write (holds a checkpoint while training)")
@@ -321,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("evaluate", help="leave-one-out: Cell-MNN beside OT-interpolate (exact W1, MMD)")
-    _data_args(p)
+    _data_args(p, joint=True)
     p.add_argument("--holdouts", type=int, nargs="+", default=None, help="interior indices (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--json", default=None, help="write the table as JSON")
@@ -361,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help=".npz to write (pcs, sample_labels: reads back with load_marginals)")
     p.set_defaults(func=cmd_inflate)
+    _add_annotate(sub)
+    _add_transitions(sub)
     return ap
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .data.inflate import subsample
 from .data.marginals import Marginals, check_holdout
-from .files import LOO_JSON, write_text_atomic
+from .files import LOO_FORMAT, LOO_JSON, write_text_atomic
 from .metrics import OT_MAX_ITER, mmd, sliced_wasserstein1, wasserstein1, wasserstein1_batched
 from .train import Member, best_candidate, check_inputs, check_seeds, check_select, fit_many, train
 
@@ -102,12 +102,22 @@ class LeaveOneOutResult:
         winners = self.format_winners()
         return "\n".join(lines) + "\n\n" + self.format_summary() + ("\n" + winners if winners else "")
 
-    def to_json(self, path: str) -> None:
-        """Write the rows, summary and winners as JSON (``format``: cellmnn-leave-one-out), atomically."""
+    def to_dict(self) -> dict:
+        """The rows, summary and winners (what ``to_json`` writes, without the format)."""
         winners = [dict(holdout=k, time=t, cell_mnn_W1=a, ot_interpolate_W1=b, winner=w)
                    for k, t, a, b, w in self.winners()]
-        write_text_atomic(path, json.dumps({"format": "cellmnn-leave-one-out", "rows": self.rows,
-                                            "summary": self.summary(), "winners": winners}, indent=1), LOO_JSON)
+        return {"rows": self.rows, "summary": self.summary(), "winners": winners}
+
+    def to_json(self, path: str) -> None:
+        """Write the rows, summary and winners as JSON (``format``: cellmnn-leave-one-out), atomically."""
+        write_text_atomic(path, json.dumps({"format": LOO_FORMAT, **self.to_dict()}, indent=1), LOO_JSON)
+
+
+def joint_to_json(results: list, sources: list, path: str) -> None:
+    """The results of a joint ``leave_one_out`` (one per dataset) as one JSON, atomically:
+    ``{"format": "cellmnn-leave-one-out", "datasets": [{"source", "rows", "summary", "winners"}, ...]}``."""
+    doc = {"format": LOO_FORMAT, "datasets": [{"source": src, **r.to_dict()} for r, src in zip(results, sources)]}
+    write_text_atomic(path, json.dumps(doc, indent=1), LOO_JSON)
 
 
 def leave_one_out(marginals: Marginals, holdouts=None, seeds=(0, 1, 2), baseline: bool = True,

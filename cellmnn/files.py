@@ -92,8 +92,32 @@ SOFTWARE = "cellmnn"  # the PNG Software text of our figures starts with this
 PREDICTIONS = OutputKind("predictions CSV", _csv_with_header("cell,from_time,time,"))
 INTERACTIONS = OutputKind("gene interactions CSV", _csv_with_header("source,target,", "cell,time,source,target,"))
 TRRUST_REPORT = OutputKind("TRRUST report CSV", _csv_with_header("tf,target,mode,score,"))
-LOO_JSON = OutputKind("leave-one-out JSON", _json_with_format("cellmnn-leave-one-out", ("rows", "summary")))
+LOO_FORMAT = "cellmnn-leave-one-out"
+LOO_JSON = OutputKind("leave-one-out JSON", _json_with_format(LOO_FORMAT, ("rows", "summary")))
 FIGURE = OutputKind("cellmnn figure (PNG)", lambda path: png_software(path).startswith(SOFTWARE))
+TRANSITIONS = OutputKind("transitions CSV", _csv_with_header("source_group,target_group,probability,"))
+ANNOTATE_FORMAT = "cellmnn-annotate"  # the "format" entry of what annotate writes into uns[prefix]
+
+
+def is_annotated_h5ad(path: str) -> bool:
+    """Whether ``path`` is an .h5ad with an ``uns`` entry written by ``cellmnn.annotate`` (its
+    ``format``), i.e. one that ``cellmnn annotate --out`` wrote."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            uns = f.get("uns")
+            for entry in (uns.values() if uns is not None else []):
+                fmt = entry.get("format") if isinstance(entry, h5py.Group) else None
+                value = fmt[()] if isinstance(fmt, h5py.Dataset) else None
+                if (value.decode() if isinstance(value, bytes) else value) == ANNOTATE_FORMAT:
+                    return True
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    return False
+
+
+ANNOTATED_H5AD = OutputKind("annotated .h5ad", is_annotated_h5ad)
 
 
 def json_kind(fmt: str, legacy_keys: tuple = ()) -> OutputKind:

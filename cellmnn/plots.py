@@ -1,4 +1,5 @@
-"""Figures: predicted against observed cells at held-out timepoints."""
+"""Figures: predicted against observed cells at held-out timepoints, gene-interaction heatmaps, and
+fate transitions between two times (a heatmap and a sankey-style flow)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,15 +7,22 @@ import numpy as np
 from .files import FIGURE, check_output, save_figure
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no screen needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_holdouts(marginals, predictions: dict, baselines: dict, path: str, dims=(0, 1)) -> str:
     """One panel per held-out timepoint k: observed cells at t_k, Cell-MNN's prediction from t_{k-1}
     (``predictions[k]``, (n, D)) and the OT-interpolate support (``baselines[k]`` = (points,
     weights)); written atomically to ``path`` (PNG; replaces only an earlier cellmnn figure)."""
     check_output(path, FIGURE)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     ks = sorted(predictions)
     a, b = dims if marginals.dim > 1 else (0, 0)
@@ -39,10 +47,7 @@ def plot_holdouts(marginals, predictions: dict, baselines: dict, path: str, dims
 def plot_heatmap(matrix, genes, path: str, title: str = "") -> str:
     """A targets x sources heatmap (diverging colours, NaN blank), written atomically (PNG)."""
     check_output(path, FIGURE)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     M = np.asarray(matrix, dtype=np.float64)
     lim = np.nanmax(np.abs(M)) if np.isfinite(M).any() else 1.0
@@ -55,6 +60,76 @@ def plot_heatmap(matrix, genes, path: str, title: str = "") -> str:
     ax.set_ylabel("target gene i")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_transitions(table, path: str, title: str = "") -> str:
+    """A ``cell_transition`` table as a heatmap (source groups x target groups, probabilities
+    written in the cells), written atomically (PNG)."""
+    check_output(path, FIGURE)
+    plt = _pyplot()
+    M = np.asarray(table, dtype=np.float64)
+    rows, cols = [str(v) for v in table.index], [str(v) for v in table.columns]
+    fig, ax = plt.subplots(figsize=(2.5 + 0.6 * len(cols), 1.8 + 0.45 * len(rows)))
+    im = ax.imshow(M, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    for i in range(M.shape[0]):
+        for j in range(M.shape[1]):
+            ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if M[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel(table.columns.name or "target group")
+    ax.set_ylabel(table.index.name or "source group")
+    ax.set_title(title or f"transition probabilities ({table.attrs.get('rule', '')})", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _ribbon(ax, x0, x1, y0, y1, color):
+    """A band from [y0] at x0 to [y1] at x1 (each a (bottom, top) pair) with smooth S-shaped edges."""
+    s = np.linspace(0.0, 1.0, 50)
+    ease = 3 * s ** 2 - 2 * s ** 3
+    x = x0 + (x1 - x0) * s
+    low, high = y0[0] + (y1[0] - y0[0]) * ease, y0[1] + (y1[1] - y0[1]) * ease
+    ax.fill_between(x, low, high, color=color, alpha=0.45, linewidth=0)
+
+
+def plot_flow(tables, path: str) -> str:
+    """A sankey-style flow per ``cell_transition`` table (one panel each, left to right): a bar of
+    the source groups (their share of the source cells), a bar of the target groups (the mass that
+    reaches them) and a ribbon per pair as wide as the mass that flows; written atomically (PNG)."""
+    check_output(path, FIGURE)
+    plt = _pyplot()
+    tables = list(tables)
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 4.5), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, table in zip(axes[0], tables):
+        M = np.asarray(table, dtype=np.float64)
+        counts = table.attrs.get("source_counts") or {}
+        share = np.array([counts.get(g, 1) for g in table.index], dtype=np.float64)
+        flow = (share / share.sum())[:, None] * M  # mass from source group g to target group h
+        gap = 0.02
+        left = np.concatenate([[0.0], np.cumsum(flow.sum(1) + gap)])
+        right = np.concatenate([[0.0], np.cumsum(flow.sum(0) + gap)])
+        out_at, in_at = left[:-1].copy(), right[:-1].copy()
+        for i, g in enumerate(table.index):
+            ax.bar(0, flow[i].sum(), bottom=left[i], width=0.06, color=colors(i % 10))
+            ax.text(-0.05, left[i] + flow[i].sum() / 2, str(g), ha="right", va="center", fontsize=8)
+        for j, h in enumerate(table.columns):
+            ax.bar(1, flow[:, j].sum(), bottom=right[j], width=0.06, color="0.45")
+            ax.text(1.05, right[j] + flow[:, j].sum() / 2, str(h), ha="left", va="center", fontsize=8)
+        for i in range(M.shape[0]):
+            for j in range(M.shape[1]):
+                if flow[i, j] > 0:
+                    _ribbon(ax, 0.03, 0.97, (out_at[i], out_at[i] + flow[i, j]), (in_at[j], in_at[j] + flow[i, j]),
+                            colors(i % 10))
+                    out_at[i] += flow[i, j]
+                    in_at[j] += flow[i, j]
+        ax.set_xlim(-0.45, 1.45)
+        ax.axis("off")
+        ax.set_title(f"{table.index.name or 'source'}  ->  {table.columns.name or 'target'}", fontsize=9)
     fig.tight_layout()
     return _save(fig, plt, path)
 

@@ -3,6 +3,8 @@ the joint step is the sum of each time course's reference objective, a joint mod
 same alone or beside other models, the dataset embedding, the shared loader, and the errors."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 import cellmnn
 import cellmnn.files as cfiles
 import cellmnn.model.persist as persist
+from cellmnn.cli import main as cli_main
 from cellmnn.data.joint import load_joint
 from cellmnn.train import HParams, Member, train
 from cellmnn.train.layout import Setup
@@ -207,3 +210,31 @@ def test_annotate_and_interactions_of_a_joint_model(tmp_path):
     plain = cellmnn.fit([A, B], **FAST)
     with pytest.raises(ValueError, match="only for models trained jointly"):
         cellmnn.annotate(ad, plain, times=[2.0], dataset=0, copy=True)
+
+
+def test_cli_fits_and_evaluates_several_datasets_in_one_space(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    names = ["g0", "g1", "g2"]
+    ta, tb = np.repeat([0.0, 1.0, 2.0, 3.0], 25), np.repeat([0.0, 1.5, 3.0], 25)
+    _write_csv(tmp_path / "a.csv", ta, rng.normal(size=(100, 3)) + ta[:, None], names)
+    _write_csv(tmp_path / "b.csv", tb, rng.normal(size=(75, 3)) - tb[:, None], names)
+    data = [str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]
+    fast = ["--time-key", "time", "--n-components", "3", "--max-epochs", "2", "--check-every", "1",
+            "--batch-size", "32", "--quiet"]
+    assert cli_main(["fit", *data, "--holdout", "2", "none", "--dataset-embedding", "--out", str(tmp_path / "m"),
+                     *fast]) == 0
+    model = persist.load_model(tmp_path / "m")
+    a, b = load_joint(data, time_key="time", n_components=3)
+    assert model.n_datasets == 2 and model.transform.same_as(a.transform)
+    assert model.training_info["holdout"] == [2, None]
+    assert cli_main(["evaluate", *data, "--seeds", "0", "--json", str(tmp_path / "r.json"), *fast]) == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [d["source"] for d in doc["datasets"]] == [a.source, b.source]
+    assert sorted({r["holdout"] for r in doc["datasets"][0]["rows"]}) == [1, 2]
+    assert sorted({r["holdout"] for r in doc["datasets"][1]["rows"]}) == [1]
+    for argv, message in ((["fit", *data, "--holdout", "2", "--out", str(tmp_path / "m2")], "one value per DATA"),
+                          (["fit", data[0], "--dataset-embedding", "--out", str(tmp_path / "m3")], "several DATA"),
+                          (["evaluate", *data, "--holdouts", "1"], "--holdouts is for one DATA")):
+        assert cli_main(argv + fast) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()

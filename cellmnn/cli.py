@@ -11,9 +11,11 @@
     cellmnn annotate MODEL DATA.h5ad --out NEW.h5ad   read-outs written into a copy of the AnnData
     cellmnn transitions MODEL DATA.h5ad --annotation KEY --source T0 --target T1 --out FILE.csv
         [--heatmap PNG] [--flow PNG]              fate probabilities between the groups of two times
+    cellmnn perturb MODEL DATA.h5ad --genes GATA1=0 SPI1=scale:2 --source T0 --target T1 --out FILE.csv
+        [--annotation KEY]                        clamp or scale genes along the path: shifts of genes and groups
 
-DATA is a .h5ad, .npz or .csv file, or ``emt-a549`` for the embedded dataset (``annotate`` and
-``transitions`` read a .h5ad).
+DATA is a .h5ad, .npz or .csv file, or ``emt-a549`` for the embedded dataset (``annotate``,
+``transitions`` and ``perturb`` read a .h5ad).
 
 ``fit`` and ``evaluate`` run data-parallel under ``torchrun`` (gloo on CPU, nccl on CUDA) with
 the same flags; rank 0 alone prints and writes.
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from . import checks, files
 from .analysis.fate import RULES, cell_transition
 from .analysis.interactions import gene_interactions
+from .analysis.perturb import perturb
 from .analysis.trrust import trrust_validation
 from .annotate import annotate
 from .data.inflate import INFLATED, check_inflate_args, inflate, write_inflated
@@ -431,6 +434,74 @@ def cmd_transitions(args):
     return 0
 
 
+def _gene_specs(items) -> dict:
+    """``--genes`` items GENE=VALUE (clamp) or GENE=scale:FACTOR as ``perturb``'s ``genes``."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--genes takes GENE=VALUE or GENE=scale:FACTOR items; got {item!r}")
+        kind, _, number = value.rpartition(":")
+        if kind not in ("", "scale", "clamp"):
+            raise ValueError(f"--genes {item!r}: the value is a number or scale:FACTOR")
+        try:
+            v = float(number)
+        except ValueError:
+            raise ValueError(f"--genes {item!r}: {number!r} is not a number") from None
+        if name in out:
+            raise ValueError(f"--genes names {name!r} twice")
+        out[name] = (kind, v) if kind == "scale" else v
+    return out
+
+
+def cmd_perturb(args):
+    """`cellmnn perturb`: genes clamped or scaled along the path, against the unperturbed prediction."""
+    genes = _gene_specs(args.genes)
+    files.check_output(args.out, files.PERTURBATION, "--out")
+    models = _models(args)
+    adata = _read_h5ad(args.data)
+    res = perturb(models if len(models) > 1 else models[0], adata, genes, args.source, args.target,
+                  annotation=args.annotation, rule=args.rule, k=args.k, time_key=args.time_key,
+                  embedding=args.embedding, dataset=args.dataset)
+    tr = models[0].transform
+    ctrl, pert = tr.to_features(res.control).mean(0), tr.to_features(res.perturbed).mean(0)
+    rows = [["gene", g, f"{ctrl[i]:.6g}", f"{pert[i]:.6g}", f"{res.shift[i]:.6g}", f"{res.shift_spread[i]:.6g}"]
+            for i, g in enumerate(res.features)]
+    if res.fractions is not None:
+        rows += [["group", g, f"{r['control']:.6g}", f"{r['perturbed']:.6g}", f"{r['shift']:.6g}", ""]
+                 for g, r in res.fractions.iterrows()]
+    files.write_csv_atomic(args.out, ["kind", "name", "control", "perturbed", "shift", "spread"], rows,
+                           files.PERTURBATION)
+    top = np.argsort(-np.abs(res.shift))[:10]
+    print(f"{len(res.cells)} cells from t = {res.source:g} to {res.target:g} with {genes}; largest mean shifts:")
+    print("\n".join(f"  {res.features[i]:<16} {res.shift[i]:+.4g} (spread {res.shift_spread[i]:.2g})" for i in top))
+    if res.fractions is not None:
+        print(res.fractions.round(3).to_string())
+    print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+def _add_perturb(sub):
+    p = sub.add_parser("perturb", help="clamp or scale genes along the path; shifts of genes and group fractions")
+    p.add_argument("model", help="a model directory written by `cellmnn fit`")
+    p.add_argument("data", help="an .h5ad with the model's raw features and times")
+    p.add_argument("--genes", nargs="+", required=True, metavar="GENE=VALUE",
+                   help="GENE=VALUE clamps the gene at VALUE (feature units; 0 knocks it out); GENE=scale:F holds "
+                        "it at F times each cell's own value")
+    p.add_argument("--source", type=float, required=True, help="the time of the cells pushed")
+    p.add_argument("--target", type=float, required=True, help="the later time they are pushed to")
+    p.add_argument("--annotation", default=None, help="obs column: also the shift in group fractions at --target")
+    p.add_argument("--rule", choices=RULES, default="knn")
+    p.add_argument("--k", type=int, default=15)
+    p.add_argument("--ensemble", nargs="+", default=None, metavar="MODEL",
+                   help="more saved models (same data transform): member-wise, averaged, with their spread")
+    p.add_argument("--time-key", default=None)
+    p.add_argument("--embedding", default=None)
+    p.add_argument("--dataset", type=int, default=None, help="joint models with a dataset embedding: the dataset")
+    p.add_argument("--out", required=True, help="CSV to write (one row per gene, and per group)")
+    p.set_defaults(func=cmd_perturb)
+
+
 def _add_annotate(sub):
     p = sub.add_parser("annotate", help="a model's read-outs written into a new .h5ad (never changes DATA)")
     p.add_argument("model", help="a model directory written by `cellmnn fit`")
@@ -536,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inflate)
     _add_annotate(sub)
     _add_transitions(sub)
+    _add_perturb(sub)
     return ap
 
 

@@ -96,6 +96,7 @@ LOO_FORMAT = "cellmnn-leave-one-out"
 LOO_JSON = OutputKind("leave-one-out JSON", _json_with_format(LOO_FORMAT, ("rows", "summary")))
 FIGURE = OutputKind("cellmnn figure (PNG)", lambda path: png_software(path).startswith(SOFTWARE))
 TRANSITIONS = OutputKind("transitions CSV", _csv_with_header("source_group,target_group,probability,"))
+PERTURBATION = OutputKind("perturbation CSV", _csv_with_header("kind,name,control,perturbed,shift,"))
 ANNOTATE_FORMAT = "cellmnn-annotate"  # the "format" entry of what annotate writes into uns[prefix]
 
 

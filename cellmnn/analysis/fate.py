@@ -49,18 +49,29 @@ RECORD = "cellmnn_fate"  # uns entry that records the obs columns push and pull 
 
 
 @dataclass
-class Coupling:
-    """P (n_source, n_target) float64, rows summing to 1, between the cells of ``adata`` at the
-    source time (indices ``source_cells``) and at the target time (``target_cells``), with their
-    labels (str, or None where the cell has none)."""
-    P: np.ndarray
+class TwoTimes:
+    """The checked cells of ``adata`` at the source time (indices ``source_cells``, model-space
+    positions ``z_source``) and at the target time (``target_cells``, ``z_target``), their labels
+    (str, or None where a cell has none), the ``models`` (a list) and their ``transform``."""
+    models: list
+    transform: object
     source_cells: np.ndarray
     target_cells: np.ndarray
+    z_source: np.ndarray
+    z_target: np.ndarray
     source_labels: np.ndarray
     target_labels: np.ndarray
     source_time: float
     target_time: float
     rule: str
+    k: int
+
+
+@dataclass
+class Coupling(TwoTimes):
+    """``TwoTimes`` and P (n_source, n_target) float64, rows summing to 1: each source cell's fate
+    distribution over the target cells (module docstring)."""
+    P: np.ndarray = None
 
 
 def _models(model) -> list:
@@ -113,16 +124,16 @@ def _rule(rule, k) -> int:
     return checks.count("k", k) if rule == "knn" else 0
 
 
-def coupling(model, adata, annotation, source, target, rule="knn", k=15, time_key=None, embedding=None,
-             marginals=None, dataset=None, target_annotation=None) -> Coupling:
-    """The coupling between the cells at ``source`` and at ``target`` (module docstring), with the
-    cells' groups by ``annotation`` (at ``target``: by ``target_annotation`` when given); every
-    argument checked before any model call."""
+def two_times(model, adata, annotation, source, target, rule="knn", k=15, time_key=None, embedding=None,
+              marginals=None, dataset=None, target_annotation=None) -> TwoTimes:
+    """Check every argument and read the cells at ``source`` and ``target`` (a later time), with
+    their groups by ``annotation`` (None: no groups; at ``target`` by ``target_annotation`` when
+    given).  Runs no model."""
     models = _models(model)
     k = _rule(rule, k)
     check_dataset(models[0], dataset)
     plan = plan_cells(adata, models[0], marginals, time_key, embedding)
-    labels = _labels(adata, annotation)
+    labels = _labels(adata, annotation) if annotation is not None else np.full(adata.n_obs, None, dtype=object)
     target_labels = labels if target_annotation is None else _labels(adata, target_annotation)
     t, z = read_cells(adata, plan)
     src, tgt = _time_index(t, source, "source"), _time_index(t, target, "target")
@@ -132,15 +143,26 @@ def coupling(model, adata, annotation, source, target, rule="knn", k=15, time_ke
     if rule == "ot" and len(src) * len(tgt) > MAX_OT_ENTRIES:
         raise ValueError(f"rule='ot': {len(src)} x {len(tgt)} cells is more than one exact OT match handles "
                          f"({MAX_OT_ENTRIES:,} pairs); use rule='knn', or subsample the cells of the two times")
-    P = np.zeros((len(src), len(tgt)))
-    for m in models:
-        pushed = _push_cells(m, z[src], s_time, t_time, dataset)
-        P += match(pushed, z[tgt], rule, k)
-    return Coupling(P / len(models), src, tgt, labels[src], target_labels[tgt], s_time, t_time, rule)
+    return TwoTimes(models, plan.transform, src, tgt, z[src], z[tgt], labels[src], target_labels[tgt], s_time,
+                    t_time, rule, k)
 
 
-def _push_cells(model, z, t0, t1, dataset) -> np.ndarray:
-    out = np.empty_like(z)
+def coupling(model, adata, annotation, source, target, rule="knn", k=15, time_key=None, embedding=None,
+             marginals=None, dataset=None, target_annotation=None) -> Coupling:
+    """The coupling between the cells at ``source`` and at ``target`` (module docstring); every
+    argument checked (``two_times``) before any model call."""
+    c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset,
+                  target_annotation)
+    P = np.zeros((len(c.source_cells), len(c.target_cells)))
+    for m in c.models:
+        P += match(push_cells(m, c.z_source, c.source_time, c.target_time, dataset), c.z_target, rule, c.k)
+    return Coupling(**vars(c), P=P / len(c.models))
+
+
+def push_cells(model, z, t0, t1, dataset=None) -> np.ndarray:
+    """``model.predict`` of cells ``z`` (n, D) from ``t0`` to ``t1`` in chunks, (n, D) float64; an
+    error if any result is not finite."""
+    out = np.empty(np.shape(z), dtype=np.float64)
     for a in range(0, len(z), CHUNK):
         out[a:a + CHUNK] = model.predict(z[a:a + CHUNK], t0, t1, dataset=dataset)
     if not np.isfinite(out).all():

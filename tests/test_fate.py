@@ -218,6 +218,27 @@ def test_unlabelled_cells_an_oversized_match_and_mixed_ensembles_are_errors(quic
         cell_transition([model, other], ad, "group", 0, 2)
 
 
+def test_every_error_comes_before_the_model_runs(quick, monkeypatch):
+    ad, model = quick
+
+    def no_model_call(*args, **kwargs):
+        raise AssertionError("the model ran before the arguments were checked")
+
+    monkeypatch.setattr(fate, "push_cells", no_model_call)
+    holes = ad.copy()
+    holes.obs["group"] = holes.obs["group"].astype(object)
+    holes.obs.iloc[0, holes.obs.columns.get_loc("group")] = None
+    ad2 = ad.copy()
+    ad2.obs["mine"] = 0.0
+    for call, match in ((lambda: push(model, ad, "group", "zz", 0, 2), "group 'zz' has no cells"),
+                        (lambda: pull(model, ad, "group", "zz", 0, 2), "group 'zz' has no cells"),
+                        (lambda: push(model, ad2, "group", "a", 0, 2, key_added="mine"), "was not written"),
+                        (lambda: cell_transition(model, holes, "group", 0, 2), "have no label"),
+                        (lambda: push(model, "adata", "group", "a", 0, 2), "adata must be an AnnData")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            call()
+
+
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

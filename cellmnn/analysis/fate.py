@@ -153,9 +153,14 @@ def coupling(model, adata, annotation, source, target, rule="knn", k=15, time_ke
     argument checked (``two_times``) before any model call."""
     c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset,
                   target_annotation)
+    return couple(c, dataset)
+
+
+def couple(c: TwoTimes, dataset=None) -> Coupling:
+    """The coupling of checked cells ``c``: every model pushes the source cells, matched by ``c.rule``."""
     P = np.zeros((len(c.source_cells), len(c.target_cells)))
     for m in c.models:
-        P += match(push_cells(m, c.z_source, c.source_time, c.target_time, dataset), c.z_target, rule, c.k)
+        P += match(push_cells(m, c.z_source, c.source_time, c.target_time, dataset), c.z_target, c.rule, c.k)
     return Coupling(**vars(c), P=P / len(c.models))
 
 
@@ -223,8 +228,8 @@ def cell_transition(model, adata, annotation, source, target, target_annotation=
     import pandas as pd
 
     tgt_key = annotation if target_annotation is None else target_annotation
-    c = coupling(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset,
-                 target_annotation)
+    c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset,
+                  target_annotation)
     for name, key, labels, time in (("annotation", annotation, c.source_labels, c.source_time),
                                     ("target_annotation" if target_annotation else "annotation", tgt_key,
                                      c.target_labels, c.target_time)):
@@ -232,6 +237,7 @@ def cell_transition(model, adata, annotation, source, target, target_annotation=
         if missing:
             raise ValueError(f"{name} {key!r}: {missing} cells at time {time:g} have no label; give every cell "
                              "there a group (or leave them out of adata)")
+    c = couple(c, dataset)
     rows, cols = _groups(adata, annotation, c.source_labels), _groups(adata, tgt_key, c.target_labels)
     T = np.stack([c.P[c.source_labels == g].mean(axis=0) for g in rows])  # (groups, n_target)
     table = np.stack([T[:, c.target_labels == h].sum(axis=1) for h in cols], axis=1)
@@ -249,9 +255,10 @@ def push(model, adata, annotation, group, source, target, key_added="cellmnn_pus
     summing to 1 over the cells at ``target`` and NaN at every other time; written to
     ``adata.obs[key_added]`` unless ``key_added`` is None (a column is replaced only if ``push`` or
     ``pull`` wrote it).  Other arguments as in ``cell_transition``."""
+    c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset)
     _check_key(adata, key_added)
-    c = coupling(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset)
     check_group(c.source_labels, group, "group", c.source_time)
+    c = couple(c, dataset)
     w = np.full(adata.n_obs, np.nan)
     w[c.target_cells] = c.P[c.source_labels == str(group)].mean(axis=0)
     _write(adata, key_added, w, dict(kind="push", annotation=annotation, group=str(group), source=c.source_time,
@@ -264,9 +271,10 @@ def pull(model, adata, annotation, group, source, target, key_added="cellmnn_pul
     """Where the cells of ``group`` at time ``target`` came from: a weight per cell of ``adata``
     (n_obs,), summing to 1 over the cells at ``source`` and NaN at every other time; written to
     ``adata.obs[key_added]`` unless ``key_added`` is None.  Other arguments as in ``push``."""
+    c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset)
     _check_key(adata, key_added)
-    c = coupling(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset)
     check_group(c.target_labels, group, "group", c.target_time)
+    c = couple(c, dataset)
     mass = c.P[:, c.target_labels == str(group)].sum(axis=1)
     if mass.sum() <= 0:
         raise ValueError(f"group {group!r} at time {c.target_time:g} receives no mass from time {c.source_time:g} "

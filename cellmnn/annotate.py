@@ -9,13 +9,18 @@ genes, the gene interaction weights.  With ``prefix="cellmnn"`` (P below):
     obsm[P_z]                  (n, D) float64   the cell in model space (z-scored PCA coordinates)
     obsm[P_pred]               (n, T, D) float32  predicted positions at uns[P]["pred_times"]
     obsm[P_pred_features]      (n, T, F) float32  the same mapped back to feature space (genes)
+    obsm[P_pred_spread]        (n, T) float32   ensembles only: the root mean square over members of
+                                                the distance of a member's prediction from P_pred
     obsm[P_eigvals_real/imag]  (n, D) float64   eigenvalues of A, by real part then imaginary
                                                 part, both descending
     obs[P_trace]               float64          trace of A
     obs[P_spectral_abscissa]   float64          largest real part of an eigenvalue of A
     uns[P]                     provenance and gene interactions (``annotate`` docstring)
 
-A is per unit of the data's time (``CellMNN.operator``).  Everything written is plain arrays,
+A is per unit of the data's time (``CellMNN.operator``).  With an ensemble (a list of models fitted
+on one transform) P_pred is the mean of the members' predictions, A the mean of their operators
+and the interactions the mean of theirs; provenance is the first member's, ``uns[P]["members"]``
+the number of members.  Everything written is plain arrays,
 strings and numbers, so it survives ``write_h5ad`` / ``read_h5ad``.  A key is replaced only if an
 earlier ``annotate`` wrote it (recorded in ``uns[P]``); anything else is refused with an error
 naming the key.
@@ -43,7 +48,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .analysis.cells import check_dataset, plan_cells, read_cells
+from .analysis.cells import check_dataset, members, plan_cells, read_cells
 from .analysis.interactions import gene_interactions, gene_names
 from .checks import warn
 from .data.marginals import Marginals, Transform
@@ -55,7 +60,7 @@ FORMAT = ANNOTATE_FORMAT
 FORMAT_VERSION = 1
 CHUNK = 65536  # cells per model call
 MAX_FEATURE_VALUES = 10 ** 8  # obsm[P_pred_features] is written only up to n * T * F values (400 MB)
-_OBSM = ("z", "pred", "pred_features", "eigvals_real", "eigvals_imag")
+_OBSM = ("z", "pred", "pred_features", "pred_spread", "eigvals_real", "eigvals_imag")
 _OBS = ("trace", "spectral_abscissa")
 
 
@@ -69,7 +74,8 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
             feature space.  Times come from ``obs[time_key]`` (default: the first of "day",
             "time", "timepoint", "sample_labels" in ``obs``), features from ``X`` (genes matched
             by name to the model's; extra genes unused) or from ``obsm[embedding]``.
-        model: a fitted ``CellMNN`` (from ``fit`` or ``load_model``).
+        model: a fitted ``CellMNN`` (from ``fit`` or ``load_model``), or a list of them fitted on
+            one transform (an ensemble: means, and the members' spread in ``obsm[P_pred_spread]``).
         marginals: optional ``Marginals`` the model was fitted on: its transform is used when the
             model carries none (it must match the model's when both exist) and its times are the
             default ``times``.
@@ -89,57 +95,78 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
 
     Every argument is checked before any work, with an error naming it.
     """
-    _check_args(adata, model, prefix, copy, dataset)
-    plan = plan_cells(adata, model, marginals, time_key, embedding)
+    models = members(model)
+    _check_args(adata, models[0], prefix, copy, dataset)
+    plan = plan_cells(adata, models[0], marginals, time_key, embedding)
     tr, record, key, embedding = plan.transform, plan.record, plan.time_key, plan.embedding
-    pred_times = _pred_times(times, model, marginals)
+    pred_times = _pred_times(times, models[0], marginals)
     genes = _check_genes(genes, tr)
     keys_obs, keys_obsm = [f"{prefix}_{k}" for k in _OBS], [f"{prefix}_{k}" for k in _OBSM]
     _check_overwrite(adata, prefix, keys_obs, keys_obsm)
     t, z = read_cells(adata, plan)
 
-    pred, trace, eig = _readouts(model, z, t, pred_times, dataset)
+    pred, spread, trace, eig = _readouts(models, z, t, pred_times, dataset)
     obsm = {f"{prefix}_z": z, f"{prefix}_pred": pred,
             f"{prefix}_eigvals_real": eig.real.copy(), f"{prefix}_eigvals_imag": eig.imag.copy()}
+    if len(models) > 1:
+        obsm[f"{prefix}_pred_spread"] = spread
     features = _pred_features(pred, tr, prefix)
     if features is not None:
         obsm[f"{prefix}_pred_features"] = features
     obs = {f"{prefix}_trace": trace, f"{prefix}_spectral_abscissa": eig.real.max(axis=1)}
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "cellmnn_version": __version__,
-            "model": model.config(), "transform": tr.to_dict(), "time_key": key, "embedding": embedding,
-            "pred_times": pred_times, "pred_features": features is not None}
+            "model": models[0].config(), "members": len(models), "transform": tr.to_dict(), "time_key": key,
+            "embedding": embedding, "pred_times": pred_times, "pred_features": features is not None}
     if record:
         info["training_times"], info["training_source"] = record.get("times"), record.get("source")
-    info["fit"] = _fit_record(model)
+    info["fit"] = _fit_record(models[0])
     info["keys"] = {"obs": list(obs), "obsm": list(obsm)}
     if genes is not None:
-        info["interactions"] = _interactions(model, z, t, tr, genes, dataset)
+        info["interactions"] = _mean_of([_interactions(m, z, t, tr, genes, dataset) for m in models])
 
     out = adata.copy() if copy else adata
     _write(out, prefix, _plain(info), obs, obsm, keys_obs, keys_obsm)
     return out if copy else None
 
 
-def _readouts(model, z, t, pred_times, dataset):
-    """Every cell pushed to ``pred_times`` (n, T, D) float32, and the trace and eigenvalues (sorted
-    by real part, then imaginary part, descending) of its operator, in chunks of ``CHUNK`` cells."""
-    n, D, T = len(z), model.dim, len(pred_times)
+def _readouts(models, z, t, pred_times, dataset):
+    """Every cell pushed to ``pred_times`` by each model: the mean (n, T, D) float32 and the spread
+    (n, T) float32, the root mean square over models of the distance from that mean (0 for one
+    model); and the trace and eigenvalues (sorted by real part, then imaginary part, descending)
+    of the cell's operator, the mean of the models' A; in chunks of ``CHUNK`` cells."""
+    n, D, T = len(z), models[0].dim, len(pred_times)
     pred = np.empty((n, T, D), dtype=np.float32)
+    spread = np.empty((n, T), dtype=np.float32)
     trace = np.empty(n)
     eig = np.empty((n, D), dtype=np.complex128)
-    p = next(model.parameters())
     for a in range(0, n, CHUNK):
         zc, tc = z[a:a + CHUNK], t[a:a + CHUNK]
-        pred[a:a + CHUNK] = model.predict(zc, tc, pred_times, dataset=dataset)
-        with torch.no_grad():
-            A = model.operator(torch.as_tensor(zc, dtype=p.dtype, device=p.device),
-                               torch.as_tensor(tc, dtype=torch.float64, device=p.device), dataset=dataset)
-        A = A.cpu().double().numpy()
+        each = np.stack([m.predict(zc, tc, pred_times, dataset=dataset) for m in models]).astype(np.float64)
+        pred[a:a + CHUNK] = each.mean(axis=0)
+        spread[a:a + CHUNK] = np.sqrt(((each - each.mean(axis=0)) ** 2).sum(axis=-1).mean(axis=0))
+        A = np.mean([_operator(m, zc, tc, dataset) for m in models], axis=0)
         trace[a:a + CHUNK] = np.trace(A, axis1=1, axis2=2)
         ev = np.linalg.eigvals(A)
         order = np.lexsort((-ev.imag, -ev.real), axis=-1)
         eig[a:a + CHUNK] = np.take_along_axis(ev, order, axis=-1)
-    return pred, trace, eig
+    return pred, spread, trace, eig
+
+
+def _operator(model, z, t, dataset) -> np.ndarray:
+    """A(z, t) of one model as float64 (n, D, D)."""
+    p = next(model.parameters())
+    with torch.no_grad():
+        A = model.operator(torch.as_tensor(z, dtype=p.dtype, device=p.device),
+                           torch.as_tensor(t, dtype=torch.float64, device=p.device), dataset=dataset)
+    return A.cpu().double().numpy()
+
+
+def _mean_of(records: list) -> dict:
+    """The interaction records of an ensemble's members as one: numeric arrays averaged."""
+    out = dict(records[0])
+    for k in ("weight", "fraction_positive", "weight_per_time", "fraction_positive_per_time"):
+        out[k] = np.mean([r[k] for r in records], axis=0)
+    return out
 
 
 def _pred_features(pred, tr, prefix):

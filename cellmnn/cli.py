@@ -400,10 +400,10 @@ def cmd_annotate(args):
         raise ValueError(f"--out must name a .h5ad file; got {args.out!r}")
     if os.path.abspath(args.data) == out or (os.path.exists(out) and os.path.samefile(args.data, out)):
         raise ValueError("--out is the input file; annotate writes a new file and never changes DATA")
-    model = load_model(args.model)
+    models = _models(args)
     adata = _read_h5ad(args.data)
-    annotate(adata, model, times=args.times, genes=args.genes, time_key=args.time_key, embedding=args.embedding,
-             prefix=args.prefix, dataset=args.dataset)
+    annotate(adata, models if len(models) > 1 else models[0], times=args.times, genes=args.genes,
+             time_key=args.time_key, embedding=args.embedding, prefix=args.prefix, dataset=args.dataset)
     files.write_atomic(out, files.ANNOTATED_H5AD, adata.write_h5ad, ".h5ad")
     info = adata.uns[args.prefix]
     print(f"annotated {adata.n_obs} cells at {len(info['pred_times'])} times ({', '.join(info['keys']['obsm'])}, "
@@ -514,6 +514,8 @@ def _add_annotate(sub):
     p.add_argument("--time-key", default=None)
     p.add_argument("--embedding", default=None)
     p.add_argument("--dataset", type=int, default=None, help="joint models with a dataset embedding: the dataset")
+    p.add_argument("--ensemble", nargs="+", default=None, metavar="MODEL",
+                   help="more saved models (same data transform): means and the per-cell spread of predictions")
     p.set_defaults(func=cmd_annotate)
 
 

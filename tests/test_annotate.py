@@ -319,3 +319,29 @@ def test_a_bare_model_works_with_its_marginals(fitted, ad):
     np.testing.assert_array_equal(ad.obsm["cellmnn_pred"], model.predict(ad.obsm["cellmnn_z"], ad.obs["day"].to_numpy(),
                                                                           m.times))
     assert "fit" not in ad.uns["cellmnn"] and list(ad.uns["cellmnn"]["training_times"]) == list(m.times)
+
+
+def test_an_ensemble_writes_the_mean_and_the_members_spread(fitted, ad):
+    m, model = fitted
+    other = cellmnn.fit(m, **{**FAST, "seed": 1})
+    one, two, both = ad.copy(), ad.copy(), ad.copy()
+    kw = dict(times=[1.0, 2.5], genes=GENES[:3])
+    cellmnn.annotate(one, model, **kw)
+    cellmnn.annotate(two, other, **kw)
+    cellmnn.annotate(both, [model, other], **kw)
+    each = np.stack([a.obsm["cellmnn_pred"] for a in (one, two)]).astype(np.float64)
+    np.testing.assert_allclose(both.obsm["cellmnn_pred"], each.mean(axis=0), rtol=1e-6, atol=1e-6)
+    spread = np.sqrt(((each - each.mean(axis=0)) ** 2).sum(axis=-1).mean(axis=0))
+    np.testing.assert_allclose(both.obsm["cellmnn_pred_spread"], spread, rtol=1e-5, atol=1e-6)
+    assert both.obsm["cellmnn_pred_spread"].shape == (ad.n_obs, 2) and spread.max() > 0
+    # the trace is linear in A: the mean operator's trace is the mean of the members' traces
+    np.testing.assert_allclose(both.obs["cellmnn_trace"], (one.obs["cellmnn_trace"] + two.obs["cellmnn_trace"]) / 2,
+                               rtol=1e-6, atol=1e-9)
+    w = [a.uns["cellmnn"]["interactions"]["weight"] for a in (one, two)]
+    np.testing.assert_allclose(both.uns["cellmnn"]["interactions"]["weight"], (w[0] + w[1]) / 2, rtol=1e-9)
+    assert both.uns["cellmnn"]["members"] == 2 and one.uns["cellmnn"]["members"] == 1
+    assert "cellmnn_pred_spread" not in one.obsm and "cellmnn_pred_spread" in both.uns["cellmnn"]["keys"]["obsm"]
+    cellmnn.annotate(both, model, **kw)  # re-annotated with one model: its stale spread is removed
+    assert "cellmnn_pred_spread" not in both.obsm
+    with pytest.raises(TypeError, match=r"model\[1\] must be a fitted CellMNN"):
+        cellmnn.annotate(ad.copy(), [model, "m2"])

@@ -270,5 +270,8 @@ def test_cli_transitions_and_annotate(quick, tmp_path, capsys):
     assert "never changes DATA" in capsys.readouterr().err
     assert cli_main(["annotate", str(mdir), str(data), "--out", str(data)]) == 2  # not an annotated file: refused
     assert "refusing to overwrite" in capsys.readouterr().err
-    assert cli_main(["annotate", str(mdir), str(data), "--out", str(tmp_path / "new.h5ad")]) == 0  # its own: ok
+    assert cli_main(["annotate", str(mdir), str(data), "--out", str(tmp_path / "new.h5ad"),  # its own: replaced
+                     "--ensemble", str(mdir)]) == 0
+    new = anndata.read_h5ad(tmp_path / "new.h5ad")
+    assert new.uns["cellmnn"]["members"] == 2 and new.obsm["cellmnn_pred_spread"].max() == 0.0  # one model twice
     assert _sha(data) == before  # the input file is never changed

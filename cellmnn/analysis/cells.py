@@ -61,6 +61,23 @@ def read_cells(adata, plan: CellPlan):
     return t, plan.transform.to_model(x)
 
 
+def members(model) -> list:
+    """A model or an ensemble (a non-empty list of models with one transform) as a list."""
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise ValueError("model: an empty list; give a fitted CellMNN or a list of them (an ensemble)")
+    for k, m in enumerate(models):
+        if not isinstance(m, CellMNN):
+            where = f"model[{k}]" if isinstance(model, (list, tuple)) else "model"
+            raise TypeError(f"{where} must be a fitted CellMNN, got {type(m).__name__}")
+    first = model_space(models[0], None)[0] if len(models) > 1 else None
+    for k, m in enumerate(models[1:], start=1):
+        if getattr(m, "dim", None) != models[0].dim or not model_space(m, None)[0].same_as(first):
+            raise ValueError(f"model[{k}]: its data transform differs from model[0]'s; an ensemble needs models "
+                             "fitted on one transform (one dataset, one PCA)")
+    return models
+
+
 def check_dataset(model, dataset) -> None:
     """``dataset`` is required (an index) for a model with a dataset embedding, and refused otherwise."""
     n_sets = getattr(model, "n_datasets", 0)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .. import checks
-from .cells import check_dataset, model_space, plan_cells, read_cells
+from .cells import check_dataset, members, plan_cells, read_cells
 
 RULES = ("knn", "ot")
 MAX_OT_ENTRIES = 25_000_000  # n_source x n_target of one exact OT match (200 MB of float64 cost matrix)
@@ -72,19 +72,6 @@ class Coupling(TwoTimes):
     """``TwoTimes`` and P (n_source, n_target) float64, rows summing to 1: each source cell's fate
     distribution over the target cells (module docstring)."""
     P: np.ndarray = None
-
-
-def _models(model) -> list:
-    """A model or an ensemble (a non-empty list of models with one transform) as a list."""
-    models = list(model) if isinstance(model, (list, tuple)) else [model]
-    if not models:
-        raise ValueError("model: an empty list; give a fitted CellMNN or a list of them (an ensemble)")
-    first = model_space(models[0], None)[0] if len(models) > 1 else None
-    for k, m in enumerate(models[1:], start=1):
-        if getattr(m, "dim", None) != models[0].dim or not model_space(m, None)[0].same_as(first):
-            raise ValueError(f"model[{k}]: its data transform differs from model[0]'s; an ensemble needs models "
-                             "fitted on one transform (one dataset, one PCA)")
-    return models
 
 
 def _labels(adata, annotation) -> np.ndarray:
@@ -129,7 +116,7 @@ def two_times(model, adata, annotation, source, target, rule="knn", k=15, time_k
     """Check every argument and read the cells at ``source`` and ``target`` (a later time), with
     their groups by ``annotation`` (None: no groups; at ``target`` by ``target_annotation`` when
     given).  Runs no model."""
-    models = _models(model)
+    models = members(model)
     k = _rule(rule, k)
     check_dataset(models[0], dataset)
     plan = plan_cells(adata, models[0], marginals, time_key, embedding)

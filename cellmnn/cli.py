@@ -1,6 +1,6 @@
 """The ``cellmnn`` command line.
 
-    cellmnn demo [--out DIR]                      leave-one-out on the embedded A549 EMT data
+    cellmnn demo [--plot PNG] [--trajectories PNG]   leave-one-out on the embedded A549 EMT data, figures
     cellmnn fit DATA [DATA ...] --holdout K --out DIR   train one model and save it (--resume DIR continues a
                                                   killed run); several DATA: one model trained jointly
     cellmnn evaluate DATA [DATA ...] [--json FILE]     leave-one-out, Cell-MNN beside OT-interpolate
@@ -43,7 +43,7 @@ from .data.load import load_marginals
 from .data.marginals import Marginals
 from .evaluate import joint_to_json, leave_one_out, ot_interpolate
 from .model.persist import check_model_destination, load_model, save_model
-from .plots import plot_flow, plot_heatmap, plot_holdouts, plot_transitions
+from .plots import plot_flow, plot_heatmap, plot_holdouts, plot_trajectories, plot_transitions
 from .train import HParams, check_select, fit, resolve_device
 
 EMBEDDED = "emt-a549"
@@ -173,7 +173,7 @@ def _evaluate_joint(datasets, seeds, hp, json_path=None, embed=False):
     return results
 
 
-def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):
+def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None, trajectories_path=None):
     t0 = time.time()
     result, models = leave_one_out(marginals, holdouts=holdouts, seeds=seeds, return_models=True, report=False,
                                    **hp)
@@ -195,13 +195,19 @@ def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None):
             base[k] = ot_interpolate(marginals.data[k - 1], marginals.data[k + 1], (t_k - t_prev) / (t_next - t_prev))
         plot_holdouts(marginals, preds, base, plot_path)
         print(f"wrote {plot_path}")
+    if trajectories_path:
+        k, seed = min(models)
+        plot_trajectories(marginals, models[(k, seed)], trajectories_path,
+                          title=f"cells of t = {marginals.times[0]:g} pushed by the model trained without "
+                                f"t = {marginals.times[k]:g} (seed {seed})")
+        print(f"wrote {trajectories_path}")
     return result
 
 
 def _check_outputs(args):
     """Every output path of the command, checked before any work (``files.check_output``)."""
     for attr, kind in (("json", files.LOO_JSON), ("plot", files.FIGURE), ("heatmap", files.FIGURE),
-                       ("flow", files.FIGURE)):
+                       ("flow", files.FIGURE), ("trajectories", files.FIGURE)):
         if getattr(args, attr, None):
             files.check_output(getattr(args, attr), kind, f"--{attr}")
 
@@ -213,7 +219,7 @@ def cmd_demo(args):
     hp = _hparams(args)
     print(f"Leave-one-out on the embedded A549 EMT time course (seeds {args.seeds}, at most "
           f"{hp['max_epochs']} epochs per model; `cellmnn evaluate {EMBEDDED}` runs the full protocol).")
-    _evaluate(marginals, None, args.seeds, hp, args.json, args.plot)
+    _evaluate(marginals, None, args.seeds, hp, args.json, args.plot, args.trajectories)
     return 0
 
 
@@ -271,7 +277,8 @@ def cmd_evaluate(args):
     _check_outputs(args)
     _check_flags(_hparams(args))
     if _joint(args):
-        for flag, value in (("--holdouts", args.holdouts), ("--plot", args.plot)):
+        for flag, value in (("--holdouts", args.holdouts), ("--plot", args.plot),
+                            ("--trajectories", args.trajectories)):
             if value is not None:
                 raise ValueError(f"{flag} is for one DATA; with several, every interior timepoint of each is held "
                                  "out in turn (the Python API's leave_one_out takes holdouts per dataset)")
@@ -279,7 +286,7 @@ def cmd_evaluate(args):
         return 0
     if args.dataset_embedding:
         raise ValueError("--dataset-embedding needs several DATA (joint training)")
-    _evaluate(_load(args), args.holdouts, args.seeds, _hparams(args), args.json, args.plot)
+    _evaluate(_load(args), args.holdouts, args.seeds, _hparams(args), args.json, args.plot, args.trajectories)
     return 0
 
 
@@ -550,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--json", default=None, help="write the table as JSON")
     p.add_argument("--plot", default="cellmnn_demo.png", help="PNG of predicted vs observed held-out cells")
+    p.add_argument("--trajectories", default="cellmnn_trajectories.png",
+                   help="PNG of the observed populations (density contours) and cells pushed through every time")
     _train_args(p, max_epochs=300)
     p.set_defaults(func=cmd_demo)
 
@@ -572,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--json", default=None, help="write the table as JSON")
     p.add_argument("--plot", default=None, help="PNG of predicted vs observed held-out cells")
+    p.add_argument("--trajectories", default=None,
+                   help="PNG of the observed populations and cells pushed through every time (one model)")
     _train_args(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -1,5 +1,6 @@
-"""Figures: predicted against observed cells at held-out timepoints, gene-interaction heatmaps, and
-fate transitions between two times (a heatmap and a sankey-style flow)."""
+"""Figures: predicted against observed cells at held-out timepoints, trajectories over the observed
+populations, gene-interaction heatmaps, and fate transitions between two times (a heatmap and a
+sankey-style flow)."""
 from __future__ import annotations
 
 import numpy as np
@@ -40,6 +41,61 @@ def plot_holdouts(marginals, predictions: dict, baselines: dict, path: str, dims
         ax.set_xlabel(f"dim {a + 1}")
         ax.set_ylabel(f"dim {b + 1}")
     axes[0][0].legend(loc="best", fontsize=8, markerscale=2)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _density(x, y, grid, bandwidth):
+    """A Gaussian kernel density of the points (x, y) on ``grid`` (gx, gy meshes), at most 2000 points
+    (a seeded subsample beyond)."""
+    if len(x) > 2000:
+        keep = np.random.default_rng(0).choice(len(x), 2000, replace=False)
+        x, y = x[keep], y[keep]
+    gx, gy = grid
+    d2 = ((gx.ravel()[:, None] - x[None, :]) ** 2 + (gy.ravel()[:, None] - y[None, :]) ** 2) / bandwidth ** 2
+    return np.exp(-0.5 * d2).sum(axis=1).reshape(gx.shape)
+
+
+def plot_trajectories(marginals, model, path: str, dims=(0, 1), n_paths: int = 60, steps: int = 40, seed: int = 0,
+                      title: str = "") -> str:
+    """The observed populations as density contours (one colour per timepoint) and the paths of
+    ``n_paths`` cells of the first timepoint pushed by ``model`` through every later time (``steps``
+    points per gap); with a list of models (an ensemble) the mean path, drawn as wide as the
+    members' spread at its end.  Written atomically (PNG)."""
+    check_output(path, FIGURE)
+    plt = _pyplot()
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    a, b = dims if marginals.dim > 1 else (0, 0)
+    times = np.asarray(marginals.times, dtype=np.float64)
+    grid_t = np.unique(np.concatenate([np.linspace(times[k], times[k + 1], steps) for k in range(len(times) - 1)]))
+    start = marginals.data[0]
+    pick = np.random.default_rng(seed).choice(len(start), min(n_paths, len(start)), replace=False)
+    paths = np.stack([m.predict(start[pick], times[0], grid_t) for m in models])  # (members, n, T, D)
+    mean = paths.mean(axis=0)
+    spread = np.sqrt(((paths[:, :, -1] - mean[:, -1]) ** 2).sum(-1).mean(0))  # (n,) at the last time
+    everything = np.concatenate(list(marginals.data) + [mean.reshape(-1, mean.shape[-1])])
+    lo, hi = everything[:, [a, b]].min(0), everything[:, [a, b]].max(0)
+    pad = 0.08 * (hi - lo + 1e-9)
+    gx, gy = np.meshgrid(*(np.linspace(lo[i] - pad[i], hi[i] + pad[i], 90) for i in (0, 1)))
+    bandwidth = 0.08 * float(np.mean(hi - lo + 1e-9))
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    for k, data in enumerate(marginals.data):
+        dens = _density(data[:, a], data[:, b], (gx, gy), bandwidth)
+        color = cmap(k / max(len(times) - 1, 1))
+        ax.contour(gx, gy, dens, levels=np.quantile(dens[dens > 0], [0.7, 0.9, 0.97]), colors=[color],
+                   linewidths=1.0, alpha=0.9)
+        ax.plot([], [], color=color, label=f"observed t = {times[k]:g}")
+    widths = 0.6 + 2.4 * spread / spread.max() if len(models) > 1 and spread.max() > 0 else np.full(len(pick), 0.8)
+    for i in range(len(pick)):
+        ax.plot(mean[i, :, a], mean[i, :, b], color="0.25", linewidth=widths[i], alpha=0.55)
+    ax.scatter(mean[:, -1, a], mean[:, -1, b], s=8, c="tab:red", zorder=3, label=f"pushed to t = {times[-1]:g}")
+    ax.scatter(start[pick, a], start[pick, b], s=8, c="0.25", zorder=3, label=f"start, t = {times[0]:g}")
+    ax.set_xlabel(f"dim {a + 1}")
+    ax.set_ylabel(f"dim {b + 1}")
+    note = f"; width: spread over {len(models)} members" if len(models) > 1 else ""
+    ax.set_title(title or f"{len(pick)} cells pushed through every time{note}", fontsize=10)
+    ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     return _save(fig, plt, path)
 

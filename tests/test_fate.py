@@ -11,11 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cellmnn
+import cellmnn.files as files
 from cellmnn.analysis import fate
 from cellmnn.analysis.fate import cell_transition, coupling, pull, push
 from cellmnn.cli import main as cli_main
 from cellmnn.data.simulate import advance, simulate
 from cellmnn.model.persist import save_model
+from cellmnn.plots import plot_trajectories
 
 anndata = pytest.importorskip("anndata")
 pd = pytest.importorskip("pandas")
@@ -237,6 +239,17 @@ def test_every_error_comes_before_the_model_runs(quick, monkeypatch):
                         (lambda: push(model, "adata", "group", "a", 0, 2), "adata must be an AnnData")):
         with pytest.raises((ValueError, TypeError), match=match):
             call()
+
+
+def test_trajectory_picture_of_one_model_and_of_an_ensemble(quick, tmp_path):
+    ad, model = quick
+    m = cellmnn.load_marginals(ad, time_key="day", n_components=None)
+    for name, models in (("one.png", model), ("two.png", [model, model])):
+        plot_trajectories(m, models, tmp_path / name, n_paths=10, steps=5)
+        assert files.png_software(str(tmp_path / name)).startswith("cellmnn")
+    (tmp_path / "mine.png").write_bytes(b"not ours")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        plot_trajectories(m, model, tmp_path / "mine.png")
 
 
 def _sha(path):

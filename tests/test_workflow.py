@@ -402,7 +402,8 @@ def test_cli_fit_evaluate_predict(tmp_path, capsys):
     fast = ["--max-epochs", "2", "--check-every", "1", "--batch-size", "32", "--quiet"]
     assert cli_main(["fit", str(data), "--holdout", "1", "--out", str(tmp_path / "model"), *fast]) == 0
     assert cli_main(["evaluate", str(data), "--seeds", "0", "--json", str(tmp_path / "r.json"),
-                     "--plot", str(tmp_path / "r.png"), *fast]) == 0
+                     "--plot", str(tmp_path / "r.png"), "--trajectories", str(tmp_path / "paths.png"), *fast]) == 0
+    assert (tmp_path / "paths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = json.loads((tmp_path / "r.json").read_text())
     assert {r["method"] for r in table["rows"]} == {"Cell-MNN", "OT-interpolate"}
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from . import checks, files
-from .analysis.fate import RULES, cell_transition
+from .analysis.cells import time_column
+from .analysis.fate import RULES, cell_transition, pull, push
 from .analysis.interactions import gene_interactions
 from .analysis.perturb import perturb
 from .analysis.trrust import trrust_validation
@@ -43,7 +44,15 @@ from .data.load import load_marginals
 from .data.marginals import Marginals
 from .evaluate import joint_to_json, leave_one_out, ot_interpolate
 from .model.persist import check_model_destination, load_model, save_model
-from .plots import plot_flow, plot_heatmap, plot_holdouts, plot_trajectories, plot_transitions
+from .plots import (
+    plot_flow,
+    plot_heatmap,
+    plot_holdouts,
+    plot_perturbation,
+    plot_trajectories,
+    plot_transitions,
+    plot_weights,
+)
 from .train import HParams, check_select, fit, resolve_device
 
 EMBEDDED = "emt-a549"
@@ -207,9 +216,9 @@ def _evaluate(marginals, holdouts, seeds, hp, json_path=None, plot_path=None, tr
 def _check_outputs(args):
     """Every output path of the command, checked before any work (``files.check_output``)."""
     for attr, kind in (("json", files.LOO_JSON), ("plot", files.FIGURE), ("heatmap", files.FIGURE),
-                       ("flow", files.FIGURE), ("trajectories", files.FIGURE)):
+                       ("flow", files.FIGURE), ("trajectories", files.FIGURE), ("weights_plot", files.FIGURE)):
         if getattr(args, attr, None):
-            files.check_output(getattr(args, attr), kind, f"--{attr}")
+            files.check_output(getattr(args, attr), kind, f"--{attr.replace('_', '-')}")
 
 
 def cmd_demo(args):
@@ -422,6 +431,12 @@ def cmd_transitions(args):
     """`cellmnn transitions`: fate probabilities from the groups of one time to those of a later one."""
     files.check_output(args.out, files.TRANSITIONS, "--out")
     _check_outputs(args)
+    if bool(args.push or args.pull) != bool(args.weights):
+        raise ValueError("--push/--pull need --weights FILE.csv, and --weights needs --push or --pull")
+    if args.weights:
+        files.check_output(args.weights, files.FATE_WEIGHTS, "--weights")
+    if args.weights_plot and not args.weights:
+        raise ValueError("--weights-plot needs --push or --pull (and --weights)")
     models = _models(args)
     adata = _read_h5ad(args.data)
     table = cell_transition(models if len(models) > 1 else models[0], adata, args.annotation, args.source,
@@ -438,7 +453,34 @@ def cmd_transitions(args):
         if path:
             plot(table, path)
             print(f"wrote {path}")
+    if args.push or args.pull:
+        _push_pull(args, models if len(models) > 1 else models[0], adata)
     return 0
+
+
+def _push_pull(args, model, adata):
+    """``--push`` / ``--pull``: per-cell weights into ``--weights`` (CSV) and ``--weights-plot``."""
+    kw = dict(rule=args.rule, k=args.k, time_key=args.time_key, embedding=args.embedding, dataset=args.dataset)
+    keys = []
+    if args.push:
+        push(model, adata, args.annotation, args.push, args.source, args.target, key_added="cellmnn_push", **kw)
+        keys.append("cellmnn_push")
+    if args.pull:
+        key = args.target_annotation or args.annotation
+        pull(model, adata, key, args.pull, args.source, args.target, key_added="cellmnn_pull", **kw)
+        keys.append("cellmnn_pull")
+    time_key = time_column(adata, args.time_key)
+    w = {k: adata.obs[k].to_numpy(dtype=np.float64) for k in keys}
+    at = np.flatnonzero(np.isfinite(np.vstack(list(w.values()))).any(axis=0))
+    rows = [[adata.obs_names[i], adata.obs[time_key].iloc[i], *("" if not np.isfinite(w[k][i]) else f"{w[k][i]:.6g}"
+                                                              for k in keys)] for i in at]
+    header = ["cell", "time"] + [f"push_{args.push}" if k == "cellmnn_push" else f"pull_{args.pull}" for k in keys]
+    files.write_csv_atomic(args.weights, header, rows, files.FATE_WEIGHTS)
+    print(f"wrote {len(rows)} cells' weights to {args.weights}")
+    if args.weights_plot:
+        plot_weights(adata, keys[0], args.weights_plot, basis=args.basis,
+                     title=f"{header[2]}: t = {args.source:g} -> {args.target:g}")
+        print(f"wrote {args.weights_plot}")
 
 
 def _gene_specs(items) -> dict:
@@ -465,6 +507,7 @@ def cmd_perturb(args):
     """`cellmnn perturb`: genes clamped or scaled along the path, against the unperturbed prediction."""
     genes = _gene_specs(args.genes)
     files.check_output(args.out, files.PERTURBATION, "--out")
+    _check_outputs(args)
     models = _models(args)
     adata = _read_h5ad(args.data)
     res = perturb(models if len(models) > 1 else models[0], adata, genes, args.source, args.target,
@@ -485,6 +528,9 @@ def cmd_perturb(args):
     if res.fractions is not None:
         print(res.fractions.round(3).to_string())
     print(f"wrote {len(rows)} rows to {args.out}")
+    if args.plot:
+        plot_perturbation(res, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -506,6 +552,7 @@ def _add_perturb(sub):
     p.add_argument("--embedding", default=None)
     p.add_argument("--dataset", type=int, default=None, help="joint models with a dataset embedding: the dataset")
     p.add_argument("--out", required=True, help="CSV to write (one row per gene, and per group)")
+    p.add_argument("--plot", default=None, help="PNG of the largest gene shifts (and of the group fractions)")
     p.set_defaults(func=cmd_perturb)
 
 
@@ -545,6 +592,11 @@ def _add_transitions(sub):
     p.add_argument("--out", required=True, help="CSV to write (one row per pair of groups)")
     p.add_argument("--heatmap", default=None, help="PNG heatmap of the table")
     p.add_argument("--flow", default=None, help="PNG sankey-style flow between the two times")
+    p.add_argument("--push", default=None, metavar="GROUP", help="also: where the cells of GROUP at --source go")
+    p.add_argument("--pull", default=None, metavar="GROUP", help="also: where the cells of GROUP at --target came from")
+    p.add_argument("--weights", default=None, help="with --push/--pull: CSV of the per-cell weights")
+    p.add_argument("--weights-plot", default=None, help="with --push/--pull: PNG of the cells coloured by weight")
+    p.add_argument("--basis", default=None, help="obsm key for --weights-plot (default: the first two columns of X)")
     p.set_defaults(func=cmd_transitions)
 
 

@@ -97,6 +97,7 @@ LOO_JSON = OutputKind("leave-one-out JSON", _json_with_format(LOO_FORMAT, ("rows
 FIGURE = OutputKind("cellmnn figure (PNG)", lambda path: png_software(path).startswith(SOFTWARE))
 TRANSITIONS = OutputKind("transitions CSV", _csv_with_header("source_group,target_group,probability,"))
 PERTURBATION = OutputKind("perturbation CSV", _csv_with_header("kind,name,control,perturbed,shift,"))
+FATE_WEIGHTS = OutputKind("push/pull weights CSV", _csv_with_header("cell,time,"))
 ANNOTATE_FORMAT = "cellmnn-annotate"  # the "format" entry of what annotate writes into uns[prefix]
 
 

@@ -143,6 +143,64 @@ def plot_transitions(table, path: str, title: str = "") -> str:
     return _save(fig, plt, path)
 
 
+def plot_perturbation(result, path: str, top: int = 20) -> str:
+    """A ``perturb`` result: the mean shift of the ``top`` most moved genes (bars, with the spread
+    over ensemble members as error bars) and, when it has group fractions, the share of the pushed
+    cells reaching each group without and with the perturbation; written atomically (PNG)."""
+    check_output(path, FIGURE)
+    plt = _pyplot()
+    order = np.argsort(-np.abs(result.shift))[:top]
+    panels = 2 if result.fractions is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.0 * panels + 1.0, 0.9 + 0.28 * len(order) + 1.5), squeeze=False)
+    ax = axes[0][0]
+    y = np.arange(len(order))[::-1]
+    colors = ["tab:red" if result.shift[i] > 0 else "tab:blue" for i in order]
+    ax.barh(y, result.shift[order], xerr=result.shift_spread[order], color=colors, alpha=0.8)
+    ax.set_yticks(y, [str(result.features[i]) for i in order], fontsize=8)
+    ax.axvline(0.0, color="0.3", linewidth=0.8)
+    ax.set_xlabel(f"mean shift at t = {result.target:g} (perturbed - control)")
+    what = ", ".join(f"{g}: {v}" for g, v in result.spec.get("genes", {}).items()) or "directions"
+    ax.set_title(f"{what}; cells of t = {result.source:g}", fontsize=9)
+    if result.fractions is not None:
+        ax = axes[0][1]
+        f = result.fractions
+        x = np.arange(len(f))
+        ax.bar(x - 0.2, f["control"], width=0.4, color="0.6", label="control")
+        ax.bar(x + 0.2, f["perturbed"], width=0.4, color="tab:purple", label="perturbed")
+        ax.set_xticks(x, [str(g) for g in f.index], rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(f"share of the pushed cells at t = {result.target:g}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_weights(adata, key: str, path: str, basis=None, dims=(0, 1), title: str = "") -> str:
+    """Cells coloured by a per-cell weight column ``obs[key]`` (``push``/``pull`` write them; NaN
+    cells grey, underneath), on ``obsm[basis]`` or, by default, the first two columns of ``X``;
+    written atomically (PNG)."""
+    check_output(path, FIGURE)
+    if key not in adata.obs.columns:
+        raise ValueError(f"key {key!r} is not a column of adata.obs")
+    if basis is not None and basis not in adata.obsm:
+        raise ValueError(f"basis {basis!r} is not in adata.obsm; available: {list(adata.obsm.keys())}")
+    plt = _pyplot()
+    xy = np.asarray(adata.obsm[basis] if basis is not None else
+                    (adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X), dtype=np.float64)[:, list(dims)]
+    w = adata.obs[key].to_numpy(dtype=np.float64)
+    has = np.isfinite(w)
+    fig, ax = plt.subplots(figsize=(5.8, 4.8))
+    ax.scatter(xy[~has, 0], xy[~has, 1], s=4, c="0.85", label="other times")
+    order = np.argsort(w[has])
+    sc = ax.scatter(xy[has][order, 0], xy[has][order, 1], s=7, c=w[has][order], cmap="magma_r")
+    fig.colorbar(sc, ax=ax, shrink=0.8, label=key)
+    ax.set_xlabel(f"{basis or 'X'} {dims[0] + 1}")
+    ax.set_ylabel(f"{basis or 'X'} {dims[1] + 1}")
+    ax.set_title(title or key, fontsize=10)
+    ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
 def _ribbon(ax, x0, x1, y0, y1, color):
     """A band from [y0] at x0 to [y1] at x1 (each a (bottom, top) pair) with smooth S-shaped edges."""
     s = np.linspace(0.0, 1.0, 50)

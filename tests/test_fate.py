@@ -276,6 +276,24 @@ def test_cli_transitions_and_annotate(quick, tmp_path, capsys):
                      "--out", str(tmp_path / "t2.csv")]) == 2
     assert "annotation 'kind' is not a column of adata.obs" in capsys.readouterr().err
 
+    weights = ["--push", "a", "--pull", "b", "--weights", str(tmp_path / "w.csv"),
+               "--weights-plot", str(tmp_path / "w.png")]
+    assert cli_main(["transitions", str(mdir), str(data), "--annotation", "group", "--source", "0", "--target", "2",
+                     "--out", str(tmp_path / "t3.csv"), *weights]) == 0
+    rows = [r.split(",") for r in (tmp_path / "w.csv").read_text().splitlines()]
+    assert rows[0] == ["cell", "time", "push_a", "pull_b"] and len(rows) == 1 + 80  # the cells of t = 0 and t = 2
+    want_push = push(model, ad.copy(), "group", "a", 0, 2, key_added=None)
+    want_pull = pull(model, ad.copy(), "group", "b", 0, 2, key_added=None)
+    index = {name: i for i, name in enumerate(ad.obs_names)}
+    for cell, _, p, q in rows[1:]:
+        i = index[cell]
+        assert (float(p) if p else np.nan) == pytest.approx(want_push[i], abs=1e-6, nan_ok=True)
+        assert (float(q) if q else np.nan) == pytest.approx(want_pull[i], abs=1e-6, nan_ok=True)
+    assert files.png_software(str(tmp_path / "w.png")).startswith("cellmnn")
+    assert cli_main(["transitions", str(mdir), str(data), "--annotation", "group", "--source", "0", "--target", "2",
+                     "--out", str(tmp_path / "t4.csv"), "--push", "a"]) == 2
+    assert "need --weights" in capsys.readouterr().err
+
     assert cli_main(["annotate", str(mdir), str(data), "--out", str(tmp_path / "new.h5ad"), "--times", "1", "3"]) == 0
     new = anndata.read_h5ad(tmp_path / "new.h5ad")
     assert new.obsm["cellmnn_pred"].shape == (120, 2, 3) and list(new.uns["cellmnn"]["pred_times"]) == [1.0, 3.0]

@@ -173,7 +173,9 @@ def test_cli_perturb(quick, tmp_path, capsys):
     ad.write_h5ad(data)
     save_model(model, mdir)
     assert cli_main(["perturb", str(mdir), str(data), "--genes", "g1=0", "g2=scale:1.5", "--source", "0",
-                     "--target", "2", "--annotation", "group", "--out", str(out)]) == 0
+                     "--target", "2", "--annotation", "group", "--out", str(out),
+                     "--plot", str(tmp_path / "ko.png")]) == 0
+    assert (tmp_path / "ko.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [r.split(",") for r in out.read_text().splitlines()]
     assert rows[0] == ["kind", "name", "control", "perturbed", "shift", "spread"]
     res = perturb(model, ad, {"g1": 0.0, "g2": ("scale", 1.5)}, 0, 2, annotation="group")

@@ -4,7 +4,7 @@
     cellmnn fit DATA [DATA ...] --holdout K --out DIR   train one model and save it (--resume DIR continues a
                                                   killed run); several DATA: one model trained jointly
     cellmnn evaluate DATA [DATA ...] [--json FILE]     leave-one-out, Cell-MNN beside OT-interpolate
-    cellmnn predict MODEL DATA --from-time T0 --to-time T1 [T2 ...] --out FILE.csv
+    cellmnn predict MODEL DATA --from-time T0 --to-time T1 [T2 ...] --out FILE.csv [--ensemble MODEL ...]
     cellmnn interactions MODEL DATA (--genes G ... | --pairs S:T ... | --trrust TSV [--ensemble MODEL ...])
         --out FILE.csv
     cellmnn inflate DATA --n-cells N --out FILE.npz   noisy copies of the cells (the paper's scaling protocol)
@@ -363,22 +363,27 @@ def cmd_interactions(args):
 def cmd_predict(args):
     """`cellmnn predict`: push the cells of one timepoint to other times with a saved model."""
     files.check_output(args.out, files.PREDICTIONS, "--out")
-    model = load_model(args.model)
+    models = _models(args)
+    model = models[0]
     marginals = _in_model_space(model, args)
     matches = np.nonzero(np.isclose(marginals.times, args.from_time, rtol=1e-9, atol=0.0))[0]
     if len(matches) == 0:
         raise ValueError(f"--from-time {args.from_time:g} is not a timepoint of the data; times are "
                          f"{[float(t) for t in marginals.times]}")
     x0 = marginals.data[matches[0]]
-    pred = model.predict(x0.astype(np.float32), args.from_time, list(args.to_time))  # (n, T, D)
+    each = np.stack([m.predict(x0.astype(np.float32), args.from_time, list(args.to_time)) for m in models])
     if args.features and model.transform is not None:
-        pred = np.stack([model.transform.to_features(pred[:, j]) for j in range(pred.shape[1])], axis=1)
+        each = np.stack([[model.transform.to_features(p[:, j]) for j in range(p.shape[1])] for p in each]
+                        ).transpose(0, 2, 1, 3)
+    pred = each.mean(axis=0)  # (n, T, D or F)
+    spread = np.sqrt(((each - pred) ** 2).sum(axis=-1).mean(axis=0))  # (n, T), in the units written
     names = [f"x{i + 1}" for i in range(pred.shape[2])]
     if args.features and model.transform is not None and model.transform.feature_names:
         names = list(model.transform.feature_names)
-    rows = [[i, args.from_time, t, *[f"{v:.6g}" for v in pred[i, j]]]
+    extra = ["spread"] if len(models) > 1 else []
+    rows = [[i, args.from_time, t, *[f"{v:.6g}" for v in pred[i, j]], *([f"{spread[i, j]:.6g}"] if extra else [])]
             for j, t in enumerate(args.to_time) for i in range(pred.shape[0])]
-    files.write_csv_atomic(args.out, ["cell", "from_time", "time", *names], rows, files.PREDICTIONS)
+    files.write_csv_atomic(args.out, ["cell", "from_time", "time", *names, *extra], rows, files.PREDICTIONS)
     print(f"wrote {pred.shape[0]} cells x {len(args.to_time)} times to {args.out}")
     return 0
 
@@ -644,6 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-time", type=float, nargs="+", required=True)
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--features", action="store_true", help="write feature space (undo z-score and PCA)")
+    p.add_argument("--ensemble", nargs="+", default=None, metavar="MODEL",
+                   help="more saved models (same data transform): the mean prediction and a spread column (root "
+                        "mean square distance of the members' predictions from it)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("interactions", help="gene interactions of a saved model (CSV, heatmap, TRRUST check)")

@@ -411,6 +411,18 @@ def test_cli_fit_evaluate_predict(tmp_path, capsys):
                      "--out", str(tmp_path / "pred.csv"), "--features"]) == 0
     lines = (tmp_path / "pred.csv").read_text().splitlines()
     assert lines[0] == "cell,from_time,time,a,b,c" and len(lines) == 1 + 2 * 30
+    assert cli_main(["fit", str(data), "--holdout", "1", "--seed", "1", "--out", str(tmp_path / "model_b"), *fast]) == 0
+    assert cli_main(["predict", str(tmp_path / "model_b"), str(data), "--from-time", "1", "--to-time", "2.5", "4",
+                     "--out", str(tmp_path / "pred_b.csv"), "--features"]) == 0
+    assert cli_main(["predict", str(tmp_path / "model"), str(data), "--from-time", "1", "--to-time", "2.5", "4",
+                     "--out", str(tmp_path / "pred_ab.csv"), "--features",
+                     "--ensemble", str(tmp_path / "model_b")]) == 0
+    one, two, both = (np.loadtxt(tmp_path / f, delimiter=",", skiprows=1) for f in ("pred.csv", "pred_b.csv",
+                                                                                    "pred_ab.csv"))
+    assert (tmp_path / "pred_ab.csv").read_text().splitlines()[0] == "cell,from_time,time,a,b,c,spread"
+    np.testing.assert_allclose(both[:, 3:6], (one[:, 3:6] + two[:, 3:6]) / 2, rtol=1e-4, atol=1e-4)
+    half = np.linalg.norm(one[:, 3:6] - two[:, 3:6], axis=1) / 2  # two members: each is that far from the mean
+    np.testing.assert_allclose(both[:, 6], half, rtol=1e-3, atol=1e-4)
     assert cli_main(["predict", str(tmp_path / "model"), str(data), "--from-time", "9", "--to-time", "2",
                      "--out", str(tmp_path / "p2.csv")]) == 2
     assert "not a timepoint" in capsys.readouterr().err

@@ -138,6 +138,8 @@ def test_dependent_directions_are_refused(quick):
     a = constraints(m.transform, {"g1": 0.0})[0][0]
     with pytest.raises(ValueError, match="not independent"):
         perturb(model, ad, {"g1": 0.0}, 0, 2, directions={"same": (2 * a, 1.0)})
+    with pytest.raises(TypeError, match="genes must be a dict"):
+        perturb(model, ad, ["g1"], 0, 2)
     with pytest.raises(ValueError, match="'x1'"):
         constraints(Transform(np.zeros(2), np.ones(2)), {"x1": 0.0, "g": 1.0})
 

@@ -34,6 +34,7 @@ effect of the perturbation alone.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,6 +101,9 @@ def constraints(transform, genes=None, directions=None):
     W = np.eye(D) if transform.pca_components is None else np.asarray(transform.pca_components, dtype=np.float64)
     mu = np.zeros(W.shape[1]) if transform.pca_mean is None else np.asarray(transform.pca_mean, dtype=np.float64)
     names = gene_names(transform, W.shape[1])
+    for what, value in (("genes", genes), ("directions", directions)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"{what} must be a dict (name -> value), got {type(value).__name__} {value!r}")
     rows, offsets, specs = [], [], []
     for name, spec in (genes or {}).items():
         if name not in names:

@@ -22,10 +22,12 @@ def number(name: str, v, low=None, high=None, low_open: bool = False, high_open:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a number, got {v!r}")
     v = float(v)
-    bounds = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+    bounds = ("(" if low_open or low is None else "[") + f"{'-inf' if low is None else low}, " + \
+        f"{'inf' if high is None else high}" + (")" if high_open or high is None else "]")
     if not math.isfinite(v) or (low is not None and (v < low or low_open and v == low)) or \
             (high is not None and (v > high or high_open and v == high)):
-        raise ValueError(f"{name} must be a finite number in {bounds.replace('None', 'inf')}, got {v!r}")
+        where = "" if low is None and high is None else f" in {bounds}"
+        raise ValueError(f"{name} must be a finite number{where}, got {v!r}")
     return v
 
 

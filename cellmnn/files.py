@@ -119,7 +119,7 @@ def is_annotated_h5ad(path: str) -> bool:
     return False
 
 
-ANNOTATED_H5AD = OutputKind("annotated .h5ad", is_annotated_h5ad)
+ANNOTATED_H5AD = OutputKind("cellmnn-annotated .h5ad file", is_annotated_h5ad)
 
 
 def json_kind(fmt: str, legacy_keys: tuple = ()) -> OutputKind:

@@ -9,7 +9,7 @@
         --out FILE.csv
     cellmnn inflate DATA --n-cells N --out FILE.npz   noisy copies of the cells (the paper's scaling protocol)
     cellmnn annotate MODEL DATA.h5ad --out NEW.h5ad   read-outs written into a copy of the AnnData
-    cellmnn transitions MODEL DATA.h5ad --annotation KEY --source T0 --target T1 --out FILE.csv
+    cellmnn transitions MODEL DATA.h5ad --annotation KEY --source T0 --target T1 [T2 ...] --out FILE.csv
         [--heatmap PNG] [--flow PNG]              fate probabilities between the groups of two times
     cellmnn perturb MODEL DATA.h5ad --genes GATA1=0 SPI1=scale:2 --source T0 --target T1 --out FILE.csv
         [--annotation KEY]                        clamp or scale genes along the path: shifts of genes and groups
@@ -442,24 +442,28 @@ def cmd_transitions(args):
         files.check_output(args.weights, files.FATE_WEIGHTS, "--weights")
     if args.weights_plot and not args.weights:
         raise ValueError("--weights-plot needs --push or --pull (and --weights)")
+    times = [args.source] + list(args.target)
+    if (args.push or args.pull) and len(args.target) > 1:
+        raise ValueError("--push/--pull take one --target time")
     models = _models(args)
+    model = models if len(models) > 1 else models[0]
     adata = _read_h5ad(args.data)
-    table = cell_transition(models if len(models) > 1 else models[0], adata, args.annotation, args.source,
-                            args.target, target_annotation=args.target_annotation, rule=args.rule, k=args.k,
-                            time_key=args.time_key, embedding=args.embedding, dataset=args.dataset)
-    counts = table.attrs["source_counts"]
-    rows = [[g, h, f"{table.loc[g, h]:.6g}", f"{table.attrs['source_time']:g}", f"{table.attrs['target_time']:g}",
-             counts[g], args.rule] for g in table.index for h in table.columns]
+    tables = [cell_transition(model, adata, args.annotation, a, b, target_annotation=args.target_annotation,
+                              rule=args.rule, k=args.k, time_key=args.time_key, embedding=args.embedding,
+                              dataset=args.dataset) for a, b in zip(times[:-1], times[1:])]
+    rows = [[g, h, f"{t.loc[g, h]:.6g}", f"{t.attrs['source_time']:g}", f"{t.attrs['target_time']:g}",
+             t.attrs["source_counts"][g], args.rule] for t in tables for g in t.index for h in t.columns]
     files.write_csv_atomic(args.out, ["source_group", "target_group", "probability", "source_time", "target_time",
                                       "n_source_cells", "rule"], rows, files.TRANSITIONS)
-    print(table.round(3).to_string())
+    for t in tables:
+        print(t.round(3).to_string())
     print(f"wrote {len(rows)} group pairs to {args.out}")
-    for path, plot in ((args.heatmap, plot_transitions), (args.flow, lambda t, p: plot_flow([t], p))):
+    for path, plot in ((args.heatmap, plot_transitions), (args.flow, plot_flow)):
         if path:
-            plot(table, path)
+            plot(tables, path)
             print(f"wrote {path}")
     if args.push or args.pull:
-        _push_pull(args, models if len(models) > 1 else models[0], adata)
+        _push_pull(args, model, adata)
     return 0
 
 
@@ -468,11 +472,11 @@ def _push_pull(args, model, adata):
     kw = dict(rule=args.rule, k=args.k, time_key=args.time_key, embedding=args.embedding, dataset=args.dataset)
     keys = []
     if args.push:
-        push(model, adata, args.annotation, args.push, args.source, args.target, key_added="cellmnn_push", **kw)
+        push(model, adata, args.annotation, args.push, args.source, args.target[0], key_added="cellmnn_push", **kw)
         keys.append("cellmnn_push")
     if args.pull:
         key = args.target_annotation or args.annotation
-        pull(model, adata, key, args.pull, args.source, args.target, key_added="cellmnn_pull", **kw)
+        pull(model, adata, key, args.pull, args.source, args.target[0], key_added="cellmnn_pull", **kw)
         keys.append("cellmnn_pull")
     time_key = time_column(adata, args.time_key)
     w = {k: adata.obs[k].to_numpy(dtype=np.float64) for k in keys}
@@ -484,7 +488,7 @@ def _push_pull(args, model, adata):
     print(f"wrote {len(rows)} cells' weights to {args.weights}")
     if args.weights_plot:
         plot_weights(adata, keys[0], args.weights_plot, basis=args.basis,
-                     title=f"{header[2]}: t = {args.source:g} -> {args.target:g}")
+                     title=f"{header[2]}: t = {args.source:g} -> {args.target[0]:g}")
         print(f"wrote {args.weights_plot}")
 
 
@@ -585,7 +589,8 @@ def _add_transitions(sub):
     p.add_argument("--annotation", required=True, help="obs column naming each cell's group")
     p.add_argument("--target-annotation", default=None, help="another obs column for the groups at --target")
     p.add_argument("--source", type=float, required=True, help="the earlier time")
-    p.add_argument("--target", type=float, required=True, help="the later time")
+    p.add_argument("--target", type=float, nargs="+", required=True,
+                   help="the later time; several: the transitions between consecutive times, in one CSV and figure")
     p.add_argument("--rule", choices=RULES, default="knn",
                    help="how pushed cells meet observed ones: k nearest (default) or an exact OT match")
     p.add_argument("--k", type=int, default=15, help="neighbours per pushed cell with --rule knn")

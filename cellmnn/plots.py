@@ -121,25 +121,28 @@ def plot_heatmap(matrix, genes, path: str, title: str = "") -> str:
 
 
 def plot_transitions(table, path: str, title: str = "") -> str:
-    """A ``cell_transition`` table as a heatmap (source groups x target groups, probabilities
-    written in the cells), written atomically (PNG)."""
+    """``cell_transition`` tables as heatmaps (source groups x target groups, probabilities written
+    in the cells): one table, or a list of them side by side (e.g. consecutive times); written
+    atomically (PNG)."""
     check_output(path, FIGURE)
     plt = _pyplot()
-    M = np.asarray(table, dtype=np.float64)
-    rows, cols = [str(v) for v in table.index], [str(v) for v in table.columns]
-    fig, ax = plt.subplots(figsize=(2.5 + 0.6 * len(cols), 1.8 + 0.45 * len(rows)))
-    im = ax.imshow(M, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
-    for i in range(M.shape[0]):
-        for j in range(M.shape[1]):
-            ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if M[i, j] > 0.6 else "black")
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8)
-    ax.set_xlabel(table.columns.name or "target group")
-    ax.set_ylabel(table.index.name or "source group")
-    ax.set_title(title or f"transition probabilities ({table.attrs.get('rule', '')})", fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
+    tables = list(table) if isinstance(table, (list, tuple)) else [table]
+    width = sum(2.5 + 0.6 * t.shape[1] for t in tables)
+    fig, axes = plt.subplots(1, len(tables), figsize=(width, 1.8 + 0.45 * max(t.shape[0] for t in tables)),
+                             squeeze=False)
+    for ax, t in zip(axes[0], tables):
+        M = np.asarray(t, dtype=np.float64)
+        im = ax.imshow(M, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+        for i in range(M.shape[0]):
+            for j in range(M.shape[1]):
+                ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if M[i, j] > 0.6 else "black")
+        ax.set_xticks(range(M.shape[1]), [str(v) for v in t.columns], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(M.shape[0]), [str(v) for v in t.index], fontsize=8)
+        ax.set_xlabel(t.columns.name or "target group")
+        ax.set_ylabel(t.index.name or "source group")
+        ax.set_title(title or f"transition probabilities ({t.attrs.get('rule', '')})", fontsize=10)
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
     return _save(fig, plt, path)
 
 

@@ -293,6 +293,20 @@ def test_cli_transitions_and_annotate(quick, tmp_path, capsys):
     assert cli_main(["transitions", str(mdir), str(data), "--annotation", "group", "--source", "0", "--target", "2",
                      "--out", str(tmp_path / "t4.csv"), "--push", "a"]) == 2
     assert "need --weights" in capsys.readouterr().err
+    chain = ["--out", str(tmp_path / "t5.csv"), "--flow", str(tmp_path / "f5.png"),
+             "--heatmap", str(tmp_path / "h5.png")]
+    assert cli_main(["transitions", str(mdir), str(data), "--annotation", "group", "--source", "0", "--target", "1",
+                     "2", *chain]) == 0  # consecutive times: 0 -> 1 and 1 -> 2 in one CSV and one figure each
+    pairs = {tuple(r.split(",")[3:5]) for r in (tmp_path / "t5.csv").read_text().splitlines()[1:]}
+    assert pairs == {("0", "1"), ("1", "2")}
+    second = cell_transition(model, ad, "group", 1, 2)
+    got = {(r.split(",")[0], r.split(",")[1]): float(r.split(",")[2])
+           for r in (tmp_path / "t5.csv").read_text().splitlines()[1:] if r.split(",")[3] == "1"}
+    assert got == pytest.approx({(g, h): second.loc[g, h] for g in second.index for h in second.columns}, abs=1e-5)
+    assert files.png_software(str(tmp_path / "f5.png")).startswith("cellmnn")
+    assert cli_main(["transitions", str(mdir), str(data), "--annotation", "group", "--source", "0", "--target", "1",
+                     "2", "--out", str(tmp_path / "t6.csv"), "--push", "a", "--weights", str(tmp_path / "w6.csv")]) == 2
+    assert "one --target time" in capsys.readouterr().err
 
     assert cli_main(["annotate", str(mdir), str(data), "--out", str(tmp_path / "new.h5ad"), "--times", "1", "3"]) == 0
     new = anndata.read_h5ad(tmp_path / "new.h5ad")

@@ -101,11 +101,12 @@ def _noise(case: str) -> np.ndarray:
     return noise
 
 
-def simulate(case: str, n_cells: int, seed: int, initial=None):
+def simulate(case: str, n_cells: int, seed: int, initial=None, rotation_seed=None):
     """(arrays, times): one independent population of ``n_cells`` per snapshot time, each started
     from the case's initial distribution (or ``initial(n, rng)``, a 2-d case's other start) and
     integrated by Euler-Maruyama with step ``STEP``; arrays are (n_cells, dim) float64 in observed
-    (rotated) coordinates."""
+    (rotated) coordinates.  The rotation is ``rotation(case, seed)``, or of ``rotation_seed`` when
+    given (an independent re-simulation of the same observed course)."""
     drift, dim, times, _ = _case(case)
     if initial is not None and dim != 2:
         raise ValueError(f"another initial distribution is for the 2-d cases; {case} has {dim} dimensions")
@@ -115,7 +116,7 @@ def simulate(case: str, n_cells: int, seed: int, initial=None):
     for t in times:
         x = start(case, n_cells, rng, dim) if initial is None else initial(n_cells, rng)
         arrays.append(_integrate(drift, x, t, noise, rng))
-    Q = rotation(case, seed)
+    Q = rotation(case, seed if rotation_seed is None else rotation_seed)
     return [a @ Q.T for a in arrays], list(times)
 
 

@@ -15,7 +15,7 @@ import cellmnn.files as files
 from cellmnn.analysis import fate
 from cellmnn.analysis.fate import cell_transition, coupling, pull, push
 from cellmnn.cli import main as cli_main
-from cellmnn.data.simulate import advance, simulate
+from cellmnn.data.simulate import advance, rotation, simulate
 from cellmnn.model.persist import save_model
 from cellmnn.plots import plot_trajectories
 
@@ -54,6 +54,24 @@ def quick():
     ad = course_anndata(arrays, [0.0, 1.0, 2.0], [np.where(a[:, 1] < a[:, 1].mean(), "a", "b") for a in arrays])
     m = cellmnn.load_marginals(ad, time_key="day", n_components=None)
     return ad, cellmnn.fit(m, **FAST)
+
+
+def test_simulated_courses_are_seeded_and_advance_carries_given_cells():
+    a, times = simulate("bifurcation-5d", 40, seed=0)
+    b, _ = simulate("bifurcation-5d", 40, seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and times == [0, 1, 2, 3, 4]
+    Q = rotation("bifurcation-5d", 0)
+    np.testing.assert_allclose(Q @ Q.T, np.eye(5), atol=1e-12)
+    again, _ = simulate("bifurcation-5d", 4000, seed=7, rotation_seed=0)  # another draw, the same rotation
+    latent = again[4] @ Q  # back to the simulator's coordinates: the pitchfork's two fates at x = +-1
+    assert np.abs(np.abs(latent[:, 0]).mean() - 1.0) < 0.05 and abs(latent[:, 0].mean()) < 0.1
+    np.testing.assert_allclose(advance("bifurcation-5d", a[2], 0.0, seed=1)[0], a[2])
+    ends = advance("bifurcation", a[0][:, :2] * 0 + [[0.5, 0.0]], 3.0, seed=1, repeats=20)
+    assert ends.shape == (20, 40, 2) and (ends[..., 0] > 0.5).mean() > 0.95  # x = 0.5 flows to the +1 fate
+    with pytest.raises(ValueError, match="case must be one of"):
+        simulate("spiral", 10, 0)
+    with pytest.raises(ValueError, match=r"x must have shape \(n, 2\)"):
+        advance("cycle", np.zeros((3, 5)), 1.0, seed=0)
 
 
 @pytest.mark.parametrize("source, target", [(1.0, 2.0), (1.0, 4.0), (2.0, 4.0)])

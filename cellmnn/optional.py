@@ -13,6 +13,6 @@ LAZY = {
     "pandas": "backed .h5ad reading of obs columns",
     "ot": "exact optimal transport (POT): W1 and the OT-interpolate baseline",
     "sklearn": "PCA of feature tables, ROC/PR scores of the network checks",
-    "scipy": "the matrix exponential of the linear ground-truth simulation",
+    "scipy": "the matrix exponential of the linear ground-truth simulation, sparse fate couplings",
     "matplotlib": "figures (--plot, --heatmap, the demo)",
 }

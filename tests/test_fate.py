@@ -135,22 +135,24 @@ def test_pull_of_the_single_late_fate_recovers_both_starting_clusters():
 def test_table_push_and_pull_are_sums_of_the_coupling(quick, rule):
     ad, model = quick
     c = coupling(model, ad, "group", 0, 2, rule=rule, k=4)
-    np.testing.assert_allclose(c.P.sum(axis=1), 1.0, atol=1e-12)
+    assert hasattr(c.P, "toarray") == (rule == "knn")  # knn: sparse, k entries a row; ot: dense
+    P = c.P.toarray() if rule == "knn" else c.P
+    np.testing.assert_allclose(P.sum(axis=1), 1.0, atol=1e-12)
     if rule == "ot":  # balanced: every observed cell receives the same mass
-        np.testing.assert_allclose(c.P.sum(axis=0), len(c.source_cells) / len(c.target_cells), atol=1e-9)
+        np.testing.assert_allclose(P.sum(axis=0), len(c.source_cells) / len(c.target_cells), atol=1e-9)
     else:  # each pushed cell's 4 nearest observed cells, 1/4 each
-        assert ((c.P > 0).sum(axis=1) == 4).all()
+        assert ((P > 0).sum(axis=1) == 4).all()
     table = cell_transition(model, ad, "group", 0, 2, rule=rule, k=4)
     for g in table.index:
         for h in table.columns:
-            expect = c.P[c.source_labels == g][:, c.target_labels == h].sum() / (c.source_labels == g).sum()
+            expect = P[c.source_labels == g][:, c.target_labels == h].sum() / (c.source_labels == g).sum()
             assert table.loc[g, h] == pytest.approx(expect, abs=1e-12)
     w = push(model, ad, "group", "a", 0, 2, rule=rule, k=4, key_added=None)
     at2 = ad.obs["day"].to_numpy() == 2.0
-    np.testing.assert_allclose(w[at2], c.P[c.source_labels == "a"].mean(axis=0), atol=1e-12)
+    np.testing.assert_allclose(w[at2], P[c.source_labels == "a"].mean(axis=0), atol=1e-12)
     assert np.isnan(w[~at2]).all() and w[at2].sum() == pytest.approx(1.0)
     v = pull(model, ad, "group", "b", 0, 2, rule=rule, k=4, key_added=None)
-    mass = c.P[:, c.target_labels == "b"].sum(axis=1)
+    mass = P[:, c.target_labels == "b"].sum(axis=1)
     np.testing.assert_allclose(v[ad.obs["day"].to_numpy() == 0.0], mass / mass.sum(), atol=1e-12)
     assert "cellmnn_push" not in ad.obs and "cellmnn_pull" not in ad.obs  # key_added=None writes nothing
 
@@ -161,13 +163,23 @@ def test_knn_match_gives_each_pushed_cell_to_its_nearest_observed_cells(n, m, k,
     # share its unit of mass.  Ties are broken arbitrarily, so distances are drawn continuous.
     rng = np.random.default_rng(seed)
     pushed, observed = rng.normal(size=(n, 3)), rng.normal(size=(m, 3))
-    P = fate.match(pushed, observed, "knn", k)
+    P = fate.match(pushed, observed, "knn", k).toarray()
     d = np.linalg.norm(pushed[:, None] - observed[None], axis=2)
     kk = min(k, m)
     for i in range(n):
         nearest = set(np.argsort(d[i])[:kk])
         assert set(np.flatnonzero(P[i])) == nearest
         np.testing.assert_allclose(P[i][list(nearest)], 1.0 / kk)
+
+
+def test_knn_match_in_blocks_is_the_same_match(monkeypatch):
+    # Large populations are matched in row blocks of KNN_BLOCK // n_observed pushed cells, so that
+    # the distances held at once stay bounded; the blocks must not change the result.
+    rng = np.random.default_rng(5)
+    pushed, observed = rng.normal(size=(37, 3)), rng.normal(size=(23, 3))
+    whole = fate.match(pushed, observed, "knn", 5).toarray()
+    monkeypatch.setattr(fate, "KNN_BLOCK", 50)  # 2 rows a block
+    np.testing.assert_array_equal(fate.match(pushed, observed, "knn", 5).toarray(), whole)
 
 
 @given(n=st.integers(1, 25), m=st.integers(1, 25), seed=st.integers(0, 2 ** 16))

@@ -45,6 +45,7 @@ from .cells import check_dataset, members, plan_cells, read_cells
 RULES = ("knn", "ot")
 MAX_OT_ENTRIES = 25_000_000  # n_source x n_target of one exact OT match (200 MB of float64 cost matrix)
 CHUNK = 65536  # cells per model call
+KNN_BLOCK = 2 ** 24  # pushed x observed distances computed at once by the knn match (128 MB of float64)
 RECORD = "cellmnn_fate"  # uns entry that records the obs columns push and pull wrote
 
 
@@ -70,8 +71,17 @@ class TwoTimes:
 @dataclass
 class Coupling(TwoTimes):
     """``TwoTimes`` and P (n_source, n_target) float64, rows summing to 1: each source cell's fate
-    distribution over the target cells (module docstring)."""
-    P: np.ndarray = None
+    distribution over the target cells (module docstring); a ``scipy.sparse`` CSR matrix for
+    rule "knn" (k entries per row), a dense array for "ot"."""
+    P: object = None
+
+    def rows_mean(self, rows) -> np.ndarray:
+        """The mean of P's rows selected by ``rows`` (a boolean mask over source cells), (n_target,)."""
+        return np.asarray(self.P[np.asarray(rows)].mean(axis=0)).ravel()
+
+    def cols_sum(self, cols) -> np.ndarray:
+        """The sum of P's columns selected by ``cols`` (a boolean mask over target cells), (n_source,)."""
+        return np.asarray(self.P[:, np.asarray(cols)].sum(axis=1)).ravel()
 
 
 def _labels(adata, annotation) -> np.ndarray:
@@ -145,9 +155,10 @@ def coupling(model, adata, annotation, source, target, rule="knn", k=15, time_ke
 
 def couple(c: TwoTimes, dataset=None) -> Coupling:
     """The coupling of checked cells ``c``: every model pushes the source cells, matched by ``c.rule``."""
-    P = np.zeros((len(c.source_cells), len(c.target_cells)))
+    P = None
     for m in c.models:
-        P += match(push_cells(m, c.z_source, c.source_time, c.target_time, dataset), c.z_target, c.rule, c.k)
+        Pm = match(push_cells(m, c.z_source, c.source_time, c.target_time, dataset), c.z_target, c.rule, c.k)
+        P = Pm if P is None else P + Pm
     return Coupling(**vars(c), P=P / len(c.models))
 
 
@@ -163,9 +174,10 @@ def push_cells(model, z, t0, t1, dataset=None) -> np.ndarray:
     return out
 
 
-def match(pushed, observed, rule, k) -> np.ndarray:
+def match(pushed, observed, rule, k):
     """(n_pushed, n_observed) float64, rows summing to 1: each pushed cell's unit of mass handed to
-    the observed cells by ``rule`` ("knn" with ``k`` neighbours, or "ot"; module docstring)."""
+    the observed cells by ``rule`` (module docstring): for "knn" (``k`` neighbours) a
+    ``scipy.sparse`` CSR matrix, for "ot" a dense array (at most ``MAX_OT_ENTRIES``)."""
     if rule == "ot":
         import ot
 
@@ -173,14 +185,17 @@ def match(pushed, observed, rule, k) -> np.ndarray:
         a = np.full(len(pushed), 1.0 / len(pushed))
         b = np.full(len(observed), 1.0 / len(observed))
         return ot.emd(a, b, cost / cost.max() if cost.max() > 0 else cost, numItermax=10_000_000) * len(pushed)
+    from scipy import sparse
+
     kk = min(k, len(observed))
-    P = np.zeros((len(pushed), len(observed)))
+    idx = np.empty((len(pushed), kk), dtype=np.int64)
     obs = torch.as_tensor(observed)
-    for a in range(0, len(pushed), 4096):
-        d = torch.cdist(torch.as_tensor(pushed[a:a + 4096]), obs)
-        idx = d.topk(kk, dim=1, largest=False).indices.numpy()
-        np.put_along_axis(P[a:a + 4096], idx, 1.0 / kk, axis=1)
-    return P
+    rows = max(1, min(4096, KNN_BLOCK // max(1, len(observed))))  # distances held at once: rows x n_observed
+    for a in range(0, len(pushed), rows):
+        d = torch.cdist(torch.as_tensor(pushed[a:a + rows]), obs)
+        idx[a:a + rows] = d.topk(kk, dim=1, largest=False).indices.numpy()
+    indptr = np.arange(0, len(pushed) * kk + 1, kk)
+    return sparse.csr_matrix((np.full(idx.size, 1.0 / kk), idx.ravel(), indptr), shape=(len(pushed), len(observed)))
 
 
 def _groups(adata, key, labels) -> list:
@@ -226,7 +241,7 @@ def cell_transition(model, adata, annotation, source, target, target_annotation=
                              "there a group (or leave them out of adata)")
     c = couple(c, dataset)
     rows, cols = _groups(adata, annotation, c.source_labels), _groups(adata, tgt_key, c.target_labels)
-    T = np.stack([c.P[c.source_labels == g].mean(axis=0) for g in rows])  # (groups, n_target)
+    T = np.stack([c.rows_mean(c.source_labels == g) for g in rows])  # (groups, n_target)
     table = np.stack([T[:, c.target_labels == h].sum(axis=1) for h in cols], axis=1)
     df = pd.DataFrame(table, index=pd.Index(rows, name=f"{annotation} at {c.source_time:g}"),
                       columns=pd.Index(cols, name=f"{tgt_key} at {c.target_time:g}"))
@@ -247,7 +262,7 @@ def push(model, adata, annotation, group, source, target, key_added="cellmnn_pus
     check_group(c.source_labels, group, "group", c.source_time)
     c = couple(c, dataset)
     w = np.full(adata.n_obs, np.nan)
-    w[c.target_cells] = c.P[c.source_labels == str(group)].mean(axis=0)
+    w[c.target_cells] = c.rows_mean(c.source_labels == str(group))
     _write(adata, key_added, w, dict(kind="push", annotation=annotation, group=str(group), source=c.source_time,
                                      target=c.target_time, rule=rule))
     return w
@@ -262,7 +277,7 @@ def pull(model, adata, annotation, group, source, target, key_added="cellmnn_pul
     _check_key(adata, key_added)
     check_group(c.target_labels, group, "group", c.target_time)
     c = couple(c, dataset)
-    mass = c.P[:, c.target_labels == str(group)].sum(axis=1)
+    mass = c.cols_sum(c.target_labels == str(group))
     if mass.sum() <= 0:
         raise ValueError(f"group {group!r} at time {c.target_time:g} receives no mass from time {c.source_time:g} "
                          f"under rule={rule!r} (no pushed cell lands near it); try rule='ot'")

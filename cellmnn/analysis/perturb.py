@@ -208,8 +208,7 @@ def _fractions(ctrl, pert, observed, labels, rule, k):
     groups = sorted({v for v in labels if v is not None})
     out = {}
     for name, pushed in (("control", ctrl), ("perturbed", pert)):
-        P = np.mean([match(p, observed, rule, k) for p in pushed], axis=0)
-        reach = P.mean(axis=0)
+        reach = np.mean([np.asarray(match(p, observed, rule, k).mean(axis=0)).ravel() for p in pushed], axis=0)
         out[name] = [float(reach[labels == g].sum()) for g in groups]
     df = pd.DataFrame(out, index=pd.Index(groups, name="group at target"))
     df["shift"] = df["perturbed"] - df["control"]

@@ -48,7 +48,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .analysis.cells import check_dataset, members, plan_cells, read_cells
+from .analysis.cells import CHUNK, check_dataset, members, plan_cells, read_cells
 from .analysis.interactions import gene_interactions, gene_names
 from .checks import warn
 from .data.marginals import Marginals, Transform
@@ -58,7 +58,6 @@ from .version import __version__
 
 FORMAT = ANNOTATE_FORMAT
 FORMAT_VERSION = 1
-CHUNK = 65536  # cells per model call
 MAX_FEATURE_VALUES = 10 ** 8  # obsm[P_pred_features] is written only up to n * T * F values (400 MB)
 _OBSM = ("z", "pred", "pred_features", "pred_spread", "eigvals_real", "eigvals_imag")
 _OBS = ("trace", "spectral_abscissa")

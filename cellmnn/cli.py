@@ -543,10 +543,21 @@ def cmd_perturb(args):
     return 0
 
 
+def _h5ad_command_args(p, data_help: str, ensemble_help: str):
+    """The arguments shared by the commands that read a saved model and an .h5ad (annotate,
+    transitions, perturb): MODEL, DATA, --time-key, --embedding, --dataset, --ensemble."""
+    p.add_argument("model", help="a model directory written by `cellmnn fit`")
+    p.add_argument("data", help=data_help)
+    p.add_argument("--time-key", default=None)
+    p.add_argument("--embedding", default=None)
+    p.add_argument("--dataset", type=int, default=None, help="joint models with a dataset embedding: the dataset")
+    p.add_argument("--ensemble", nargs="+", default=None, metavar="MODEL", help=ensemble_help)
+
+
 def _add_perturb(sub):
     p = sub.add_parser("perturb", help="clamp or scale genes along the path; shifts of genes and group fractions")
-    p.add_argument("model", help="a model directory written by `cellmnn fit`")
-    p.add_argument("data", help="an .h5ad with the model's raw features and times")
+    _h5ad_command_args(p, "an .h5ad with the model's raw features and times",
+                       "more saved models (same data transform): member-wise, averaged, with their spread")
     p.add_argument("--genes", nargs="+", required=True, metavar="GENE=VALUE",
                    help="GENE=VALUE clamps the gene at VALUE (feature units; 0 knocks it out); GENE=scale:F holds "
                         "it at F times each cell's own value")
@@ -555,11 +566,6 @@ def _add_perturb(sub):
     p.add_argument("--annotation", default=None, help="obs column: also the shift in group fractions at --target")
     p.add_argument("--rule", choices=RULES, default="knn")
     p.add_argument("--k", type=int, default=15)
-    p.add_argument("--ensemble", nargs="+", default=None, metavar="MODEL",
-                   help="more saved models (same data transform): member-wise, averaged, with their spread")
-    p.add_argument("--time-key", default=None)
-    p.add_argument("--embedding", default=None)
-    p.add_argument("--dataset", type=int, default=None, help="joint models with a dataset embedding: the dataset")
     p.add_argument("--out", required=True, help="CSV to write (one row per gene, and per group)")
     p.add_argument("--plot", default=None, help="PNG of the largest gene shifts (and of the group fractions)")
     p.set_defaults(func=cmd_perturb)
@@ -567,25 +573,20 @@ def _add_perturb(sub):
 
 def _add_annotate(sub):
     p = sub.add_parser("annotate", help="a model's read-outs written into a new .h5ad (never changes DATA)")
-    p.add_argument("model", help="a model directory written by `cellmnn fit`")
-    p.add_argument("data", help="an .h5ad with the model's raw features (X or --embedding) and times")
+    _h5ad_command_args(p, "an .h5ad with the model's raw features (X or --embedding) and times",
+                       "more saved models (same data transform): means and the per-cell spread of predictions")
     p.add_argument("--out", required=True, help="the annotated .h5ad to write (a new file)")
     p.add_argument("--times", type=float, nargs="+", default=None,
                    help="times to predict every cell at (default: the model's timepoints)")
     p.add_argument("--genes", nargs="+", default=None, help="genes whose pairwise interaction weights to record")
     p.add_argument("--prefix", default="cellmnn", help="start of every key written (default cellmnn)")
-    p.add_argument("--time-key", default=None)
-    p.add_argument("--embedding", default=None)
-    p.add_argument("--dataset", type=int, default=None, help="joint models with a dataset embedding: the dataset")
-    p.add_argument("--ensemble", nargs="+", default=None, metavar="MODEL",
-                   help="more saved models (same data transform): means and the per-cell spread of predictions")
     p.set_defaults(func=cmd_annotate)
 
 
 def _add_transitions(sub):
     p = sub.add_parser("transitions", help="fate probabilities between the groups of two times (CSV, figures)")
-    p.add_argument("model", help="a model directory written by `cellmnn fit`")
-    p.add_argument("data", help="an .h5ad with the model's raw features, times and the group annotation")
+    _h5ad_command_args(p, "an .h5ad with the model's raw features, times and the group annotation",
+                       "more saved models (same data transform) whose couplings are averaged")
     p.add_argument("--annotation", required=True, help="obs column naming each cell's group")
     p.add_argument("--target-annotation", default=None, help="another obs column for the groups at --target")
     p.add_argument("--source", type=float, required=True, help="the earlier time")
@@ -594,11 +595,6 @@ def _add_transitions(sub):
     p.add_argument("--rule", choices=RULES, default="knn",
                    help="how pushed cells meet observed ones: k nearest (default) or an exact OT match")
     p.add_argument("--k", type=int, default=15, help="neighbours per pushed cell with --rule knn")
-    p.add_argument("--ensemble", nargs="+", default=None, metavar="MODEL",
-                   help="more saved models (same data transform) whose couplings are averaged")
-    p.add_argument("--time-key", default=None)
-    p.add_argument("--embedding", default=None)
-    p.add_argument("--dataset", type=int, default=None, help="joint models with a dataset embedding: the dataset")
     p.add_argument("--out", required=True, help="CSV to write (one row per pair of groups)")
     p.add_argument("--heatmap", default=None, help="PNG heatmap of the table")
     p.add_argument("--flow", default=None, help="PNG sankey-style flow between the two times")

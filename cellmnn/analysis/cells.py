@@ -15,6 +15,7 @@ from ..data.tables import DEFAULT_TIME_KEYS, as_float, numeric_times
 from ..model.network import CellMNN
 from .interactions import model_transform
 
+CHUNK = 65536  # cells per model call, for every read-out that runs a model over an AnnData
 _EMBEDDING_SOURCE = re.compile(r"obsm\[(['\"])(.+)\1\]$")
 
 

@@ -40,11 +40,10 @@ import numpy as np
 import torch
 
 from .. import checks
-from .cells import check_dataset, members, plan_cells, read_cells
+from .cells import CHUNK, check_dataset, members, plan_cells, read_cells
 
 RULES = ("knn", "ot")
 MAX_OT_ENTRIES = 25_000_000  # n_source x n_target of one exact OT match (200 MB of float64 cost matrix)
-CHUNK = 65536  # cells per model call
 KNN_BLOCK = 2 ** 24  # pushed x observed distances computed at once by the knn match (128 MB of float64)
 RECORD = "cellmnn_fate"  # uns entry that records the obs columns push and pull wrote
 

@@ -43,7 +43,8 @@ import torch
 from cellmnn_kernels import local_linear_step
 
 from .. import checks
-from .fate import CHUNK, match, push_cells, two_times
+from .cells import CHUNK
+from .fate import match, push_cells, two_times
 from .interactions import gene_names
 
 RANK_TOL = 1e-8  # relative singular value below which clamped directions count as dependent

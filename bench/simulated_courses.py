@@ -93,8 +93,10 @@ def parse_set(pairs) -> dict:
     hp = {"verbose": False}
     for kv in pairs:
         k, v = kv.split("=", 1)
-        hp[k] = json.loads(v) if v not in ("direct", "eigen", "auto", "cpu", "cuda", "kept_times", "future",
-                                           "grid") else v
+        try:
+            hp[k] = json.loads(v)
+        except json.JSONDecodeError:  # an option name: direct, eigen, future, state, ...
+            hp[k] = v
     return hp
 
 

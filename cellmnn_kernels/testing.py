@@ -87,3 +87,15 @@ base = status("VmRSS:")
 laplace_mmd(x, y, backend="{backend}").backward()
 print(status("VmHWM:") - base)
 """
+
+
+def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rtol: float, name: str = "value", floor: float = 0.0,
+                     dim=None) -> None:
+    """||got - want|| <= rtol (||want|| + floor), with norms over ``dim`` (None: the whole tensor),
+    comparing in float64; the message names the value and the worst ratio to the tolerance."""
+    err = (got.double() - want.double()).norm(dim=dim) if dim is not None else (got.double() - want.double()).norm()
+    ref = want.double().norm(dim=dim) if dim is not None else want.double().norm()
+    tol = rtol * (ref + floor) + 1e-300
+    if not bool((err <= tol).all()):
+        worst = float((err / tol).max())
+        raise AssertionError(f"{name}: error is {worst:.3g} x the tolerance (rtol {rtol:g})")

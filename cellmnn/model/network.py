@@ -1,14 +1,24 @@
 """The Cell-MNN model: an MLP predicts a local linear operator A(x, t) per cell, and the cell's
-trajectory is decoded in closed form, x(t') = expm((t' - t) A) x, by ``local_linear_step``."""
+trajectory is decoded in closed form, x(t') = expm((t' - t) A) x, by ``local_linear_step``; or, with
+the decoder options, with an affine drift, a learned diffusion and re-linearised pieces
+(``piecewise_decode``)."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from cellmnn_kernels import local_linear_step
+from cellmnn_kernels import piecewise_decode, sde_covariance
+
+from .. import checks
 
 PARAMETERIZATIONS = ("direct", "eigen")
+NOISES = ("none", "state")
+#: The noise scale at initialisation (per square root of ``time_unit``, in model space): softplus(0 + offset).
+NOISE_INIT = 0.1
+_NOISE_OFFSET = math.log(math.expm1(NOISE_INIT))
 
 
 class CellMNN(nn.Module):
@@ -29,11 +39,24 @@ class CellMNN(nn.Module):
     code of the cell's dataset, so the first layer's weights for it are a learned per-dataset
     embedding (``width`` numbers per dataset); ``dataset=`` then names the dataset (0-based, in
     the order of ``fit``'s list) wherever cells enter.
+
+    Decoder options (the defaults are the paper's closed-form decoder):
+
+    * ``affine``: the drift is A x + b with b (D,) from the same MLP, so each cell relaxes towards
+      its own fixed point instead of the origin (decoded exactly on the augmented state [x; 1]).
+    * ``noise="state"``: a diagonal diffusion g(x, t) (D,) from the same MLP (softplus, ``NOISE_INIT``
+      at the start), dx = (A x + b) ds + diag(g) dW: predictions are samples of the exact Gaussian
+      transition (``local_linear_sde_step``); ``predict_distribution`` gives its mean and covariance.
+    * ``piece_length``: re-evaluate A (and b, g) every ``piece_length`` (in units of ``time_unit``)
+      along the path (``piecewise_decode``), with each rate bounded by ``rate_bound`` per time unit
+      (r tanh(a / r), elementwise) so that re-linearised training stays finite.
     """
 
     def __init__(self, dim: int, width: int = 96, depth: int = 4, init_scale: float = 0.01,
                  parameterization: str = "direct", num_const_dims: int = 0, backend: str = "auto",
-                 time_offset: float = 0.0, time_scale: float = 1.0, time_unit: float = 1.0, n_datasets: int = 0):
+                 time_offset: float = 0.0, time_scale: float = 1.0, time_unit: float = 1.0, n_datasets: int = 0,
+                 affine: bool = False, noise: str = "none", piece_length: float | None = None,
+                 rate_bound: float = 10.0):
         super().__init__()
         for name, v in (("dim", dim), ("width", width), ("depth", depth), ("n_datasets", n_datasets + 1)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -54,7 +77,8 @@ class CellMNN(nn.Module):
         self.num_const_dims, self.backend = int(num_const_dims), backend
         self.time_offset, self.time_scale, self.time_unit = float(time_offset), float(time_scale), float(time_unit)
         self.n_datasets = int(n_datasets)
-        n_out = n_outputs(dim, parameterization, num_const_dims)
+        self.decoder = DecoderSpec(dim, parameterization, num_const_dims, affine, noise, piece_length, rate_bound)
+        n_out = self.decoder.n_outputs
         layers, n_in = [], dim + 1 + self.n_datasets
         for _ in range(depth):
             layers += [nn.Linear(n_in, width), nn.LeakyReLU()]
@@ -73,7 +97,12 @@ class CellMNN(nn.Module):
         return dict(dim=self.dim, width=self.width, depth=self.depth, init_scale=self.init_scale,
                     parameterization=self.parameterization, num_const_dims=self.num_const_dims,
                     backend=self.backend, time_offset=self.time_offset, time_scale=self.time_scale,
-                    time_unit=self.time_unit, n_datasets=self.n_datasets)
+                    time_unit=self.time_unit, n_datasets=self.n_datasets, **self.decoder.options())
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether predictions are samples (a learned diffusion)."""
+        return self.decoder.noise != "none"
 
     def _dataset_code(self, dataset, n: int, like: torch.Tensor) -> torch.Tensor:
         """The (n, n_datasets) one-hot input of ``dataset`` (an index, or one index per cell)."""
@@ -91,33 +120,92 @@ class CellMNN(nn.Module):
                              f"got {dataset!r}")
         return torch.nn.functional.one_hot(d.expand(n).long(), self.n_datasets).to(like.dtype)
 
+    def outputs(self, x: torch.Tensor, t: torch.Tensor, dataset=None, check_errors: bool = True):
+        """(A, b, g, penalty) for cells x (B, D) at times t (B,): A (B, D, D) per unit of the data's time,
+        b (B, D) or None, g (B, D) or None, the per-cell eigen penalty (B,) or None (``DecoderSpec.split``)."""
+        tin = ((t - self.time_offset) / self.time_scale).to(x.dtype)  # in t's dtype first (float64 keeps offsets)
+        h = self.mlp(torch.cat([x, tin[:, None], self._dataset_code(dataset, x.shape[0], x)], dim=1))
+        return self.decoder.split(h, self.time_unit, check_errors)
+
     def operator(self, x: torch.Tensor, t: torch.Tensor, return_penalty: bool = False, dataset=None):
         """A (B, D, D) for cells x (B, D) at times t (B,), per unit of the data's time; with the eigen
         penalty if asked.  ``dataset``: see the class docstring."""
-        tin = ((t - self.time_offset) / self.time_scale).to(x.dtype)  # in t's dtype first (float64 keeps offsets)
-        h = self.mlp(torch.cat([x, tin[:, None], self._dataset_code(dataset, x.shape[0], x)], dim=1))
-        A, penalty = outputs_to_operator(h, self.dim, self.parameterization, self.num_const_dims, self.time_unit)
+        A, _, _, penalty = self.outputs(x, t, dataset)
         penalty = penalty.mean() if penalty is not None else x.new_zeros(())
         return (A, penalty) if return_penalty else A
 
     def forward(self, x0: torch.Tensor, t0: torch.Tensor, t: torch.Tensor, return_penalty: bool = False,
-                dataset=None):
+                dataset=None, seed: int | None = 0):
         """Decode cells x0 (B, D) observed at t0 (B,) to times t (B, T): X, V (B, T, D).
 
-        Times may be float64 while x0 is float32: offsets t - t0 are then taken in float64."""
-        A, penalty = self.operator(x0, t0, return_penalty=True, dataset=dataset)
-        X, V = local_linear_step(A, x0, (t - t0[:, None]).to(x0.dtype), backend=self.backend)
+        Times may be float64 while x0 is float32: offsets t - t0 are then taken in float64.  With a
+        learned diffusion X is a sample (draws from ``seed``; None: torch's global generator) and V
+        the drift there."""
+        first = self.outputs(x0, t0, dataset)
+        dt = (t - t0[:, None]).to(x0.dtype)
+        code = self._dataset_code(dataset, x0.shape[0], x0)
+
+        def operator(z, u):
+            tin = ((t0 + u - self.time_offset) / self.time_scale).to(x0.dtype)
+            return self.decoder.split(self.mlp(torch.cat([z, tin[:, None], code], 1)), self.time_unit)[:3]
+
+        gen = None
+        if self.stochastic and seed is not None:
+            gen = torch.Generator(device=x0.device).manual_seed(int(seed))
+        noise = lambda i: torch.randn(dt.shape + x0.shape[1:] if self.decoder.piece_length is None  # noqa: E731
+                                      else x0.shape, generator=gen, dtype=x0.dtype, device=x0.device)
+        X, V, _, _ = piecewise_decode(operator, x0, dt, self.decoder.piece_time(self.time_unit), noise,
+                                      backend=self.backend, first=first[:3])
+        penalty = first[3].mean() if first[3] is not None else x0.new_zeros(())
         return (X, V, penalty) if return_penalty else (X, V)
 
     @torch.no_grad()
-    def predict(self, x0, t0, t, dataset=None):
+    def predict(self, x0, t0, t, dataset=None, n_samples: int | None = None, seed: int = 0):
         """Push cells x0 (n, D) observed at time(s) t0 to time(s) t.
 
         t0 is a number or (n,); t a number (returns (n, D)) or a sequence of T times (returns
         (n, T, D)); ``dataset`` (models with a dataset embedding only) the cells' dataset.  Accepts and
         returns numpy arrays, or tensors if x0 is a tensor.  Non-numeric,
         NaN/Inf or wrongly shaped inputs are a ValueError/TypeError naming the argument.
+
+        A model with a learned diffusion returns samples: one per cell, or ``n_samples`` per cell
+        with a leading axis (n_samples, n, ...), drawn from ``seed`` (reproducible).  A deterministic
+        model accepts n_samples too (identical copies).
         """
+        x0, t0, tt, scalar, as_numpy = self._prediction_inputs(x0, t0, t)
+        if n_samples is not None:
+            n_samples = checks.positive_int("n_samples", n_samples)
+        n = x0.shape[0]
+        reps = 1 if n_samples is None else n_samples
+        outs = []
+        for r in range(reps):
+            X, _ = self(x0, t0, tt.reshape(1, -1).expand(n, -1), dataset=dataset, seed=seed + r)
+            outs.append(X[:, 0] if scalar else X)
+        X = outs[0] if n_samples is None else torch.stack(outs)
+        return X.cpu().numpy() if as_numpy else X
+
+    @torch.no_grad()
+    def predict_distribution(self, x0, t0, t, dataset=None):
+        """The predictive distribution of each cell in closed form: mean (n, D) and covariance (n, D, D)
+        for a number t, or (n, T, D) and (n, T, D, D) for T times.  Exact for the single-piece decoder
+        (with noise="none" the covariance is 0); re-linearised pieces have no closed form (ValueError:
+        sample with ``predict(n_samples=...)``)."""
+        if self.decoder.piece_length is not None:
+            raise ValueError("predict_distribution needs the single-piece decoder (piece_length=None); this model "
+                             f"re-linearises every {self.decoder.piece_length} time units: use predict(n_samples=...)")
+        x0, t0, tt, scalar, as_numpy = self._prediction_inputs(x0, t0, t)
+        n = x0.shape[0]
+        dt = (tt.reshape(1, -1).expand(n, -1) - t0[:, None]).to(x0.dtype)
+        A, b, g, _ = self.outputs(x0, t0, dataset)
+        M, _, _, _ = piecewise_decode(lambda z, u: (A, b, None), x0, dt, None, first=(A, b, None))
+        S = sde_covariance(A, dt, g) if g is not None else M.new_zeros(M.shape + M.shape[-1:])
+        if scalar:
+            M, S = M[:, 0], S[:, 0]
+        return (M.cpu().numpy(), S.cpu().numpy()) if as_numpy else (M, S)
+
+    def _prediction_inputs(self, x0, t0, t):
+        """x0 (n, D) as a tensor of the model's dtype, t0 (n,), the times (float64), whether t was a
+        number, and whether x0 came as numpy; errors name the argument."""
         as_numpy = not isinstance(x0, torch.Tensor)
         p = next(self.parameters())
         if as_numpy:
@@ -140,9 +228,59 @@ class CellMNN(nn.Module):
         tt = _times("t", t, p)
         if tt.dim() > 1:
             raise ValueError(f"t must be a number or a 1-d sequence of times; got shape {tuple(tt.shape)}")
-        X, _ = self(x0, t0, tt.reshape(1, -1).expand(n, -1), dataset=dataset)
-        X = X[:, 0] if scalar else X
-        return X.cpu().numpy() if as_numpy else X
+        return x0, t0, tt, scalar, as_numpy
+
+
+class DecoderSpec:
+    """How the MLP's outputs become a decoder: the operator's parameterisation and the options of
+    ``CellMNN`` (affine, noise, piece_length, rate_bound).  Outputs, in order: the operator's
+    (``n_outputs``), then b (D, affine), then the noise (D, noise="state")."""
+
+    def __init__(self, dim, parameterization="direct", num_const_dims=0, affine=False, noise="none",
+                 piece_length=None, rate_bound=10.0):
+        if not isinstance(affine, (bool, np.bool_)):
+            raise TypeError(f"affine must be True or False, got {affine!r}")
+        if noise not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+        for name, v in (("piece_length", piece_length), ("rate_bound", rate_bound)):
+            if name == "piece_length" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or \
+                    not 0 < float(v) < math.inf:
+                alt = " or None" if name == "piece_length" else ""
+                raise ValueError(f"{name} must be a positive finite number{alt}, got {v!r}")
+        self.dim, self.parameterization, self.num_const_dims = dim, parameterization, num_const_dims
+        self.affine, self.noise = bool(affine), noise
+        self.piece_length = None if piece_length is None else float(piece_length)
+        self.rate_bound = float(rate_bound)
+        self.n_operator = n_outputs(dim, parameterization, num_const_dims)
+        self.n_outputs = self.n_operator + dim * (int(self.affine) + int(noise != "none"))
+
+    def options(self) -> dict:
+        """The decoder's constructor options (recorded in saved models)."""
+        return dict(affine=self.affine, noise=self.noise, piece_length=self.piece_length, rate_bound=self.rate_bound)
+
+    def piece_time(self, time_unit: float):
+        """The piece length in the data's units of time, or None (one piece)."""
+        return None if self.piece_length is None else self.piece_length * time_unit
+
+    def split(self, h: torch.Tensor, time_unit: float = 1.0, check_errors: bool = True):
+        """MLP outputs h (n, n_outputs) -> (A, b, g, penalty) in the data's units of time: A (n, D, D),
+        b (n, D) or None, g (n, D) or None (per square root of time), the eigen penalty (n,) or None."""
+        D, k = self.dim, self.n_operator
+        A, penalty = outputs_to_operator(h[:, :k], D, self.parameterization, self.num_const_dims, 1.0, check_errors)
+        if self.piece_length is not None:  # bounded rates, per time unit
+            r = self.rate_bound
+            A = r * torch.tanh(A / r)
+        b = g = None
+        if self.affine:
+            b = h[:, k:k + D] / time_unit
+            k += D
+        if self.noise != "none":
+            g = torch.nn.functional.softplus(h[:, k:k + D] + _NOISE_OFFSET) / math.sqrt(time_unit)
+        if time_unit != 1.0:
+            A = A / time_unit
+        return A, b, g, penalty
 
 
 def n_outputs(dim: int, parameterization: str, num_const_dims: int = 0) -> int:

@@ -16,12 +16,12 @@ import torch
 from cellmnn_kernels.ops.utils import BACKENDS
 
 from .. import checks
-from ..model.network import PARAMETERIZATIONS
+from ..model.network import PARAMETERIZATIONS, DecoderSpec
 from .objective import KINETIC
 
 #: Hyperparameters every member of one ensemble must share (the shape of the computation).
 SHARED = ("width", "depth", "parameterization", "num_const_dims", "batch_size", "kinetic", "backend", "device",
-          "check_every", "cuda_graph")
+          "check_every", "cuda_graph", "affine", "noise", "piece_length", "rate_bound")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ class HParams:
     device: object = "cpu"
     cuda_graph: bool = False
     verbose: bool = True
+    affine: bool = False
+    noise: str = "none"
+    piece_length: float | None = None
+    rate_bound: float = 10.0
 
     def __post_init__(self):
         put = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 - frozen: normalise once
@@ -70,6 +74,11 @@ class HParams:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         resolve_device(self.device)
+        put("affine", checks.flag("affine", self.affine))
+        spec = DecoderSpec(1, affine=self.affine, noise=self.noise, piece_length=self.piece_length,
+                           rate_bound=self.rate_bound)  # checks the decoder options
+        put("piece_length", spec.piece_length)
+        put("rate_bound", spec.rate_bound)
 
     @classmethod
     def names(cls) -> list:

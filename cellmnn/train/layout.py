@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..model.network import CellMNN, n_outputs
+from ..model.network import CellMNN, DecoderSpec
 from ..model.stacked import layer_shapes, pack, unpack
 from .hparams import HParams, time_unit
 from .objective import Course, Objective, kinetic_grid
@@ -62,8 +62,9 @@ class Setup:
         self.t_offset, self.t_scale = min(self.times), (span if span > 0 else 1.0)
         self.data = torch.as_tensor(np.concatenate(self.data_list), dtype=self.dtype, device=device)
         self.kinetic, self.backend = hp0.kinetic, hp0.backend
-        self.shapes = layer_shapes(self.D + self.embed, hp0.width, hp0.depth,
-                                   n_outputs(self.D, hp0.parameterization, hp0.num_const_dims))
+        self.decoder = DecoderSpec(self.D, hp0.parameterization, hp0.num_const_dims, hp0.affine, hp0.noise,
+                                   hp0.piece_length, hp0.rate_bound)
+        self.shapes = layer_shapes(self.D + self.embed, hp0.width, hp0.depth, self.decoder.n_outputs)
         self.grid = kinetic_grid(self.times, self.kinetic, self.unit)
         self._split(members)
         self._models(members)
@@ -119,7 +120,7 @@ class Setup:
     def _new_model(self, hp: HParams) -> CellMNN:
         return CellMNN(self.D, hp.width, hp.depth, hp.init_scale, hp.parameterization, hp.num_const_dims,
                        hp.backend, time_offset=self.t_offset, time_scale=self.t_scale, time_unit=self.unit,
-                       n_datasets=self.embed)
+                       n_datasets=self.embed, **self.decoder.options())
 
     def model(self, mi: int, flat: torch.Tensor) -> CellMNN:
         """Model ``mi`` as a CellMNN with the weights ``flat`` (P,)."""
@@ -177,6 +178,7 @@ class Layout:
         tkeys, tslots, tstarts, tlens = _slots(obs, per_member=[len(s.kept[e]) - 1 for e in active], first_slot=B)
         sel = np.concatenate([own, E * B + np.arange(len(tkeys))])
         self.u = slot_hash(L(np.concatenate([keys, tkeys])[sel]), L(np.concatenate([slots, tslots])[sel]))
+        self.u_src = self.u[:self.n_src]  # the source slots' hashes (their noise draws)
         self.starts = L(np.concatenate([starts, tstarts])[sel])
         self.lens = L(np.concatenate([lens, tlens])[sel])
         t0 = np.concatenate([obj.source_times(el) for el in range(E)])

@@ -44,3 +44,17 @@ def draw(u: torch.Tensor, step: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     u, n: (S,) int64; step: 0-d int64 tensor (on the device: capturable)."""
     h = mix32((u + step * 0x9E3779B9) & _M32)
     return (h * n) >> 32  # h < 2^32, n < 2^31: exact
+
+
+def normals(u: torch.Tensor, step: torch.Tensor, i: int, k: int, dtype=torch.float32) -> torch.Tensor:
+    """Standard-normal draws (S, k) per slot for this step and draw index ``i``, with no host state:
+    two hashes per entry (a stream apart from ``draw``'s) and the Box-Muller transform.
+
+    u: (S,) int64 slot hashes (``slot_hash``); step: 0-d int64 tensor."""
+    j = torch.arange(k, device=u.device) + i * k
+    base = (u[:, None] ^ 0x2545F491) + step * 0x9E3779B9 + mix32((j + 1) & _M32)
+    h1 = mix32(base & _M32)
+    h2 = mix32(h1 ^ 0x68E31DA4)
+    u1 = (h1.double() + 0.5) / 2.0 ** 32
+    u2 = (h2.double() + 0.5) / 2.0 ** 32
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)).to(dtype)

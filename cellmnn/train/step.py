@@ -14,12 +14,11 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from cellmnn_kernels import local_linear_step
+from cellmnn_kernels import piecewise_decode
 
-from ..model.network import outputs_to_operator
 from ..model.stacked import stacked_mlp
 from .layout import Layout, Setup
-from .sampling import draw
+from .sampling import draw, normals
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
 
@@ -31,16 +30,25 @@ def step_losses(s: Setup, L: Layout, flat: torch.Tensor, step: torch.Tensor, che
     Everything stays on the device; ``check=True`` validates the decoded operators (a host
     synchronisation: used once, before training)."""
     E, D = L.E, s.D
-    hp0 = s.members[L.active[0]].hp
     rows = s.pool.index_select(0, L.starts + draw(L.u, step, L.lens))
     cells = s.data.index_select(0, rows)
     x0, ys = cells[:L.n_src], cells[L.n_src:]
     if L.shared:  # members of one joint model use its weights
         flat = flat.index_select(0, L.member_model)
-    h = stacked_mlp(flat, s.shapes, torch.cat([x0, L.t_in], 1).view(E, L.n_src // E, -1))
-    A, pen = outputs_to_operator(h.reshape(L.n_src, -1), D, hp0.parameterization, hp0.num_const_dims, s.unit,
-                                 check_errors=check)
-    X, V = local_linear_step(A, x0, L.dt, backend=s.backend, check_finite=check)
+    spec = s.decoder
+    net = lambda z, t_in: stacked_mlp(flat, s.shapes, torch.cat([z, t_in], 1).view(E, L.n_src // E, -1))  # noqa: E731
+    A, b, g, pen = spec.split(net(x0, L.t_in).reshape(L.n_src, -1), s.unit, check_errors=check)
+
+    def operator(z, u):  # re-linearised pieces: the MLP at the current states and times
+        t_in = torch.cat([L.t_in[:, :1] + (u / s.t_scale)[:, None], L.t_in[:, 1:]], 1)
+        return spec.split(net(z, t_in).reshape(L.n_src, -1), s.unit, check_errors=False)[:3]
+
+    def noise(i):
+        shape = (L.n_src, L.dt.shape[1], D) if spec.piece_length is None else (L.n_src, D)
+        return normals(L.u_src, step, i, shape[1] * (D if len(shape) == 3 else 1), x0.dtype).view(shape)
+
+    X, V, _, _ = piecewise_decode(operator, x0, L.dt, spec.piece_time(s.unit), noise, backend=s.backend,
+                                  first=(A, b, g), check_finite=check)
     if L.world > 1:  # every rank evaluates the loss on all slots' decoded points
         X, V, pen = gather_slots(X, V, pen, L)
     return L.objective(X, V, ys, pen, check=check)

@@ -1,0 +1,69 @@
+"""``local_linear_sde_step``: the local-linear SDE step, dx = A x ds + diag(g) dW with A frozen over
+the step, in closed form.  The transition is exactly Gaussian:
+
+    x(t + dt) | x(t) ~ N(X, S),   X = expm(dt A) x,   S = int_0^dt expm(uA) G G^T expm(uA)^T du,
+
+and the op returns the mean (with V = A X, as ``local_linear_step``), the covariance and a
+reparameterised sample Y = X + L eps (L L^T = S) for given standard-normal eps.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..local_linear_step import local_linear_step
+from ..local_linear_step.common import check_overflow, empty_result
+from .common import check_sde_values, psd_cholesky, validate_sde_inputs
+from .naive import local_linear_sde_step_reference, sde_covariance_reference
+from .torch_impl import sde_covariance_torch
+
+__all__ = ["local_linear_sde_step", "sde_covariance", "local_linear_sde_step_reference", "sde_covariance_reference",
+           "psd_cholesky", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "reference")
+
+
+def sde_covariance(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """S (B, T, D, D), the covariance of ``local_linear_sde_step`` (0 where dt <= 0); differentiable in A,
+    dt and g.  backend "auto"/"torch" (Taylor and doubling) or "reference" (Van Loan, dense)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    return (sde_covariance_reference if backend == "reference" else sde_covariance_torch)(A, dt, g)
+
+
+def local_linear_sde_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, g: torch.Tensor,
+                          eps: torch.Tensor | None = None, backend: str = "auto", step_backend: str = "auto",
+                          return_cov: bool = False, check_finite: bool | None = None):
+    """The exact Gaussian transition of the frozen linear SDE for every (cell, time) pair.
+
+    Args:
+        A: (B, D, D) operators; x0: (B, D) start states; dt: (B, T) time offsets.  Noise acts forward
+            in time: a pair with dt <= 0 has covariance 0 (its sample is the deterministic decode).
+        g: (B, D) per-cell or (D,) shared diagonal noise scales, >= 0 (G = diag(g)).
+        eps: (B, T, D) standard-normal draws, or None (no sample).
+        backend: the covariance's, "auto"/"torch" or "reference" (``sde_covariance``);
+            step_backend: the mean's (``local_linear_step``'s backend).
+        return_cov: also return S.
+        check_finite: as ``local_linear_step``; also rejects negative g.
+
+    Returns:
+        X, V, Y (B, T, D) — the mean, the drift A X at the mean and the sample X + L eps (Y is None
+        without eps) — and S (B, T, D, D) when ``return_cov``.  Differentiable in A, x0, dt and g
+        (first derivatives; the mean through ``local_linear_step``'s backward).  With g = 0, Y and X
+        are the deterministic step exactly.
+    """
+    B, T, D = validate_sde_inputs(A, x0, dt, g, eps)
+    if check_finite is None:
+        check_finite = A.device.type != "cuda"
+    if check_finite:
+        check_sde_values(A, x0, dt, g, eps)
+    if B == 0 or T == 0:
+        X, V = empty_result(A, x0, dt)
+        S = X.new_zeros(B, T, D, D) + 0 * g.sum()
+        Y = None if eps is None else X + 0 * eps
+    else:
+        X, V = local_linear_step(A, x0, dt, backend=step_backend, check_finite=False)
+        S = sde_covariance(A, dt, g, backend=backend)
+        Y = None if eps is None else X + (psd_cholesky(S) @ eps[..., None])[..., 0]
+        if check_finite:
+            check_overflow(X, V)
+    return (X, V, Y, S) if return_cov else (X, V, Y)

@@ -1,0 +1,73 @@
+"""What every backend of ``local_linear_sde_step`` shares: the covariance scheme's constants, the
+guarded Cholesky factor and the input checks.
+
+Scheme ("Taylor and doubling", the covariance analogue of the step's scaling and squaring): for a
+pair with tau = dt > 0 let s be the smallest integer with ||(tau / 2^s) A||_1 <= THETA and h = tau / 2^s.
+Then E(h) = expm(h A) and S(h) = int_0^h expm(uA) Q expm(uA)^T du, Q = diag(g^2), are Taylor series
+in h (S solves dS/du = A S + S A^T + Q, S(0) = 0, so S(h) = sum_n h^(n+1) / (n+1)! L^n(Q) with
+L(X) = A X + X A^T), and s doublings S(2u) = S(u) + E(u) S(u) E(u)^T, E(2u) = E(u)^2 give S(tau).
+Every term is a sum of positive semi-definite matrices, so no cancellation occurs whatever the sign
+of A's eigenvalues (Van Loan's block exponential, the reference, subtracts through expm(-tau A)).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..local_linear_step.common import NU_MAX, validate_inputs
+from ..utils import check_same_dtype_device, check_tensor, raise_if_nonfinite
+
+# dtype -> (theta, m): ||h A||_1 <= theta, Taylor degree m of E(h) and S(h).  ||L||_1 <= 2 theta, so
+# the first omitted term of S is at most (2 theta)^m / (m+1)! ||h Q|| relative to h Q:
+#   float32: 1^11 / 12!  = 2.1e-9  <= 2^-24;   float64: 1^18 / 19! = 8.2e-18 <= 2^-53.
+TAYLOR = {torch.float32: (0.5, 11), torch.float64: (0.5, 18)}
+
+
+def validate_sde_inputs(A, x0, dt, g, eps):
+    """Check types, dtypes, devices and shapes of the SDE step's inputs; return (B, T, D)."""
+    B, T, D = validate_inputs(A, x0, dt)
+    check_tensor("g", g, g.dim() if isinstance(g, torch.Tensor) and g.dim() in (1, 2) else 2, "(B, D) or (D,)")
+    check_same_dtype_device(A=A, g=g)
+    if tuple(g.shape) not in ((B, D), (D,)):
+        raise ValueError(f"g must have shape (B, D) = ({B}, {D}) or (D,) = ({D},); got {tuple(g.shape)}")
+    if eps is not None:
+        check_tensor("eps", eps, 3, "(B, T, D)")
+        check_same_dtype_device(A=A, eps=eps)
+        if tuple(eps.shape) != (B, T, D):
+            raise ValueError(f"eps must have shape (B, T, D) = ({B}, {T}, {D}); got {tuple(eps.shape)}")
+    return B, T, D
+
+
+def check_sde_values(A, x0, dt, g, eps) -> None:
+    """Reject NaN/Inf inputs, negative noise scales and ||dt A||_1 beyond NU_MAX (one host sync)."""
+    raise_if_nonfinite(A=A, x0=x0, dt=dt, g=g, **({} if eps is None else {"eps": eps}))
+    if g.numel() and bool((g < 0).any()):
+        raise ValueError(f"g must be non-negative (noise scales); its smallest entry is {g.min().item():.4g}")
+    if A.shape[0] and dt.shape[1]:
+        nu = (dt.detach().abs().amax(dim=1) * A.detach().abs().sum(dim=1).amax(dim=1)).max().item()
+        if nu > NU_MAX:
+            raise ValueError(f"dt * A is out of range: max ||dt * A||_1 = {nu:.4g} exceeds {NU_MAX:.0e}")
+
+
+def psd_cholesky(S: torch.Tensor) -> torch.Tensor:
+    """A lower-triangular L with L L^T = S for symmetric positive semi-definite S (..., D, D).
+
+    Plain Cholesky, except that a pivot at or below D * unit roundoff * max diag(S) ends its column
+    (the column is set to zero): S = 0 (no noise, or dt <= 0) gives L = 0 exactly, and a singular S
+    gives a factor whose product differs from S by at most that pivot bound.  Differentiable
+    (autograd; pivots above the bound have finite derivatives).
+    """
+    D = S.shape[-1]
+    tol = D * torch.finfo(S.dtype).eps * S.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(0)
+    rows = torch.arange(D, device=S.device)
+    cols = []
+    for j in range(D):
+        r = S[..., :, j]
+        if j:
+            Lp = torch.stack(cols, -1)  # (..., D, j)
+            r = r - (Lp * Lp[..., j:j + 1, :]).sum(-1)
+        d = r[..., j]
+        ok = d > tol
+        root = torch.sqrt(torch.where(ok, d, torch.ones_like(d)))
+        c = torch.where(ok[..., None] & (rows >= j), r / root[..., None], torch.zeros_like(r))
+        cols.append(c)
+    return torch.stack(cols, -1)

@@ -1,0 +1,202 @@
+"""local_linear_sde_step: the Taylor-and-doubling covariance against float64 oracles.
+
+Oracles: Van Loan's block exponential (dense, float64) and, independently of any exponential, the
+Lyapunov ODE dS/ds = A S + S A^T + Q integrated by RK4 in float64; for stable operators and long
+steps the algebraic Lyapunov equation's solution (the stationary covariance).
+
+Tolerances, per pair, relative to ||S_ref|| (Frobenius): 1e-4 in float32 (unit roundoff 6e-8, some
+m + s = 11 + 6 rounded matrix products and sums, each error relative to positive semi-definite
+terms, so no cancellation) and 1e-9 in float64 (1.1e-16, the same count with room for the
+oracle's own error at ||dt A||_1 <= 6).  Samples Y = X + L eps compare with the oracle's Cholesky
+factor at 1e-3 / 1e-8: L inherits the conditioning of S (test operators keep cond(S) below ~1e4).
+Gradients: float64 gradcheck, and float32 against float64 autograd through the oracle at 1e-3.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cellmnn_kernels import local_linear_sde_step, local_linear_step, sde_covariance
+from cellmnn_kernels.ops.local_linear_sde import psd_cholesky, sde_covariance_reference
+from cellmnn_kernels.testing import KINDS, assert_rel_close, build_inputs
+
+RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+SAMPLE_RTOL = {torch.float32: 1e-3, torch.float64: 1e-8}
+DTYPES = [torch.float32, torch.float64]
+
+
+@st.composite
+def cases(draw, max_nu=6.0):
+    return dict(seed=draw(st.integers(0, 2**32 - 1)), B=draw(st.integers(1, 4)), T=draw(st.integers(1, 4)),
+                D=draw(st.integers(1, 6)), kind=draw(st.sampled_from(KINDS)), nu=draw(st.floats(0.0, max_nu)),
+                shared=draw(st.booleans()))
+
+
+def make(case, dtype):
+    A, x0, dt = build_inputs(case["seed"], case["B"], case["T"], case["D"], case["kind"], case["nu"], "pos", dtype)
+    rng = np.random.default_rng(case["seed"] + 1)
+    shape = (case["D"],) if case["shared"] else (case["B"], case["D"])
+    g = torch.tensor(rng.uniform(0.2, 1.0, shape), dtype=dtype)
+    eps = torch.tensor(rng.standard_normal((case["B"], case["T"], case["D"])), dtype=dtype)
+    return A, x0, dt, g, eps
+
+
+def lyapunov_rk4(A, dt, g, steps=2000):
+    """S(dt) for one cell and one offset by RK4 on dS/ds = A S + S A^T + Q (float64)."""
+    Q = torch.diag(g.double() ** 2)
+    A = A.double()
+    f = lambda S: A @ S + S @ A.T + Q  # noqa: E731
+    S, h = torch.zeros_like(Q), float(dt) / steps
+    for _ in range(steps):
+        k1 = f(S)
+        k2 = f(S + 0.5 * h * k1)
+        k3 = f(S + 0.5 * h * k2)
+        k4 = f(S + h * k3)
+        S = S + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return S
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@given(case=cases())
+def test_covariance_matches_van_loan(dtype, case):
+    A, x0, dt, g, eps = make(case, dtype)
+    S = sde_covariance(A, dt, g)
+    ref = sde_covariance_reference(A.double(), dt.double(), g.double())
+    assert S.shape == ref.shape and S.dtype == dtype
+    assert_rel_close(S, ref, RTOL[dtype], "S", dim=(-2, -1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@given(case=cases())
+def test_sample_is_mean_plus_cholesky_factor_times_eps(dtype, case):
+    A, x0, dt, g, eps = make(case, dtype)
+    X, V, Y, S = local_linear_sde_step(A, x0, dt, g, eps, return_cov=True)
+    X0, V0 = local_linear_step(A, x0, dt)
+    assert torch.equal(X, X0) and torch.equal(V, V0)  # the mean is the deterministic step, bit for bit
+    Sr = sde_covariance_reference(A.double(), dt.double(), g.double())
+    Lr = torch.linalg.cholesky(Sr)
+    want = X.double() + (Lr @ eps.double()[..., None])[..., 0]
+    assert_rel_close(Y - X, want - X.double(), SAMPLE_RTOL[dtype], "Y - X", dim=-1)
+
+
+@pytest.mark.parametrize("D", [1, 3, 5])
+def test_covariance_matches_the_lyapunov_ode(D):
+    A, _, dt, g, _ = make(dict(seed=D, B=2, T=2, D=D, kind="nonnormal", nu=4.0, shared=False), torch.float64)
+    S = sde_covariance(A, dt, g)
+    for b in range(2):
+        for k in range(2):
+            assert_rel_close(S[b, k], lyapunov_rk4(A[b], dt[b, k], g[b]), 1e-9, "S vs RK4")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+def test_long_steps_of_stable_operators_reach_the_stationary_covariance(dtype):
+    """||dt A||_1 up to 2000 (10 doublings and more): S -> the solution of A S + S A^T + Q = 0."""
+    rng = np.random.default_rng(3)
+    D = 4
+    M = rng.standard_normal((D, D))
+    A = torch.tensor(-(M @ M.T + np.eye(D)), dtype=dtype)[None]  # symmetric negative definite
+    g = torch.tensor(rng.uniform(0.3, 1.0, D), dtype=dtype)
+    dt = torch.tensor([[500.0]], dtype=dtype)
+    S = sde_covariance(A, dt, g)[0, 0].double()
+    Ad = A[0].double()
+    K = torch.kron(torch.eye(D, dtype=torch.float64), Ad) + torch.kron(Ad, torch.eye(D, dtype=torch.float64))
+    stat = torch.linalg.solve(K, -torch.diag(g.double() ** 2).reshape(-1)).reshape(D, D)
+    assert torch.isfinite(S).all()
+    assert_rel_close(S, stat, RTOL[dtype] * 10, "stationary S")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@given(case=cases(max_nu=20.0))
+def test_covariance_is_symmetric_positive_semidefinite(dtype, case):
+    A, x0, dt, g, eps = make(case, dtype)
+    S = sde_covariance(A, dt, g).double()
+    assert torch.equal(S, S.transpose(-1, -2))
+    lam = torch.linalg.eigvalsh(S)
+    assert (lam >= -RTOL[dtype] * lam.abs().amax(-1, keepdim=True)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+def test_no_noise_or_no_time_is_the_deterministic_step_exactly(dtype):
+    A, x0, dt, g, eps = make(dict(seed=5, B=3, T=4, D=4, kind="random", nu=3.0, shared=False), dtype)
+    X0, V0 = local_linear_step(A, x0, dt)
+    X, V, Y, S = local_linear_sde_step(A, x0, dt, torch.zeros_like(g), eps, return_cov=True)
+    assert torch.equal(Y, X0) and torch.equal(X, X0) and torch.equal(V, V0) and not S.any()
+    dt2 = dt.clone()
+    dt2[:, ::2] = -dt2[:, ::2]
+    dt2[0, 1] = 0.0
+    X, V, Y, S = local_linear_sde_step(A, x0, dt2, g, eps, return_cov=True)
+    back = dt2 <= 0
+    assert not S[back].any() and torch.equal(Y[back], X[back])
+    assert (S[~back].diagonal(dim1=-2, dim2=-1) > 0).all()
+
+
+def test_small_noise_converges_to_the_deterministic_step():
+    A, x0, dt, g, eps = make(dict(seed=7, B=2, T=3, D=3, kind="mixed", nu=2.0, shared=True), torch.float64)
+    X = local_linear_step(A, x0, dt)[0]
+    gaps = [(local_linear_sde_step(A, x0, dt, g * s, eps)[2] - X).norm().item() for s in (1e-2, 1e-4, 1e-6)]
+    assert gaps[0] > 0 and abs(gaps[1] / gaps[0] - 1e-2) < 1e-6 and abs(gaps[2] / gaps[1] - 1e-2) < 1e-6
+
+
+def test_guarded_cholesky_of_singular_matrices():
+    L0 = psd_cholesky(torch.zeros(2, 3, 3, dtype=torch.float64))
+    assert not L0.any()
+    v = torch.tensor([[1.0], [2.0], [-1.0]], dtype=torch.float64)
+    S = v @ v.T  # rank one
+    L = psd_cholesky(S)
+    assert torch.allclose(L @ L.T, S, atol=1e-12) and torch.isfinite(L).all()
+    S2 = torch.diag(torch.tensor([4.0, 0.0, 9.0], dtype=torch.float64))
+    assert torch.allclose(psd_cholesky(S2), torch.diag(torch.tensor([2.0, 0.0, 3.0], dtype=torch.float64)))
+
+
+def test_gradcheck_float64():
+    A, x0, dt, g, eps = make(dict(seed=11, B=2, T=2, D=3, kind="random", nu=2.5, shared=False), torch.float64)
+    dt[0, 1] = -0.3  # a backward offset: the sample is the mean there
+    args = [t.clone().requires_grad_() for t in (A, x0, dt, g)]
+
+    def f(A, x0, dt, g):
+        X, V, Y, S = local_linear_sde_step(A, x0, dt, g, eps, return_cov=True)
+        return Y, V, S
+
+    assert torch.autograd.gradcheck(f, args, atol=1e-7, rtol=1e-6)
+
+
+@given(case=cases())
+def test_float32_gradients_match_float64_oracle(case):
+    A, x0, dt, g, eps = make(case, torch.float32)
+    gen = torch.Generator().manual_seed(case["seed"] % 1000)
+    gY = torch.randn(dt.shape + (case["D"],), generator=gen, dtype=torch.float64)
+    gS = torch.randn(dt.shape + (case["D"], case["D"]), generator=gen, dtype=torch.float64)
+
+    def run(dtype, reference):
+        ins = [t.detach().to(dtype).requires_grad_() for t in (A, g, dt)]
+        if reference:
+            S = sde_covariance_reference(*ins[:1], ins[2], ins[1])
+            Y = (torch.linalg.cholesky(S) @ eps.to(dtype)[..., None])[..., 0]
+        else:
+            S = sde_covariance(ins[0], ins[2], ins[1])
+            Y = (psd_cholesky(S) @ eps.to(dtype)[..., None])[..., 0]
+        torch.autograd.backward([Y, S], [gY.to(dtype), gS.to(dtype)])
+        return [t.grad for t in ins]
+
+    for name, got, want in zip(("A", "g", "dt"), run(torch.float32, False), run(torch.float64, True)):
+        assert_rel_close(got, want, 1e-3, f"d{name}")
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (dict(g=-0.1), ValueError, "g must be non-negative"),
+    (dict(g=float("nan")), ValueError, "g has 1 non-finite"),
+    (dict(g_shape=(2, 4)), ValueError, "g must have shape"),
+    (dict(eps_shape=(3, 3, 3)), ValueError, "eps must have shape"),
+    (dict(g_dtype=torch.float64), TypeError, "must share one dtype"),
+])
+def test_bad_input_names_the_argument(bad, err, match):
+    A, x0, dt = torch.zeros(3, 3, 3), torch.zeros(3, 3), torch.ones(3, 2)
+    g = torch.full(bad.get("g_shape", (3,)), 0.5, dtype=bad.get("g_dtype", torch.float32))
+    if "g" in bad:
+        g[0] = bad["g"]
+    eps = torch.zeros(bad.get("eps_shape", (3, 2, 3)))
+    with pytest.raises(err, match=match):
+        local_linear_sde_step(A, x0, dt, g, eps)

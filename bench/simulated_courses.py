@@ -29,6 +29,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,6 +51,23 @@ def noise_floor(case: str, n_cells: int, m, holdouts) -> dict:
         for k in holdouts:
             out[k].append(cellmnn.wasserstein1(m.data[k], m.transform.to_model(again[k])))
     return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def learned_noise(models: dict, m) -> list | None:
+    """A learned diffusion in the simulator's units: per coordinate, the mean over models and over
+    every observed cell of g(x, t) times the coordinate's z-score scale (None for deterministic
+    models; for the rotated cases the coordinates are rotated ones)."""
+    per_model = []
+    for model in models.values():
+        if not model.stochastic:
+            return None
+        p = next(model.parameters())
+        x = torch.as_tensor(np.concatenate(m.data), dtype=p.dtype)
+        t = torch.as_tensor(np.concatenate([np.full(len(d), tt) for d, tt in zip(m.data, m.times)]), dtype=p.dtype)
+        with torch.no_grad():
+            g = model.outputs(x, t)[2]
+        per_model.append(g.mean(0).numpy() * m.transform.std)
+    return np.mean(per_model, axis=0).tolist()
 
 
 def excess_table(rows, floors: dict) -> dict:
@@ -124,21 +142,23 @@ def main(argv=None):
         t0 = time.time()
         arrays, times = simulate(case, args.n_cells, seed=0)
         m = cellmnn.load_marginals(arrays, times=times, n_components=None)
-        result = cellmnn.leave_one_out(m, seeds=args.seeds, report=False, **hp)
+        result, models = cellmnn.leave_one_out(m, seeds=args.seeds, report=False, return_models=True, **hp)
         s = result.summary()
         floors = noise_floor(case, args.n_cells, m, sorted({r["holdout"] for r in result.rows}))
         summary[case] = dict(dim=m.dim, times=times, seconds=round(time.time() - t0),
                              floor_W1=float(np.mean(list(floors.values()))),
                              excess=excess_table(result.rows, floors),
                              cell_mnn_W1=s["Cell-MNN"]["W1"], ot_interpolate_W1=s["OT-interpolate"]["W1"],
+                             noise_scale=learned_noise(models, m),
                              winners=[dict(holdout=k, cell_mnn_W1=a, ot_interpolate_W1=b, winner=w)
                                       for k, _, a, b, w in result.winners()])
         rows += [dict(r, case=case) for r in result.rows]
         ours, ot = s["Cell-MNN"]["W1"], s["OT-interpolate"]["W1"]
         wins = sum(w["winner"] == "Cell-MNN" for w in summary[case]["winners"])
+        g = summary[case]["noise_scale"]
         print(f"{case:<16} D={m.dim:<3} Cell-MNN W1 {ours[0]:.3f} +- {ours[1]:.3f}   OT-interpolate {ot[0]:.3f}   "
-              f"Cell-MNN wins {wins} of {len(summary[case]['winners'])} holdouts   [{summary[case]['seconds']} s]",
-              flush=True)
+              f"Cell-MNN wins {wins} of {len(summary[case]['winners'])} holdouts   [{summary[case]['seconds']} s]"
+              + (f"   learned noise {np.round(g, 3).tolist()} (simulated {CASES[case][3]})" if g else ""), flush=True)
     if args.json:
         write_text_atomic(args.json, json.dumps({"format": "cellmnn-simulated-courses", "hparams": hp,
                                                  "seeds": args.seeds, "n_cells": args.n_cells,

@@ -9,15 +9,22 @@ genes, the gene interaction weights.  With ``prefix="cellmnn"`` (P below):
     obsm[P_z]                  (n, D) float64   the cell in model space (z-scored PCA coordinates)
     obsm[P_pred]               (n, T, D) float32  predicted positions at uns[P]["pred_times"]
     obsm[P_pred_features]      (n, T, F) float32  the same mapped back to feature space (genes)
-    obsm[P_pred_spread]        (n, T) float32   ensembles only: the root mean square over members of
-                                                the distance of a member's prediction from P_pred
+    obsm[P_pred_spread]        (n, T) float32   ensembles and stochastic models: the square root of the
+                                                trace of P_pred_cov (for a deterministic ensemble, the
+                                                root mean square over members of the distance of a
+                                                member's prediction from P_pred)
+    obsm[P_pred_cov]           (n, T, D, D) float32  stochastic models only: the predictive covariance,
+                                                the members' mean decoder covariance (closed form for
+                                                the single-piece decoder, else from ``ANNOTATE_SAMPLES``
+                                                samples) plus the covariance between members' means
     obsm[P_eigvals_real/imag]  (n, D) float64   eigenvalues of A, by real part then imaginary
                                                 part, both descending
     obs[P_trace]               float64          trace of A
     obs[P_spectral_abscissa]   float64          largest real part of an eigenvalue of A
     uns[P]                     provenance and gene interactions (``annotate`` docstring)
 
-A is per unit of the data's time (``CellMNN.operator``).  With an ensemble (a list of models fitted
+A is per unit of the data's time (``CellMNN.operator``).  For a stochastic model (a learned diffusion)
+P_pred is the predictive mean, not a sample.  With an ensemble (a list of models fitted
 on one transform) P_pred is the mean of the members' predictions, A the mean of their operators
 and the interactions the mean of theirs; provenance is the first member's, ``uns[P]["members"]``
 the number of members.  Everything written is plain arrays,
@@ -59,7 +66,8 @@ from .version import __version__
 FORMAT = ANNOTATE_FORMAT
 FORMAT_VERSION = 1
 MAX_FEATURE_VALUES = 10 ** 8  # obsm[P_pred_features] is written only up to n * T * F values (400 MB)
-_OBSM = ("z", "pred", "pred_features", "pred_spread", "eigvals_real", "eigvals_imag")
+_OBSM = ("z", "pred", "pred_features", "pred_spread", "pred_cov", "eigvals_real", "eigvals_imag")
+ANNOTATE_SAMPLES = 64  # samples per cell for the predictive covariance of re-linearised stochastic decoders
 _OBS = ("trace", "spectral_abscissa")
 
 
@@ -104,11 +112,13 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
     _check_overwrite(adata, prefix, keys_obs, keys_obsm)
     t, z = read_cells(adata, plan)
 
-    pred, spread, trace, eig = _readouts(models, z, t, pred_times, dataset)
+    pred, spread, cov, trace, eig = _readouts(models, z, t, pred_times, dataset)
     obsm = {f"{prefix}_z": z, f"{prefix}_pred": pred,
             f"{prefix}_eigvals_real": eig.real.copy(), f"{prefix}_eigvals_imag": eig.imag.copy()}
-    if len(models) > 1:
+    if len(models) > 1 or cov is not None:
         obsm[f"{prefix}_pred_spread"] = spread
+    if cov is not None:
+        obsm[f"{prefix}_pred_cov"] = cov
     features = _pred_features(pred, tr, prefix)
     if features is not None:
         obsm[f"{prefix}_pred_features"] = features
@@ -129,26 +139,53 @@ def annotate(adata, model, marginals=None, times=None, genes=None, time_key=None
 
 
 def _readouts(models, z, t, pred_times, dataset):
-    """Every cell pushed to ``pred_times`` by each model: the mean (n, T, D) float32 and the spread
-    (n, T) float32, the root mean square over models of the distance from that mean (0 for one
-    model); and the trace and eigenvalues (sorted by real part, then imaginary part, descending)
-    of the cell's operator, the mean of the models' A; in chunks of ``CHUNK`` cells."""
+    """Every cell pushed to ``pred_times`` by each model: the predictive mean (n, T, D) float32, its
+    spread (n, T) float32 (the square root of the covariance's trace) and, when a model is
+    stochastic, the covariance (n, T, D, D) float32 (``_distribution`` per model; the members' mean
+    covariance plus the covariance of their means), else None; and the trace and eigenvalues
+    (sorted by real part, then imaginary part, descending) of the cell's operator, the mean of the
+    models' A; in chunks of ``CHUNK`` cells."""
     n, D, T = len(z), models[0].dim, len(pred_times)
+    stochastic = any(m.stochastic for m in models)
     pred = np.empty((n, T, D), dtype=np.float32)
     spread = np.empty((n, T), dtype=np.float32)
+    cov = np.empty((n, T, D, D), dtype=np.float32) if stochastic else None
     trace = np.empty(n)
     eig = np.empty((n, D), dtype=np.complex128)
     for a in range(0, n, CHUNK):
         zc, tc = z[a:a + CHUNK], t[a:a + CHUNK]
-        each = np.stack([m.predict(zc, tc, pred_times, dataset=dataset) for m in models]).astype(np.float64)
-        pred[a:a + CHUNK] = each.mean(axis=0)
-        spread[a:a + CHUNK] = np.sqrt(((each - each.mean(axis=0)) ** 2).sum(axis=-1).mean(axis=0))
+        means, covs = zip(*[_distribution(m, zc, tc, pred_times, dataset) for m in models])
+        each = np.stack(means)
+        mean = each.mean(axis=0)
+        dev = each - mean
+        pred[a:a + CHUNK] = mean
+        var = (dev ** 2).sum(axis=-1).mean(axis=0)  # between members: the trace of their covariance
+        if stochastic:
+            c = np.mean([0.0 if v is None else v for v in covs], axis=0) + np.einsum("mnti,mntj->ntij", dev, dev) / len(models)
+            cov[a:a + CHUNK] = c
+            var = np.trace(c, axis1=-2, axis2=-1)
+        spread[a:a + CHUNK] = np.sqrt(var)
         A = np.mean([_operator(m, zc, tc, dataset) for m in models], axis=0)
         trace[a:a + CHUNK] = np.trace(A, axis1=1, axis2=2)
         ev = np.linalg.eigvals(A)
         order = np.lexsort((-ev.imag, -ev.real), axis=-1)
         eig[a:a + CHUNK] = np.take_along_axis(ev, order, axis=-1)
-    return pred, spread, trace, eig
+    return pred, spread, cov, trace, eig
+
+
+def _distribution(model, z, t, pred_times, dataset):
+    """One model's predictive mean (n, T, D) and covariance (n, T, D, D), float64: the prediction and
+    None (no covariance) for a deterministic model, the closed form for the single-piece stochastic decoder, else the
+    moments of ``ANNOTATE_SAMPLES`` samples per cell."""
+    if not model.stochastic:
+        return model.predict(z, t, pred_times, dataset=dataset).astype(np.float64), None
+    if model.decoder.piece_length is None:
+        M, S = model.predict_distribution(z, t, pred_times, dataset=dataset)
+        return M.astype(np.float64), S.astype(np.float64)
+    draws = model.predict(z, t, pred_times, dataset=dataset, n_samples=ANNOTATE_SAMPLES).astype(np.float64)
+    M = draws.mean(axis=0)
+    dev = draws - M
+    return M, np.einsum("knti,kntj->ntij", dev, dev) / (ANNOTATE_SAMPLES - 1)
 
 
 def _operator(model, z, t, dataset) -> np.ndarray:

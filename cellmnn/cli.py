@@ -99,6 +99,15 @@ def _train_args(p, max_epochs=None):
     g.add_argument("--kinetic", choices=("kept_times", "future", "grid"), default=None,
                    help="kinetic term: V^2 at every kept time (default, the authors'), at later kept times "
                         "(summed over coordinates), or on a grid of step 0.1 time units")
+    g.add_argument("--affine", action=argparse.BooleanOptionalAction, default=None,
+                   help="affine drift A x + b: each cell relaxes to its own fixed point (docs/decoders.md)")
+    g.add_argument("--noise", choices=("none", "state"), default=None,
+                   help="state: a learned diffusion; predictions are samples (docs/decoders.md)")
+    g.add_argument("--piece-length", type=float, default=None,
+                   help="re-evaluate the operator every this many time units (mean gaps) along the path")
+    g.add_argument("--rate-bound", type=float, default=None, help="bound on rates (and drift) per time unit")
+    g.add_argument("--preset", choices=("paper",), default=None,
+                   help="paper: the paper's decoder (closed form, deterministic, dx = A x)")
     g.add_argument("--max-epochs", type=int, default=max_epochs)
     g.add_argument("--check-every", type=int, default=None)
     g.add_argument("--patience", type=int, default=None)
@@ -118,7 +127,8 @@ def _train_args(p, max_epochs=None):
 def _hparams(args) -> dict:
     names = ["parameterization", "num_const_dims", "width", "depth", "init_scale", "lr", "weight_decay",
              "batch_size", "gamma", "sigma", "velocity_weight", "kinetic", "max_epochs", "check_every", "patience",
-             "val_fraction", "max_val_cells", "backend", "device"]
+             "val_fraction", "max_val_cells", "backend", "device", "affine", "noise", "piece_length", "rate_bound",
+             "preset"]
     hp = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.select:
         hp["select"] = args.select

@@ -83,7 +83,7 @@ def test_keys_and_shapes(fitted, ad):
     np.testing.assert_array_equal(u["pred_times"], m.times)  # default: the model's timepoints
     assert u["format"] == "cellmnn-annotate" and u["cellmnn_version"] == cellmnn.__version__
     assert u["time_key"] == "day" and "embedding" not in u and u["pred_features"] is True
-    assert u["model"] == model.config()
+    assert u["model"] == {k: v for k, v in model.config().items() if v is not None}  # None cannot be stored in h5ad
     assert transform_from_uns(u).same_as(m.transform)
     assert u["fit"]["seed"] == 0 and u["fit"]["epochs"] == 2 and "holdout" not in u["fit"]
     assert u["fit"]["hparams"]["batch_size"] == 32 and u["fit"]["history"].shape == (2, 3)
@@ -345,3 +345,22 @@ def test_an_ensemble_writes_the_mean_and_the_members_spread(fitted, ad):
     assert "cellmnn_pred_spread" not in both.obsm
     with pytest.raises(TypeError, match=r"model\[1\] must be a fitted CellMNN"):
         cellmnn.annotate(ad.copy(), [model, "m2"])
+
+
+def test_stochastic_models_write_the_predictive_covariance(ad):
+    """A learned diffusion: P_pred is the closed-form predictive mean, P_pred_cov its covariance (the
+    model's own), P_pred_spread the square root of its trace; an ensemble adds its members' spread."""
+    m = cellmnn.load_marginals(ad, time_key="day", n_components=3)
+    fast = dict(max_epochs=2, check_every=1, patience=2, batch_size=32, verbose=False, noise="state", affine=True)
+    one, two = cellmnn.fit(m, seed=0, **fast), cellmnn.fit(m, seed=1, **fast)
+    out = cellmnn.annotate(ad, one, copy=True)
+    z, t = out.obsm["cellmnn_z"], out.obs["day"].to_numpy(dtype=float)
+    times = out.uns["cellmnn"]["pred_times"]
+    mean, cov = one.predict_distribution(z, t, times)
+    np.testing.assert_allclose(out.obsm["cellmnn_pred"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.obsm["cellmnn_pred_cov"], cov, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out.obsm["cellmnn_pred_spread"] ** 2, np.trace(cov, axis1=-2, axis2=-1), rtol=1e-4)
+    both = cellmnn.annotate(ad, [one, two], copy=True)
+    m2, c2 = two.predict_distribution(z, t, times)
+    between = np.einsum("nti,ntj->ntij", mean - m2, mean - m2) / 4  # each member is half the difference away
+    np.testing.assert_allclose(both.obsm["cellmnn_pred_cov"], (cov + c2) / 2 + between, rtol=1e-4, atol=1e-6)

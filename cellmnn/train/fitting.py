@@ -134,7 +134,7 @@ def check_select(select, select_grid, hp: HParams):
     if not grid or not all(isinstance(c, dict) and c for c in grid):
         raise ValueError("select_grid must be a non-empty list of non-empty dicts of hyperparameters")
     for cand in grid:
-        unknown = set(cand) - set(HParams.names()) | ({"select_on_holdout"} & set(cand))
+        unknown = set(cand) - set(HParams.names()) - {"preset"} | ({"select_on_holdout"} & set(cand))
         if unknown:
             raise ValueError(f"select_grid: {sorted(unknown)} cannot be selected; known: {sorted(HParams.names())}")
         hp.replace(**cand)

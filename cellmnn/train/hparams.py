@@ -24,6 +24,11 @@ SHARED = ("width", "depth", "parameterization", "num_const_dims", "batch_size", 
           "check_every", "cuda_graph", "affine", "noise", "piece_length", "rate_bound")
 
 
+#: Named groups of options for ``preset=``: "paper" is the paper's decoder (closed form from the source
+#: cell's operator, dx = A x, deterministic), the decoder of every release before the decoder options.
+PRESETS = {"paper": dict(affine=False, noise="none", piece_length=None)}
+
+
 @dataclass(frozen=True)
 class HParams:
     """Every hyperparameter of ``fit`` (docs/workflow.md, "Training"), checked on creation: an invalid value is
@@ -87,7 +92,17 @@ class HParams:
 
     @classmethod
     def from_kwargs(cls, **kw) -> "HParams":
-        """The defaults with ``kw`` applied; an unknown name is a TypeError listing the known ones."""
+        """The defaults with ``kw`` applied; an unknown name is a TypeError listing the known ones.
+        ``preset=NAME`` (``PRESETS``) sets a group of options at once; naming one of them as well, with
+        another value, is a ValueError."""
+        preset = kw.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+            clash = {k: v for k, v in kw.items() if k in PRESETS[preset] and v != PRESETS[preset][k]}
+            if clash:
+                raise ValueError(f"preset={preset!r} sets {PRESETS[preset]}; it conflicts with {clash}")
+            kw = {**kw, **PRESETS[preset]}
         unknown = set(kw) - set(cls.names())
         if unknown:
             raise TypeError(f"unknown hyperparameter(s): {sorted(unknown)}; known: {sorted(cls.names())}")

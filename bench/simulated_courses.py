@@ -159,10 +159,11 @@ def main(argv=None):
         print(f"{case:<16} D={m.dim:<3} Cell-MNN W1 {ours[0]:.3f} +- {ours[1]:.3f}   OT-interpolate {ot[0]:.3f}   "
               f"Cell-MNN wins {wins} of {len(summary[case]['winners'])} holdouts   [{summary[case]['seconds']} s]"
               + (f"   learned noise {np.round(g, 3).tolist()} (simulated {CASES[case][3]})" if g else ""), flush=True)
+        if args.json:  # after every case: a long run keeps what it has measured
+            write_text_atomic(args.json, json.dumps({"format": "cellmnn-simulated-courses", "hparams": hp,
+                                                     "seeds": args.seeds, "n_cells": args.n_cells,
+                                                     "summary": summary, "rows": rows}, indent=1), JSON_KIND)
     if args.json:
-        write_text_atomic(args.json, json.dumps({"format": "cellmnn-simulated-courses", "hparams": hp,
-                                                 "seeds": args.seeds, "n_cells": args.n_cells,
-                                                 "summary": summary, "rows": rows}, indent=1), JSON_KIND)
         print(f"wrote {args.json}")
 
 

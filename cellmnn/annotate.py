@@ -161,7 +161,8 @@ def _readouts(models, z, t, pred_times, dataset):
         pred[a:a + CHUNK] = mean
         var = (dev ** 2).sum(axis=-1).mean(axis=0)  # between members: the trace of their covariance
         if stochastic:
-            c = np.mean([0.0 if v is None else v for v in covs], axis=0) + np.einsum("mnti,mntj->ntij", dev, dev) / len(models)
+            within = np.mean([0.0 if v is None else v for v in covs], axis=0)
+            c = within + np.einsum("mnti,mntj->ntij", dev, dev) / len(models)
             cov[a:a + CHUNK] = c
             var = np.trace(c, axis1=-2, axis2=-1)
         spread[a:a + CHUNK] = np.sqrt(var)

@@ -51,9 +51,10 @@ class CellMNN(nn.Module):
     * ``affine``: the drift is A x + b with b (D,) from the same MLP, so each cell relaxes towards
       its own fixed point instead of the origin (decoded exactly on the augmented state [x; 1]);
       b is bounded by ``rate_bound`` per time unit (r tanh(b / r)).
-    * ``noise="state"``: a diagonal diffusion g(x, t) (D,) from the same MLP (a scaled sigmoid: ``NOISE_INIT``
-      at the start, at most ``NOISE_MAX``), dx = (A x + b) ds + diag(g) dW: predictions are samples of the exact Gaussian
-      transition (``local_linear_sde_step``); ``predict_distribution`` gives its mean and covariance.
+    * ``noise="state"``: a diagonal diffusion g(x, t) (D,) from the same MLP (a scaled sigmoid:
+      ``NOISE_INIT`` at the start, at most ``NOISE_MAX``), dx = (A x + b) ds + diag(g) dW: predictions
+      are samples of the exact Gaussian transition (``local_linear_sde_step``);
+      ``predict_distribution`` gives its mean and covariance.
     * ``piece_length``: re-evaluate A (and b, g) every ``piece_length`` (in units of ``time_unit``)
       along the path (``piecewise_decode``), with each rate bounded by ``rate_bound`` per time unit
       (r tanh(a / r), elementwise) so that re-linearised training stays finite.

@@ -35,6 +35,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from .ops.laplace_mmd import triton_impl as mmd
+from .ops.local_linear_sde import triton_impl as sde
 from .ops.local_linear_step import triton_impl as llstep
 from .ops.variant import launch_kwargs
 
@@ -58,7 +59,7 @@ class KernelSpec:
 
 def variants() -> tuple:
     """Every Triton kernel family of every op."""
-    return llstep.VARIANTS + mmd.VARIANTS
+    return llstep.VARIANTS + mmd.VARIANTS + sde.VARIANTS
 
 
 def _signature(kernel, dtype_tag: str, constexprs: dict, pointer_types: dict) -> tuple:

@@ -422,14 +422,15 @@ def _analyse(args):
     return res
 
 
-def work_items(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True):
+def work_items(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True, family_only=None, every=True):
     """(spec, meta, estimate arguments or None) of every kernel to analyse: the register and
-    lane-group step kernels (only D in ``only_d`` if given), the tiled step kernels (``tiled``) and
-    the laplace_mmd row kernels (``mmd``), in ``dtypes``."""
+    lane-group step kernels (only D in ``only_d`` if given), the tiled step kernels (``tiled``),
+    the laplace_mmd row kernels (``mmd``) and the SDE covariance kernels (counts only), in ``dtypes``;
+    ``family_only``: one kernel family alone; ``every=False``: the representative configurations."""
     items = []
-    for spec, meta in kernel_specs(every=True, with_meta=True):
+    for spec, meta in kernel_specs(every=every, with_meta=True, arch=90):
         family = meta["variant"]
-        if meta["dtype"] not in dtypes:
+        if meta["dtype"] not in dtypes or (family_only is not None and family != family_only):
             continue
         if family in ("llstep_reg", "llstep_group"):
             if only_d is not None and meta["cfg"]["D"] not in only_d:
@@ -437,14 +438,15 @@ def work_items(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True):
             # Per-pair estimates for the register kernels; counts only for the lane-group ones.
             est = (meta["kind"], meta["cfg"], meta["dtype"]) if family == "llstep_reg" else None
             items.append((spec, meta, est))
-        elif (family == "llstep_tiled" and tiled) or (family.startswith("laplace") and mmd):
+        elif (family == "llstep_tiled" and tiled) or (family.startswith("laplace") and mmd) or family == "sde_cov":
             items.append((spec, meta, None))
     return items
 
 
-def run(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True, jobs=None) -> list[dict]:
+def run(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True, jobs=None, family_only=None,
+        every=True) -> list[dict]:
     """Analyse ``work_items(...)`` in ``jobs`` processes; one result dict per kernel."""
-    items = work_items(only_d, dtypes, tiled, mmd)
+    items = work_items(only_d, dtypes, tiled, mmd, family_only, every)
     jobs = jobs or max(1, os.cpu_count() or 1)
     if jobs == 1:
         return [_analyse(i) for i in items]
@@ -480,9 +482,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["fp32", "fp64"], choices=["fp32", "fp64"])
     parser.add_argument("--no-tiled", action="store_true", help="skip the lane-tiled step kernels")
     parser.add_argument("--no-mmd", action="store_true", help="skip the laplace_mmd kernels")
+    parser.add_argument("--family", default=None, help="one kernel family only (e.g. sde_cov)")
+    parser.add_argument("--representative", action="store_true", help="the representative configurations only")
     parser.add_argument("--jobs", type=int, default=None)
     args = parser.parse_args(argv)
-    results = run(args.d, tuple(args.dtype), not args.no_tiled, not args.no_mmd, args.jobs)
+    results = run(args.d, tuple(args.dtype), not args.no_tiled, not args.no_mmd, args.jobs, args.family,
+                  not args.representative)
     print(format_table(results))
     print("per pair: estimated thread-instructions per (cell, time) pair on the benchmark input "
           f"{BENCH_INPUT}; ceiling: the fraction of {ASSUMPTIONS['gpu']} copy bandwidth that issue "

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from cellmnn_kernels import local_linear_sde_step, local_linear_step, sde_covariance
 from cellmnn_kernels.ops.local_linear_sde import psd_cholesky, sde_covariance_reference
+from cellmnn_kernels.ops.local_linear_sde.common import guarded_cholesky
 from cellmnn_kernels.testing import KINDS, assert_rel_close, build_inputs
 
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
@@ -140,15 +141,21 @@ def test_small_noise_converges_to_the_deterministic_step():
     assert gaps[0] > 0 and abs(gaps[1] / gaps[0] - 1e-2) < 1e-6 and abs(gaps[2] / gaps[1] - 1e-2) < 1e-6
 
 
-def test_guarded_cholesky_of_singular_matrices():
+def test_cholesky_of_zero_singular_and_definite_matrices():
+    """psd_cholesky: LAPACK where every matrix is zero or definite, the guarded factor otherwise."""
     L0 = psd_cholesky(torch.zeros(2, 3, 3, dtype=torch.float64))
     assert not L0.any()
     v = torch.tensor([[1.0], [2.0], [-1.0]], dtype=torch.float64)
     S = v @ v.T  # rank one
-    L = psd_cholesky(S)
-    assert torch.allclose(L @ L.T, S, atol=1e-12) and torch.isfinite(L).all()
+    for f in (psd_cholesky, guarded_cholesky):
+        L = f(S)
+        assert torch.allclose(L @ L.T, S, atol=1e-12) and torch.isfinite(L).all()
     S2 = torch.diag(torch.tensor([4.0, 0.0, 9.0], dtype=torch.float64))
     assert torch.allclose(psd_cholesky(S2), torch.diag(torch.tensor([2.0, 0.0, 3.0], dtype=torch.float64)))
+    M = torch.randn(4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    P = M @ M.transpose(1, 2) + 0.1 * torch.eye(3, dtype=torch.float64)
+    P[1] = 0.0
+    assert torch.allclose(psd_cholesky(P), guarded_cholesky(P), atol=1e-12)
 
 
 def test_gradcheck_float64():

@@ -12,6 +12,7 @@ import torch
 
 from ..local_linear_step import local_linear_step
 from ..local_linear_step.common import check_overflow, empty_result
+from ..utils import resolve_backend
 from .common import check_sde_values, psd_cholesky, validate_sde_inputs
 from .naive import local_linear_sde_step_reference, sde_covariance_reference
 from .torch_impl import sde_covariance_torch
@@ -19,15 +20,28 @@ from .torch_impl import sde_covariance_torch
 __all__ = ["local_linear_sde_step", "sde_covariance", "local_linear_sde_step_reference", "sde_covariance_reference",
            "psd_cholesky", "BACKENDS"]
 
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
+MAX_TRITON_D = 16  # triton_impl.MAX_D
+
+
+def _triton_impl():
+    """The Triton backend, imported on first use: triton is optional, and the kernels must be
+    defined after TRITON_INTERPRET is set (CPU runs)."""
+    from .triton_impl import sde_covariance_triton
+
+    return sde_covariance_triton
 
 
 def sde_covariance(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """S (B, T, D, D), the covariance of ``local_linear_sde_step`` (0 where dt <= 0); differentiable in A,
-    dt and g.  backend "auto"/"torch" (Taylor and doubling) or "reference" (Van Loan, dense)."""
+    dt and g.  backend "auto" (triton for CUDA tensors with D <= 16, torch otherwise), "triton"
+    (Taylor and doubling in one kernel launch; first derivatives only), "torch" (the same scheme in
+    batched GEMMs) or "reference" (Van Loan, dense)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    return (sde_covariance_reference if backend == "reference" else sde_covariance_torch)(A, dt, g)
+    backend = resolve_backend(backend, A.device, A.shape[-1], MAX_TRITON_D, "A")
+    impl = {"reference": sde_covariance_reference, "torch": sde_covariance_torch}.get(backend)
+    return (impl or _triton_impl())(A, dt, g)
 
 
 def local_linear_sde_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, g: torch.Tensor,
@@ -40,7 +54,7 @@ def local_linear_sde_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, g
             in time: a pair with dt <= 0 has covariance 0 (its sample is the deterministic decode).
         g: (B, D) per-cell or (D,) shared diagonal noise scales, >= 0 (G = diag(g)).
         eps: (B, T, D) standard-normal draws, or None (no sample).
-        backend: the covariance's, "auto"/"torch" or "reference" (``sde_covariance``);
+        backend: the covariance's, "auto", "triton", "torch" or "reference" (``sde_covariance``);
             step_backend: the mean's (``local_linear_step``'s backend).
         return_cov: also return S.
         check_finite: as ``local_linear_step``; also rejects negative g.

@@ -51,11 +51,26 @@ def check_sde_values(A, x0, dt, g, eps) -> None:
 def psd_cholesky(S: torch.Tensor) -> torch.Tensor:
     """A lower-triangular L with L L^T = S for symmetric positive semi-definite S (..., D, D).
 
-    Plain Cholesky, except that a pivot at or below D * unit roundoff * max diag(S) ends its column
-    (the column is set to zero): S = 0 (no noise, or dt <= 0) gives L = 0 exactly, and a singular S
-    gives a factor whose product differs from S by at most that pivot bound.  Differentiable
-    (autograd; pivots above the bound have finite derivatives).
+    Plain Cholesky (one batched LAPACK call) where every S is zero or positive definite, zero
+    matrices giving L = 0 exactly (no noise, or dt <= 0).  When some S is singular but not zero,
+    every factor is taken by ``guarded_cholesky`` instead (one host synchronisation decides).
+    Differentiable (autograd).
     """
+    if S.numel() == 0:
+        return S.clone()
+    zero = S.detach().abs().amax((-2, -1)) == 0
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    L, info = torch.linalg.cholesky_ex(S + zero[..., None, None] * eye)
+    if bool((info != 0).any()):
+        return guarded_cholesky(S)
+    return L * (~zero)[..., None, None]
+
+
+def guarded_cholesky(S: torch.Tensor) -> torch.Tensor:
+    """Cholesky of symmetric positive semi-definite S (..., D, D), column by column, except that a
+    pivot at or below D * unit roundoff * max diag(S) ends its column (the column is set to zero): a
+    singular S gives a factor whose product differs from S by at most that pivot bound.
+    Differentiable (autograd; pivots above the bound have finite derivatives)."""
     D = S.shape[-1]
     tol = D * torch.finfo(S.dtype).eps * S.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(0)
     rows = torch.arange(D, device=S.device)

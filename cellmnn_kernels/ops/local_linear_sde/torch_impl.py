@@ -27,14 +27,14 @@ def sde_covariance_torch(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor) -> 
     h = (tau / 2.0 ** s).reshape(B * T, 1, 1)
     Ap = A[:, None].expand(B, T, D, D).reshape(B * T, D, D)
     Z = h * Ap
-    Zt = Z.transpose(1, 2)
     q = (g.expand(B, D) ** 2)[:, None].expand(B, T, D).reshape(B * T, D)
     term = torch.diag_embed(q) * h  # T_0 = h Q
-    S, E, P = term, None, None
+    S = term
     eye = torch.eye(D, dtype=A.dtype, device=A.device)
     E, P = eye + Z, Z
     for n in range(1, m + 1):
-        term = (Z @ term + term @ Zt) / (n + 1)  # T_n = h^(n+1) / (n+1)! L^n(Q)
+        M = Z @ term
+        term = (M + M.transpose(1, 2)) / (n + 1)  # T_n = h^(n+1) / (n+1)! L^n(Q), symmetric
         S = S + term
         if n < m:
             P = (P @ Z) / (n + 1)  # Z^(n+1) / (n+1)!

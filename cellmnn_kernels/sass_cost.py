@@ -425,7 +425,8 @@ def _analyse(args):
 def work_items(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True, family_only=None, every=True):
     """(spec, meta, estimate arguments or None) of every kernel to analyse: the register and
     lane-group step kernels (only D in ``only_d`` if given), the tiled step kernels (``tiled``),
-    the laplace_mmd row kernels (``mmd``) and the SDE covariance kernels (counts only), in ``dtypes``;
+    the laplace_mmd row kernels (``mmd``) and, when ``family_only`` names them, the SDE covariance
+    kernels (counts only), in ``dtypes``;
     ``family_only``: one kernel family alone; ``every=False``: the representative configurations."""
     items = []
     for spec, meta in kernel_specs(every=every, with_meta=True, arch=90):
@@ -438,7 +439,8 @@ def work_items(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True, famil
             # Per-pair estimates for the register kernels; counts only for the lane-group ones.
             est = (meta["kind"], meta["cfg"], meta["dtype"]) if family == "llstep_reg" else None
             items.append((spec, meta, est))
-        elif (family == "llstep_tiled" and tiled) or (family.startswith("laplace") and mmd) or family == "sde_cov":
+        elif (family == "llstep_tiled" and tiled) or (family.startswith("laplace") and mmd) \
+                or (family == "sde_cov" and family_only == "sde_cov"):
             items.append((spec, meta, None))
     return items
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..local_linear_sde import local_linear_sde_step
+from ..local_linear_sde import psd_cholesky, sde_covariance
 from ..local_linear_step import local_linear_step
 from .schedule import Schedule, piece_schedule
 
@@ -39,9 +39,8 @@ def _step(A, b, g, z, dt, eps, backend, check_finite=False):
     if g is None:
         return X, V, X
     # the noise does not depend on b: the covariance of the affine system is the linear one's
-    zero = z.new_zeros(z.shape)
-    _, _, Y = local_linear_sde_step(A, zero, dt, g, eps, step_backend=backend, check_finite=False)
-    return X, V, X + Y
+    noise = (psd_cholesky(sde_covariance(A, dt, g)) @ eps[..., None])[..., 0]
+    return X, V, X + noise
 
 
 def piecewise_decode(operator: Callable, x0: torch.Tensor, dt: torch.Tensor, piece_length: float | None = None,

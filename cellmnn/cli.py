@@ -695,6 +695,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _report(line):
+    """Write one line to stderr in a single write, so that ranks sharing a pipe never interleave it."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _describe(exc: BaseException) -> str:
     """A one-line account of an error: OS errors with their file, others with their message."""
     if isinstance(exc, OSError) and exc.filename and exc.strerror:
@@ -734,14 +740,14 @@ def main(argv=None) -> int:
         distributed = _init_distributed(args)
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"cellmnn {args.command}: interrupted", file=sys.stderr)
+        _report(f"cellmnn {args.command}: interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - the command line reports every failure in one line
         if os.environ.get("CELLMNN_TRACEBACK") == "1":
             raise
         expected = isinstance(exc, (ValueError, TypeError, OSError, FloatingPointError, LookupError))
         hint = "" if expected else f" ({type(exc).__name__}; set CELLMNN_TRACEBACK=1 to see where)"
-        print(f"cellmnn {args.command}: error: {_describe(exc)}{hint}", file=sys.stderr)
+        _report(f"cellmnn {args.command}: error: {_describe(exc)}{hint}")
         return 2 if expected else 1
     finally:
         if distributed:

@@ -239,6 +239,9 @@ def test_torchrun_with_a_bad_flag_reports_it_on_every_rank_and_leaves_no_folder(
     out = tmp_path / "model"
     r = _torchrun(["-m", "cellmnn", "fit", "emt-a549", *FLAGS, "--seed", "-3", "--out", str(out)], tmp_path)
     assert r.returncode != 0
-    errors = [line for line in r.stderr.splitlines() if line.startswith("cellmnn fit: error:")]
-    assert len(errors) == 2 and all("seed must be an integer in [0, 2**63), got -3" in e for e in errors), r.stderr
+    # torchrun stops the other rank as soon as one exits, so a rank may be stopped before it reports;
+    # whatever is reported must be the real error, once per line.
+    errors = [line for line in r.stderr.splitlines() if "error:" in line and "cellmnn" in line]
+    assert 1 <= len(errors) <= 2, r.stderr
+    assert all(e == "cellmnn fit: error: seed must be an integer in [0, 2**63), got -3" for e in errors), r.stderr
     assert not out.exists()

@@ -1,12 +1,13 @@
 """Fate read-outs against known answers: ``cell_transition`` on simulated courses whose true fates
 are known, and ``pull`` on a course with two origins.
 
-    python bench/fate_transitions.py [--cases ...] [--seeds 0 1 2] [--n-cells 300]
+    python bench/fate_transitions.py [--cases ...] [--seeds 0 1 2] [--n-cells 300] [--fit JSON]
                                      [--json bench/results/fate_transitions.json]
 
 For each bifurcation case of ``cellmnn.data.simulate`` (one population splitting by the sign of
 its first latent coordinate): simulate the course (data seed 0), label every cell "left" or
-"right" by that sign, train one model per training seed (``fit(seeds=...)``, paper defaults) and,
+"right" by that sign, train one model per training seed (``fit(seeds=...)``, paper defaults, or
+the ``--fit`` keyword arguments, e.g. '{"noise": "state", "affine": true}') and,
 for every pair of times (source < target), compare ``cell_transition(..., "branch", source, target)``
 with the truth: the source cells themselves carried forward by the simulator (``advance``,
 ``--repeats`` noise draws each) and labelled at the target time.  Scores: total variation per
@@ -83,12 +84,12 @@ def score_pair(case, arrays, times, adata, models, src, tgt, repeats):
     return out
 
 
-def run_branching(case, seeds, n_cells, repeats):
+def run_branching(case, seeds, n_cells, repeats, fit_kw):
     """Every (source, target) pair of one bifurcation case."""
     arrays, times = simulate(case, n_cells, seed=0)
     adata = course_anndata(arrays, times, [branch(case, a) for a in arrays])
     m = cellmnn.load_marginals(adata, time_key="day", n_components=None)
-    models = cellmnn.fit(m, seeds=seeds, verbose=False)
+    models = cellmnn.fit(m, seeds=seeds, verbose=False, **fit_kw)
     rows, pulls = [], []
     for src in range(len(times) - 1):
         for tgt in range(src + 1, len(times)):
@@ -97,14 +98,14 @@ def run_branching(case, seeds, n_cells, repeats):
     return rows, pulls
 
 
-def run_converging(seeds, n_cells):
+def run_converging(seeds, n_cells, fit_kw):
     """``pull`` of the single late fate of the converging course back to t = 0."""
     arrays, times = simulate("converging", n_cells, seed=0)
     origin = [np.full(len(a), "fate") for a in arrays]
     origin[0] = np.where(arrays[0][:, 1] < 0, "lower", "upper")
     adata = course_anndata(arrays, times, origin)
     m = cellmnn.load_marginals(adata, time_key="day", n_components=None)
-    models = cellmnn.fit(m, seeds=seeds, verbose=False)
+    models = cellmnn.fit(m, seeds=seeds, verbose=False, **fit_kw)
     first = adata.obs["day"].to_numpy() == times[0]
     labels = adata.obs["branch"].to_numpy()
     rows = []
@@ -161,6 +162,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-cells", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=50, help="simulator draws per source cell for the truth")
+    ap.add_argument("--fit", type=json.loads, default={}, help="fit keyword arguments (JSON), e.g. the decoder")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.json:
@@ -169,12 +171,12 @@ def main(argv=None):
     for case in args.cases:
         t0 = time.time()
         if case == "converging":
-            results[case] = run_converging(args.seeds, args.n_cells)
+            results[case] = run_converging(args.seeds, args.n_cells, args.fit)
             for r in results[case]:
                 print(f"{case:<16} pull fate 4 -> 0  {r['rule']:<4} {r['model']:<14} pulled {r['pulled_share']}  "
                       f"cells {r['cell_share']}")
         else:
-            rows, pulls = run_branching(case, args.seeds, args.n_cells, args.repeats)
+            rows, pulls = run_branching(case, args.seeds, args.n_cells, args.repeats, args.fit)
             results[case] = {"transitions": rows, "pull_left": pulls}
             for r in rows:
                 print(f"{case:<16} {r['source']:g} -> {r['target']:g}  {r['rule']:<4} {r['model']:<14} "
@@ -187,7 +189,7 @@ def main(argv=None):
     print(json.dumps(summary, indent=1))
     if args.json:
         doc = {"format": FORMAT, "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-               "seeds": args.seeds, "n_cells": args.n_cells, "repeats": args.repeats, "summary": summary,
+               "seeds": args.seeds, "fit": args.fit, "n_cells": args.n_cells, "repeats": args.repeats, "summary": summary,
                "results": results, "cases": {c: CASES[c][1:3] for c in args.cases}}
         write_text_atomic(args.json, json.dumps(doc, indent=1, default=str), JSON_KIND)
         print(f"wrote {args.json}")

@@ -33,7 +33,17 @@ import torch.distributed as dist
 
 from . import checks, files
 from .analysis.cells import time_column
-from .analysis.fate import RULES, cell_transition, pull, push
+from .analysis.fate import (
+    FATE_SAMPLES,
+    RULES,
+    check_group,
+    check_labelled,
+    couple,
+    pull_weights,
+    push_weights,
+    transition_table,
+    two_times,
+)
 from .analysis.interactions import gene_interactions
 from .analysis.perturb import perturb
 from .analysis.trrust import trrust_validation
@@ -458,13 +468,25 @@ def cmd_transitions(args):
     models = _models(args)
     model = models if len(models) > 1 else models[0]
     adata = _read_h5ad(args.data)
-    tables = [cell_transition(model, adata, args.annotation, a, b, target_annotation=args.target_annotation,
-                              rule=args.rule, k=args.k, time_key=args.time_key, embedding=args.embedding,
-                              dataset=args.dataset) for a, b in zip(times[:-1], times[1:])]
+    tgt_key = args.target_annotation or args.annotation
+    couplings = []  # one coupling per pair of times: the table, --push and --pull all read it
+    for a, b in zip(times[:-1], times[1:]):
+        c = two_times(model, adata, args.annotation, a, b, args.rule, args.k, args.time_key, args.embedding,
+                      dataset=args.dataset, target_annotation=args.target_annotation, n_samples=args.samples,
+                      seed=args.seed)
+        check_labelled(c, args.annotation, tgt_key, bool(args.target_annotation))
+        if args.push:
+            check_group(c.source_labels, args.push, "--push", c.source_time)
+        if args.pull:
+            check_group(c.target_labels, args.pull, "--pull", c.target_time)
+        couplings.append(c)
+    couplings = [couple(c, args.dataset) for c in couplings]
+    tables = [transition_table(c, adata, args.annotation, tgt_key) for c in couplings]
     rows = [[g, h, f"{t.loc[g, h]:.6g}", f"{t.attrs['source_time']:g}", f"{t.attrs['target_time']:g}",
-             t.attrs["source_counts"][g], args.rule] for t in tables for g in t.index for h in t.columns]
+             t.attrs["source_counts"][g], args.rule, t.attrs["n_samples"]]
+            for t in tables for g in t.index for h in t.columns]
     files.write_csv_atomic(args.out, ["source_group", "target_group", "probability", "source_time", "target_time",
-                                      "n_source_cells", "rule"], rows, files.TRANSITIONS)
+                                      "n_source_cells", "rule", "n_samples"], rows, files.TRANSITIONS)
     for t in tables:
         print(t.round(3).to_string())
     print(f"wrote {len(rows)} group pairs to {args.out}")
@@ -473,20 +495,19 @@ def cmd_transitions(args):
             plot(tables, path)
             print(f"wrote {path}")
     if args.push or args.pull:
-        _push_pull(args, model, adata)
+        _push_pull(args, couplings[0], adata)
     return 0
 
 
-def _push_pull(args, model, adata):
-    """``--push`` / ``--pull``: per-cell weights into ``--weights`` (CSV) and ``--weights-plot``."""
-    kw = dict(rule=args.rule, k=args.k, time_key=args.time_key, embedding=args.embedding, dataset=args.dataset)
+def _push_pull(args, c, adata):
+    """``--push`` / ``--pull`` from the coupling ``c``: per-cell weights into ``--weights`` (CSV) and
+    ``--weights-plot``."""
     keys = []
     if args.push:
-        push(model, adata, args.annotation, args.push, args.source, args.target[0], key_added="cellmnn_push", **kw)
+        push_weights(c, adata, args.annotation, args.push, "cellmnn_push")
         keys.append("cellmnn_push")
     if args.pull:
-        key = args.target_annotation or args.annotation
-        pull(model, adata, key, args.pull, args.source, args.target[0], key_added="cellmnn_pull", **kw)
+        pull_weights(c, adata, args.target_annotation or args.annotation, args.pull, "cellmnn_pull")
         keys.append("cellmnn_pull")
     time_key = time_column(adata, args.time_key)
     w = {k: adata.obs[k].to_numpy(dtype=np.float64) for k in keys}
@@ -605,6 +626,9 @@ def _add_transitions(sub):
     p.add_argument("--rule", choices=RULES, default="knn",
                    help="how pushed cells meet observed ones: k nearest (default) or an exact OT match")
     p.add_argument("--k", type=int, default=15, help="neighbours per pushed cell with --rule knn")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"draws per source cell from a stochastic model (default {FATE_SAMPLES}; deterministic: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first draw (stochastic models)")
     p.add_argument("--out", required=True, help="CSV to write (one row per pair of groups)")
     p.add_argument("--heatmap", default=None, help="PNG heatmap of the table")
     p.add_argument("--flow", default=None, help="PNG sankey-style flow between the two times")

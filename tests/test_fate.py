@@ -157,6 +157,32 @@ def test_table_push_and_pull_are_sums_of_the_coupling(quick, rule):
     assert "cellmnn_push" not in ad.obs and "cellmnn_pull" not in ad.obs  # key_added=None writes nothing
 
 
+def test_a_stochastic_model_couples_every_draw_and_a_deterministic_one_each_cell_once(quick):
+    # A learned diffusion: each source cell is pushed n_samples times (seeds seed, seed + 1, ...) and
+    # P is the mean of the draws' matches; a deterministic model pushes once whatever n_samples says.
+    ad, model = quick
+    noisy = cellmnn.fit(cellmnn.load_marginals(ad, time_key="day", n_components=None), noise="state", **FAST)
+    c = coupling(noisy, ad, "group", 0, 2, k=4, n_samples=3, seed=5)
+    draws = [fate.push_cells(noisy, c.z_source, 0.0, 2.0, seed=5 + r) for r in range(3)]
+    assert not np.allclose(draws[0], draws[1])  # the draws differ
+    expect = sum(fate.match(d, c.z_target, "knn", 4).toarray() for d in draws) / 3
+    np.testing.assert_allclose(c.P.toarray(), expect, atol=1e-12)
+    np.testing.assert_allclose(c.P.toarray().sum(axis=1), 1.0, atol=1e-12)
+    again = coupling(noisy, ad, "group", 0, 2, k=4, n_samples=3, seed=5)
+    np.testing.assert_array_equal(again.P.toarray(), c.P.toarray())  # reproducible from the seed
+    table = cell_transition(noisy, ad, "group", 0, 2, k=4)
+    assert table.attrs["n_samples"] == fate.FATE_SAMPLES
+    one = cell_transition(model, ad, "group", 0, 2, k=4, n_samples=7)
+    assert one.attrs["n_samples"] == 1
+    pd.testing.assert_frame_equal(one, cell_transition(model, ad, "group", 0, 2, k=4))
+    # an ensemble mixing the two: the deterministic member's one push weighs as much as all draws
+    mixed = coupling([model, noisy], ad, "group", 0, 2, k=4, n_samples=3, seed=5)
+    det = coupling(model, ad, "group", 0, 2, k=4)
+    np.testing.assert_allclose(mixed.P.toarray(), (det.P.toarray() + expect) / 2, atol=1e-12)
+    with pytest.raises(ValueError, match="n_samples must be"):
+        cell_transition(noisy, ad, "group", 0, 2, n_samples=0)
+
+
 @given(n=st.integers(1, 30), m=st.integers(1, 30), k=st.integers(1, 40), seed=st.integers(0, 2 ** 16))
 def test_knn_match_gives_each_pushed_cell_to_its_nearest_observed_cells(n, m, k, seed):
     # Against a float64 brute force: the k (or all m) nearest observed cells of each pushed cell
@@ -296,7 +322,7 @@ def test_cli_transitions_and_annotate(quick, tmp_path, capsys):
     assert cli_main(["transitions", str(mdir), str(data), "--annotation", "group", "--source", "0", "--target", "2",
                      "--ensemble", str(mdir), *out]) == 0
     rows = (tmp_path / "t.csv").read_text().splitlines()
-    assert rows[0] == "source_group,target_group,probability,source_time,target_time,n_source_cells,rule"
+    assert rows[0] == "source_group,target_group,probability,source_time,target_time,n_source_cells,rule,n_samples"
     table = cell_transition(model, ad, "group", 0, 2)
     got = {(r.split(",")[0], r.split(",")[1]): float(r.split(",")[2]) for r in rows[1:]}
     assert got == pytest.approx({(g, h): table.loc[g, h] for g in table.index for h in table.columns}, abs=1e-5)

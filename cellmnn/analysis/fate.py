@@ -21,8 +21,14 @@ sources after t = 0, "knn" came within a total variation of 0.026 of the true fa
 (worst 0.063), "ot" within 0.064 (worst 0.110), off where two snapshots' fractions differ by
 sampling (``bench/results/fate_transitions.json``).
 
+A model with a learned diffusion (``noise="state"``) pushes every source cell ``n_samples`` times
+(default ``FATE_SAMPLES``; draws from ``seed``, reproducible) and each draw is matched as a cell of
+its own: a cell's fate is then a distribution even before the match, which is where a population
+splits (from t = 0 on the simulated bifurcation the noise decides about one fate in eight).  A
+deterministic model pushes each cell once whatever ``n_samples`` says.
+
 P (n_source x n_target), each row summing to 1, is the fate distribution of one source cell
-(with an ensemble, the mean of the members' couplings).  From it:
+(the mean over its draws, and with an ensemble over the members).  From it:
 
     cell_transition  T[g, h] = mean over source cells i in g of sum over target cells j in h of P[i, j]
     push(g)          w_j = mean over source cells i in g of P[i, j]            (sums to 1 over target cells)
@@ -45,6 +51,7 @@ from .cells import CHUNK, check_dataset, members, plan_cells, read_cells
 RULES = ("knn", "ot")
 MAX_OT_ENTRIES = 25_000_000  # n_source x n_target of one exact OT match (200 MB of float64 cost matrix)
 KNN_BLOCK = 2 ** 24  # pushed x observed distances computed at once by the knn match (128 MB of float64)
+FATE_SAMPLES = 20  # draws per source cell from a stochastic model (the row mean's sampling error <~ 0.1/sqrt(k))
 RECORD = "cellmnn_fate"  # uns entry that records the obs columns push and pull wrote
 
 
@@ -65,6 +72,8 @@ class TwoTimes:
     target_time: float
     rule: str
     k: int
+    n_samples: int = 1
+    seed: int = 0
 
 
 @dataclass
@@ -114,6 +123,12 @@ def check_group(labels, group, name, time) -> None:
         raise ValueError(f"{name} {group!r} has no cells at time {time:g}; groups there are {present}")
 
 
+def _samples(models, n_samples) -> int:
+    """Draws per source cell: 1 for deterministic models, ``n_samples`` (default ``FATE_SAMPLES``) else."""
+    n = FATE_SAMPLES if n_samples is None else checks.positive_int("n_samples", n_samples)
+    return n if any(m.stochastic for m in models) else 1
+
+
 def _rule(rule, k) -> int:
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -121,12 +136,14 @@ def _rule(rule, k) -> int:
 
 
 def two_times(model, adata, annotation, source, target, rule="knn", k=15, time_key=None, embedding=None,
-              marginals=None, dataset=None, target_annotation=None) -> TwoTimes:
+              marginals=None, dataset=None, target_annotation=None, n_samples=None, seed=0) -> TwoTimes:
     """Check every argument and read the cells at ``source`` and ``target`` (a later time), with
     their groups by ``annotation`` (None: no groups; at ``target`` by ``target_annotation`` when
     given).  Runs no model."""
     models = members(model)
     k = _rule(rule, k)
+    n_samples = _samples(models, n_samples)
+    seed = checks.seed(seed)
     check_dataset(models[0], dataset)
     plan = plan_cells(adata, models[0], marginals, time_key, embedding)
     labels = _labels(adata, annotation) if annotation is not None else np.full(adata.n_obs, None, dtype=object)
@@ -140,33 +157,39 @@ def two_times(model, adata, annotation, source, target, rule="knn", k=15, time_k
         raise ValueError(f"rule='ot': {len(src)} x {len(tgt)} cells is more than one exact OT match handles "
                          f"({MAX_OT_ENTRIES:,} pairs); use rule='knn', or subsample the cells of the two times")
     return TwoTimes(models, plan.transform, src, tgt, z[src], z[tgt], labels[src], target_labels[tgt], s_time,
-                    t_time, rule, k)
+                    t_time, rule, k, n_samples, seed)
 
 
 def coupling(model, adata, annotation, source, target, rule="knn", k=15, time_key=None, embedding=None,
-             marginals=None, dataset=None, target_annotation=None) -> Coupling:
+             marginals=None, dataset=None, target_annotation=None, n_samples=None, seed=0) -> Coupling:
     """The coupling between the cells at ``source`` and at ``target`` (module docstring); every
     argument checked (``two_times``) before any model call."""
     c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset,
-                  target_annotation)
+                  target_annotation, n_samples, seed)
     return couple(c, dataset)
 
 
 def couple(c: TwoTimes, dataset=None) -> Coupling:
-    """The coupling of checked cells ``c``: every model pushes the source cells, matched by ``c.rule``."""
+    """The coupling of checked cells ``c``: every model pushes the source cells (``c.n_samples`` draws
+    each from a stochastic model), each draw matched by ``c.rule``; P is the mean over draws and models."""
     P = None
     for m in c.models:
-        Pm = match(push_cells(m, c.z_source, c.source_time, c.target_time, dataset), c.z_target, c.rule, c.k)
-        P = Pm if P is None else P + Pm
+        draws = c.n_samples if m.stochastic else 1
+        for r in range(draws):
+            pushed = push_cells(m, c.z_source, c.source_time, c.target_time, dataset, seed=c.seed + r)
+            Pm = match(pushed, c.z_target, c.rule, c.k) / draws
+            P = Pm if P is None else P + Pm
     return Coupling(**vars(c), P=P / len(c.models))
 
 
-def push_cells(model, z, t0, t1, dataset=None) -> np.ndarray:
-    """``model.predict`` of cells ``z`` (n, D) from ``t0`` to ``t1`` in chunks, (n, D) float64; an
+def push_cells(model, z, t0, t1, dataset=None, seed=0) -> np.ndarray:
+    """``model.predict`` of cells ``z`` (n, D) from ``t0`` to ``t1`` in chunks, (n, D) float64 (one draw
+    from ``seed`` for a stochastic model; chunk c uses seed + c * 1,000,003 so draws never repeat); an
     error if any result is not finite."""
     out = np.empty(np.shape(z), dtype=np.float64)
     for a in range(0, len(z), CHUNK):
-        out[a:a + CHUNK] = model.predict(z[a:a + CHUNK], t0, t1, dataset=dataset)
+        out[a:a + CHUNK] = model.predict(z[a:a + CHUNK], t0, t1, dataset=dataset,
+                                         seed=seed + (a // CHUNK) * 1_000_003)
     if not np.isfinite(out).all():
         raise FloatingPointError(f"the model pushed {int((~np.isfinite(out).all(axis=1)).sum())} cells from time "
                                  f"{t0:g} to {t1:g} to NaN or Inf")
@@ -208,7 +231,7 @@ def _groups(adata, key, labels) -> list:
 
 
 def cell_transition(model, adata, annotation, source, target, target_annotation=None, rule="knn", k=15,
-                    time_key=None, embedding=None, marginals=None, dataset=None):
+                    time_key=None, embedding=None, marginals=None, dataset=None, n_samples=None, seed=0):
     """The probability that a cell of each group at time ``source`` reaches each group at time ``target``.
 
     Args:
@@ -221,69 +244,96 @@ def cell_transition(model, adata, annotation, source, target, target_annotation=
         target_annotation: another ``obs`` column for the groups at ``target`` (default: ``annotation``).
         rule, k: how pushed cells are matched to observed ones (module docstring).
         time_key, embedding, marginals, dataset: as in ``annotate``.
+        n_samples, seed: draws per source cell from a stochastic model (default ``FATE_SAMPLES``) and
+            the first draw's seed (module docstring); a deterministic model pushes each cell once.
 
     Returns a ``pandas.DataFrame``: one row per source group, one column per target group, each row
     summing to 1; ``attrs`` holds the rule, the times, and the number of cells per group
     ("source_counts", "target_counts").  Cells with no label at either time are an error.
     """
-    import pandas as pd
 
     tgt_key = annotation if target_annotation is None else target_annotation
     c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset,
-                  target_annotation)
+                  target_annotation, n_samples, seed)
+    check_labelled(c, annotation, tgt_key, target_annotation is not None)
+    return transition_table(couple(c, dataset), adata, annotation, tgt_key)
+
+
+def check_labelled(c: TwoTimes, annotation, target_key, own_target_key: bool) -> None:
+    """Every cell of ``c`` at both times has a group, or an error naming the column and the time."""
     for name, key, labels, time in (("annotation", annotation, c.source_labels, c.source_time),
-                                    ("target_annotation" if target_annotation else "annotation", tgt_key,
+                                    ("target_annotation" if own_target_key else "annotation", target_key,
                                      c.target_labels, c.target_time)):
         missing = sum(v is None for v in labels)
         if missing:
             raise ValueError(f"{name} {key!r}: {missing} cells at time {time:g} have no label; give every cell "
                              "there a group (or leave them out of adata)")
-    c = couple(c, dataset)
-    rows, cols = _groups(adata, annotation, c.source_labels), _groups(adata, tgt_key, c.target_labels)
+
+
+def transition_table(c: Coupling, adata, annotation, target_key):
+    """``cell_transition``'s table from a coupling ``c`` whose groups are by ``annotation`` at the
+    source and ``target_key`` at the target (every cell labelled)."""
+    import pandas as pd
+
+    rows, cols = _groups(adata, annotation, c.source_labels), _groups(adata, target_key, c.target_labels)
     T = np.stack([c.rows_mean(c.source_labels == g) for g in rows])  # (groups, n_target)
     table = np.stack([T[:, c.target_labels == h].sum(axis=1) for h in cols], axis=1)
     df = pd.DataFrame(table, index=pd.Index(rows, name=f"{annotation} at {c.source_time:g}"),
-                      columns=pd.Index(cols, name=f"{tgt_key} at {c.target_time:g}"))
-    df.attrs.update(rule=rule, source_time=c.source_time, target_time=c.target_time,
+                      columns=pd.Index(cols, name=f"{target_key} at {c.target_time:g}"))
+    df.attrs.update(rule=c.rule, n_samples=c.n_samples, source_time=c.source_time, target_time=c.target_time,
                     source_counts={g: int((c.source_labels == g).sum()) for g in rows},
                     target_counts={h: int((c.target_labels == h).sum()) for h in cols})
     return df
 
 
 def push(model, adata, annotation, group, source, target, key_added="cellmnn_push", rule="knn", k=15,
-         time_key=None, embedding=None, marginals=None, dataset=None) -> np.ndarray:
+         time_key=None, embedding=None, marginals=None, dataset=None, n_samples=None, seed=0) -> np.ndarray:
     """Where the cells of ``group`` at time ``source`` go: a weight per cell of ``adata`` (n_obs,),
     summing to 1 over the cells at ``target`` and NaN at every other time; written to
     ``adata.obs[key_added]`` unless ``key_added`` is None (a column is replaced only if ``push`` or
     ``pull`` wrote it).  Other arguments as in ``cell_transition``."""
-    c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset)
+    c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset,
+                  n_samples=n_samples, seed=seed)
     _check_key(adata, key_added)
     check_group(c.source_labels, group, "group", c.source_time)
-    c = couple(c, dataset)
+    return push_weights(couple(c, dataset), adata, annotation, group, key_added)
+
+
+def push_weights(c: Coupling, adata, annotation, group, key_added) -> np.ndarray:
+    """``push``'s weights from a coupling ``c`` (source groups by ``annotation``), written as ``push`` does."""
+    check_group(c.source_labels, group, "group", c.source_time)
+    _check_key(adata, key_added)
     w = np.full(adata.n_obs, np.nan)
     w[c.target_cells] = c.rows_mean(c.source_labels == str(group))
     _write(adata, key_added, w, dict(kind="push", annotation=annotation, group=str(group), source=c.source_time,
-                                     target=c.target_time, rule=rule))
+                                     target=c.target_time, rule=c.rule))
     return w
 
 
 def pull(model, adata, annotation, group, source, target, key_added="cellmnn_pull", rule="knn", k=15,
-         time_key=None, embedding=None, marginals=None, dataset=None) -> np.ndarray:
+         time_key=None, embedding=None, marginals=None, dataset=None, n_samples=None, seed=0) -> np.ndarray:
     """Where the cells of ``group`` at time ``target`` came from: a weight per cell of ``adata``
     (n_obs,), summing to 1 over the cells at ``source`` and NaN at every other time; written to
     ``adata.obs[key_added]`` unless ``key_added`` is None.  Other arguments as in ``push``."""
-    c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset)
+    c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset,
+                  n_samples=n_samples, seed=seed)
     _check_key(adata, key_added)
     check_group(c.target_labels, group, "group", c.target_time)
-    c = couple(c, dataset)
+    return pull_weights(couple(c, dataset), adata, annotation, group, key_added)
+
+
+def pull_weights(c: Coupling, adata, annotation, group, key_added) -> np.ndarray:
+    """``pull``'s weights from a coupling ``c`` (target groups by ``annotation``), written as ``pull`` does."""
+    check_group(c.target_labels, group, "group", c.target_time)
+    _check_key(adata, key_added)
     mass = c.cols_sum(c.target_labels == str(group))
     if mass.sum() <= 0:
         raise ValueError(f"group {group!r} at time {c.target_time:g} receives no mass from time {c.source_time:g} "
-                         f"under rule={rule!r} (no pushed cell lands near it); try rule='ot'")
+                         f"under rule={c.rule!r} (no pushed cell lands near it); try rule='ot'")
     w = np.full(adata.n_obs, np.nan)
     w[c.source_cells] = mass / mass.sum()
     _write(adata, key_added, w, dict(kind="pull", annotation=annotation, group=str(group), source=c.source_time,
-                                     target=c.target_time, rule=rule))
+                                     target=c.target_time, rule=c.rule))
     return w
 
 

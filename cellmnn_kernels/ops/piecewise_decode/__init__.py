@@ -51,17 +51,20 @@ def piecewise_decode(operator: Callable, x0: torch.Tensor, dt: torch.Tensor, pie
     Args:
         operator: ``operator(z, u) -> (A, b, g)`` for states z (B, D) at offsets u (B,) from each
             cell's own time: A (B, D, D); b (B, D) or None (affine drift A z + b); g (B, D) or None
-            (diagonal noise scale).  Called once at u = 0, then once per piece.
+            (diagonal noise scale).  Called at u = 0 (unless ``first`` is given), then once per
+            piece after the first.
         piece_length: longest piece, in dt's units; None: one piece per cell (the closed form).
         noise: with g, ``noise(i) -> eps`` standard-normal draws: (B, T, D) for the closed form
             (i = 0), (B, D) for piece i = 0, 1, ... otherwise.  Noise acts forward in time only.
+        first: the operator's (A, b, g) at u = 0 when the caller already has them (not recomputed).
 
     Returns:
         X (B, T, D) the decoded states (with noise, the sample; for the closed form also its
         mean), V (B, T, D) the drift at the decoded state, the first call's (A, b, g), and M: the
         mean (closed form with noise) or None.  Differentiable end to end.
     """
-    first = operator(x0, x0.new_zeros(x0.shape[0]))
+    if first is None:
+        first = operator(x0, x0.new_zeros(x0.shape[0]))
     A, b, g = first
     if piece_length is None:
         if g is None:

@@ -115,6 +115,41 @@ def test_perturb_result_semantics(quick):
     assert perturb(model, ad, None, 0, 2, directions={"d": (u, 0.3)}).perturbed.shape == (60, 4)
 
 
+@pytest.mark.parametrize("decoder", [{"affine": True}, {"noise": "state", "affine": True},
+                                     {"piece_length": 0.5, "affine": True}])
+def test_every_decoder_is_perturbed_on_its_own_mean_path(quick, decoder):
+    # Affine drift: P (A z + b), checked against float64 expm of the augmented operator
+    # [[P A, P b], [0, 0]] on [z'; 1] (1e-4 relative, as above); a learned diffusion: both paths are
+    # the noise-free mean (the control is predict_distribution's mean); pieces: the control is
+    # predict, and the clamp holds at the end of the re-linearised path.
+    m, ad, _ = quick
+    model = cellmnn.fit(m, **FAST, **decoder)
+    res = perturb(model, ad, {"g1": 0.5}, 0, 2)
+    z0 = m.data[0]
+    if decoder.get("piece_length"):
+        np.testing.assert_allclose(res.control, model.predict(z0, 0.0, 2.0), rtol=1e-6, atol=1e-6)
+    else:
+        mean, _ = model.predict_distribution(z0, 0.0, 2.0)
+        np.testing.assert_allclose(res.control, mean, rtol=1e-5, atol=1e-5)
+        C, offsets, specs = constraints(m.transform, {"g1": 0.5})
+        G = np.linalg.inv(C @ C.T)
+        z1 = z0 + (0.5 - (z0 @ C.T + offsets)) @ G @ C
+        P = np.eye(4) - C.T @ G @ C
+        with torch.no_grad():
+            A, b, _, _ = model.outputs(torch.as_tensor(z0, dtype=torch.float32), torch.zeros(len(z0),
+                                       dtype=torch.float64))
+        A, b = A.double().numpy(), b.double().numpy()
+        want = []
+        for c in range(len(z0)):
+            aug = np.zeros((5, 5))
+            aug[:4, :4], aug[:4, 4] = P @ A[c], P @ b[c]
+            want.append((expm(2.0 * aug) @ np.append(z1[c], 1.0))[:4])
+        np.testing.assert_allclose(res.perturbed, np.stack(want), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(m.transform.to_features(res.perturbed)[:, 1], 0.5, atol=1e-4)
+    again = perturb(model, ad, {"g1": 0.5}, 0, 2)
+    np.testing.assert_array_equal(again.perturbed, res.perturbed)  # no sampling noise in the shift
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(genes={"GATA1": 0.0}), "'GATA1' is not among the model's 6 features"),
     (dict(genes={"g1": "high"}), r"genes\['g1'\]: give a value"),

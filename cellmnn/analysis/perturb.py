@@ -13,6 +13,13 @@ per gene) this is the textbook clamp: the clamped gene's row of A is zeroed and 
 With PCA a gene is a direction of the model space, and the clamp also moves the genes that share
 its components.
 
+Every decoder option is perturbed the same way: an affine drift A z + b becomes P (A z + b);
+re-linearised pieces read A (and b) at the perturbed path's own states from the second piece on,
+each projected.  A model with a learned diffusion is perturbed on its mean path (the noise off,
+for the control as for the perturbed path: for the single-piece decoder the control is its
+predictive mean, ``predict_distribution``), so the shift is the change of the expected path and
+holds no sampling noise.
+
 A = A(z, t0) is the operator of the cell as observed, the one its unperturbed prediction uses:
 the perturbation is read as a change of state under the cell's own linearisation, so that the
 perturbed and the control path differ by the perturbation alone.  (``operator="perturbed"`` reads
@@ -28,8 +35,8 @@ against 0.59, and the direction of the mean shift was right on 0.86 of the true 
 * ``directions={"name": (u, value)}`` (u a vector of the model space, value a number or
   ("scale", s)): the same for the coordinate u . z.
 
-The control is the model's own prediction of the same cells (``predict``), so the shift is the
-effect of the perturbation alone.
+The control is the model's own prediction of the same cells (``predict``; the mean path for a
+model with a learned diffusion), so the shift is the effect of the perturbation alone.
 """
 from __future__ import annotations
 
@@ -40,11 +47,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cellmnn_kernels import local_linear_step
+from cellmnn_kernels import piecewise_decode
 
 from .. import checks
 from .cells import CHUNK
-from .fate import match, push_cells, two_times
+from .fate import match, two_times
 from .interactions import gene_names
 
 RANK_TOL = 1e-8  # relative singular value below which clamped directions count as dependent
@@ -151,20 +158,37 @@ def clamped_push(model, z0, t0: float, t1: float, C, offsets, specs, dataset=Non
     G = np.linalg.inv(C @ C.T)
     z1 = z0 + (values - current) @ G @ C  # the smallest move onto C z + offsets = values
     P = np.eye(C.shape[1]) - C.T @ G @ C
-    p = next(model.parameters())
-    out = np.empty_like(z1)
-    with torch.no_grad():
-        Pt = torch.as_tensor(P, dtype=p.dtype, device=p.device)
-        for a in range(0, len(z1), CHUNK):
-            x = torch.as_tensor((z0 if operator == "observed" else z1)[a:a + CHUNK], dtype=p.dtype, device=p.device)
-            t = torch.full((len(x),), float(t0), dtype=torch.float64, device=p.device)
-            A = Pt @ model.operator(x, t, dataset=dataset)
-            dt = torch.full((len(x), 1), float(t1) - float(t0), dtype=p.dtype, device=p.device)
-            X, _ = local_linear_step(A, torch.as_tensor(z1[a:a + CHUNK], dtype=p.dtype, device=p.device), dt,
-                                     backend=model.backend)
-            out[a:a + CHUNK] = X[:, 0].double().cpu().numpy()
+    out = mean_path(model, z0 if operator == "observed" else z1, z1, t0, t1, dataset, P)
     if not np.isfinite(out).all():
         raise FloatingPointError(f"the perturbed push from {t0:g} to {t1:g} gave NaN or Inf")
+    return out
+
+
+def mean_path(model, z_read, z_start, t0: float, t1: float, dataset=None, P=None) -> np.ndarray:
+    """The model's decoder from ``z_start`` (n, D) at ``t0`` to ``t1`` with the noise off, the first
+    piece's operator read at ``z_read`` (n, D) and every drift projected by ``P`` (D, D; None: not
+    projected, which for a deterministic model is ``predict`` itself): (n, D) float64."""
+    p = next(model.parameters())
+    Pt = None if P is None else torch.as_tensor(P, dtype=p.dtype, device=p.device)
+
+    def drift(A, b):
+        if Pt is None:
+            return A, b, None
+        return Pt @ A, None if b is None else b @ Pt.T, None
+
+    out = np.empty(np.shape(z_start), dtype=np.float64)
+    with torch.no_grad():
+        for a in range(0, len(out), CHUNK):
+            x = torch.as_tensor(z_start[a:a + CHUNK], dtype=p.dtype, device=p.device)
+            read = torch.as_tensor(z_read[a:a + CHUNK], dtype=p.dtype, device=p.device)
+            t = torch.full((len(x),), float(t0), dtype=torch.float64, device=p.device)
+            code = dataset if dataset is None or np.ndim(dataset) == 0 else dataset[a:a + CHUNK]
+            A, b, _, _ = model.outputs(read, t, code)
+            dt = torch.full((len(x), 1), float(t1) - float(t0), dtype=p.dtype, device=p.device)
+            X, _, _, _ = piecewise_decode(lambda z, u: drift(*model.outputs(z, t + u, code, False)[:2]), x, dt,
+                                          model.decoder.piece_time(model.time_unit), backend=model.backend,
+                                          first=drift(A, b))
+            out[a:a + CHUNK] = X[:, 0].double().cpu().numpy()
     return out
 
 
@@ -186,7 +210,9 @@ def perturb(model, adata, genes, source, target, directions=None, annotation=Non
     c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset)
     C, offsets, specs = constraints(c.transform, genes, directions)
     z0, zt, models = c.z_source, c.z_target, c.models
-    ctrl = np.stack([push_cells(m, z0, c.source_time, c.target_time, dataset) for m in models])
+    ctrl = np.stack([mean_path(m, z0, z0, c.source_time, c.target_time, dataset) for m in models])
+    if not np.isfinite(ctrl).all():
+        raise FloatingPointError(f"the model pushed cells from {c.source_time:g} to {c.target_time:g} to NaN or Inf")
     pert = np.stack([clamped_push(m, z0, c.source_time, c.target_time, C, offsets, specs, dataset, operator)
                      for m in models])
     W = np.eye(C.shape[1]) if c.transform.pca_components is None else np.asarray(c.transform.pca_components)

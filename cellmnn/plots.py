@@ -60,8 +60,11 @@ def plot_trajectories(marginals, model, path: str, dims=(0, 1), n_paths: int = 6
                       title: str = "") -> str:
     """The observed populations as density contours (one colour per timepoint) and the paths of
     ``n_paths`` cells of the first timepoint pushed by ``model`` through every later time (``steps``
-    points per gap); with a list of models (an ensemble) the mean path, drawn as wide as the
-    members' spread at its end.  Written atomically (PNG)."""
+    points per gap); with a list of models (an ensemble) the mean path.  A model with a learned
+    diffusion draws its noise-free path.  Each path is drawn as wide as the predictive spread at
+    its end (root mean square distance from the drawn end: between the members of an ensemble,
+    plus each stochastic member's own spread, from its covariance, or from 16 draws for
+    re-linearised pieces).  Written atomically (PNG)."""
     check_output(path, FIGURE)
     plt = _pyplot()
     models = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -70,9 +73,13 @@ def plot_trajectories(marginals, model, path: str, dims=(0, 1), n_paths: int = 6
     grid_t = np.unique(np.concatenate([np.linspace(times[k], times[k + 1], steps) for k in range(len(times) - 1)]))
     start = marginals.data[0]
     pick = np.random.default_rng(seed).choice(len(start), min(n_paths, len(start)), replace=False)
-    paths = np.stack([m.predict(start[pick], times[0], grid_t) for m in models])  # (members, n, T, D)
+    paths = np.stack([m.predict(start[pick], times[0], grid_t, noise=False) for m in models])  # (members, n, T, D)
     mean = paths.mean(axis=0)
-    spread = np.sqrt(((paths[:, :, -1] - mean[:, -1]) ** 2).sum(-1).mean(0))  # (n,) at the last time
+    var = ((paths[:, :, -1] - mean[:, -1]) ** 2).sum(-1).mean(0)  # (n,) between members, at the last time
+    for m in models:
+        if m.stochastic:
+            var = var + _own_variance(m, start[pick], times[0], times[-1]) / len(models)
+    spread = np.sqrt(var)
     everything = np.concatenate(list(marginals.data) + [mean.reshape(-1, mean.shape[-1])])
     lo, hi = everything[:, [a, b]].min(0), everything[:, [a, b]].max(0)
     pad = 0.08 * (hi - lo + 1e-9)
@@ -86,18 +93,30 @@ def plot_trajectories(marginals, model, path: str, dims=(0, 1), n_paths: int = 6
         ax.contour(gx, gy, dens, levels=np.quantile(dens[dens > 0], [0.7, 0.9, 0.97]), colors=[color],
                    linewidths=1.0, alpha=0.9)
         ax.plot([], [], color=color, label=f"observed t = {times[k]:g}")
-    widths = 0.6 + 2.4 * spread / spread.max() if len(models) > 1 and spread.max() > 0 else np.full(len(pick), 0.8)
+    varied = len(models) > 1 or any(m.stochastic for m in models)
+    widths = 0.6 + 2.4 * spread / spread.max() if varied and spread.max() > 0 else np.full(len(pick), 0.8)
     for i in range(len(pick)):
         ax.plot(mean[i, :, a], mean[i, :, b], color="0.25", linewidth=widths[i], alpha=0.55)
     ax.scatter(mean[:, -1, a], mean[:, -1, b], s=8, c="tab:red", zorder=3, label=f"pushed to t = {times[-1]:g}")
     ax.scatter(start[pick, a], start[pick, b], s=8, c="0.25", zorder=3, label=f"start, t = {times[0]:g}")
     ax.set_xlabel(f"dim {a + 1}")
     ax.set_ylabel(f"dim {b + 1}")
-    note = f"; width: spread over {len(models)} members" if len(models) > 1 else ""
+    note = ""
+    if varied:
+        note = "; width: predictive spread" + (f" ({len(models)} members)" if len(models) > 1 else "")
     ax.set_title(title or f"{len(pick)} cells pushed through every time{note}", fontsize=10)
     ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     return _save(fig, plt, path)
+
+
+def _own_variance(model, x0, t0: float, t1: float, draws: int = 16) -> np.ndarray:
+    """A stochastic model's predictive variance (trace of its covariance) of cells x0 at t1, (n,):
+    closed form for the single-piece decoder, else from ``draws`` samples."""
+    if model.decoder.piece_length is None:
+        return np.trace(model.predict_distribution(x0, t0, t1)[1], axis1=-2, axis2=-1)
+    samples = model.predict(x0, t0, t1, n_samples=draws)
+    return ((samples - samples.mean(0)) ** 2).sum(-1).mean(0) * draws / (draws - 1)
 
 
 def plot_heatmap(matrix, genes, path: str, title: str = "") -> str:

@@ -105,6 +105,27 @@ def test_n_samples_shapes_and_the_deterministic_case():
     assert mean.shape == (3, 1, 2) and not cov.any()
 
 
+def test_the_noise_free_path_is_the_mean_and_is_drawn_with_its_spread(tmp_path):
+    from cellmnn.files import png_software
+    from cellmnn.plots import plot_trajectories
+
+    model = noisy_model(affine=True)
+    x = np.array([[0.5, -0.2], [-1.0, 0.3]])
+    mean, _ = model.predict_distribution(x, 0.0, [0.5, 1.5])
+    np.testing.assert_allclose(model.predict(x, 0.0, [0.5, 1.5], noise=False), mean, rtol=1e-12, atol=1e-12)
+    assert model.predict(x, 0.0, 1.5, noise=False, n_samples=3).shape == (3, 2, 2)
+    pieces = noisy_model(piece_length=0.5)
+    a, b = pieces.predict(x, 0.0, 1.7, noise=False, seed=1), pieces.predict(x, 0.0, 1.7, noise=False, seed=2)
+    np.testing.assert_array_equal(a, b)  # no noise drawn
+    with pytest.raises(TypeError, match="noise must be True or False"):
+        model.predict(x, 0.0, 1.0, noise="off")
+    m = cellmnn.load_marginals([np.random.default_rng(k).normal(size=(30, 2)) + k for k in range(3)],
+                               times=[0.0, 1.0, 2.0], n_components=None)
+    for name, models in (("one.png", pieces), ("two.png", [model.float(), cellmnn.CellMNN(2, width=8, depth=1)])):
+        plot_trajectories(m, models, tmp_path / name, n_paths=5, steps=4)
+        assert png_software(str(tmp_path / name)).startswith("cellmnn")
+
+
 def test_pieces_have_no_closed_form_distribution():
     model = noisy_model(piece_length=0.5)
     with pytest.raises(ValueError, match="predict_distribution needs the single-piece decoder"):

@@ -143,32 +143,36 @@ class CellMNN(nn.Module):
         return (A, penalty) if return_penalty else A
 
     def forward(self, x0: torch.Tensor, t0: torch.Tensor, t: torch.Tensor, return_penalty: bool = False,
-                dataset=None, seed: int | None = 0):
+                dataset=None, seed: int | None = 0, noise: bool = True):
         """Decode cells x0 (B, D) observed at t0 (B,) to times t (B, T): X, V (B, T, D).
 
         Times may be float64 while x0 is float32: offsets t - t0 are then taken in float64.  With a
         learned diffusion X is a sample (draws from ``seed``; None: torch's global generator) and V
-        the drift there."""
+        the drift there; ``noise=False`` decodes with the diffusion off (the noise-free path; for
+        the single-piece decoder the predictive mean)."""
         first = self.outputs(x0, t0, dataset)
+        if not noise:
+            first = first[:2] + (None,) + first[3:]
         dt = (t - t0[:, None]).to(x0.dtype)
         code = self._dataset_code(dataset, x0.shape[0], x0)
 
         def operator(z, u):
             tin = ((t0 + u - self.time_offset) / self.time_scale).to(x0.dtype)
-            return self.decoder.split(self.mlp(torch.cat([z, tin[:, None], code], 1)), self.time_unit)[:3]
+            A, b, g = self.decoder.split(self.mlp(torch.cat([z, tin[:, None], code], 1)), self.time_unit)[:3]
+            return A, b, g if noise else None
 
         gen = None
-        if self.stochastic and seed is not None:
+        if self.stochastic and noise and seed is not None:
             gen = torch.Generator(device=x0.device).manual_seed(int(seed))
-        noise = lambda i: torch.randn(dt.shape + x0.shape[1:] if self.decoder.piece_length is None  # noqa: E731
-                                      else x0.shape, generator=gen, dtype=x0.dtype, device=x0.device)
-        X, V, _, _ = piecewise_decode(operator, x0, dt, self.decoder.piece_time(self.time_unit), noise,
+        draw = lambda i: torch.randn(dt.shape + x0.shape[1:] if self.decoder.piece_length is None  # noqa: E731
+                                     else x0.shape, generator=gen, dtype=x0.dtype, device=x0.device)
+        X, V, _, _ = piecewise_decode(operator, x0, dt, self.decoder.piece_time(self.time_unit), draw,
                                       backend=self.backend, first=first[:3])
         penalty = first[3].mean() if first[3] is not None else x0.new_zeros(())
         return (X, V, penalty) if return_penalty else (X, V)
 
     @torch.no_grad()
-    def predict(self, x0, t0, t, dataset=None, n_samples: int | None = None, seed: int = 0):
+    def predict(self, x0, t0, t, dataset=None, n_samples: int | None = None, seed: int = 0, noise: bool = True):
         """Push cells x0 (n, D) observed at time(s) t0 to time(s) t.
 
         t0 is a number or (n,); t a number (returns (n, D)) or a sequence of T times (returns
@@ -178,18 +182,20 @@ class CellMNN(nn.Module):
 
         A model with a learned diffusion returns samples: one per cell, or ``n_samples`` per cell
         with a leading axis (n_samples, n, ...), drawn from ``seed`` (reproducible).  A deterministic
-        model accepts n_samples too (identical copies).
+        model accepts n_samples too (identical copies).  ``noise=False``: the noise-free path (for
+        the single-piece decoder the predictive mean), one per cell.
         """
+        checks.flag("noise", noise)
         x0, t0, tt, scalar, as_numpy = self._prediction_inputs(x0, t0, t)
         if n_samples is not None:
             n_samples = checks.positive_int("n_samples", n_samples)
         n = x0.shape[0]
-        reps = 1 if n_samples is None else n_samples
+        reps = 1 if n_samples is None or not (noise and self.stochastic) else n_samples
         outs = []
         for r in range(reps):
-            X, _ = self(x0, t0, tt.reshape(1, -1).expand(n, -1), dataset=dataset, seed=seed + r)
+            X, _ = self(x0, t0, tt.reshape(1, -1).expand(n, -1), dataset=dataset, seed=seed + r, noise=noise)
             outs.append(X[:, 0] if scalar else X)
-        X = outs[0] if n_samples is None else torch.stack(outs)
+        X = outs[0] if n_samples is None else torch.stack(outs * (n_samples // reps))
         return X.cpu().numpy() if as_numpy else X
 
     @torch.no_grad()

@@ -631,7 +631,7 @@ def _add_transitions(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the first draw (stochastic models)")
     p.add_argument("--out", required=True, help="CSV to write (one row per pair of groups)")
     p.add_argument("--heatmap", default=None, help="PNG heatmap of the table")
-    p.add_argument("--flow", default=None, help="PNG sankey-style flow between the two times")
+    p.add_argument("--flow", default=None, help="PNG sankey-style flow between the times (several --target: one diagram through every time)")
     p.add_argument("--push", default=None, metavar="GROUP", help="also: where the cells of GROUP at --source go")
     p.add_argument("--pull", default=None, metavar="GROUP", help="also: where the cells of GROUP at --target came from")
     p.add_argument("--weights", default=None, help="with --push/--pull: CSV of the per-cell weights")

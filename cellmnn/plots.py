@@ -233,41 +233,102 @@ def _ribbon(ax, x0, x1, y0, y1, color):
 
 
 def plot_flow(tables, path: str) -> str:
-    """A sankey-style flow per ``cell_transition`` table (one panel each, left to right): a bar of
-    the source groups (their share of the source cells), a bar of the target groups (the mass that
-    reaches them) and a ribbon per pair as wide as the mass that flows; written atomically (PNG)."""
+    """A sankey-style flow of ``cell_transition`` tables; written atomically (PNG).
+
+    Tables between consecutive times (each one's target time the next one's source time, groups
+    matching by name) are threaded into one diagram, a column of groups per time: the first
+    column holds the source groups by their share of the cells, and each later column the mass
+    that reaches it, the previous column's mass carried by that step's table (a chain of one-step
+    transitions: mass is conserved, and the flows from t_k on are read as if a cell's next step
+    depended only on its group at t_k).  Otherwise one panel per table: a bar of the source groups
+    (their share of the source cells), a bar of the target groups and a ribbon per pair as wide as
+    the mass that flows.  A group keeps its colour in every column."""
     check_output(path, FIGURE)
     plt = _pyplot()
     tables = list(tables)
-    fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 4.5), squeeze=False)
-    colors = plt.get_cmap("tab10")
-    for ax, table in zip(axes[0], tables):
-        M = np.asarray(table, dtype=np.float64)
-        counts = table.attrs.get("source_counts") or {}
-        share = np.array([counts.get(g, 1) for g in table.index], dtype=np.float64)
-        flow = (share / share.sum())[:, None] * M  # mass from source group g to target group h
-        gap = 0.02
-        left = np.concatenate([[0.0], np.cumsum(flow.sum(1) + gap)])
-        right = np.concatenate([[0.0], np.cumsum(flow.sum(0) + gap)])
-        out_at, in_at = left[:-1].copy(), right[:-1].copy()
-        for i, g in enumerate(table.index):
-            ax.bar(0, flow[i].sum(), bottom=left[i], width=0.06, color=colors(i % 10))
-            ax.text(-0.05, left[i] + flow[i].sum() / 2, str(g), ha="right", va="center", fontsize=8)
-        for j, h in enumerate(table.columns):
-            ax.bar(1, flow[:, j].sum(), bottom=right[j], width=0.06, color="0.45")
-            ax.text(1.05, right[j] + flow[:, j].sum() / 2, str(h), ha="left", va="center", fontsize=8)
-        for i in range(M.shape[0]):
-            for j in range(M.shape[1]):
-                if flow[i, j] > 0:
-                    _ribbon(ax, 0.03, 0.97, (out_at[i], out_at[i] + flow[i, j]), (in_at[j], in_at[j] + flow[i, j]),
-                            colors(i % 10))
-                    out_at[i] += flow[i, j]
-                    in_at[j] += flow[i, j]
-        ax.set_xlim(-0.45, 1.45)
+    if not tables:
+        raise ValueError("plot_flow needs at least one transition table")
+    names = []
+    for t in tables:
+        names += [str(g) for g in list(t.index) + list(t.columns) if str(g) not in names]
+    palette = plt.get_cmap("tab10")
+    color = {g: palette(i % 10) for i, g in enumerate(names)}
+    if _threaded(tables):
+        fig, ax = plt.subplots(figsize=(2.6 * (len(tables) + 1) + 1.0, 4.8))
+        tables, masses = chain_flow(tables)
+        for k, table in enumerate(tables):
+            flow = masses[k][:, None] * np.asarray(table, dtype=np.float64)
+            _flow_columns(ax, k, table.index, table.columns, flow, color, left_labels=k == 0)
+        times = [tables[0].attrs.get("source_time")] + [t.attrs.get("target_time") for t in tables]
+        for k, tt in enumerate(times):
+            if tt is not None:
+                ax.text(k, -0.06, f"t = {tt:g}", ha="center", va="top", fontsize=9)
+        ax.set_xlim(-0.6, len(tables) + 0.6)
+        ax.set_ylim(-0.12, None)
         ax.axis("off")
-        ax.set_title(f"{table.index.name or 'source'}  ->  {table.columns.name or 'target'}", fontsize=9)
+        ax.set_title(f"{tables[0].index.name or 'groups'}: mass carried forward, time by time", fontsize=9)
+    else:
+        fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 4.5), squeeze=False)
+        for ax, table in zip(axes[0], tables):
+            counts = table.attrs.get("source_counts") or {}
+            share = np.array([counts.get(g, 1) for g in table.index], dtype=np.float64)
+            flow = (share / share.sum())[:, None] * np.asarray(table, dtype=np.float64)
+            _flow_columns(ax, 0, table.index, table.columns, flow, color, left_labels=True)
+            ax.set_xlim(-0.45, 1.45)
+            ax.axis("off")
+            ax.set_title(f"{table.index.name or 'source'}  ->  {table.columns.name or 'target'}", fontsize=9)
     fig.tight_layout()
     return _save(fig, plt, path)
+
+
+def chain_flow(tables):
+    """Tables between consecutive times threaded (``plot_flow``): the tables, each one's rows put in
+    the previous one's column order, and the mass per group of every time, (groups,) each: the
+    first the source groups' shares of the cells, then mass_{k+1} = mass_k @ table_k (sums to 1)."""
+    out = [tables[0]]
+    for t in tables[1:]:
+        by_name = {str(g): g for g in t.index}
+        out.append(t.loc[[by_name[str(h)] for h in out[-1].columns]])
+    counts = out[0].attrs.get("source_counts") or {}
+    mass = np.array([counts.get(g, 1) for g in out[0].index], dtype=np.float64)
+    masses = [mass / mass.sum()]
+    for t in out:
+        masses.append(masses[-1] @ np.asarray(t, dtype=np.float64))
+    return out, masses
+
+
+def _threaded(tables) -> bool:
+    """Whether consecutive tables chain: one's target time and groups are the next one's source."""
+    if len(tables) < 2:
+        return False
+    for a, b in zip(tables[:-1], tables[1:]):
+        ta, sb = a.attrs.get("target_time"), b.attrs.get("source_time")
+        if ta is None or sb is None or ta != sb or {str(h) for h in a.columns} != {str(g) for g in b.index}:
+            return False
+    return True
+
+
+def _flow_columns(ax, x, rows, cols, flow, color, left_labels, gap=0.02):
+    """Bars of ``rows`` at x and of ``cols`` at x + 1 (heights: the row and column sums of ``flow``)
+    and a ribbon per pair as wide as its flow, coloured by the row's group."""
+    left = np.concatenate([[0.0], np.cumsum(flow.sum(1) + gap)])
+    right = np.concatenate([[0.0], np.cumsum(flow.sum(0) + gap)])
+    out_at, in_at = left[:-1].copy(), right[:-1].copy()
+    for i, g in enumerate(rows):
+        ax.bar(x, flow[i].sum(), bottom=left[i], width=0.06, color=color[str(g)])
+        if left_labels:
+            ax.text(x - 0.05, left[i] + flow[i].sum() / 2, str(g), ha="right", va="center", fontsize=8)
+    for j, h in enumerate(cols):
+        ax.bar(x + 1, flow[:, j].sum(), bottom=right[j], width=0.06, color=color[str(h)])
+        ax.text(x + 1.05, right[j] + flow[:, j].sum() / 2, f"{h}  {flow[:, j].sum():.2f}", ha="left", va="center",
+                fontsize=8)
+    for i in range(flow.shape[0]):
+        for j in range(flow.shape[1]):
+            if flow[i, j] > 0:
+                _ribbon(ax, x + 0.03, x + 0.97, (out_at[i], out_at[i] + flow[i, j]),
+                        (in_at[j], in_at[j] + flow[i, j]), color[str(rows[i])])
+                out_at[i] += flow[i, j]
+                in_at[j] += flow[i, j]
 
 
 def _save(fig, plt, path):

@@ -308,6 +308,26 @@ def test_trajectory_picture_of_one_model_and_of_an_ensemble(quick, tmp_path):
         plot_trajectories(m, model, tmp_path / "mine.png")
 
 
+def test_flow_threads_consecutive_tables_and_conserves_mass(quick, tmp_path):
+    from cellmnn import plots
+
+    ad, model = quick
+    a, b = cell_transition(model, ad, "group", 0, 1, k=4), cell_transition(model, ad, "group", 1, 2, k=4)
+    b = b.iloc[::-1]  # the next table's groups in another order: threaded by name
+    assert plots._threaded([a, b]) and not plots._threaded([a, cell_transition(model, ad, "group", 0, 2, k=4)])
+    tables, masses = plots.chain_flow([a, b])
+    assert list(tables[1].index) == list(a.columns)
+    counts = np.array([a.attrs["source_counts"][g] for g in a.index], dtype=float)
+    np.testing.assert_allclose(masses[0], counts / counts.sum())
+    np.testing.assert_allclose(masses[1], masses[0] @ a.to_numpy())
+    np.testing.assert_allclose(masses[2], masses[1] @ b.loc[list(a.columns)].to_numpy())
+    np.testing.assert_allclose([m.sum() for m in masses], 1.0, atol=1e-12)
+    plots.plot_flow([a, b], tmp_path / "chain.png")
+    assert files.png_software(str(tmp_path / "chain.png")).startswith("cellmnn")
+    with pytest.raises(ValueError, match="at least one transition table"):
+        plots.plot_flow([], tmp_path / "none.png")
+
+
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -98,6 +98,30 @@ def test_fate_probabilities_match_the_simulator(bifurcation, source, target):
     np.testing.assert_allclose(reached, observed, atol=0.1)
 
 
+@pytest.fixture(scope="module")
+def stochastic_bifurcation(bifurcation):
+    """One model with a learned diffusion (noise="state", training seed 0) on the same course."""
+    arrays, times, ad, _ = bifurcation
+    m = cellmnn.load_marginals(ad, time_key="day", n_components=None)
+    return cellmnn.fit(m, seed=0, noise="state", verbose=False)
+
+
+@pytest.mark.parametrize("target", [2.0, 4.0])
+def test_fates_from_the_start_need_and_get_the_stochastic_decoder(bifurcation, stochastic_bifurcation, target):
+    # At t = 0 the noise still decides about one fate in eight: a cell's fate is a distribution,
+    # which the learned diffusion's draws (FATE_SAMPLES per cell) give.  Same truth and bound as
+    # above (the simulator, 50 draws per cell; total variation <= 0.1 per source group).
+    arrays, times, ad, _ = bifurcation
+    xs = arrays[0]
+    ends = advance("bifurcation", xs, target, seed=13, repeats=50)
+    true_side = side(ends.reshape(-1, 2)).reshape(50, -1)
+    table = cell_transition(stochastic_bifurcation, ad, "group", 0.0, target)
+    assert table.attrs["n_samples"] == fate.FATE_SAMPLES
+    for g in table.index:
+        truth = np.array([(true_side[:, side(xs) == g] == h).mean() for h in table.columns])
+        assert 0.5 * np.abs(table.loc[g].to_numpy() - truth).sum() <= 0.1, (g, table.loc[g].to_dict(), truth)
+
+
 def test_pull_traces_a_branch_back_to_its_ancestors(bifurcation):
     # The left branch at t = 4 traced back to t = 1: the share of its ancestry on the cells that
     # are left at t = 1, against the simulator (the t = 1 cells carried to t = 4, 50 draws each).

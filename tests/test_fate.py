@@ -99,23 +99,26 @@ def test_fate_probabilities_match_the_simulator(bifurcation, source, target):
 
 
 @pytest.fixture(scope="module")
-def stochastic_bifurcation(bifurcation):
-    """One model with a learned diffusion (noise="state", training seed 0) on the same course."""
-    arrays, times, ad, _ = bifurcation
+def stochastic_bifurcation():
+    """The same course and labels as ``bifurcation``, one model with a learned diffusion
+    (noise="state", training seed 0)."""
+    arrays, times = simulate("bifurcation", N_CELLS, seed=0)
+    ad = course_anndata(arrays, times, [side(a) for a in arrays])
     m = cellmnn.load_marginals(ad, time_key="day", n_components=None)
-    return cellmnn.fit(m, seed=0, noise="state", verbose=False)
+    return arrays, ad, cellmnn.fit(m, seed=0, noise="state", verbose=False)
 
 
 @pytest.mark.parametrize("target", [2.0, 4.0])
-def test_fates_from_the_start_need_and_get_the_stochastic_decoder(bifurcation, stochastic_bifurcation, target):
+def test_fates_from_the_start_need_and_get_the_stochastic_decoder(stochastic_bifurcation, target):
     # At t = 0 the noise still decides about one fate in eight: a cell's fate is a distribution,
-    # which the learned diffusion's draws (FATE_SAMPLES per cell) give.  Same truth and bound as
-    # above (the simulator, 50 draws per cell; total variation <= 0.1 per source group).
-    arrays, times, ad, _ = bifurcation
+    # which the learned diffusion's draws (FATE_SAMPLES per cell) give (the deterministic decoder
+    # is off by 0.10-0.14 here, bench/fate_transitions.py).  Same truth and bound as above (the
+    # simulator, 50 draws per cell; total variation <= 0.1 per source group).
+    arrays, ad, model = stochastic_bifurcation
     xs = arrays[0]
     ends = advance("bifurcation", xs, target, seed=13, repeats=50)
     true_side = side(ends.reshape(-1, 2)).reshape(50, -1)
-    table = cell_transition(stochastic_bifurcation, ad, "group", 0.0, target)
+    table = cell_transition(model, ad, "group", 0.0, target)
     assert table.attrs["n_samples"] == fate.FATE_SAMPLES
     for g in table.index:
         truth = np.array([(true_side[:, side(xs) == g] == h).mean() for h in table.columns])

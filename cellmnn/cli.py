@@ -456,6 +456,9 @@ def cmd_transitions(args):
     """`cellmnn transitions`: fate probabilities from the groups of one time to those of a later one."""
     files.check_output(args.out, files.TRANSITIONS, "--out")
     _check_outputs(args)
+    if args.samples is not None:
+        checks.positive_int("--samples", args.samples)
+    checks.seed(args.seed, "--seed")
     if bool(args.push or args.pull) != bool(args.weights):
         raise ValueError("--push/--pull need --weights FILE.csv, and --weights needs --push or --pull")
     if args.weights:
@@ -631,7 +634,8 @@ def _add_transitions(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the first draw (stochastic models)")
     p.add_argument("--out", required=True, help="CSV to write (one row per pair of groups)")
     p.add_argument("--heatmap", default=None, help="PNG heatmap of the table")
-    p.add_argument("--flow", default=None, help="PNG sankey-style flow between the times (several --target: one diagram through every time)")
+    p.add_argument("--flow", default=None,
+                   help="PNG sankey-style flow between the times (several --target: one diagram through every time)")
     p.add_argument("--push", default=None, metavar="GROUP", help="also: where the cells of GROUP at --source go")
     p.add_argument("--pull", default=None, metavar="GROUP", help="also: where the cells of GROUP at --target came from")
     p.add_argument("--weights", default=None, help="with --push/--pull: CSV of the per-cell weights")

@@ -396,6 +396,9 @@ def test_cli_transitions_and_annotate(quick, tmp_path, capsys):
     assert cli_main(["transitions", str(mdir), str(data), "--annotation", "group", "--source", "0", "--target", "2",
                      "--out", str(tmp_path / "t4.csv"), "--push", "a"]) == 2
     assert "need --weights" in capsys.readouterr().err
+    assert cli_main(["transitions", str(mdir), str(data), "--annotation", "group", "--source", "0", "--target", "2",
+                     "--out", str(tmp_path / "t6.csv"), "--samples", "0"]) == 2
+    assert "--samples must be a positive integer, got 0" in capsys.readouterr().err
     chain = ["--out", str(tmp_path / "t5.csv"), "--flow", str(tmp_path / "f5.png"),
              "--heatmap", str(tmp_path / "h5.png")]
     assert cli_main(["transitions", str(mdir), str(data), "--annotation", "group", "--source", "0", "--target", "1",

@@ -51,7 +51,9 @@ from .cells import CHUNK, check_dataset, members, plan_cells, read_cells
 RULES = ("knn", "ot")
 MAX_OT_ENTRIES = 25_000_000  # n_source x n_target of one exact OT match (200 MB of float64 cost matrix)
 KNN_BLOCK = 2 ** 24  # pushed x observed distances computed at once by the knn match (128 MB of float64)
-FATE_SAMPLES = 20  # draws per source cell from a stochastic model (the row mean's sampling error <~ 0.1/sqrt(k))
+# draws per source cell from a stochastic model: one cell's fate probability to a binomial standard
+# error of at most 0.5 / sqrt(20) = 0.11, a group's row (the mean over its cells) far closer
+FATE_SAMPLES = 20
 RECORD = "cellmnn_fate"  # uns entry that records the obs columns push and pull wrote
 
 
@@ -184,7 +186,8 @@ def couple(c: TwoTimes, dataset=None) -> Coupling:
 
 def push_cells(model, z, t0, t1, dataset=None, seed=0) -> np.ndarray:
     """``model.predict`` of cells ``z`` (n, D) from ``t0`` to ``t1`` in chunks, (n, D) float64 (one draw
-    from ``seed`` for a stochastic model; chunk c uses seed + c * 1,000,003 so draws never repeat); an
+    from ``seed`` for a stochastic model; chunk c uses seed + c * 1,000,003, so the draws of fewer than
+    a million samples never share a seed); an
     error if any result is not finite."""
     out = np.empty(np.shape(z), dtype=np.float64)
     for a in range(0, len(z), CHUNK):
@@ -251,7 +254,6 @@ def cell_transition(model, adata, annotation, source, target, target_annotation=
     summing to 1; ``attrs`` holds the rule, the times, and the number of cells per group
     ("source_counts", "target_counts").  Cells with no label at either time are an error.
     """
-
     tgt_key = annotation if target_annotation is None else target_annotation
     c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset,
                   target_annotation, n_samples, seed)

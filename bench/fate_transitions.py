@@ -189,8 +189,8 @@ def main(argv=None):
     print(json.dumps(summary, indent=1))
     if args.json:
         doc = {"format": FORMAT, "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-               "seeds": args.seeds, "fit": args.fit, "n_cells": args.n_cells, "repeats": args.repeats, "summary": summary,
-               "results": results, "cases": {c: CASES[c][1:3] for c in args.cases}}
+               "seeds": args.seeds, "fit": args.fit, "n_cells": args.n_cells, "repeats": args.repeats,
+               "summary": summary, "results": results, "cases": {c: CASES[c][1:3] for c in args.cases}}
         write_text_atomic(args.json, json.dumps(doc, indent=1, default=str), JSON_KIND)
         print(f"wrote {args.json}")
 

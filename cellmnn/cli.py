@@ -45,7 +45,7 @@ from .analysis.fate import (
     two_times,
 )
 from .analysis.interactions import gene_interactions
-from .analysis.perturb import perturb
+from .analysis.perturb import OPERATORS, perturb
 from .analysis.trrust import trrust_validation
 from .annotate import annotate
 from .data.inflate import INFLATED, check_inflate_args, inflate, write_inflated
@@ -555,7 +555,7 @@ def cmd_perturb(args):
     adata = _read_h5ad(args.data)
     res = perturb(models if len(models) > 1 else models[0], adata, genes, args.source, args.target,
                   annotation=args.annotation, rule=args.rule, k=args.k, time_key=args.time_key,
-                  embedding=args.embedding, dataset=args.dataset)
+                  embedding=args.embedding, dataset=args.dataset, operator=args.operator)
     tr = models[0].transform
     ctrl, pert = tr.to_features(res.control).mean(0), tr.to_features(res.perturbed).mean(0)
     rows = [["gene", g, f"{ctrl[i]:.6g}", f"{pert[i]:.6g}", f"{res.shift[i]:.6g}", f"{res.shift_spread[i]:.6g}"]
@@ -602,6 +602,9 @@ def _add_perturb(sub):
     p.add_argument("--k", type=int, default=15)
     p.add_argument("--out", required=True, help="CSV to write (one row per gene, and per group)")
     p.add_argument("--plot", default=None, help="PNG of the largest gene shifts (and of the group fractions)")
+    p.add_argument("--operator", choices=OPERATORS, default="observed",
+                   help="where A is read: each cell as observed (default), moved onto the clamp, or the source "
+                        "cells' mean operator for every cell")
     p.set_defaults(func=cmd_perturb)
 
 

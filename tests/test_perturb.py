@@ -150,6 +150,26 @@ def test_every_decoder_is_perturbed_on_its_own_mean_path(quick, decoder):
     np.testing.assert_array_equal(again.perturbed, res.perturbed)  # no sampling noise in the shift
 
 
+def test_population_operator_is_the_mean_operator_for_every_cell(quick):
+    # Control expm(dt A-bar) z0, perturbed expm(dt P A-bar) z', A-bar the mean of A over the source
+    # cells; float64 expm oracle, 1e-4 relative as above.
+    m, ad, model = quick
+    res = perturb(model, ad, {"g2": -0.3}, 0, 2, operator="population")
+    z0 = m.data[0]
+    C, offsets, specs = constraints(m.transform, {"g2": -0.3})
+    G = np.linalg.inv(C @ C.T)
+    z1 = z0 + (-0.3 - (z0 @ C.T + offsets)) @ G @ C
+    P = np.eye(4) - C.T @ G @ C
+    with torch.no_grad():
+        A = model.operator(torch.as_tensor(z0, dtype=torch.float32), torch.zeros(len(z0), dtype=torch.float64))
+    Abar = A.double().mean(0).numpy()
+    np.testing.assert_allclose(res.control, z0 @ expm(2.0 * Abar).T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(res.perturbed, z1 @ expm(2.0 * P @ Abar).T, rtol=1e-4, atol=1e-4)
+    pieces = cellmnn.fit(m, piece_length=0.5, **FAST)
+    with pytest.raises(ValueError, match="operator='population' needs the single-piece decoder"):
+        perturb(pieces, ad, {"g2": 0.0}, 0, 2, operator="population")
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(genes={"GATA1": 0.0}), "'GATA1' is not among the model's 6 features"),
     (dict(genes={"g1": "high"}), r"genes\['g1'\]: give a value"),
@@ -219,6 +239,12 @@ def test_cli_perturb(quick, tmp_path, capsys):
     genes = {r[1]: float(r[4]) for r in rows[1:] if r[0] == "gene"}
     assert genes == pytest.approx(dict(zip(res.features, res.shift)), abs=1e-5)
     assert {r[1] for r in rows[1:] if r[0] == "group"} == {"hi", "lo"}
+    assert cli_main(["perturb", str(mdir), str(data), "--genes", "g1=0", "--source", "0", "--target", "2",
+                     "--operator", "population", "--out", str(tmp_path / "pop.csv")]) == 0
+    pop = perturb(model, ad, {"g1": 0.0}, 0, 2, operator="population")
+    rows = [r.split(",") for r in (tmp_path / "pop.csv").read_text().splitlines()]
+    assert {r[1]: float(r[4]) for r in rows[1:] if r[0] == "gene"} == pytest.approx(dict(zip(pop.features, pop.shift)),
+                                                                                   abs=1e-5)
     for bad, message in ((["g1"], "GENE=VALUE"), (["g1=x"], "'x' is not a number"), (["g1=1", "g1=2"], "twice"),
                          (["nope=0"], "'nope' is not among")):
         assert cli_main(["perturb", str(mdir), str(data), "--genes", *bad, "--source", "0", "--target", "2",

@@ -26,7 +26,10 @@ perturbed and the control path differ by the perturbation alone.  (``operator="p
 A at the cell moved onto the clamp instead: on the linear ground truth of
 ``bench/perturbation_grn.py`` genes without targets then moved 0.74 of a true target's shift
 against 0.59, and the direction of the mean shift was right on 0.86 of the true edges against
-0.91; mean of three datasets.)
+0.91; mean of three datasets.)  ``operator="population"`` gives every cell the mean operator of
+the source cells, A-bar (the population's interaction matrix, as ``gene_interactions`` averages
+it), for the control as for the perturbed path: a knockout then acts through A-bar's column,
+which averages out what single cells' operators get wrong about it; single-piece decoders only.
 
 * ``{"GATA1": 0.0}``: clamp the gene at that value (in the units of the data's features: a
   knockout at 0).
@@ -142,13 +145,14 @@ def constraints(transform, genes=None, directions=None):
     return C, np.asarray(offsets), specs
 
 
-OPERATORS = ("observed", "perturbed")
+OPERATORS = ("observed", "perturbed", "population")
 
 
 def clamped_push(model, z0, t0: float, t1: float, C, offsets, specs, dataset=None, operator="observed") -> np.ndarray:
     """Cells ``z0`` (n, D) at ``t0`` pushed to ``t1`` with the constraints held along the path
-    (module docstring), under the operator of the cell as observed, A(z0, t0), or with
-    ``operator="perturbed"`` of the cell moved onto the constraints: (n, D) float64."""
+    (module docstring), under the operator of the cell as observed, A(z0, t0), with
+    ``operator="perturbed"`` of the cell moved onto the constraints, or with "population" the mean
+    operator of the cells z0 for every cell (``population_operator``): (n, D) float64."""
     if operator not in OPERATORS:
         raise ValueError(f"operator must be one of {OPERATORS}, got {operator!r}")
     z0 = np.asarray(z0, dtype=np.float64)
@@ -158,16 +162,39 @@ def clamped_push(model, z0, t0: float, t1: float, C, offsets, specs, dataset=Non
     G = np.linalg.inv(C @ C.T)
     z1 = z0 + (values - current) @ G @ C  # the smallest move onto C z + offsets = values
     P = np.eye(C.shape[1]) - C.T @ G @ C
-    out = mean_path(model, z0 if operator == "observed" else z1, z1, t0, t1, dataset, P)
+    pop = population_operator(model, z0, t0, dataset) if operator == "population" else None
+    out = mean_path(model, z1 if operator == "perturbed" else z0, z1, t0, t1, dataset, P, pop)
     if not np.isfinite(out).all():
         raise FloatingPointError(f"the perturbed push from {t0:g} to {t1:g} gave NaN or Inf")
     return out
 
 
-def mean_path(model, z_read, z_start, t0: float, t1: float, dataset=None, P=None) -> np.ndarray:
+def population_operator(model, z, t0: float, dataset=None):
+    """The mean over cells ``z`` (n, D) at ``t0`` of the model's operator A and drift offset b:
+    (D, D) and (D,) or None, tensors of the model's dtype.  Single-piece decoders only (pieces read
+    A along each cell's own path)."""
+    if model.decoder.piece_length is not None:
+        raise ValueError("operator='population' needs the single-piece decoder (piece_length=None); this model "
+                         f"re-linearises every {model.decoder.piece_length} time units")
+    p = next(model.parameters())
+    A_sum, b_sum = None, None
+    with torch.no_grad():
+        for a in range(0, len(z), CHUNK):
+            x = torch.as_tensor(z[a:a + CHUNK], dtype=torch.float64, device=p.device).to(p.dtype)
+            t = torch.full((len(x),), float(t0), dtype=torch.float64, device=p.device)
+            code = dataset if dataset is None or np.ndim(dataset) == 0 else dataset[a:a + CHUNK]
+            A, b, _, _ = model.outputs(x, t, code)
+            A_sum = A.double().sum(0) if A_sum is None else A_sum + A.double().sum(0)
+            if b is not None:
+                b_sum = b.double().sum(0) if b_sum is None else b_sum + b.double().sum(0)
+    return (A_sum / len(z)).to(p.dtype), None if b_sum is None else (b_sum / len(z)).to(p.dtype)
+
+
+def mean_path(model, z_read, z_start, t0: float, t1: float, dataset=None, P=None, population=None) -> np.ndarray:
     """The model's decoder from ``z_start`` (n, D) at ``t0`` to ``t1`` with the noise off, the first
-    piece's operator read at ``z_read`` (n, D) and every drift projected by ``P`` (D, D; None: not
-    projected, which for a deterministic model is ``predict`` itself): (n, D) float64."""
+    piece's operator read at ``z_read`` (n, D) (or ``population``, an (A, b) shared by every cell)
+    and every drift projected by ``P`` (D, D; None: not projected, which for a deterministic model
+    is ``predict`` itself): (n, D) float64."""
     p = next(model.parameters())
     Pt = None if P is None else torch.as_tensor(P, dtype=p.dtype, device=p.device)
 
@@ -183,7 +210,11 @@ def mean_path(model, z_read, z_start, t0: float, t1: float, dataset=None, P=None
             read = torch.as_tensor(z_read[a:a + CHUNK], dtype=p.dtype, device=p.device)
             t = torch.full((len(x),), float(t0), dtype=torch.float64, device=p.device)
             code = dataset if dataset is None or np.ndim(dataset) == 0 else dataset[a:a + CHUNK]
-            A, b, _, _ = model.outputs(read, t, code)
+            if population is None:
+                A, b, _, _ = model.outputs(read, t, code)
+            else:
+                A = population[0].expand(len(x), -1, -1)
+                b = None if population[1] is None else population[1].expand(len(x), -1)
             dt = torch.full((len(x), 1), float(t1) - float(t0), dtype=p.dtype, device=p.device)
             X, _, _, _ = piecewise_decode(lambda z, u: drift(*model.outputs(z, t + u, code, False)[:2]), x, dt,
                                           model.decoder.piece_time(model.time_unit), backend=model.backend,
@@ -201,8 +232,9 @@ def perturb(model, adata, genes, source, target, directions=None, annotation=Non
     spread over members).  ``adata``, ``time_key``, ``embedding``, ``marginals``, ``dataset``: as
     in ``cell_transition``.  With ``annotation`` (an obs column), the share of the pushed cells
     reaching each group at ``target`` with and without the perturbation (``rule``, ``k`` as in
-    ``cell_transition``).  ``operator``: "observed" (default: A of the cell as observed) or
-    "perturbed" (A of the cell moved onto the clamp; module docstring).  Every argument is checked
+    ``cell_transition``).  ``operator``: "observed" (default: A of the cell as observed),
+    "perturbed" (A of the cell moved onto the clamp) or "population" (the mean A of the source
+    cells for every cell, control included; module docstring).  Every argument is checked
     before the model runs.
     """
     if operator not in OPERATORS:
@@ -210,7 +242,9 @@ def perturb(model, adata, genes, source, target, directions=None, annotation=Non
     c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset)
     C, offsets, specs = constraints(c.transform, genes, directions)
     z0, zt, models = c.z_source, c.z_target, c.models
-    ctrl = np.stack([mean_path(m, z0, z0, c.source_time, c.target_time, dataset) for m in models])
+    ctrl = np.stack([mean_path(m, z0, z0, c.source_time, c.target_time, dataset,
+                               population=population_operator(m, z0, c.source_time, dataset)
+                               if operator == "population" else None) for m in models])
     if not np.isfinite(ctrl).all():
         raise FloatingPointError(f"the model pushed cells from {c.source_time:g} to {c.target_time:g} to NaN or Inf")
     pert = np.stack([clamped_push(m, z0, c.source_time, c.target_time, C, offsets, specs, dataset, operator)

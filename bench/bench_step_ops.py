@@ -6,8 +6,8 @@ One step of the ensemble trainer (EMT 3-d, batch 200, holdouts rotating over mem
 recorded by ``torch.profiler`` on the CPU after three warm-up steps.  Counted: the ATen operations
 that do work, i.e. those without an ATen child (the leaves of the call tree, forward, backward and
 optimizer), leaving out views and metadata (view, reshape, expand, slice, select, empty, ...): on
-a GPU each of them is one kernel launch.  Host synchronisations are counted as the ``item`` /
-``_local_scalar_dense`` calls inside the step.  Printed per E: the total, the 12 most frequent
+a GPU each of them is one kernel launch.  Host synchronisations are counted as the ``_local_scalar_dense`` calls inside the step
+(what ``item()``, ``int()`` and ``bool()`` of a tensor call).  Printed per E: the total, the 12 most frequent
 operations and what calls the copies.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def count(E: int, batch: int = 200) -> dict:
         runner.step()
     ops, copies, syncs = collections.Counter(), collections.Counter(), 0
     for e in prof.events():
-        if e.name.startswith("aten::") and e.name[6:] in SYNCS:
+        if e.name == "aten::_local_scalar_dense":  # what item(), int() and bool() of a tensor call
             syncs += 1
         if not _work(e.name) or any(_work(c.name) for c in e.cpu_children):
             continue

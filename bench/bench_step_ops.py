@@ -6,9 +6,10 @@ One step of the ensemble trainer (EMT 3-d, batch 200, holdouts rotating over mem
 recorded by ``torch.profiler`` on the CPU after three warm-up steps.  Counted: the ATen operations
 that do work, i.e. those without an ATen child (the leaves of the call tree, forward, backward and
 optimizer), leaving out views and metadata (view, reshape, expand, slice, select, empty, ...): on
-a GPU each of them is one kernel launch.  Host synchronisations are counted as the ``_local_scalar_dense`` calls inside the step
-(what ``item()``, ``int()`` and ``bool()`` of a tensor call).  Printed per E: the total, the 12 most frequent
-operations and what calls the copies.
+a GPU each of them is one kernel launch.  Host synchronisations are counted as the
+``_local_scalar_dense`` calls inside the step (what ``item()``, ``int()`` and ``bool()`` of a
+tensor call).  Printed per E: the total, the 12 most frequent operations and what calls the
+copies.
 """
 from __future__ import annotations
 

@@ -148,11 +148,13 @@ def constraints(transform, genes=None, directions=None):
 OPERATORS = ("observed", "perturbed", "population")
 
 
-def clamped_push(model, z0, t0: float, t1: float, C, offsets, specs, dataset=None, operator="observed") -> np.ndarray:
+def clamped_push(model, z0, t0: float, t1: float, C, offsets, specs, dataset=None, operator="observed",
+                 population=None) -> np.ndarray:
     """Cells ``z0`` (n, D) at ``t0`` pushed to ``t1`` with the constraints held along the path
     (module docstring), under the operator of the cell as observed, A(z0, t0), with
     ``operator="perturbed"`` of the cell moved onto the constraints, or with "population" the mean
-    operator of the cells z0 for every cell (``population_operator``): (n, D) float64."""
+    operator of the cells z0 for every cell (``population``, when already computed, else
+    ``population_operator``): (n, D) float64."""
     if operator not in OPERATORS:
         raise ValueError(f"operator must be one of {OPERATORS}, got {operator!r}")
     z0 = np.asarray(z0, dtype=np.float64)
@@ -162,7 +164,9 @@ def clamped_push(model, z0, t0: float, t1: float, C, offsets, specs, dataset=Non
     G = np.linalg.inv(C @ C.T)
     z1 = z0 + (values - current) @ G @ C  # the smallest move onto C z + offsets = values
     P = np.eye(C.shape[1]) - C.T @ G @ C
-    pop = population_operator(model, z0, t0, dataset) if operator == "population" else None
+    pop = None
+    if operator == "population":
+        pop = population if population is not None else population_operator(model, z0, t0, dataset)
     out = mean_path(model, z1 if operator == "perturbed" else z0, z1, t0, t1, dataset, P, pop)
     if not np.isfinite(out).all():
         raise FloatingPointError(f"the perturbed push from {t0:g} to {t1:g} gave NaN or Inf")
@@ -242,13 +246,14 @@ def perturb(model, adata, genes, source, target, directions=None, annotation=Non
     c = two_times(model, adata, annotation, source, target, rule, k, time_key, embedding, marginals, dataset)
     C, offsets, specs = constraints(c.transform, genes, directions)
     z0, zt, models = c.z_source, c.z_target, c.models
-    ctrl = np.stack([mean_path(m, z0, z0, c.source_time, c.target_time, dataset,
-                               population=population_operator(m, z0, c.source_time, dataset)
-                               if operator == "population" else None) for m in models])
+    pops = [population_operator(m, z0, c.source_time, dataset) if operator == "population" else None
+            for m in models]
+    ctrl = np.stack([mean_path(m, z0, z0, c.source_time, c.target_time, dataset, population=pop)
+                     for m, pop in zip(models, pops)])
     if not np.isfinite(ctrl).all():
         raise FloatingPointError(f"the model pushed cells from {c.source_time:g} to {c.target_time:g} to NaN or Inf")
-    pert = np.stack([clamped_push(m, z0, c.source_time, c.target_time, C, offsets, specs, dataset, operator)
-                     for m in models])
+    pert = np.stack([clamped_push(m, z0, c.source_time, c.target_time, C, offsets, specs, dataset, operator, pop)
+                     for m, pop in zip(models, pops)])
     W = np.eye(C.shape[1]) if c.transform.pca_components is None else np.asarray(c.transform.pca_components)
     to_genes = c.transform.std[:, None] * W  # (D, F): a change of z as a change of the features
     member_shift = np.einsum("mnd,df->mnf", pert - ctrl, to_genes)

@@ -270,9 +270,7 @@ def plot_flow(tables, path: str) -> str:
     else:
         fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 4.5), squeeze=False)
         for ax, table in zip(axes[0], tables):
-            counts = table.attrs.get("source_counts") or {}
-            share = np.array([counts.get(g, 1) for g in table.index], dtype=np.float64)
-            flow = (share / share.sum())[:, None] * np.asarray(table, dtype=np.float64)
+            flow = _source_shares(table)[:, None] * np.asarray(table, dtype=np.float64)
             _flow_columns(ax, 0, table.index, table.columns, flow, color, left_labels=True)
             ax.set_xlim(-0.45, 1.45)
             ax.axis("off")
@@ -289,12 +287,18 @@ def chain_flow(tables):
     for t in tables[1:]:
         by_name = {str(g): g for g in t.index}
         out.append(t.loc[[by_name[str(h)] for h in out[-1].columns]])
-    counts = out[0].attrs.get("source_counts") or {}
-    mass = np.array([counts.get(g, 1) for g in out[0].index], dtype=np.float64)
-    masses = [mass / mass.sum()]
+    masses = [_source_shares(out[0])]
     for t in out:
         masses.append(masses[-1] @ np.asarray(t, dtype=np.float64))
     return out, masses
+
+
+def _source_shares(table) -> np.ndarray:
+    """Each source group's share of the source cells (``attrs["source_counts"]``; equal shares
+    without it), in the table's row order."""
+    counts = table.attrs.get("source_counts") or {}
+    share = np.array([counts.get(g, 1) for g in table.index], dtype=np.float64)
+    return share / share.sum()
 
 
 def _threaded(tables) -> bool:

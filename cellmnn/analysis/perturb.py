@@ -184,7 +184,7 @@ def population_operator(model, z, t0: float, dataset=None):
     A_sum, b_sum = None, None
     with torch.no_grad():
         for a in range(0, len(z), CHUNK):
-            x = torch.as_tensor(z[a:a + CHUNK], dtype=torch.float64, device=p.device).to(p.dtype)
+            x = torch.as_tensor(z[a:a + CHUNK], dtype=p.dtype, device=p.device)
             t = torch.full((len(x),), float(t0), dtype=torch.float64, device=p.device)
             code = dataset if dataset is None or np.ndim(dataset) == 0 else dataset[a:a + CHUNK]
             A, b, _, _ = model.outputs(x, t, code)

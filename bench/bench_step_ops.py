@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
-import platform
 import sys
 
 import torch
@@ -25,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cellmnn  # noqa: E402
-from cellmnn.files import check_output, json_kind, write_text_atomic  # noqa: E402
+from cellmnn.files import check_output, json_kind  # noqa: E402
+from record import write_record  # noqa: E402  (bench/record.py, beside this script)
 from cellmnn.train import HParams, Member  # noqa: E402
 from cellmnn.train.layout import Setup  # noqa: E402
 from cellmnn.train.step import Runner  # noqa: E402
@@ -84,10 +83,7 @@ def main(argv=None):
         print("   most: " + ", ".join(f"{n[6:]} {k}" for n, k in r["most"]))
         print("   copies from: " + ", ".join(f"{n} {k}" for n, k in r["copies_from"]))
     if args.json:
-        doc = {"format": FORMAT, "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-               "torch": torch.__version__, "rows": rows}
-        write_text_atomic(args.json, json.dumps(doc, indent=1), JSON_KIND)
-        print(f"wrote {args.json}")
+        write_record(args.json, FORMAT, JSON_KIND, torch=torch.__version__, rows=rows)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -40,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cellmnn  # noqa: E402
 from cellmnn.analysis.fate import RULES, cell_transition, pull  # noqa: E402
 from cellmnn.data.simulate import CASES, advance, rotation, simulate  # noqa: E402
-from cellmnn.files import check_output, json_kind, write_text_atomic  # noqa: E402
+from cellmnn.files import check_output, json_kind  # noqa: E402
+from record import write_record  # noqa: E402  (bench/record.py, beside this script)
 
 FORMAT = "cellmnn-fate-transitions"
 JSON_KIND = json_kind(FORMAT)
@@ -188,11 +188,9 @@ def main(argv=None):
     summary = summarise(results)
     print(json.dumps(summary, indent=1))
     if args.json:
-        doc = {"format": FORMAT, "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-               "seeds": args.seeds, "fit": args.fit, "n_cells": args.n_cells, "repeats": args.repeats,
-               "summary": summary, "results": results, "cases": {c: CASES[c][1:3] for c in args.cases}}
-        write_text_atomic(args.json, json.dumps(doc, indent=1, default=str), JSON_KIND)
-        print(f"wrote {args.json}")
+        write_record(args.json, FORMAT, JSON_KIND, seeds=args.seeds, fit=args.fit, n_cells=args.n_cells,
+                     repeats=args.repeats, summary=summary, results=results,
+                     cases={c: CASES[c][1:3] for c in args.cases})
 
 
 if __name__ == "__main__":

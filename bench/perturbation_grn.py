@@ -28,9 +28,7 @@ the gene held at 0, minus without (linear: exact, expm(0.5 P M) x' - expm(0.5 M)
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -42,7 +40,8 @@ import cellmnn  # noqa: E402
 from cellmnn.analysis.grn import (advance_krumsiek, krumsiek_network, linear_system, sample_linear,  # noqa: E402
                                   simulate_krumsiek)
 from cellmnn.analysis.perturb import OPERATORS, perturb  # noqa: E402
-from cellmnn.files import check_output, json_kind, write_text_atomic  # noqa: E402
+from cellmnn.files import check_output, json_kind  # noqa: E402
+from record import write_record  # noqa: E402  (bench/record.py, beside this script)
 
 FORMAT = "cellmnn-perturbation-grn"
 JSON_KIND = json_kind(FORMAT)
@@ -149,10 +148,7 @@ def main(argv=None):
             print(f"{case:<9} seed {seed}: edge agreement {r['edge_agreement']:.2f} of {r['edges']}, mean agreement "
                   f"{r['mean_agreement']:.2f}{leaf}  [{r['seconds']} s]", flush=True)
     if args.json:
-        doc = {"format": FORMAT, "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-               "n_cells": args.n_cells, "rows": rows}
-        write_text_atomic(args.json, json.dumps(doc, indent=1), JSON_KIND)
-        print(f"wrote {args.json}")
+        write_record(args.json, FORMAT, JSON_KIND, n_cells=args.n_cells, rows=rows)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import cellmnn
-from cellmnn_kernels import laplace_mmd
+from cellmnn_kernels.ops.laplace_mmd import laplace_mmd_reference
+from cellmnn_kernels.ops.laplace_mmd.naive import laplace_kernel_dense
 from cellmnn.train import HParams, Member, train
 from cellmnn.train.layout import Layout, Setup
-from cellmnn.train.objective import GRID_STEP
+from cellmnn.train import objective
+from cellmnn.train.objective import GRID_STEP, expected_self_term
 from cellmnn.train.sampling import draw, member_key, mix32, slot_hash
 from cellmnn.train.step import AdamW, Runner, step_losses
 from cellmnn.train.trainer import check_members
@@ -88,11 +90,11 @@ def batch_per_member(s, L, step) -> list:
     return out
 
 
-def reference_objective(model, times, kept, hp, kinetic, unit, src, obs, dataset=None):
+def reference_objective(model, times, kept, hp, kinetic, unit, src, obs, dataset=None, y_self=None):
     """The objective of one time course term by term, as docs/workflow.md states it: sum over sources s
     and later kept timepoints f of gamma^(r-1) MMD^2 (the dense reference MMD) + velocity_weight *
     the kinetic form + the mean eigen penalty.  Returns (loss, MMD part); the oracle of the tests
-    of ``cellmnn.train.objective``."""
+    of ``cellmnn.train.objective``.  ``y_self``: {f: the mean k(Y, Y) to use at target f}."""
     sources = kept[:-1]
     kept_t = [times[i] for i in kept]
     grid = []
@@ -108,7 +110,8 @@ def reference_objective(model, times, kept, hp, kinetic, unit, src, obs, dataset
         rows, col = slice(start, start + len(src[i])), kept.index(i)
         for r, f in enumerate(kept[col + 1:], start=1):
             y = torch.as_tensor(obs[f], dtype=torch.float32)
-            mmd = mmd + hp.gamma ** (r - 1) * laplace_mmd(X[rows, col + r], y, hp.sigma, backend="reference")
+            yy = None if y_self is None else torch.tensor(y_self[f], dtype=torch.float32)
+            mmd = mmd + hp.gamma ** (r - 1) * laplace_mmd_reference(X[rows, col + r], y, hp.sigma, y_self=yy)
             later_v.append(V[rows, col + r])
         start += len(src[i])
     if kinetic == "kept_times":
@@ -120,12 +123,14 @@ def reference_objective(model, times, kept, hp, kinetic, unit, src, obs, dataset
     return mmd + hp.velocity_weight * kin + penalty, mmd
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "expected_yy"])
 @pytest.mark.parametrize("kinetic", ["kept_times", "future", "grid"])
-def test_stacked_step_equals_the_reference_objective(kinetic):
+def test_stacked_step_equals_the_reference_objective(kinetic, exact):
     # Members with different kept timepoints (so different numbers of sources, terms and decode
     # times), sigmas, gammas and velocity weights; each member's loss must be the term-by-term
-    # reference objective on the same cells.  Both in float32: rtol 1e-4 covers the different
-    # summation orders of the batched and the per-term reductions.
+    # reference objective on the same cells (without ``exact``: with each target's observed term
+    # the setup's expectation).  Both in float32: rtol 1e-4 covers the different summation orders
+    # of the batched and the per-term reductions.
     m = blobs()
     members = [Member(1, 0, hp(kinetic=kinetic)),
                Member(2, 1, hp(kinetic=kinetic, sigma=0.3, gamma=0.5, velocity_weight=1.0)),
@@ -135,12 +140,58 @@ def test_stacked_step_equals_the_reference_objective(kinetic):
     flat = s.flat0.clone()
     L = Layout(s, list(range(len(members))))
     step = torch.tensor(7)
-    loss, mmd = step_losses(s, L, flat, step)
+    loss, mmd = step_losses(s, L, flat, step, exact=exact)
     for e, (mem, (src, obs)) in enumerate(zip(members, batch_per_member(s, L, step))):
+        y_self = None if exact else {f: s.self_term(e, f) for f in obs}
         want_loss, want_mmd = reference_objective(s.model(e, flat[e]), s.times, s.kept[e], mem.hp, kinetic, s.unit,
-                                                  src, obs)
+                                                  src, obs, y_self=y_self)
         torch.testing.assert_close(loss[e], want_loss.detach(), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(mmd[e], want_mmd.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_expected_self_term_is_the_mean_over_every_draw():
+    # 5 cells, 3 draws: the mean of mean k(Y, Y) over all 5^3 equally likely draws, enumerated.
+    rng = np.random.default_rng(1)
+    cells = torch.tensor(rng.normal(size=(5, 2)))
+    K = laplace_kernel_dense(cells, cells, 0.7).numpy()
+    draws = np.stack(np.meshgrid(*[np.arange(5)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    want = np.mean([K[np.ix_(d, d)].mean() for d in draws])
+    assert abs(expected_self_term(cells, 3, 0.7) - want) < 1e-12
+    # above SELF_TERM_CELLS cells: estimated on the first ones (a 600-cell pool, 300 read); the
+    # estimate's error is of the order of the spread of the kernel's mean, here well under 0.02
+    big = torch.tensor(rng.normal(size=(600, 2)))
+    exact = expected_self_term(big, 50, 1.0)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(objective, "SELF_TERM_CELLS", 300)
+    try:
+        estimate = expected_self_term(big, 50, 1.0)
+    finally:
+        monkey.undo()
+    assert estimate != exact and abs(estimate - exact) < 0.02
+
+
+def test_the_training_steps_observed_term_is_the_mean_over_the_steps_draws():
+    # The expectation assumes independent uniform draws from the pool; the device sampler is held
+    # to it: the batch's mean k(Y, Y) averaged over 300 steps agrees with the setup's value within
+    # 4 standard errors of that average.  The gradients are the exact step's, to float32 rounding.
+    m = blobs(n=60)
+    s = Setup(m, [Member(2, 3, hp(batch_size=24, sigma=0.5))], torch.device("cpu"))
+    L = Layout(s, [0])
+    per_step = []
+    for k in range(300):
+        _, obs = batch_per_member(s, L, torch.tensor(k))[0]
+        per_step.append([laplace_kernel_dense(torch.tensor(y), torch.tensor(y), 0.5).mean().item()
+                         for y in obs.values()])
+    per_step = np.array(per_step)
+    want = np.array([s.self_term(0, f) for f in obs])
+    se = per_step.std(0) / np.sqrt(len(per_step))
+    assert np.all(np.abs(per_step.mean(0) - want) <= 4 * se), (per_step.mean(0), want, se)
+    grads = []
+    for exact in (True, False):
+        flat = s.flat0.clone().requires_grad_(True)
+        step_losses(s, L, flat, torch.tensor(5), exact=exact)[0].sum().backward()
+        grads.append(flat.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
 
 
 def test_fused_adamw_is_torch_adamw():

@@ -137,6 +137,45 @@ def test_grouped_equals_the_sum_of_single_calls(backend, dtype, case):
     assert_grads_close([a.grad for a in leaves], [b.grad for b in ref_leaves], GRAD_RTOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=scaled_examples(10))
+@given(case=grouped_cases())
+def test_given_self_terms_replace_the_yy_means_and_keep_the_gradients(backend, dtype, case):
+    # y_self stands in for each y segment's mean k(Y, Y): the values are the reference's with
+    # that term swapped, and the gradients in x and its weights are those of the full computation
+    # (the y-y term does not depend on x).  Tolerances as in test_grouped_equals_the_sum_of_single_calls.
+    rng = np.random.default_rng(case["seed"])
+    D = case["D"]
+    x_off = np.concatenate([[0], np.cumsum(case["x_sizes"])]).tolist()
+    y_off = np.concatenate([[0], np.cumsum(case["y_sizes"])]).tolist()
+    x = torch.tensor(rng.standard_normal((x_off[-1], D)), dtype=dtype, device=DEVICE)
+    y = torch.tensor(rng.standard_normal((y_off[-1], D)) + 0.5, dtype=dtype, device=DEVICE)
+    wx = torch.tensor(rng.uniform(0.1, 1.0, x_off[-1]), dtype=dtype, device=DEVICE)
+    y_self = torch.tensor(rng.uniform(0.0, 1.0, len(y_off) - 1), dtype=dtype, device=DEVICE)
+    tw = case["term_weights"]
+
+    def run(be, a, w, given):
+        return laplace_mmd_grouped(a, x_off, y.to(a.dtype), y_off, case["terms_x"], case["terms_y"], tw, 1.3,
+                                   x_weights=w, backend=be, y_self=given)
+
+    leaves = [x.clone().requires_grad_(), wx.clone().requires_grad_()]
+    total, values = run(backend, *leaves, y_self)
+    total.backward()
+    full = [x.clone().requires_grad_(), wx.clone().requires_grad_()]
+    ftotal, fvalues = run(backend, *full, None)
+    ftotal.backward()
+    ref = [x.double(), wx.double()]
+    _, rvalues = run("reference", *ref, y_self.double())
+    assert (values.double() - rvalues).abs().max().item() <= RTOL[dtype] * 4
+    yy = torch.stack([laplace_kernel_dense(y[a:b].double(), y[a:b].double(), 1.3).mean()
+                      for a, b in zip(y_off, y_off[1:])])
+    swapped = fvalues.double() - yy[case["terms_y"]] + y_self.double()[case["terms_y"]]
+    assert (values.double() - swapped).abs().max().item() <= RTOL[dtype] * 8
+    for a, b in zip(leaves, full):
+        assert_grads_close([a.grad], [b.grad], GRAD_RTOL[dtype])
+
+
 @st.composite
 def batched_cases(draw):
     """Many terms over segments of a few sizes: x segments of size ``a`` at least three times, so
@@ -354,6 +393,11 @@ def test_bad_input_is_refused(kwargs, exc, match):
     (dict(term_weights=[1.0, float("nan")]), ValueError, "term_weights has 1 non-finite"),
     (dict(term_weights=["a", 1.0]), TypeError, "term_weights must be numbers"),
     (dict(x_offsets=torch.tensor([0.0, 10.0])), TypeError, "integer tensor"),
+    (dict(y_self=torch.ones(2)), ValueError, r"y_self must have one value per y segment: shape \(1,\)"),
+    (dict(y_self=torch.ones(1, dtype=torch.float64)), TypeError, "y and y_self must share one dtype"),
+    (dict(y_self=torch.tensor([float("nan")])), ValueError, "y_self has 1 non-finite"),
+    (dict(y=torch.randn(6, 2, requires_grad=True), y_self=torch.ones(1)), ValueError,
+     "y and y_weights must not require gradients"),
 ])
 def test_bad_grouped_input_is_refused(over, exc, match):
     args = dict(x=torch.randn(10, 2), x_offsets=[0, 4, 10], y=torch.randn(6, 2), y_offsets=[0, 6],

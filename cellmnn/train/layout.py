@@ -20,7 +20,7 @@ import torch
 from ..model.network import CellMNN, DecoderSpec
 from ..model.stacked import layer_shapes, pack, unpack
 from .hparams import HParams, time_unit
-from .objective import Course, Objective, kinetic_grid
+from .objective import Course, Objective, expected_self_term, kinetic_grid
 from .sampling import member_key, slot_hash
 
 
@@ -66,6 +66,7 @@ class Setup:
                                    hp0.piece_length, hp0.rate_bound)
         self.shapes = layer_shapes(self.D + self.embed, hp0.width, hp0.depth, self.decoder.n_outputs)
         self.grid = kinetic_grid(self.times, self.kinetic, self.unit)
+        self._self_terms: dict = {}
         self._split(members)
         self._models(members)
 
@@ -127,6 +128,16 @@ class Setup:
         hp = self.members[self.model_members[mi][0]].hp
         return unpack(self._new_model(hp).to(flat.device), flat.detach())
 
+    def self_term(self, e: int, i: int) -> float:
+        """The expected mean k(Y, Y) of member e's B observed cells at timepoint i, drawn from its
+        training pool (``expected_self_term``); computed once."""
+        key = (e, i)
+        if key not in self._self_terms:
+            a, n = self.pool_at[e][i]
+            cells = self.data.index_select(0, self.pool[a:a + n])
+            self._self_terms[key] = expected_self_term(cells, self.B, self.members[e].hp.sigma)
+        return self._self_terms[key]
+
     def members_of(self, models) -> list:
         """The members of ``models``, model after model (the layout's order)."""
         return [e for mi in models for e in self.model_members[mi]]
@@ -168,6 +179,8 @@ class Layout:
             src += [(s.keys[e], *s.pool_at[e][i], n) for i, n in zip(kept[:-1], per_src)]
             obs += [(s.keys[e], *s.pool_at[e][i], B) for i in kept[1:]]
         self.objective = obj = Objective(courses, s.times, s.D, s.kinetic, s.unit, s.backend, s.device, f32, s.grid)
+        self.y_self = torch.tensor([s.self_term(e, i) for e in active for i in s.kept[e][1:]], dtype=f32,
+                                   device=s.device)  # per target segment of the objective
         self.T, self.kmax = obj.T, obj.kmax
         L = lambda v, dtype=torch.int64: torch.as_tensor(np.asarray(v), dtype=dtype, device=s.device)  # noqa: E731
         self.rank, self.world = rank, world

@@ -17,6 +17,12 @@ over a grid of step ``GRID_STEP`` time units from the first to the last timepoin
 sampled batch) and a validation score (one member, on its validation cells) are the same call.
 All MMD terms are one ``laplace_mmd_grouped`` call; members with different sigmas are scaled by
 1/sigma (MMD with sigma on points p equals MMD with sigma 1 on p / sigma).
+
+A training step draws its observed cells afresh, so their own term mean k(Y, Y) of each MMD^2 does
+not depend on the weights.  The step passes its expectation over the draw (``expected_self_term``,
+computed once per pool) instead of computing it: the gradients are the same, the step's loss is
+an unbiased estimate of the batch loss, and the largest block of kernel values (B^2 per target
+and member) is never formed.  Validation scores compute every term.
 """
 from __future__ import annotations
 
@@ -27,9 +33,11 @@ import numpy as np
 import torch
 
 from cellmnn_kernels import laplace_mmd_grouped
+from cellmnn_kernels.ops.laplace_mmd.naive import laplace_kernel_dense
 
 KINETIC = ("kept_times", "future", "grid")
 GRID_STEP = 0.1  # the "grid" kinetic form: decode points every 0.1 time units (the authors' older grid)
+SELF_TERM_CELLS = 2048  # a pool's cells that ``expected_self_term`` reads (its first ones, if it has more)
 
 
 def kinetic_grid(times, kinetic: str, unit: float) -> np.ndarray:
@@ -40,6 +48,23 @@ def kinetic_grid(times, kinetic: str, unit: float) -> np.ndarray:
     lo, hi = min(times), max(times)
     n = int(math.floor((hi - lo) / (GRID_STEP * unit) + 1e-9)) + 1
     return lo + GRID_STEP * unit * np.arange(n, dtype=np.float64)
+
+
+def expected_self_term(cells: torch.Tensor, draws: int, sigma: float) -> float:
+    """E[mean k(Y, Y)] for Y = ``draws`` cells drawn independently and uniformly from ``cells``
+    (N, D), Laplace kernel of bandwidth ``sigma`` (as ``laplace_mmd``): the diagonal gives
+    k(0) / draws, every other pair the mean of k over all N^2 ordered pairs of cells.  For N above
+    ``SELF_TERM_CELLS`` the mean over distinct pairs is estimated on the first ``SELF_TERM_CELLS``
+    cells (pools are in random order; an unbiased estimate).  Float64."""
+    c = cells.double()
+    N = c.shape[0]
+    k0 = math.exp(-1e-8 / sigma)  # the kernel at distance 0 (the op clamps distances at 1e-8)
+    sub = c[:SELF_TERM_CELLS]
+    n = sub.shape[0]
+    total = sum(float(laplace_kernel_dense(sub[i:i + 256], sub, sigma).sum()) for i in range(0, n, 256))
+    off = (total - n * k0) / (n * (n - 1)) if n > 1 else k0  # mean over distinct pairs
+    pair_mean = k0 / N + (1 - 1 / N) * off  # over all N^2 ordered pairs
+    return k0 / draws + (1 - 1 / draws) * pair_mean
 
 
 @dataclass(frozen=True)
@@ -142,15 +167,18 @@ class Objective:
         c = self.courses[e]
         return np.repeat([self.times[i] for i in c.kept[:-1]], c.n_src)
 
-    def __call__(self, X: torch.Tensor, V: torch.Tensor, ys: torch.Tensor, penalty=None, check: bool = False):
+    def __call__(self, X: torch.Tensor, V: torch.Tensor, ys: torch.Tensor, penalty=None, check: bool = False,
+                 y_self=None):
         """Loss and MMD part (E,) of decoded X, V (N, T, D), observed ``ys`` (M, D) and the per-cell
-        eigen penalty (N,) or None.  ``check``: validate the MMD inputs (a host synchronisation)."""
+        eigen penalty (N,) or None.  ``check``: validate the MMD inputs (a host synchronisation).
+        ``y_self``: per target segment (member after member) the mean k(Y, Y) to use instead of
+        computing it from ``ys`` (``expected_self_term``)."""
         E, D = self.E, self.D
         xs = X.reshape(-1, D).index_select(0, self.term_rows)
         if self.x_scale is not None:
             xs, ys = xs * self.x_scale, ys * self.y_scale
         _, per_term = laplace_mmd_grouped(xs, self.x_off, ys, self.y_off, self.terms_x, self.terms_y, None,
-                                          self.sigma, backend=self.backend, check_finite=check)
+                                          self.sigma, backend=self.backend, check_finite=check, y_self=y_self)
         mmd = X.new_zeros(E).index_add(0, self.term_member, per_term * self.term_w)
         if self.kinetic == "future":
             vs = V.reshape(-1, D).index_select(0, self.term_rows)

@@ -23,10 +23,13 @@ from .sampling import draw, normals
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
 
 
-def step_losses(s: Setup, L: Layout, flat: torch.Tensor, step: torch.Tensor, check: bool = False):
+def step_losses(s: Setup, L: Layout, flat: torch.Tensor, step: torch.Tensor, check: bool = False,
+                exact: bool = False):
     """Per-member loss and MMD part (E,) of the batch of ``step`` for the members of ``L``;
     ``flat``: (models, P) weights of ``L.models``.
 
+    Each MMD^2 takes its observed-observed term as the expectation over the draw (``L.y_self``;
+    the same gradients, see ``objective``), or, with ``exact=True``, from the batch's cells.
     Everything stays on the device; ``check=True`` validates the decoded operators (a host
     synchronisation: used once, before training)."""
     E, D = L.E, s.D
@@ -51,7 +54,7 @@ def step_losses(s: Setup, L: Layout, flat: torch.Tensor, step: torch.Tensor, che
                                   first=(A, b, g), check_finite=check)
     if L.world > 1:  # every rank evaluates the loss on all slots' decoded points
         X, V, pen = gather_slots(X, V, pen, L)
-    return L.objective(X, V, ys, pen, check=check)
+    return L.objective(X, V, ys, pen, check=check, y_self=None if exact else L.y_self)
 
 
 class AdamW:

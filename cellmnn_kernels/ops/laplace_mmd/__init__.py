@@ -9,7 +9,7 @@ import torch
 
 from ..utils import resolve_backend as _resolve
 from .common import (check_offsets, check_points, check_sigma, check_term_weights, check_values, check_weights,
-                     grouped_mmd, host_ints)
+                     check_y_self, grouped_mmd, host_ints)
 from .naive import laplace_mmd_grouped_reference, laplace_mmd_reference
 from .torch_impl import DENSE_MAX_ELEMS, reduce_rows_torch
 
@@ -32,7 +32,7 @@ def _reducer(backend):
 
 
 def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weights=None, sigma=1.0,
-                        x_weights=None, y_weights=None, backend="auto", check_finite=None):
+                        x_weights=None, y_weights=None, backend="auto", check_finite=None, y_self=None):
     """Every MMD^2 term of a training step in one call.
 
     Args:
@@ -48,6 +48,11 @@ def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weigh
         backend: "auto" (triton for CUDA tensors, torch otherwise), "triton", "torch", "reference".
         check_finite: reject NaN/Inf, negative weights and zero-weight segments (one host
             synchronisation); default: on for CPU tensors, off for CUDA tensors.
+        y_self: optional (Py,) tensor (y's dtype): for every y segment, the weighted mean kernel
+            value mean k(Y, Y), used in each term instead of being computed (the largest block of a
+            training step whose observed cells are drawn afresh each step: pass its expectation
+            over the draw).  No gradient flows through it, so y and y_weights must not require
+            gradients; the gradients in x and x_weights are unchanged.
 
     Returns:
         (total, per_term): sum_t term_weights[t] * MMD^2_t (scalar) and the (n_terms,) values, in the
@@ -72,6 +77,7 @@ def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weigh
     term_weights = check_term_weights(term_weights, len(tx), x.device)
     x_weights = check_weights("x_weights", x_weights, x.shape[0], x)
     y_weights = check_weights("y_weights", y_weights, y.shape[0], y)
+    y_self = check_y_self(y_self, len(y_off) - 1, y, y_weights)
     if x.device.type == "meta":  # shape inference: no values to compute or check
         tie = (x.sum() + y.sum()) * 0
         return tie, tie.expand(len(tx)).clone()
@@ -79,10 +85,13 @@ def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weigh
     if check_finite is None:
         check_finite = x.device.type != "cuda"
     if check_finite:
-        check_values(x, y, x_weights, y_weights, ((x_off, sorted(set(tx))), (y_off, sorted(set(ty)))), term_weights)
+        check_values(x, y, x_weights, y_weights, ((x_off, sorted(set(tx))), (y_off, sorted(set(ty)))), term_weights,
+                     y_self)
     if backend == "reference":
-        return laplace_mmd_grouped_reference(x, x_off, y, y_off, tx, ty, term_weights, sigma, x_weights, y_weights)
-    return grouped_mmd(x, x_off, y, y_off, tx, ty, term_weights, sigma, x_weights, y_weights, _reducer(backend))
+        return laplace_mmd_grouped_reference(x, x_off, y, y_off, tx, ty, term_weights, sigma, x_weights, y_weights,
+                                             y_self)
+    return grouped_mmd(x, x_off, y, y_off, tx, ty, term_weights, sigma, x_weights, y_weights, _reducer(backend),
+                       y_self)
 
 
 def laplace_mmd(x, y, sigma=1.0, x_weights=None, y_weights=None, backend="auto", check_finite=None):

@@ -118,11 +118,28 @@ def check_term_weights(term_weights, n_terms: int, device):
     return w
 
 
-def check_values(x, y, x_weights, y_weights, segments, term_weights=None) -> None:
+def check_y_self(y_self, n_segments: int, y, y_weights):
+    """Given self terms: None, or an (n_segments,) tensor of y's dtype and device, with y and its
+    weights constant (the given values carry no gradient, so none may be expected through them)."""
+    if y_self is None:
+        return None
+    check_tensor("y_self", y_self, 1, f"({n_segments},)")
+    check_same_dtype_device(y=y, y_self=y_self)
+    if y_self.shape[0] != n_segments:
+        raise ValueError(f"y_self must have one value per y segment: shape ({n_segments},), got {tuple(y_self.shape)}")
+    if y.requires_grad or (y_weights is not None and y_weights.requires_grad):
+        raise ValueError("y_self replaces the y-y kernel means, which then carry no gradient: y and y_weights "
+                         "must not require gradients")
+    return y_self
+
+
+def check_values(x, y, x_weights, y_weights, segments, term_weights=None, y_self=None) -> None:
     """NaN/Inf, negative weights and zero-weight segments (one host synchronisation)."""
     tensors = {"x": x, "y": y}
     if term_weights is not None:
         tensors["term_weights"] = term_weights
+    if y_self is not None:
+        tensors["y_self"] = y_self
     if x_weights is not None:
         tensors["x_weights"] = x_weights
     if y_weights is not None:
@@ -216,8 +233,10 @@ class Plan:
 
 
 def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma=1.0, D=0, dtype=torch.float32,
-               term_weights=None) -> Plan:
-    """Which pair sums a grouped call computes, grouped into at most four launches."""
+               term_weights=None, self_y=True) -> Plan:
+    """Which pair sums a grouped call computes, grouped into at most four launches.  Without
+    ``self_y`` the S(Y, Y) sums are not computed (the caller gives the y-y means): ``term_yy``
+    then holds each term's y segment."""
     xs, ys = sorted(set(terms_x)), sorted(set(terms_y))
     pos_x = {s: i for i, s in enumerate(xs)}
     pos_y = {s: i for i, s in enumerate(ys)}
@@ -232,7 +251,7 @@ def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma=1.
         xx.jobs.append((a, b, a, b)), xx.job_s.append(n), xx.job_grad_of.append(n), xx.job_factor.append(2.0)
         sum_xx[s] = n
         n += 1
-    for s in ys:
+    for s in ys if self_y else ():
         a, b = y_off[s], y_off[s + 1]
         yy.jobs.append((a, b, a, b)), yy.job_s.append(n), yy.job_grad_of.append(n), yy.job_factor.append(2.0)
         sum_yy[s] = n
@@ -246,7 +265,7 @@ def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma=1.
         term_xy.append(n)
         n += 1
     launches = [lc for lc in (xx, yy, xy, yx) if lc.jobs]
-    return Plan(launches, n, [sum_xx[s] for s in terms_x], [sum_yy[s] for s in terms_y], term_xy,
+    return Plan(launches, n, [sum_xx[s] for s in terms_x], [sum_yy[s] if self_y else s for s in terms_y], term_xy,
                 [(x_off[s], x_off[s + 1]) for s in xs], [(y_off[s], y_off[s + 1]) for s in ys],
                 [pos_x[s] for s in terms_x], [pos_y[s] for s in terms_y], sigma, D, dtype, term_weights)
 
@@ -256,11 +275,12 @@ PLAN_CACHE = 128  # plans (with everything derived from them) kept by ``cached_p
 
 @functools.lru_cache(maxsize=PLAN_CACHE)
 def cached_plan(x_off: tuple, y_off: tuple, terms_x: tuple, terms_y: tuple, grad_x: bool, grad_y: bool,
-                grad_wy: bool, sigma: float, D: int, dtype: torch.dtype, term_weights: tuple | None) -> Plan:
+                grad_wy: bool, sigma: float, D: int, dtype: torch.dtype, term_weights: tuple | None,
+                self_y: bool = True) -> Plan:
     """``build_plan`` memoised on its (hashable) inputs: a training loop that repeats its call
     reuses one plan and what was derived from it.  Plans are never modified (but for the store
     of ``Plan.derived``)."""
-    return build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma, D, dtype, term_weights)
+    return build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma, D, dtype, term_weights, self_y)
 
 
 @dataclass
@@ -361,16 +381,17 @@ class PairSums(torch.autograd.Function):
         return tuple(grads)
 
 
-def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, wy, reducer):
+def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, wy, reducer, y_self=None):
     """(sum_t w_t MMD^2_t, per-term MMD^2) through ``reducer`` (``PairSums``); inputs validated,
-    ``term_weights`` as ``check_term_weights`` returns them."""
+    ``term_weights`` as ``check_term_weights`` returns them; ``y_self``: the y-y kernel mean of
+    every y segment, used instead of computing S(Y, Y)."""
     wx = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if wx is None else wx
     wy = torch.ones(y.shape[0], dtype=y.dtype, device=y.device) if wy is None else wy
     # Weight gradients come from the row sums every launch computes, except those of y, which
     # need the S(Y, X) launch.
     plain = term_weights if isinstance(term_weights, tuple) else None
     plan = cached_plan(tuple(x_off), tuple(y_off), tuple(terms_x), tuple(terms_y), x.requires_grad,
-                       y.requires_grad, wy.requires_grad, sigma, x.shape[1], x.dtype, plain)
+                       y.requires_grad, wy.requires_grad, sigma, x.shape[1], x.dtype, plain, y_self is None)
     if plain is not None:
         term_weights = plan.weights(x.device)
     S = PairSums.apply(x, y, wx, wy, plan, reducer)
@@ -382,6 +403,7 @@ def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, w
         return c[b] - c[a]
 
     Wx, Wy = seg_sums(wx, t.x_a, t.x_b), seg_sums(wy, t.y_a, t.y_b)  # per term
-    values = S[t.term_xx] / Wx ** 2 + S[t.term_yy] / Wy ** 2 - 2 * S[t.term_xy] / (Wx * Wy)
+    yy = S[t.term_yy] / Wy ** 2 if y_self is None else y_self.double()[t.term_yy]
+    values = S[t.term_xx] / Wx ** 2 + yy - 2 * S[t.term_xy] / (Wx * Wy)
     w = torch.ones_like(values) if term_weights is None else term_weights  # (n_terms,) float64, checked
     return (w * values).sum().to(x.dtype), values.to(x.dtype)

@@ -177,7 +177,8 @@ def test_gradcheck_float64(backend):
 def test_large_d_and_many_blocks(backend, D, T, B):
     # Non-power-of-two and maximal D; several time blocks and cell blocks per launch (lane-group
     # kernels: at D = 16 three forward time blocks and two backward cell blocks, the second
-    # partly masked; at D = 6 two cell blocks forward and backward).
+    # partly masked; at D = 6 two cell blocks forward and backward).  On the torch backend D = 3,
+    # 6 and 16 take the broadcast Horner (torch_impl.LANES_MAX_D), 33 and 64 the batched GEMMs.
     A, x0, dt = build_inputs(11, B, T, D, "random", 3.0, "mixed", torch.float32)
     X, V = local_linear_step(A, x0, dt, backend=backend)
     assert_pairs_close(X, V, A, x0, dt, RTOL[torch.float32])

@@ -56,10 +56,12 @@ def stacked_mlp(flat: torch.Tensor, shapes, x: torch.Tensor) -> torch.Tensor:
     """Every member's MLP at once: flat (E, P) weights, x (E, n, in) -> (E, n, out); LeakyReLU
     (slope 0.01, torch's default) between layers, as ``CellMNN.mlp``."""
     E = flat.shape[0]
-    offs, _ = _offsets(shapes)
+    # One split, not a slice per tensor: its backward writes the weight gradient once (a slice's
+    # backward fills a zero (E, P) tensor per slice, which autograd then sums).
+    parts = flat.split([n for n_in, n_out in shapes for n in (n_in * n_out, n_out)], dim=1)
     h = x
-    for k, ((n_in, n_out), (a, b, c)) in enumerate(zip(shapes, offs)):
-        h = torch.baddbmm(flat[:, b:c].view(E, 1, n_out), h, flat[:, a:b].view(E, n_in, n_out))
+    for k, (n_in, n_out) in enumerate(shapes):
+        h = torch.baddbmm(parts[2 * k + 1].view(E, 1, n_out), h, parts[2 * k].view(E, n_in, n_out))
         if k < len(shapes) - 1:
             h = torch.nn.functional.leaky_relu(h)
     return h

@@ -73,15 +73,60 @@ def _anchor_states(P: torch.Tensor, y0: torch.Tensor, active: list[int], rank, l
     """
     if len(active) == 1:
         return _gather_rows(y0, rank)
-    y, states = y0, [y0]
-    for n in active[1:]:
-        y = torch.bmm(P[:n], y[:n, :, None]).squeeze(-1)
-        states.append(y)
     with torch.no_grad():
         sizes = torch.tensor(active, device=level.device)
         first_row = torch.cumsum(sizes, 0) - sizes
         row = first_row[level] + rank
-    return _gather_rows(torch.cat(states), row)
+    return _March.apply(P, y0, active, row.reshape(-1)).view(*row.shape, y0.shape[1])
+
+
+class _March(torch.autograd.Function):
+    """The anchor march and the gather of its states, with an analytic backward: forward
+    y_l = P[:n_l] y_{l-1}[:n_l] (n_l = active[l]) and out = table[row], table the states stacked
+    level after level; backward runs the march in reverse, one transposed product and one outer
+    product per level (autograd would add two slices, their zero-filled gradients and a GEMM
+    backward per level).  States are (D, n) columns (cells last) for D <= ``LANES_MAX_D``."""
+
+    @staticmethod
+    def forward(ctx, P, y0, active, row):
+        """The gathered states (len(row), D); P (n1, D, D), y0 (n0, D)."""
+        lanes = P.shape[-1] <= LANES_MAX_D
+        Pm = P.permute(1, 2, 0).contiguous() if lanes else P
+        y = y0.t().contiguous() if lanes else y0
+        states = [y]
+        for n in active[1:]:
+            y = (Pm[:, :, :n] * y[None, :, :n]).sum(1) if lanes else torch.bmm(P[:n], y[:n, :, None])[..., 0]
+            states.append(y)
+        table = torch.cat(states, 1).t().contiguous() if lanes else torch.cat(states)
+        ctx.active, ctx.lanes, ctx.inputs = active, lanes, (P, y0)  # inputs: a second derivative's error
+        ctx.save_for_backward(Pm, table, row)
+        return table.index_select(0, row)
+
+    @staticmethod
+    def backward(ctx, g):
+        """Gradients in P and y0 (first derivatives only)."""
+        Pm, table, row = ctx.saved_tensors
+        with torch.no_grad():
+            gP, gy0 = _March._backward(ctx.active, ctx.lanes, Pm, table, row, g)
+        return (*first_order_only(SECOND_ORDER, (gP, gy0), ctx.inputs), None, None)
+
+    @staticmethod
+    def _backward(active, lanes, Pm, table, row, g):
+        acc = torch.zeros_like(table).index_add_(0, row, g)  # d out / d state, level after level
+        gPm = torch.zeros_like(Pm)
+        starts = [0]
+        for n in active[:-1]:
+            starts.append(starts[-1] + n)
+        for lv in range(len(active) - 1, 0, -1):  # y_l = P[:n] y_{l-1}[:n], from the last level back
+            n, a, b = active[lv], starts[lv], starts[lv - 1]
+            gl, prev = acc[a:a + n], table[b:b + n]
+            if lanes:  # Pm[i, k, c] = P[c, i, k]
+                gPm[:, :, :n] += gl.t()[:, None, :] * prev.t()[None, :, :]
+                acc[b:b + n] += (Pm[:, :, :n] * gl.t()[:, None, :]).sum(0).t()
+            else:
+                gPm[:n] += gl[:, :, None] * prev[:, None, :]
+                acc[b:b + n] += torch.bmm(Pm[:n].transpose(1, 2), gl[:, :, None])[..., 0]
+        return (gPm.permute(2, 0, 1).contiguous() if lanes else gPm), acc[:active[0]]
 
 
 def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

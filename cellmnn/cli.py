@@ -131,6 +131,9 @@ def _train_args(p, max_epochs=None):
                    help="select the model on the held-out timepoint (the authors' choice; uses test data)")
     g.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default=None)
     g.add_argument("--device", default=None, help="cpu, cuda or auto")
+    g.add_argument("--jobs", type=int, default=-1,
+                   help="worker processes that share an ensemble's models on the CPU (default -1: one per usable "
+                        "core; 1: train in this process)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -145,6 +148,7 @@ def _hparams(args) -> dict:
     if args.select_on_holdout:
         hp["select_on_holdout"] = True
     hp["verbose"] = not args.quiet
+    hp["n_jobs"] = args.jobs
     return hp
 
 

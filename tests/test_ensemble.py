@@ -3,6 +3,9 @@ the fused AdamW against torch's, members alone against members in an ensemble, p
 stopping, the device-side sampler, and the absence of host reads in a training step."""
 from __future__ import annotations
 
+import glob
+import os
+import tempfile
 import traceback
 
 import numpy as np
@@ -17,6 +20,7 @@ from cellmnn.train import HParams, Member, train
 from cellmnn.train.layout import Layout, Setup
 from cellmnn.train import objective
 from cellmnn.train.objective import GRID_STEP, expected_self_term
+from cellmnn.train.parallel import n_workers, shares
 from cellmnn.train.sampling import draw, member_key, mix32, slot_hash
 from cellmnn.train.step import AdamW, Runner, step_losses
 from cellmnn.train.trainer import check_members
@@ -231,6 +235,52 @@ def test_a_member_trains_the_same_alone_and_in_an_ensemble():
         for a, b in zip(model.state_dict().values(), alone.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert [mod.fit_info.epochs for mod in together][:2] == [3, 2]  # each stopped on its own
+
+
+def test_worker_processes_train_the_same_models_as_one_process():
+    # Four members (one joint model of two of them, trained on two courses) dealt to two worker
+    # processes: the same epochs, and the same weights up to the float32 rounding of batched
+    # products with another number of members (1e-4 relative, as above); the joint model stays
+    # one object; the workers' folder is gone afterwards.
+    a, b = blobs(), blobs(seed=1)
+    members = [Member(1, 0, hp()), Member(2, 5, hp(lr=1e-3, max_epochs=2)),
+               Member(1, 3, hp(), dataset=0, joint="j"), Member(None, 3, hp(), dataset=1, joint="j")]
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "cellmnn-workers-*")))
+    one = train([a, b], members, n_jobs=1)
+    two = train([a, b], members, n_jobs=2)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "cellmnn-workers-*"))) == before
+    assert two[2] is two[3] and two[0] is not two[2]
+    for x, y in zip(one, two):
+        assert x.fit_info.epochs == y.fit_info.epochs and x.fit_info.holdout == y.fit_info.holdout
+        for u, v in zip(x.state_dict().values(), y.state_dict().values()):
+            torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-6)
+
+
+def test_shares_keep_joint_models_together_and_balance_the_work():
+    members = [Member(1, 0, hp(max_epochs=100)), Member(1, 1, hp(max_epochs=10), dataset=0, joint="j"),
+               Member(1, 1, hp(max_epochs=10), dataset=1, joint="j"), Member(2, 0, hp(max_epochs=100)),
+               Member(3, 0, hp(max_epochs=50))]
+    assert shares(members, 2) == [[0, 4], [1, 2, 3]]  # 100 + 50 against 100 + 2 x 10
+    assert shares(members, 5) == [[0], [3], [4], [1, 2]]  # at most one share per model
+    assert n_workers(None, 4) == 1 and n_workers(3, 2) == 2 and 1 <= n_workers(-1, 9) <= 9
+
+
+def test_an_error_in_a_worker_is_raised_with_its_own_type_and_message():
+    m = blobs()
+    members = [Member(1, 0, hp(init_scale=1e6)), Member(2, 1, hp(init_scale=1e6))]
+    with pytest.raises(ValueError, match="the untrained model is out of range"):
+        train(m, members, n_jobs=2)
+
+
+@pytest.mark.parametrize("n_jobs", [0, -2, 1.5, True, "2"])
+def test_a_bad_n_jobs_is_named(n_jobs):
+    with pytest.raises(ValueError, match="n_jobs must be a positive integer, -1"):
+        HParams(n_jobs=n_jobs)
+
+
+def test_n_jobs_with_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="n_jobs=2: a checkpoint covers one process"):
+        train(blobs(), [Member(1, 0, hp()), Member(2, 0, hp())], checkpoint=tmp_path / "c.pt", n_jobs=2)
 
 
 def test_fit_with_seeds_returns_each_seeds_model():

@@ -21,7 +21,7 @@ from .objective import KINETIC
 
 #: Hyperparameters every member of one ensemble must share (the shape of the computation).
 SHARED = ("width", "depth", "parameterization", "num_const_dims", "batch_size", "kinetic", "backend", "device",
-          "check_every", "cuda_graph", "affine", "noise", "piece_length", "rate_bound")
+          "check_every", "cuda_graph", "affine", "noise", "piece_length", "rate_bound", "n_jobs")
 
 
 #: Named groups of options for ``preset=``: "paper" is the paper's decoder (closed form from the source
@@ -61,6 +61,7 @@ class HParams:
     noise: str = "none"
     piece_length: float | None = None
     rate_bound: float = 10.0
+    n_jobs: int | None = None
 
     def __post_init__(self):
         put = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 - frozen: normalise once
@@ -79,6 +80,12 @@ class HParams:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         resolve_device(self.device)
+        if self.n_jobs is not None and not (type(self.n_jobs) is int and self.n_jobs == -1):
+            try:
+                put("n_jobs", checks.positive_int("n_jobs", self.n_jobs))
+            except ValueError:
+                raise ValueError(f"n_jobs must be a positive integer, -1 (one process per usable core) or None "
+                                 f"(one process), got {self.n_jobs!r}") from None
         put("affine", checks.flag("affine", self.affine))
         spec = DecoderSpec(1, affine=self.affine, noise=self.noise, piece_length=self.piece_length,
                            rate_bound=self.rate_bound)  # checks the decoder options

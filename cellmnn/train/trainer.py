@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from cellmnn_kernels import laplace_mmd
 
 from .. import files
+from . import parallel
 from .checkpoint import check_resume, fingerprint
 from .hparams import SHARED, HParams, resolve_device
 from .layout import Member, Setup
@@ -80,7 +81,8 @@ def groups(members: list) -> list:
     return list(out.values())
 
 
-def train(marginals, members: list, desc: str | None = None, checkpoint=None, embed: bool = False) -> list:
+def train(marginals, members: list, desc: str | None = None, checkpoint=None, embed: bool = False,
+          n_jobs=None) -> list:
     """Train ``members`` (``Member``s) on ``marginals`` (one ``Marginals``, or a list for joint
     training); returns one CellMNN per member (its model's best validation weights, with
     ``.fit_info`` and ``.marginals_info``; members of one joint model share the object).  Members
@@ -93,7 +95,11 @@ def train(marginals, members: list, desc: str | None = None, checkpoint=None, em
 
     In a ``torch.distributed`` process group (e.g. under ``torchrun``) every rank must call this
     with the same arguments: each decodes its share of every batch, and the gradients are summed
-    over ranks (``step.Runner``)."""
+    over ranks (``step.Runner``).
+
+    ``n_jobs`` (default: the members' ``HParams.n_jobs``): on the CPU, outside a process group
+    and without a checkpoint, an ensemble's models are trained in that many worker processes
+    (``parallel``; -1: one per usable core)."""
     parts = groups(members)
     if checkpoint is not None and len(parts) > 1:
         raise ValueError("checkpoint: these members need several ensembles (they differ in "
@@ -101,9 +107,25 @@ def train(marginals, members: list, desc: str | None = None, checkpoint=None, em
                          "checkpoints cover one ensemble")
     models = [None] * len(members)
     for idx in parts:
-        for i, m in zip(idx, Trainer(marginals, [members[i] for i in idx], desc, checkpoint, embed).run()):
+        part = [members[i] for i in idx]
+        k = _workers(part, checkpoint, n_jobs)
+        fitted = parallel.train_in_processes(marginals, part, k, desc, embed) if k > 1 else \
+            Trainer(marginals, part, desc, checkpoint, embed).run()
+        for i, m in zip(idx, fitted):
             models[i] = m
     return models
+
+
+def _workers(members: list, checkpoint, n_jobs) -> int:
+    """How many worker processes train ``members`` (one ensemble): 1 on a GPU, in a process group
+    or with a checkpoint (an explicit n_jobs > 1 with a checkpoint is an error)."""
+    n_jobs = members[0].hp.n_jobs if n_jobs is None else n_jobs
+    if checkpoint is not None and n_jobs not in (None, 1, -1):
+        raise ValueError(f"n_jobs={n_jobs}: a checkpoint covers one process; use n_jobs=1 with checkpoint")
+    if checkpoint is not None or world()[1] > 1 or resolve_device(members[0].hp.device).type != "cpu":
+        return 1
+    return parallel.n_workers(n_jobs, len({m.joint if m.joint is not None else ("member", i)
+                                           for i, m in enumerate(members)}))
 
 
 class Trainer:

@@ -24,6 +24,13 @@ and reports medians; ``--wait-quiet S`` waits up to S seconds for idle CPUs befo
     python bench/bench_scale.py [--sizes 5000 50000 250000 1000000] [--h5ad-sizes 50000 250000 1000000]
         [--modes inflate memory backed memory_pca backed_pca] [--genes 200] [--h5ad-dir DIR]
         [--rounds 3] [--wait-quiet 0] [--json FILE]
+    python bench/bench_scale.py --data-parallel [--batches 200 4096] [--rounds 3] [--json FILE]
+
+``--data-parallel``: the step time of one model (the inflate course, 50,000 cells, holdout 2)
+with the same global batch in one process of one thread, one process of two threads, and two
+``torchrun`` processes (gloo) of one thread each; an epoch has the same steps in all three, so the
+ratio of step times is the ratio of epoch times.  Each configuration in a fresh process; medians
+over the rounds.
 
 Without ``--h5ad-dir`` the files go to a new temporary folder, removed at the end; with it they are
 kept and reused (only files with the names above are written or read there, each written atomically).
@@ -197,6 +204,71 @@ def one(n: int, mode: str = "inflate", path: str | None = None) -> dict:
     return row
 
 
+def dp_one(B: int, steps: int = 20) -> dict | None:
+    """Seconds per training step of one model with global batch B, in this process or, under
+    torchrun, in the process group (gloo); rank 0 returns the row, other ranks None."""
+    import torch
+    import torch.distributed as dist
+
+    from cellmnn.train import HParams, Member
+    from cellmnn.train.layout import Setup
+    from cellmnn.train.step import Runner
+
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    m, _ = load("inflate", 50000, None)
+    s = Setup(m, [Member(2, 0, HParams(batch_size=B, verbose=False, backend="torch"))], torch.device("cpu"))
+    runner = Runner(s, s.flat0, False)
+    for _ in range(3):
+        runner.step()
+    sync = dist.barrier if dist.is_initialized() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        runner.step()
+    sync()
+    step_s = (time.perf_counter() - t0) / steps
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return dict(B=B, processes=world, threads=torch.get_num_threads(), step_s=step_s,
+                epoch_s=step_s * s.steps[0]) if rank == 0 else None
+
+
+DP_CONFIGS = (("1 process, 1 thread", 1, 1), ("1 process, 2 threads", 1, 2), ("2 processes, 1 thread each", 2, 1))
+
+
+def data_parallel(batches, rounds: int) -> list:
+    """``dp_one`` for every batch size and configuration, in fresh processes, interleaved over the
+    rounds; the rows with median step and epoch times and the epoch ratio to each one-process row."""
+    runs = {(B, name): [] for B in batches for name, _, _ in DP_CONFIGS}
+    for _ in range(rounds):
+        for B in batches:
+            for name, procs, threads in DP_CONFIGS:
+                launch = [sys.executable] if procs == 1 else \
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+                out = subprocess.run(launch + [__file__, "--dp-one", str(B)], capture_output=True, text=True,
+                                     env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+                if out.returncode:
+                    raise RuntimeError(f"{name}, B = {B}: {out.stderr.strip()[-2000:]}")
+                runs[(B, name)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = []
+    for B in batches:
+        one = {}
+        for name, _, _ in DP_CONFIGS:
+            got = runs[(B, name)]
+            r = dict(got[0], config=name, step_s=statistics.median(x["step_s"] for x in got),
+                     epoch_s=statistics.median(x["epoch_s"] for x in got), epoch_s_runs=[x["epoch_s"] for x in got])
+            one.setdefault(name, r["epoch_s"])
+            r.update({f"epoch_ratio_to_{k.replace(' ', '_').replace(',', '')}": r["epoch_s"] / v
+                      for k, v in one.items() if k != name})
+            rows.append(r)
+            print(f"B = {B:5d}  {name:28s} step {r['step_s'] * 1e3:8.2f} ms  epoch {r['epoch_s']:7.2f} s  " +
+                  "  ".join(f"{k[15:]}: {v:.2f}" for k, v in r.items() if k.startswith("epoch_ratio")), flush=True)
+    return rows
+
+
 HEADER = (f"{'mode':>10} {'cells':>9} {'load s':>8} {'setup s':>8} {'steps/s':>8} {'/CPU s':>8} "
           f"{'peak RSS MB':>12} {'others':>7}")
 
@@ -261,10 +333,28 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3,
                    help="run every (mode, size) this many times, interleaved; rows report the medians")
     p.add_argument("--json")
+    p.add_argument("--data-parallel", action="store_true",
+                   help="one model's epoch time in 1 process (1 and 2 threads) against 2 torchrun processes")
+    p.add_argument("--batches", type=int, nargs="+", default=[200, 4096], help="global batch sizes (--data-parallel)")
+    p.add_argument("--dp-one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="inflate", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.dp_one:
+        row = dp_one(a.dp_one)
+        if row is not None:
+            print(json.dumps(row))
+        return
+    if a.data_parallel:
+        rows = data_parallel(a.batches, a.rounds)
+        if a.json:
+            tmp = a.json + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump({"machine": f"{os.cpu_count()} cores, torch " + __import__("torch").__version__,
+                           "rounds": a.rounds, "rows": rows}, fh, indent=1)
+            os.replace(tmp, a.json)
+        return
     if a.one:
         print(json.dumps(one(a.one, a.mode, a.path)))
         return

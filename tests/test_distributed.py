@@ -9,6 +9,7 @@ counter-based and the checkpoint holds every piece of state.
 """
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +64,30 @@ def test_torchrun_fit_equals_one_process(tmp_path, emt, extra, hp):
     import json
 
     assert json.loads((out / "config.json").read_text())["training"]["epochs"] == one.fit_info.epochs == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_node_rehearsal_equals_one_process(tmp_path, emt):
+    """Two torchrun launchers, as on two machines (--nnodes 2, one process each), meeting by a c10d
+    rendezvous on the loopback address: the model is one process's (tolerance as above)."""
+    out = tmp_path / "model"
+    rdzv = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}",
+            "--rdzv_id=cellmnn-rehearsal"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "-m", "cellmnn", "fit", "emt-a549", *FLAGS,
+           "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in results]
+    assert sum(o.count("trained on") for o, _ in results) == 1  # the global rank 0 alone reports and writes
+    one = cellmnn.fit(emt, **HP)
+    assert _rel(_flat(one), _flat(persist.load_model(out))) < 1e-5
 
 
 SCRIPT = """

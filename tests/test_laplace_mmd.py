@@ -176,6 +176,42 @@ def test_given_self_terms_replace_the_yy_means_and_keep_the_gradients(backend, d
         assert_grads_close([a.grad], [b.grad], GRAD_RTOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=scaled_examples(10))
+@given(case=grouped_cases(), cut=st.floats(0.0, 1.0))
+def test_query_rows_split_the_sums_and_the_gradient(backend, dtype, case, cut):
+    # Each x segment cut in two at a random row: the two calls' values add up to the full
+    # call's (the given y-y term counted once) and their x-gradients to its gradient, each zero
+    # off its own rows: what two data-parallel processes compute (group= then adds the sums).
+    # Tolerances as in test_grouped_equals_the_sum_of_single_calls.
+    rng = np.random.default_rng(case["seed"])
+    D = case["D"]
+    x_off = np.concatenate([[0], np.cumsum(case["x_sizes"])]).tolist()
+    y_off = np.concatenate([[0], np.cumsum(case["y_sizes"])]).tolist()
+    x = torch.tensor(rng.standard_normal((x_off[-1], D)), dtype=dtype, device=DEVICE)
+    y = torch.tensor(rng.standard_normal((y_off[-1], D)) + 0.5, dtype=dtype, device=DEVICE)
+    y_self = torch.tensor(rng.uniform(0.0, 1.0, len(y_off) - 1), dtype=dtype, device=DEVICE)
+    mid = [a + int(round(cut * (b - a))) for a, b in zip(x_off, x_off[1:])]
+    parts = [[(a, m) for a, m in zip(x_off, mid)], [(m, b) for m, b in zip(mid, x_off[1:])], None]
+    values, grads = [], []
+    for rows in parts:
+        leaf = x.clone().requires_grad_()
+        total, v = laplace_mmd_grouped(leaf, x_off, y, y_off, case["terms_x"], case["terms_y"], case["term_weights"],
+                                       1.3, backend=backend, y_self=y_self, x_rows=rows)
+        total.backward()
+        values.append(v.double())
+        grads.append(leaf.grad.double())
+    yy = y_self.double()[case["terms_y"]]
+    assert (values[0] + values[1] - yy - values[2]).abs().max().item() <= RTOL[dtype] * 8
+    assert_grads_close([grads[0] + grads[1]], [grads[2]], GRAD_RTOL[dtype])
+    for g, rows in zip(grads[:2], parts[:2]):
+        mine = torch.zeros(x_off[-1], dtype=torch.bool, device=DEVICE)
+        for a, b in rows:
+            mine[a:b] = True
+        assert torch.all(g[~mine] == 0)
+
+
 @st.composite
 def batched_cases(draw):
     """Many terms over segments of a few sizes: x segments of size ``a`` at least three times, so
@@ -398,6 +434,12 @@ def test_bad_input_is_refused(kwargs, exc, match):
     (dict(y_self=torch.tensor([float("nan")])), ValueError, "y_self has 1 non-finite"),
     (dict(y=torch.randn(6, 2, requires_grad=True), y_self=torch.ones(1)), ValueError,
      "y and y_weights must not require gradients"),
+    (dict(x_rows=[(0, 4), (4, 10)]), ValueError, "x_rows computes the sums over x's query rows only: it needs y_self"),
+    (dict(x_rows=[(0, 4)], y_self=torch.ones(1)), ValueError, "one \\(start, end\\) pair per x segment \\(2\\)"),
+    (dict(x_rows=[(0, 5), (4, 10)], y_self=torch.ones(1)), ValueError, r"x_rows of segment\(s\) \[0\] are not inside"),
+    (dict(x_rows=[(0, 4), (4, 10)], y_self=torch.ones(1), backend="reference"), ValueError,
+     "x_rows needs the torch or triton backend"),
+    (dict(group=object()), ValueError, "give x_rows"),
 ])
 def test_bad_grouped_input_is_refused(over, exc, match):
     args = dict(x=torch.randn(10, 2), x_offsets=[0, 4, 10], y=torch.randn(6, 2), y_offsets=[0, 6],

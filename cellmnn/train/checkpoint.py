@@ -8,6 +8,9 @@ import hashlib
 import numpy as np
 
 
+RUN_OPTIONS = ("verbose", "n_jobs")  # how a run is carried out, not what it computes: free to change on resume
+
+
 def fingerprint(marginals, members: list) -> dict:
     """The data (a SHA-256 of every timepoint's times and cells) and every member's settings."""
     h = hashlib.sha256()
@@ -18,7 +21,7 @@ def fingerprint(marginals, members: list) -> dict:
     return {"data": h.hexdigest(),
             "members": [{"holdout": m.holdout, "seed": m.seed, "exclude": list(m.exclude), "dataset": m.dataset,
                          "joint": repr(m.joint),
-                         "hp": {k: repr(v) for k, v in sorted(m.hp.to_dict().items()) if k != "verbose"}}
+                         "hp": {k: repr(v) for k, v in sorted(m.hp.to_dict().items()) if k not in RUN_OPTIONS}}
                         for m in members]}
 
 

@@ -185,6 +185,9 @@ class Layout:
         L = lambda v, dtype=torch.int64: torch.as_tensor(np.asarray(v), dtype=dtype, device=s.device)  # noqa: E731
         self.rank, self.world = rank, world
         self.counts = [(B * (r + 1)) // world - (B * r) // world for r in range(world)]
+        # Under data parallelism each process computes the MMD sums of its own source cells as queries.
+        lo = (B * rank) // world
+        self.x_rows = obj.query_rows(lo, lo + self.counts[rank]) if world > 1 else None
         own = (np.arange(E)[:, None] * B + (B * rank) // world + np.arange(self.counts[rank])).ravel()
         self.n_src = len(own)  # this rank's source cells; then every member's observed cells
         keys, slots, starts, lens = _slots(src, per_member=[len(s.kept[e]) - 1 for e in active], first_slot=0)

@@ -101,6 +101,7 @@ class Objective:
         self.n_rows = [sum(c.n_src) for c in self.courses]
         L = lambda v, dt=torch.int64: torch.as_tensor(np.asarray(v), dtype=dt, device=device)  # noqa: E731
         rows, x_off, terms_y, term_w, term_member, y_off = [], [0], [], [], [], [0]
+        self.term_src = []  # per term: its source's first cell among the member's cells, and its count
         row0, y_seg = 0, 0
         for e, c in enumerate(self.courses):
             j = row0
@@ -111,6 +112,7 @@ class Objective:
                     terms_y.append(y_seg + col + r - 1)
                     term_w.append(c.gamma ** (r - 1))
                     term_member.append(e)
+                    self.term_src.append((j - row0, n))
                 j += n
             for m in c.n_obs:
                 y_off.append(y_off[-1] + m)
@@ -153,6 +155,13 @@ class Objective:
             self.point_member = L(np.repeat(self.term_member.cpu().numpy(), np.diff(self.x_off)))
             self.inv_points = L(1.0 / counts, dtype)
 
+    def query_rows(self, lo: int, hi: int) -> list:
+        """Per MMD term, the (start, end) rows of its x segment that come from each member's source
+        cells lo..hi-1 (in the member's order): one process's share under data parallelism
+        (``laplace_mmd_grouped``'s ``x_rows``)."""
+        return [(a + min(max(lo - o, 0), n), a + min(max(hi - o, 0), n))
+                for a, (o, n) in zip(self.x_off, self.term_src)]
+
     def offsets(self, e: int) -> np.ndarray:
         """Member e's decode offsets (n_rows[e], T), float64: every kept time and grid time minus the
         source cell's time; its padding columns 0 (decoded but unused)."""
@@ -168,17 +177,19 @@ class Objective:
         return np.repeat([self.times[i] for i in c.kept[:-1]], c.n_src)
 
     def __call__(self, X: torch.Tensor, V: torch.Tensor, ys: torch.Tensor, penalty=None, check: bool = False,
-                 y_self=None):
+                 y_self=None, x_rows=None, group=None):
         """Loss and MMD part (E,) of decoded X, V (N, T, D), observed ``ys`` (M, D) and the per-cell
         eigen penalty (N,) or None.  ``check``: validate the MMD inputs (a host synchronisation).
         ``y_self``: per target segment (member after member) the mean k(Y, Y) to use instead of
-        computing it from ``ys`` (``expected_self_term``)."""
+        computing it from ``ys`` (``expected_self_term``).  ``x_rows``, ``group``: this process's
+        query rows of every term (``query_rows``) and the processes that share the MMD sums."""
         E, D = self.E, self.D
         xs = X.reshape(-1, D).index_select(0, self.term_rows)
         if self.x_scale is not None:
             xs, ys = xs * self.x_scale, ys * self.y_scale
         _, per_term = laplace_mmd_grouped(xs, self.x_off, ys, self.y_off, self.terms_x, self.terms_y, None,
-                                          self.sigma, backend=self.backend, check_finite=check, y_self=y_self)
+                                          self.sigma, backend=self.backend, check_finite=check, y_self=y_self,
+                                          x_rows=x_rows, group=group)
         mmd = X.new_zeros(E).index_add(0, self.term_member, per_term * self.term_w)
         if self.kinetic == "future":
             vs = V.reshape(-1, D).index_select(0, self.term_rows)

@@ -30,6 +30,8 @@ def step_losses(s: Setup, L: Layout, flat: torch.Tensor, step: torch.Tensor, che
 
     Each MMD^2 takes its observed-observed term as the expectation over the draw (``L.y_self``;
     the same gradients, see ``objective``), or, with ``exact=True``, from the batch's cells.
+    Under data parallelism each process computes the MMD sums of its own source cells, which the
+    op adds up over the processes (``L.x_rows``); with ``exact`` every process computes all.
     Everything stays on the device; ``check=True`` validates the decoded operators (a host
     synchronisation: used once, before training)."""
     E, D = L.E, s.D
@@ -52,9 +54,13 @@ def step_losses(s: Setup, L: Layout, flat: torch.Tensor, step: torch.Tensor, che
 
     X, V, _, _ = piecewise_decode(operator, x0, L.dt, spec.piece_time(s.unit), noise, backend=s.backend,
                                   first=(A, b, g), check_finite=check)
-    if L.world > 1:  # every rank evaluates the loss on all slots' decoded points
+    if L.world > 1:  # every rank sees all slots' decoded points (the keys of its MMD sums)
         X, V, pen = gather_slots(X, V, pen, L)
-    return L.objective(X, V, ys, pen, check=check, y_self=None if exact else L.y_self)
+    if exact:  # every term from the batch, on every process
+        return L.objective(X, V, ys, pen, check=check)
+    # each process the MMD sums of its own cells (summed over processes in the op)
+    group = dist.group.WORLD if L.x_rows is not None else None
+    return L.objective(X, V, ys, pen, check=check, y_self=L.y_self, x_rows=L.x_rows, group=group)
 
 
 class AdamW:
@@ -98,8 +104,10 @@ class _AllGatherSlots(torch.autograd.Function):
     """Gather every rank's (E, n_r, F) slots into (E, sum n_r, F), in rank order.
 
     Backward returns this rank's slice of the incoming gradient, with no communication: every
-    rank computes the same loss from the gathered tensor, so that slice is the whole derivative
-    with respect to this rank's input (the parameter gradients are then summed over ranks)."""
+    rank computes the same loss from the gathered tensor (its MMD sums over its own cells' rows,
+    added up over ranks, and the other terms in full), and the gradient on its own cells is
+    complete, so that slice is the whole derivative with respect to this rank's input (the
+    parameter gradients are then summed over ranks)."""
 
     @staticmethod
     def forward(ctx, x, counts):

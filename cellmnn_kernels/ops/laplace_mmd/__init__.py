@@ -9,7 +9,7 @@ import torch
 
 from ..utils import resolve_backend as _resolve
 from .common import (check_offsets, check_points, check_sigma, check_term_weights, check_values, check_weights,
-                     check_y_self, grouped_mmd, host_ints)
+                     check_x_rows, check_y_self, grouped_mmd, host_ints)
 from .naive import laplace_mmd_grouped_reference, laplace_mmd_reference
 from .torch_impl import DENSE_MAX_ELEMS, reduce_rows_torch
 
@@ -32,7 +32,8 @@ def _reducer(backend):
 
 
 def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weights=None, sigma=1.0,
-                        x_weights=None, y_weights=None, backend="auto", check_finite=None, y_self=None):
+                        x_weights=None, y_weights=None, backend="auto", check_finite=None, y_self=None, x_rows=None,
+                        group=None):
     """Every MMD^2 term of a training step in one call.
 
     Args:
@@ -53,6 +54,14 @@ def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weigh
             training step whose observed cells are drawn afresh each step: pass its expectation
             over the draw).  No gradient flows through it, so y and y_weights must not require
             gradients; the gradients in x and x_weights are unchanged.
+        x_rows, group: the data-parallel form of a training step.  ``x_rows`` gives, per x
+            segment, the (start, end) rows whose sums this call computes (its queries; keys are
+            the whole segment): the values are then the contributions of those rows, and the
+            gradient in x is the full gradient on those rows and zero elsewhere.  ``group`` (a
+            ``torch.distributed`` process group) adds the sums up over its processes, so that when
+            their x_rows split every segment, each gets the full values, and the sum of their
+            gradients is the full gradient.  Needs y_self, y without gradient, and the torch or
+            triton backend.
 
     Returns:
         (total, per_term): sum_t term_weights[t] * MMD^2_t (scalar) and the (n_terms,) values, in the
@@ -78,6 +87,7 @@ def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weigh
     x_weights = check_weights("x_weights", x_weights, x.shape[0], x)
     y_weights = check_weights("y_weights", y_weights, y.shape[0], y)
     y_self = check_y_self(y_self, len(y_off) - 1, y, y_weights)
+    x_rows = check_x_rows(x_rows, x_off, x_weights, y, y_weights, y_self, group)
     if x.device.type == "meta":  # shape inference: no values to compute or check
         tie = (x.sum() + y.sum()) * 0
         return tie, tie.expand(len(tx)).clone()
@@ -88,10 +98,12 @@ def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weigh
         check_values(x, y, x_weights, y_weights, ((x_off, sorted(set(tx))), (y_off, sorted(set(ty)))), term_weights,
                      y_self)
     if backend == "reference":
+        if x_rows is not None:
+            raise ValueError("x_rows needs the torch or triton backend (the reference computes whole segments)")
         return laplace_mmd_grouped_reference(x, x_off, y, y_off, tx, ty, term_weights, sigma, x_weights, y_weights,
                                              y_self)
     return grouped_mmd(x, x_off, y, y_off, tx, ty, term_weights, sigma, x_weights, y_weights, _reducer(backend),
-                       y_self)
+                       y_self, x_rows, group)
 
 
 def laplace_mmd(x, y, sigma=1.0, x_weights=None, y_weights=None, backend="auto", check_finite=None):

@@ -25,6 +25,7 @@ import numbers
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from ..utils import check_same_dtype_device, check_tensor, count_nonfinite, first_order_only
 
@@ -133,6 +134,32 @@ def check_y_self(y_self, n_segments: int, y, y_weights):
     return y_self
 
 
+def check_x_rows(x_rows, x_off: list, x_weights, y, y_weights, y_self, group):
+    """The query rows of each x segment (``laplace_mmd_grouped``'s ``x_rows``): None, or one
+    (start, end) pair of host integers per x segment, inside it; with them the weights, y and
+    y_self as the data-parallel form needs.  Returns a tuple of pairs or None."""
+    if x_rows is None:
+        if group is not None:
+            raise ValueError("group sums the pair sums of every process's x_rows over the processes; give x_rows")
+        return None
+    try:
+        rows = tuple((int(a), int(b)) for a, b in x_rows)
+    except (TypeError, ValueError):
+        raise TypeError("x_rows must be one (start, end) pair of integers per x segment") from None
+    if len(rows) != len(x_off) - 1:
+        raise ValueError(f"x_rows must have one (start, end) pair per x segment ({len(x_off) - 1}); got {len(rows)}")
+    bad = [s for s, (a, b) in enumerate(rows) if not x_off[s] <= a <= b <= x_off[s + 1]]
+    if bad:
+        raise ValueError(f"x_rows of segment(s) {bad[:5]} are not inside the segment (x_offsets[s] <= start <= end "
+                         f"<= x_offsets[s + 1])")
+    grads = [n for n, t in (("x_weights", x_weights), ("y", y), ("y_weights", y_weights))
+             if t is not None and t.requires_grad]
+    if y_self is None or grads:
+        raise ValueError("x_rows computes the sums over x's query rows only: it needs y_self (the y-y means) and "
+                         f"no gradient in the weights or y{f' (given for {grads})' if grads else ''}")
+    return rows
+
+
 def check_values(x, y, x_weights, y_weights, segments, term_weights=None, y_self=None) -> None:
     """NaN/Inf, negative weights and zero-weight segments (one host synchronisation)."""
     tensors = {"x": x, "y": y}
@@ -233,10 +260,11 @@ class Plan:
 
 
 def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma=1.0, D=0, dtype=torch.float32,
-               term_weights=None, self_y=True) -> Plan:
+               term_weights=None, self_y=True, x_rows=None) -> Plan:
     """Which pair sums a grouped call computes, grouped into at most four launches.  Without
     ``self_y`` the S(Y, Y) sums are not computed (the caller gives the y-y means): ``term_yy``
-    then holds each term's y segment."""
+    then holds each term's y segment.  ``x_rows``: per x segment the (start, end) of the rows
+    that are queries of its S(X, X) and S(X, Y) (default: all of them)."""
     xs, ys = sorted(set(terms_x)), sorted(set(terms_y))
     pos_x = {s: i for i, s in enumerate(xs)}
     pos_y = {s: i for i, s in enumerate(ys)}
@@ -246,9 +274,10 @@ def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma=1.
     yx = Launch(1, 0, grad_y)
     n = 0
     sum_xx, sum_yy = {}, {}
+    q = (lambda s: x_rows[s]) if x_rows is not None else (lambda s: (x_off[s], x_off[s + 1]))  # noqa: E731
     for s in xs:
         a, b = x_off[s], x_off[s + 1]
-        xx.jobs.append((a, b, a, b)), xx.job_s.append(n), xx.job_grad_of.append(n), xx.job_factor.append(2.0)
+        xx.jobs.append((*q(s), a, b)), xx.job_s.append(n), xx.job_grad_of.append(n), xx.job_factor.append(2.0)
         sum_xx[s] = n
         n += 1
     for s in ys if self_y else ():
@@ -259,7 +288,7 @@ def build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma=1.
     term_xy = []
     for sx, sy in zip(terms_x, terms_y):
         xa, xb, ya, yb = x_off[sx], x_off[sx + 1], y_off[sy], y_off[sy + 1]
-        xy.jobs.append((xa, xb, ya, yb)), xy.job_s.append(n), xy.job_grad_of.append(n), xy.job_factor.append(1.0)
+        xy.jobs.append((*q(sx), ya, yb)), xy.job_s.append(n), xy.job_grad_of.append(n), xy.job_factor.append(1.0)
         if grad_y or grad_wy:
             yx.jobs.append((ya, yb, xa, xb)), yx.job_s.append(-1), yx.job_grad_of.append(n), yx.job_factor.append(1.0)
         term_xy.append(n)
@@ -276,11 +305,12 @@ PLAN_CACHE = 128  # plans (with everything derived from them) kept by ``cached_p
 @functools.lru_cache(maxsize=PLAN_CACHE)
 def cached_plan(x_off: tuple, y_off: tuple, terms_x: tuple, terms_y: tuple, grad_x: bool, grad_y: bool,
                 grad_wy: bool, sigma: float, D: int, dtype: torch.dtype, term_weights: tuple | None,
-                self_y: bool = True) -> Plan:
+                self_y: bool = True, x_rows: tuple | None = None) -> Plan:
     """``build_plan`` memoised on its (hashable) inputs: a training loop that repeats its call
     reuses one plan and what was derived from it.  Plans are never modified (but for the store
     of ``Plan.derived``)."""
-    return build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma, D, dtype, term_weights, self_y)
+    return build_plan(x_off, y_off, terms_x, terms_y, grad_x, grad_y, grad_wy, sigma, D, dtype, term_weights, self_y,
+                      x_rows)
 
 
 @dataclass
@@ -333,8 +363,9 @@ class PairSums(torch.autograd.Function):
     ``reduce_rows_*``)."""
 
     @staticmethod
-    def forward(ctx, x, y, wx, wy, plan: Plan, reducer):
-        """S: the plan's pair sums, one ``reducer`` call per launch; rows saved for backward."""
+    def forward(ctx, x, y, wx, wy, plan: Plan, reducer, group=None):
+        """S: the plan's pair sums, one ``reducer`` call per launch, summed over the processes of
+        ``group`` if one is given; rows saved for backward."""
         pts, wts = (x, y), (wx, wy)
         S = torch.zeros(plan.n_sums + 1, dtype=torch.float64, device=x.device)
         saved = []
@@ -343,6 +374,8 @@ class PairSums(torch.autograd.Function):
             r, G = reducer(Q, K, WK, plan, i)
             S.index_add_(0, lt.slot, (WQ[lt.point] * r).double())
             saved += [r, G]
+        if group is not None:  # each process summed its own query rows; dL/dS is the same for all
+            dist.all_reduce(S, group=group)
         ctx.plan = plan
         # Everything backward reads goes through save_for_backward, so that a second backward
         # (retain_graph=True) finds it again.
@@ -357,7 +390,7 @@ class PairSums(torch.autograd.Function):
         rows = [tuple(saved[i:i + 2]) for i in range(0, len(saved), 2)]
         with torch.no_grad():
             grads = PairSums._backward(ctx, gS, wx, wy, rows)
-        return (*first_order_only(SECOND_ORDER, grads, (x, y, wx, wy)), None, None)
+        return (*first_order_only(SECOND_ORDER, grads, (x, y, wx, wy)), None, None, None)
 
     @staticmethod
     def _backward(ctx, gS, wx, wy, rows):
@@ -381,20 +414,22 @@ class PairSums(torch.autograd.Function):
         return tuple(grads)
 
 
-def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, wy, reducer, y_self=None):
+def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, wy, reducer, y_self=None,
+                x_rows=None, group=None):
     """(sum_t w_t MMD^2_t, per-term MMD^2) through ``reducer`` (``PairSums``); inputs validated,
     ``term_weights`` as ``check_term_weights`` returns them; ``y_self``: the y-y kernel mean of
-    every y segment, used instead of computing S(Y, Y)."""
+    every y segment, used instead of computing S(Y, Y); ``x_rows`` and ``group``: the query
+    rows of each x segment, and the processes whose sums are added up."""
     wx = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if wx is None else wx
     wy = torch.ones(y.shape[0], dtype=y.dtype, device=y.device) if wy is None else wy
     # Weight gradients come from the row sums every launch computes, except those of y, which
     # need the S(Y, X) launch.
     plain = term_weights if isinstance(term_weights, tuple) else None
     plan = cached_plan(tuple(x_off), tuple(y_off), tuple(terms_x), tuple(terms_y), x.requires_grad,
-                       y.requires_grad, wy.requires_grad, sigma, x.shape[1], x.dtype, plain, y_self is None)
+                       y.requires_grad, wy.requires_grad, sigma, x.shape[1], x.dtype, plain, y_self is None, x_rows)
     if plain is not None:
         term_weights = plan.weights(x.device)
-    S = PairSums.apply(x, y, wx, wy, plan, reducer)
+    S = PairSums.apply(x, y, wx, wy, plan, reducer, group)
     t = plan.tensors(x.device)
 
     def seg_sums(w, a, b):

@@ -269,6 +269,17 @@ def data_parallel(batches, rounds: int) -> list:
     return rows
 
 
+def data_parallel_report(batches, rounds: int, json_path: str | None) -> None:
+    """``data_parallel``, its rows written to ``json_path`` (atomically) if given."""
+    rows = data_parallel(batches, rounds)
+    if json_path:
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"machine": f"{os.cpu_count()} cores, torch " + __import__("torch").__version__,
+                       "rounds": rounds, "rows": rows}, fh, indent=1)
+        os.replace(tmp, json_path)
+
+
 HEADER = (f"{'mode':>10} {'cells':>9} {'load s':>8} {'setup s':>8} {'steps/s':>8} {'/CPU s':>8} "
           f"{'peak RSS MB':>12} {'others':>7}")
 
@@ -347,14 +358,7 @@ def main(argv=None):
             print(json.dumps(row))
         return
     if a.data_parallel:
-        rows = data_parallel(a.batches, a.rounds)
-        if a.json:
-            tmp = a.json + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump({"machine": f"{os.cpu_count()} cores, torch " + __import__("torch").__version__,
-                           "rounds": a.rounds, "rows": rows}, fh, indent=1)
-            os.replace(tmp, a.json)
-        return
+        return data_parallel_report(a.batches, a.rounds, a.json)
     if a.one:
         print(json.dumps(one(a.one, a.mode, a.path)))
         return

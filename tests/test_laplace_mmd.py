@@ -106,11 +106,8 @@ def grouped_cases(draw):
                 y_grad=draw(st.booleans()))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
-@pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=scaled_examples(15))
-@given(case=grouped_cases())
-def test_grouped_equals_the_sum_of_single_calls(backend, dtype, case):
+def grouped_inputs(case, dtype):
+    """A grouped case's offsets, points and x weights (seeded by the case), and its generator."""
     rng = np.random.default_rng(case["seed"])
     D = case["D"]
     x_off = np.concatenate([[0], np.cumsum(case["x_sizes"])]).tolist()
@@ -118,6 +115,15 @@ def test_grouped_equals_the_sum_of_single_calls(backend, dtype, case):
     x = torch.tensor(rng.standard_normal((x_off[-1], D)), dtype=dtype, device=DEVICE)
     y = torch.tensor(rng.standard_normal((y_off[-1], D)) + 0.5, dtype=dtype, device=DEVICE)
     wx = torch.tensor(rng.uniform(0.1, 1.0, x_off[-1]), dtype=dtype, device=DEVICE)
+    return x_off, y_off, x, y, wx, rng
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=scaled_examples(15))
+@given(case=grouped_cases())
+def test_grouped_equals_the_sum_of_single_calls(backend, dtype, case):
+    x_off, y_off, x, y, wx, rng = grouped_inputs(case, dtype)
     tw = case["term_weights"]
 
     def run(be, a, b, w):
@@ -145,13 +151,7 @@ def test_given_self_terms_replace_the_yy_means_and_keep_the_gradients(backend, d
     # y_self stands in for each y segment's mean k(Y, Y): the values are the reference's with
     # that term swapped, and the gradients in x and its weights are those of the full computation
     # (the y-y term does not depend on x).  Tolerances as in test_grouped_equals_the_sum_of_single_calls.
-    rng = np.random.default_rng(case["seed"])
-    D = case["D"]
-    x_off = np.concatenate([[0], np.cumsum(case["x_sizes"])]).tolist()
-    y_off = np.concatenate([[0], np.cumsum(case["y_sizes"])]).tolist()
-    x = torch.tensor(rng.standard_normal((x_off[-1], D)), dtype=dtype, device=DEVICE)
-    y = torch.tensor(rng.standard_normal((y_off[-1], D)) + 0.5, dtype=dtype, device=DEVICE)
-    wx = torch.tensor(rng.uniform(0.1, 1.0, x_off[-1]), dtype=dtype, device=DEVICE)
+    x_off, y_off, x, y, wx, rng = grouped_inputs(case, dtype)
     y_self = torch.tensor(rng.uniform(0.0, 1.0, len(y_off) - 1), dtype=dtype, device=DEVICE)
     tw = case["term_weights"]
 
@@ -185,12 +185,7 @@ def test_query_rows_split_the_sums_and_the_gradient(backend, dtype, case, cut):
     # call's (the given y-y term counted once) and their x-gradients to its gradient, each zero
     # off its own rows: what two data-parallel processes compute (group= then adds the sums).
     # Tolerances as in test_grouped_equals_the_sum_of_single_calls.
-    rng = np.random.default_rng(case["seed"])
-    D = case["D"]
-    x_off = np.concatenate([[0], np.cumsum(case["x_sizes"])]).tolist()
-    y_off = np.concatenate([[0], np.cumsum(case["y_sizes"])]).tolist()
-    x = torch.tensor(rng.standard_normal((x_off[-1], D)), dtype=dtype, device=DEVICE)
-    y = torch.tensor(rng.standard_normal((y_off[-1], D)) + 0.5, dtype=dtype, device=DEVICE)
+    x_off, y_off, x, y, _, rng = grouped_inputs(case, dtype)
     y_self = torch.tensor(rng.uniform(0.0, 1.0, len(y_off) - 1), dtype=dtype, device=DEVICE)
     mid = [a + int(round(cut * (b - a))) for a, b in zip(x_off, x_off[1:])]
     parts = [[(a, m) for a, m in zip(x_off, mid)], [(m, b) for m, b in zip(mid, x_off[1:])], None]

@@ -83,7 +83,7 @@ def test_sample_is_mean_plus_cholesky_factor_times_eps(dtype, case):
     assert_rel_close(Y - X, want - X.double(), SAMPLE_RTOL[dtype], "Y - X", dim=-1)
 
 
-@pytest.mark.parametrize("D", [1, 3, 5])
+@pytest.mark.parametrize("D", [1, 3, 5, 8])  # D = 8: the torch path's batched GEMMs (above LANES_MATMUL_MAX_D)
 def test_covariance_matches_the_lyapunov_ode(D):
     A, _, dt, g, _ = make(dict(seed=D, B=2, T=2, D=D, kind="nonnormal", nu=4.0, shared=False), torch.float64)
     S = sde_covariance(A, dt, g)

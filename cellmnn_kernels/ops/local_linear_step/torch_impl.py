@@ -21,14 +21,8 @@ import math
 
 import torch
 
-from ..utils import first_order_only
+from ..utils import LANES_MAX_D, first_order_only
 from .common import FINISH, NU_MAX, SECOND_ORDER, empty_result, operator_norm1, taylor_params
-
-# Up to this D the pairs' matrix-vector products are broadcast multiply-and-sums with the cells in
-# the last (contiguous) dimension, above it batched GEMMs: for 1,800 cells x 4 times on one core
-# of a 2-core x86-64 CPU (AMD EPYC), a product costs 39 against 181 us at D = 3, 126 against 804 us
-# at D = 8, 565 against 709 us at D = 16 and 6.2 against 2.1 ms at D = 32.
-LANES_MAX_D = 16
 
 
 @torch.no_grad()

@@ -61,9 +61,8 @@ def train_in_processes(marginals, members: list, k: int, desc: str | None, embed
     parts = shares(members, k)
     threads = max(1, usable_cores() // len(parts))
     verbose = any(m.hp.verbose for m in members)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    # The workers import what this process imported: its module search path, in its order.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     tmp = tempfile.mkdtemp(prefix="cellmnn-workers-")
     procs = []
     try:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from cellmnn_kernels import laplace_mmd_grouped
-from cellmnn_kernels.ops.laplace_mmd.naive import laplace_kernel_dense
+from cellmnn_kernels.ops.laplace_mmd.naive import CLAMP, laplace_kernel_dense
 
 KINETIC = ("kept_times", "future", "grid")
 GRID_STEP = 0.1  # the "grid" kinetic form: decode points every 0.1 time units (the authors' older grid)
@@ -59,7 +59,7 @@ def expected_self_term(cells: torch.Tensor, draws: int, sigma: float) -> float:
     ``SELF_TERM_PAIRS`` pairs drawn at random (seeded; unbiased, standard error below 2e-3 for
     kernel values in (0, 1]).  Kernel values in the cells' dtype, summed in float64."""
     N, D = cells.shape
-    k0 = math.exp(-1e-8 / sigma)  # the kernel at distance 0 (the op clamps distances at 1e-8)
+    k0 = math.exp(-CLAMP / sigma)  # the kernel at distance 0 (the op clamps distances at CLAMP)
     if N <= SELF_TERM_CELLS:
         total = sum(float(laplace_kernel_dense(cells[i:i + 256], cells, sigma).sum(dtype=torch.float64))
                     for i in range(0, N, 256))
@@ -71,7 +71,7 @@ def expected_self_term(cells: torch.Tensor, draws: int, sigma: float) -> float:
         a, b, total = a.to(cells.device), b.to(cells.device), 0.0
         for k in range(0, SELF_TERM_PAIRS, 1 << 16):
             dist = (cells[a[k:k + (1 << 16)]] - cells[b[k:k + (1 << 16)]]).abs().sum(1) / D
-            total += float(torch.exp(-dist.clamp_min(1e-8) / sigma).sum(dtype=torch.float64))
+            total += float(torch.exp(-dist.clamp_min(CLAMP) / sigma).sum(dtype=torch.float64))
         pair_mean = k0 / N + (1 - 1 / N) * total / SELF_TERM_PAIRS
     return k0 / draws + (1 - 1 / draws) * pair_mean
 

@@ -40,14 +40,20 @@ def n_workers(n_jobs, n_units: int) -> int:
     return max(1, min(want, n_units))
 
 
+def units(members: list) -> list:
+    """Member indices grouped by model: the members of one joint model together, each other member
+    alone (the units that ``shares`` deals out)."""
+    out: dict = {}
+    for i, m in enumerate(members):
+        out.setdefault(("joint", m.joint) if m.joint is not None else ("member", i), []).append(i)
+    return list(out.values())
+
+
 def shares(members: list, k: int) -> list:
     """Member indices dealt into ``k`` shares of about equal work: members of one joint model stay
     together; largest models first, each to the share with least work so far (work: members x
     max_epochs); each share in the members' order."""
-    units: dict = {}
-    for i, m in enumerate(members):
-        units.setdefault(("joint", m.joint) if m.joint is not None else ("member", i), []).append(i)
-    order = sorted(units.values(), key=lambda u: -len(u) * members[u[0]].hp.max_epochs)
+    order = sorted(units(members), key=lambda u: -len(u) * members[u[0]].hp.max_epochs)
     out, load = [[] for _ in range(k)], [0] * k
     for u in order:
         j = load.index(min(load))

@@ -124,8 +124,7 @@ def _workers(members: list, checkpoint, n_jobs) -> int:
         raise ValueError(f"n_jobs={n_jobs}: a checkpoint covers one process; use n_jobs=1 with checkpoint")
     if checkpoint is not None or world()[1] > 1 or resolve_device(members[0].hp.device).type != "cpu":
         return 1
-    return parallel.n_workers(n_jobs, len({("joint", m.joint) if m.joint is not None else ("member", i)
-                                           for i, m in enumerate(members)}))
+    return parallel.n_workers(n_jobs, len(parallel.units(members)))
 
 
 class Trainer:

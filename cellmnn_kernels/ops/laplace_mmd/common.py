@@ -134,10 +134,11 @@ def check_y_self(y_self, n_segments: int, y, y_weights):
     return y_self
 
 
-def check_x_rows(x_rows, x_off: list, x_weights, y, y_weights, y_self, group):
+def check_x_rows(x_rows, x_off: list, x_weights, y_self, group):
     """The query rows of each x segment (``laplace_mmd_grouped``'s ``x_rows``): None, or one
-    (start, end) pair of host integers per x segment, inside it; with them the weights, y and
-    y_self as the data-parallel form needs.  Returns a tuple of pairs or None."""
+    (start, end) pair of host integers per x segment, inside it; with them y_self (checked by
+    ``check_y_self``, which keeps y and its weights constant) and constant x weights.  Returns a
+    tuple of pairs or None."""
     if x_rows is None:
         if group is not None:
             raise ValueError("group sums the pair sums of every process's x_rows over the processes; give x_rows")
@@ -152,11 +153,9 @@ def check_x_rows(x_rows, x_off: list, x_weights, y, y_weights, y_self, group):
     if bad:
         raise ValueError(f"x_rows of segment(s) {bad[:5]} are not inside the segment (x_offsets[s] <= start <= end "
                          f"<= x_offsets[s + 1])")
-    grads = [n for n, t in (("x_weights", x_weights), ("y", y), ("y_weights", y_weights))
-             if t is not None and t.requires_grad]
-    if y_self is None or grads:
+    if y_self is None or (x_weights is not None and x_weights.requires_grad):
         raise ValueError("x_rows computes the sums over x's query rows only: it needs y_self (the y-y means) and "
-                         f"no gradient in the weights or y{f' (given for {grads})' if grads else ''}")
+                         "x_weights without gradient")
     return rows
 
 

@@ -20,8 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cellmnn_kernels import local_linear_sde_step, local_linear_step, sde_covariance
-from cellmnn_kernels.ops.local_linear_sde import psd_cholesky, sde_covariance_reference
+from cellmnn_kernels.ops.local_linear_sde import psd_cholesky, sde_covariance_reference, sde_noise
 from cellmnn_kernels.ops.local_linear_sde.common import guarded_cholesky
+from cellmnn_kernels.ops.local_linear_sde.torch_impl import LANES_MATMUL_MAX_D, cholesky_lanes
 from cellmnn_kernels.testing import KINDS, assert_rel_close, build_inputs
 
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
@@ -30,14 +31,15 @@ DTYPES = [torch.float32, torch.float64]
 
 
 @st.composite
-def cases(draw, max_nu=6.0):
+def cases(draw, max_nu=6.0, max_d=6, signs=("pos",)):
     return dict(seed=draw(st.integers(0, 2**32 - 1)), B=draw(st.integers(1, 4)), T=draw(st.integers(1, 4)),
-                D=draw(st.integers(1, 6)), kind=draw(st.sampled_from(KINDS)), nu=draw(st.floats(0.0, max_nu)),
-                shared=draw(st.booleans()))
+                D=draw(st.integers(1, max_d)), kind=draw(st.sampled_from(KINDS)), nu=draw(st.floats(0.0, max_nu)),
+                shared=draw(st.booleans()), sign=draw(st.sampled_from(signs)))
 
 
 def make(case, dtype):
-    A, x0, dt = build_inputs(case["seed"], case["B"], case["T"], case["D"], case["kind"], case["nu"], "pos", dtype)
+    A, x0, dt = build_inputs(case["seed"], case["B"], case["T"], case["D"], case["kind"], case["nu"],
+                             case.get("sign", "pos"), dtype)
     rng = np.random.default_rng(case["seed"] + 1)
     shape = (case["D"],) if case["shared"] else (case["B"], case["D"])
     g = torch.tensor(rng.uniform(0.2, 1.0, shape), dtype=dtype)
@@ -188,8 +190,95 @@ def test_float32_gradients_match_float64_oracle(case):
         torch.autograd.backward([Y, S], [gY.to(dtype), gS.to(dtype)])
         return [t.grad for t in ins]
 
-    for name, got, want in zip(("A", "g", "dt"), run(torch.float32, False), run(torch.float64, True)):
-        assert_rel_close(got, want, 1e-3, f"d{name}")
+    got, want = run(torch.float32, False), run(torch.float64, True)
+    assert_rel_close(got[0], want[0], 1e-3, "dA")
+    assert_rel_close(got[1], want[1], 1e-3, "dg")
+    assert_rel_close(got[2], want[2], 1e-3, "ddt", floor=dt_cancellation_floor(A, dt, g, eps, gS, gY, 1e-3))
+
+
+def dt_cancellation_floor(A, dt, g, eps, gS, gY, rtol, dtype=torch.float32):
+    """The dt gradient is dS/ddt = A S + S A^T + Q (Lyapunov) contracted with the upstream gradients, and
+    for a strongly decaying A that sum is exponentially smaller than its terms: a dtype of unit roundoff
+    u cannot do better than about u (2 ||A|| ||S|| + ||Q||) per pair, times the upstream weights of S and
+    of L eps (through the Cholesky factor, 1 / (2 sqrt(lambda_min(S))) per unit of S).  Returned as the
+    floor of assert_rel_close that allows 8 such roundings per pair with dt > 0, summed."""
+    A, g = A.double(), g.double()
+    S = sde_covariance_reference(A, dt.double().clamp_min(1e-3), g)
+    Ac = A.flatten(1).norm(dim=-1)[:, None]
+    Q = (g**2).sum(-1) if g.dim() == 1 else (g**2).sum(-1)[:, None]
+    lam = torch.linalg.eigvalsh(S)[..., 0].clamp_min(1e-300)
+    weight = gS.flatten(-2).norm(dim=-1) + gY.norm(dim=-1) * eps.double().norm(dim=-1) / (2 * lam.sqrt())
+    u = torch.finfo(dtype).eps / 2
+    per_pair = (2 * Ac * S.flatten(-2).norm(dim=-1) + Q) * weight
+    return float(8 * u / rtol * torch.where(dt > 0, per_pair, 0.0).sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@given(case=cases(max_d=LANES_MATMUL_MAX_D + 2, signs=("pos", "mixed")))
+def test_torch_backend_noise_and_gradients_on_mixed_directions_of_time(dtype, case):
+    """Both torch forms (lanes up to D = 6 with the analytic backward, GEMMs above) against the float64
+    oracle, with offsets of both signs and exactly 0: S and the noise L eps are 0 where dt <= 0 and
+    match elsewhere (tolerances as above); gradients in A, g and dt (where dt != 0: the reference's
+    clamp takes the right derivative at 0, the op the left one) at 1e-3 in float32 and 1e-9 in float64,
+    dt's above the floor its cancellation sets (dt_cancellation_floor)."""
+    A, x0, dt, g, eps = make(case, dtype)
+    gen = torch.Generator().manual_seed(case["seed"] % 1000)
+    gS = torch.randn(dt.shape + (case["D"], case["D"]), generator=gen, dtype=torch.float64)
+    gN = torch.randn(dt.shape + (case["D"],), generator=gen, dtype=torch.float64)
+
+    def run(to, backend):
+        ins = [t.detach().to(to).requires_grad_() for t in (A, g, dt)]
+        S = sde_covariance(ins[0], ins[2], ins[1], backend=backend)
+        N = sde_noise(ins[0], ins[2], ins[1], eps.to(ins[0].dtype), backend=backend)
+        torch.autograd.backward([S, N], [gS.to(S.dtype), gN.to(S.dtype)])
+        return S, N, [t.grad for t in ins]
+
+    S, N, got = run(dtype, "torch")
+    Sr, Nr, want = run(torch.float64, "reference")
+    back = dt <= 0
+    assert not S[back].any() and not N[back].any()
+    assert_rel_close(S, Sr, RTOL[dtype], "S", dim=(-2, -1))
+    assert_rel_close(N, Nr, SAMPLE_RTOL[dtype], "L eps", dim=-1)
+    want[2] = torch.where(dt == 0, 0.0, want[2])
+    rtol = 1e-3 if dtype == torch.float32 else 1e-9
+    assert_rel_close(got[0], want[0], rtol, "dA")
+    assert_rel_close(got[1], want[1], rtol, "dg")
+    floor = dt_cancellation_floor(A, dt, g, eps, gS, gN, rtol, dtype)
+    assert_rel_close(got[2], want[2], rtol, "ddt", floor=floor)
+
+
+def test_lanes_backend_refuses_a_second_derivative_and_the_reference_gives_it():
+    A, x0, dt, g, eps = make(dict(seed=4, B=2, T=3, D=3, kind="random", nu=2.0, shared=False), torch.float64)
+    for backend in ("torch", "reference"):
+        Ar = A.clone().requires_grad_()
+        (dA,) = torch.autograd.grad(sde_covariance(Ar, dt, g, backend=backend).square().sum(), Ar, create_graph=True)
+        if backend == "torch":
+            with pytest.raises(RuntimeError, match="first derivatives only.*backend='reference'"):
+                dA.sum().backward()
+        else:
+            dA.sum().backward()
+            assert torch.isfinite(Ar.grad).all() and Ar.grad.abs().sum() > 0
+
+
+def test_not_a_number_propagates_with_the_checks_off():
+    A, x0, dt, g, eps = make(dict(seed=6, B=3, T=2, D=3, kind="random", nu=2.0, shared=False), torch.float32)
+    dt[1, 0] = float("nan")
+    X, V, Y, S = local_linear_sde_step(A, x0, dt, g, eps, return_cov=True, check_finite=False)
+    N = sde_noise(A, dt, g, eps)
+    assert torch.isnan(S[1, 0]).all() and torch.isnan(N[1, 0]).all()
+    assert torch.isfinite(S[0]).all() and torch.isfinite(N[0]).all()
+
+
+def test_cholesky_lanes_is_the_guarded_factor():
+    M = torch.randn(6, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    S = M @ M.transpose(1, 2) + 0.05 * torch.eye(4, dtype=torch.float64)
+    S[1] = 0.0
+    v = M[2, :, :1]
+    S[2] = v @ v.T  # rank one
+    S[3, 3, :], S[3, :, 3] = 0.0, 0.0  # a zero row and column
+    L = cholesky_lanes(S.permute(1, 2, 0)).permute(2, 0, 1)
+    assert torch.allclose(L, guarded_cholesky(S), rtol=0, atol=1e-14)  # the same factor, up to summation order
+    assert torch.allclose(L @ L.transpose(1, 2), S, atol=1e-12) and not L[1].any()
 
 
 @pytest.mark.parametrize("bad, err, match", [

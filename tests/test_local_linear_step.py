@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from cellmnn_kernels import local_linear_step
 from cellmnn_kernels.ops.local_linear_step import local_linear_step_reference, resolve_backend
 from cellmnn_kernels.ops.local_linear_step.common import NU_MAX
-from cellmnn_kernels.ops.utils import HAS_TRITON
+from cellmnn_kernels.ops.utils import HAS_TRITON, expm_reference
 from cellmnn_kernels.testing import DEVICE, KINDS, backend_param, scaled_examples
 from cellmnn_kernels.testing import build_inputs as _build_inputs
 
@@ -198,6 +198,23 @@ def test_zero_time_and_zero_operator_return_x0(backend, dtype):
     X, V = local_linear_step(torch.zeros_like(A), x0, dt, backend=backend)
     assert torch.equal(X, x0[:, None, :].expand_as(X))
     assert torch.equal(V, torch.zeros_like(V))
+
+
+def test_the_oracles_exponential_is_exact_where_matrix_exp_is_not():
+    """expm_reference against closed forms across 1-norms 1e-4 .. 30, including 0.01 - 0.06 where
+    torch.linalg.matrix_exp's degree-8 branch is off (pytorch issue 196592): a rotation (cos, sin) and
+    the affine block [[a, b], [0, 0]] (exp(a) and b (exp(a) - 1) / a); float64 to 8 roundings of the
+    largest entry (8.9e-16), 1e-14 above norm 4, where up to 6 squarings compound them."""
+    for t in np.geomspace(1e-4, 30, 41):
+        rot = torch.tensor([[0.0, -t], [t, 0.0]], dtype=torch.float64)
+        want = torch.tensor([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]], dtype=torch.float64)
+        aff = torch.tensor([[-0.7 * t, 0.4 * t], [0.0, 0.0]], dtype=torch.float64)
+        a, b = -0.7 * t, 0.4 * t
+        want_aff = torch.tensor([[np.exp(a), b * np.expm1(a) / a], [0.0, 1.0]], dtype=torch.float64)
+        tol = 8 * 2.0**-53 if t < 4 else 1e-14
+        for M, W in ((rot, want), (aff, want_aff)):
+            got = expm_reference(M[None])[0]
+            assert float((got - W).abs().max()) <= tol * float(W.abs().max()), (t, got, W)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])

@@ -15,10 +15,10 @@ from ..local_linear_step.common import check_overflow, empty_result
 from ..utils import resolve_backend
 from .common import check_sde_values, psd_cholesky, validate_sde_inputs
 from .naive import local_linear_sde_step_reference, sde_covariance_reference
-from .torch_impl import sde_covariance_torch
+from .torch_impl import sde_covariance_torch, sde_noise_torch
 
-__all__ = ["local_linear_sde_step", "sde_covariance", "local_linear_sde_step_reference", "sde_covariance_reference",
-           "psd_cholesky", "BACKENDS"]
+__all__ = ["local_linear_sde_step", "sde_covariance", "sde_noise", "local_linear_sde_step_reference",
+           "sde_covariance_reference", "psd_cholesky", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 MAX_TRITON_D = 16  # triton_impl.MAX_D
@@ -34,14 +34,29 @@ def _triton_impl():
 
 def sde_covariance(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """S (B, T, D, D), the covariance of ``local_linear_sde_step`` (0 where dt <= 0); differentiable in A,
-    dt and g.  backend "auto" (triton for CUDA tensors with D <= 16, torch otherwise), "triton"
-    (Taylor and doubling in one kernel launch; first derivatives only), "torch" (the same scheme in
-    batched GEMMs) or "reference" (Van Loan, dense)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    backend = resolve_backend(backend, A.device, A.shape[-1], MAX_TRITON_D, "A")
+    dt and g (the derivative in dt at dt = 0 is taken from the left: 0).  backend "auto" (triton for
+    CUDA tensors with D <= 16, torch otherwise), "triton" (Taylor and doubling in one kernel
+    launch; first derivatives only), "torch" (the same scheme with per-cell Taylor terms; first
+    derivatives only for D <= 6) or "reference" (Van Loan, dense; second derivatives too)."""
+    backend = _backend(backend, A)
     impl = {"reference": sde_covariance_reference, "torch": sde_covariance_torch}.get(backend)
     return (impl or _triton_impl())(A, dt, g)
+
+
+def sde_noise(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, eps: torch.Tensor, backend: str = "auto"):
+    """L eps (B, T, D), L L^T = ``sde_covariance(A, dt, g)`` (``psd_cholesky``'s factor), for
+    standard-normal eps (B, T, D): the noise of the step's sample; 0 where dt <= 0.  The torch
+    backend computes only the pairs with dt > 0 and never forms the (B, T, D, D) covariance."""
+    backend = _backend(backend, A)
+    if backend == "torch":
+        return sde_noise_torch(A, dt, g, eps)
+    return (psd_cholesky(sde_covariance(A, dt, g, backend=backend)) @ eps[..., None])[..., 0]
+
+
+def _backend(backend: str, A: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    return resolve_backend(backend, A.device, A.shape[-1], MAX_TRITON_D, "A")
 
 
 def local_linear_sde_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, g: torch.Tensor,
@@ -76,8 +91,13 @@ def local_linear_sde_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, g
         Y = None if eps is None else X + 0 * eps
     else:
         X, V = local_linear_step(A, x0, dt, backend=step_backend, check_finite=False)
-        S = sde_covariance(A, dt, g, backend=backend)
-        Y = None if eps is None else X + (psd_cholesky(S) @ eps[..., None])[..., 0]
+        S = sde_covariance(A, dt, g, backend=backend) if return_cov else None
+        if eps is None:
+            Y = None
+        elif S is None:
+            Y = X + sde_noise(A, dt, g, eps, backend=backend)
+        else:
+            Y = X + (psd_cholesky(S) @ eps[..., None])[..., 0]
         if check_finite:
             check_overflow(X, V)
     return (X, V, Y, S) if return_cov else (X, V, Y)

@@ -81,7 +81,7 @@ def guarded_cholesky(S: torch.Tensor) -> torch.Tensor:
             Lp = torch.stack(cols, -1)  # (..., D, j)
             r = r - (Lp * Lp[..., j:j + 1, :]).sum(-1)
         d = r[..., j]
-        ok = d > tol
+        ok = ~(d <= tol)  # NaN stays NaN
         root = torch.sqrt(torch.where(ok, d, torch.ones_like(d)))
         c = torch.where(ok[..., None] & (rows >= j), r / root[..., None], torch.zeros_like(r))
         cols.append(c)

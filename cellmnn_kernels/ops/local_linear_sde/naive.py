@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..local_linear_step.naive import local_linear_step_reference
+from ..utils import expm_reference
 from .common import psd_cholesky
 
 
@@ -21,7 +22,7 @@ def sde_covariance_reference(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor)
     bottom = torch.cat([torch.zeros_like(A), A.transpose(1, 2)], -1)
     M = torch.cat([top, bottom], -2)  # (B, 2D, 2D)
     tau = dt.clamp_min(0)
-    F = torch.linalg.matrix_exp((tau[:, :, None, None] * M[:, None]).contiguous())
+    F = expm_reference(tau[:, :, None, None] * M[:, None])
     S = F[..., D:, D:].transpose(-1, -2) @ F[..., :D, D:]
     S = 0.5 * (S + S.transpose(-1, -2))
     return S.reshape(B, T, D, D)

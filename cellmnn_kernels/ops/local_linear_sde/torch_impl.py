@@ -1,8 +1,16 @@
-"""Pure-PyTorch covariance of ``local_linear_sde_step``: Taylor series and doublings (``common.py``),
-in batched GEMMs over pairs, differentiable by autograd.
+"""Pure-PyTorch covariance of ``local_linear_sde_step`` (Taylor series and doublings, ``common.py``)
+and the sample's noise L eps.
 
-Cost per pair O((m + s) D^3) with s = ceil(log2(||dt A||_1 / theta)) doublings (one s for the call,
-the largest any pair needs: a smaller step than needed costs doublings, never accuracy).
+Only pairs with dt > 0 are computed: noise acts forward in time, every other pair's S is 0 (in
+training about two pairs in three decode backwards or to the cell's own time).
+
+For D <= ``LANES_MATMUL_MAX_D`` the Taylor terms are formed once per cell, not per pair:
+K_n = L^n(Q) / (n+1)! and A^n / n! (n <= m), so that a pair's S(h) = sum_n h^(n+1) K_n and
+E(h) = sum_n h^n A^n / n! are Horner sums in its own h, O(m D^2); only the s doublings cost O(D^3)
+per pair.  Matrices are (D, D, N) with the cells or pairs last and every product a broadcast
+multiply-and-sum; the backward is analytic (first derivatives): the doublings reversed from saved
+states, the Horner sums' adjoints summed per cell, then the chains reversed once per cell.
+Above that D, per-pair Taylor terms in batched GEMMs, differentiated by autograd.
 """
 from __future__ import annotations
 
@@ -10,53 +18,264 @@ import math
 
 import torch
 
-from .common import TAYLOR
+from ..utils import first_order_only
+from .common import TAYLOR, guarded_cholesky
 
-# Up to this D the pairs' matrix-matrix products are broadcast multiply-and-sums with the pairs
-# last ((D, D, D, pairs) scratch), above it batched GEMMs.  Covariance forward+backward on one core
-# of a 2-core x86-64 CPU (AMD EPYC), 200 cells x 5 times: 6.4 -> 2.9 ms at D = 3, 21.2 -> 9.2 ms
-# at D = 5, 31.6 -> 17.1 ms at D = 6, but 49.8 -> 73.2 ms at D = 7 and 36 -> 65 ms at D = 10.
+# Up to this D the lanes form (above); beyond it batched GEMMs.  Covariance forward+backward on one
+# core of a 2-core x86-64 CPU (AMD EPYC), 200 cells x 5 times, per-pair Taylor terms in both forms:
+# 6.4 -> 2.9 ms at D = 3, 21.2 -> 9.2 ms at D = 5, 31.6 -> 17.1 ms at D = 6, but 49.8 -> 73.2 ms at
+# D = 7 and 36 -> 65 ms at D = 10.
 LANES_MATMUL_MAX_D = 6
+
+# dtype -> (theta, m) of the lanes form, where the Taylor terms are per cell and a higher degree
+# costs little: ||h A||_1 <= theta, so ||h L||_1 <= 2 theta and the first omitted term of S is at
+# most (2 theta)^(m+1) / (m+2)! ||h Q||:  float32: 2^14 / 15! = 1.3e-8 <= 2^-24 (E: 1 / 14! * e^2
+# = 8.5e-11); float64 as ``TAYLOR``.  theta = 1 rather than 0.5 saves one doubling per pair; the
+# terms then reach at most e^2 times the result (a strongly decaying A), an error of a few units
+# of float32 roundoff.
+LANES_TAYLOR = {torch.float32: (1.0, 13), torch.float64: TAYLOR[torch.float64]}
+SECOND_ORDER = ("sde_covariance: the torch backend has first derivatives only for D <= 6 and the triton backend "
+                "for every D; use backend='reference' for second derivatives (e.g. create_graph=True)")
+
+
+def _mm(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """X Y for matrices (..., D, D, N) with the batch last (leading dimensions broadcast)."""
+    return (X.unsqueeze(-2) * Y.unsqueeze(-4)).sum(-3)
+
+
+def _tr(X: torch.Tensor) -> torch.Tensor:
+    """X^T for (..., D, D, N)."""
+    return X.transpose(-3, -2)
+
+
+def taylor_params(dtype: torch.dtype, D: int) -> tuple[float, int]:
+    """(theta, m) of the torch path: ``LANES_TAYLOR`` for D <= ``LANES_MATMUL_MAX_D``, else ``TAYLOR``."""
+    return (LANES_TAYLOR if D <= LANES_MATMUL_MAX_D else TAYLOR)[dtype]
+
+
+def forward_pairs(A: torch.Tensor, dt: torch.Tensor):
+    """The pairs that carry noise and their scaled steps (one host synchronisation).
+
+    Returns the flat (cell, time) index (P,) of the pairs with dt > 0 (or not a number, so that NaN
+    propagates), h = dt / 2^s (P,) (differentiable in dt) and s: the smallest number of doublings
+    with ||h A||_1 <= theta for every pair (0 where the inputs are not finite)."""
+    theta, _ = taylor_params(A.dtype, A.shape[-1])
+    with torch.no_grad():
+        idx = (~(dt <= 0)).reshape(-1).nonzero()[:, 0]
+        nu = float((dt.clamp_min(0).amax(1) * A.abs().sum(1).amax(1)).max()) if idx.numel() else 0.0
+    s = math.ceil(math.log2(nu / theta)) if math.isfinite(nu) and nu > theta else 0
+    return idx, dt.reshape(-1).index_select(0, idx) / 2.0 ** s, s
+
+
+def _tie(*tensors: torch.Tensor) -> torch.Tensor:
+    """An exact 0 that depends on every input (an empty sum): an all-zero result stays differentiable."""
+    return sum(t.reshape(-1)[:0].sum() for t in tensors)
 
 
 def sde_covariance_torch(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """S (B, T, D, D): covariance of x(dt) given x(0) under dx = A x ds + diag(g) dW; 0 for dt <= 0.
 
-    A (B, D, D), dt (B, T), g (B, D) or (D,).  For D <= ``LANES_MATMUL_MAX_D`` the pairs' matrices are
-    (D, D, B T) with the pairs last and every product a broadcast multiply-and-sum; above, batched
-    GEMMs over (B T, D, D)."""
+    A (B, D, D), dt (B, T), g (B, D) or (D,); differentiable in A, dt and g (first derivatives for
+    D <= ``LANES_MATMUL_MAX_D``, by autograd above)."""
     B, D, _ = A.shape
     T = dt.shape[1]
-    theta, m = TAYLOR[A.dtype]
-    tau = dt.clamp_min(0)
-    with torch.no_grad():
-        nu = float((tau.amax(1) * A.abs().sum(1).amax(1)).max()) if B and T else 0.0
-    s = max(0, math.ceil(math.log2(nu / theta))) if nu > theta else 0
-    h = (tau / 2.0 ** s).reshape(B * T)
-    q = (g.expand(B, D) ** 2)[:, None].expand(B, T, D).reshape(B * T, D)
-    eye = torch.eye(D, dtype=A.dtype, device=A.device)
-    lanes = D <= LANES_MATMUL_MAX_D
-    if lanes:
-        Z = h * A.permute(1, 2, 0)[..., None].expand(D, D, B, T).reshape(D, D, B * T)
-        mm = lambda X, Y: (X[:, :, None, :] * Y[None]).sum(1)  # noqa: E731
-        tr = lambda X: X.transpose(0, 1)  # noqa: E731
-        eye = eye[:, :, None]
-        term = eye * (q.t() * h)[None]  # T_0 = h Q
-    else:
-        Z = h[:, None, None] * A[:, None].expand(B, T, D, D).reshape(B * T, D, D)
-        mm, tr = torch.matmul, (lambda X: X.transpose(1, 2))
-        term = torch.diag_embed(q) * h[:, None, None]
-    S = term
-    E, P = eye + Z, Z
+    idx, h, s = forward_pairs(A, dt)
+    out = A.new_zeros(B * T, D, D) + _tie(A, dt, g)
+    if idx.numel():
+        out = out.index_copy(0, idx, _pair_covariance(A, g, idx, T, h, s))
+    return out.reshape(B, T, D, D)
+
+
+def sde_noise_torch(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """L eps (B, T, D) with L L^T = S the covariance of ``sde_covariance_torch`` (the guarded
+    Cholesky factor, ``common.guarded_cholesky``); 0 for dt <= 0.  eps (B, T, D)."""
+    B, D, _ = A.shape
+    T = dt.shape[1]
+    idx, h, s = forward_pairs(A, dt)
+    out = A.new_zeros(B * T, D) + _tie(A, dt, g, eps)
+    if idx.numel():
+        S = _pair_covariance(A, g, idx, T, h, s)
+        e = eps.reshape(B * T, D).index_select(0, idx)
+        if D <= LANES_MATMUL_MAX_D:
+            L = cholesky_lanes(S.permute(1, 2, 0))  # (D, D, P)
+            noise = (L * e.t()[None]).sum(1).t()
+        else:
+            noise = (guarded_cholesky(S) @ e[..., None])[..., 0]
+        out = out.index_copy(0, idx, noise)
+    return out.reshape(B, T, D)
+
+
+def _pair_covariance(A, g, idx, T, h, s):
+    """S (P, D, D) of the pairs idx (flat (cell, time) indices, steps h) after s doublings."""
+    B, D, _ = A.shape
+    _, m = taylor_params(A.dtype, D)
+    q = g.expand(B, D) ** 2
+    if D <= LANES_MATMUL_MAX_D:
+        return _CovarianceLanes.apply(A, q.t(), h, idx, T, s, m).permute(2, 0, 1)
+    cell = torch.div(idx, T, rounding_mode="floor")
+    return _covariance_gemm(A.index_select(0, cell), q.index_select(0, cell), h, s, m)
+
+
+def _covariance_gemm(A, q, h, s, m):
+    """S (P, D, D) for per-pair A (P, D, D), q (P, D), h (P,): Taylor terms per pair in batched GEMMs
+    (autograd)."""
+    Z = h[:, None, None] * A
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    term = torch.diag_embed(q) * h[:, None, None]  # T_0 = h Q
+    S, E, P = term, eye + Z, Z
     for n in range(1, m + 1):
-        M = mm(Z, term)
-        term = (M + tr(M)) / (n + 1)  # T_n = h^(n+1) / (n+1)! L^n(Q), symmetric
+        M = Z @ term
+        term = (M + M.transpose(1, 2)) / (n + 1)  # T_n = h^(n+1) / (n+1)! L^n(Q), symmetric
         S = S + term
         if n < m:
-            P = mm(P, Z) / (n + 1)  # Z^(n+1) / (n+1)!
+            P = P @ Z / (n + 1)  # Z^(n+1) / (n+1)!
             E = E + P
     for _ in range(s):
-        S = S + mm(mm(E, S), tr(E))
-        E = mm(E, E)
-    S = 0.5 * (S + tr(S))
-    return (S.permute(2, 0, 1) if lanes else S).reshape(B, T, D, D)
+        S = S + E @ S @ E.transpose(1, 2)
+        E = E @ E
+    return 0.5 * (S + S.transpose(1, 2))
+
+
+def _chain(Al: torch.Tensor, q: torch.Tensor, m: int):
+    """Per cell C[n] = (K_n, A^n / n!) for n <= m, (m + 1, 2, D, D, B): K_0 = diag(q),
+    K_n = (A K_{n-1} + K_{n-1} A^T) / (n + 1) = L^n(Q) / (n+1)!; and the scaled operators
+    As[n - 1] = (A / (n + 1), A / n) (m, 2, D, D, B) that step the two chains.  Al (D, D, B), q (D, B)."""
+    D, _, B = Al.shape
+    n = torch.arange(1, m + 1, dtype=Al.dtype, device=Al.device)
+    As = torch.stack([1 / (n + 1), 1 / n], 1)[:, :, None, None, None] * Al
+    C = Al.new_empty(m + 1, 2, D, D, B)
+    eye = torch.eye(D, dtype=Al.dtype, device=Al.device)[:, :, None]
+    torch.mul(eye, q[None], out=C[0, 0])
+    C[0, 1] = eye
+    work = Al.new_empty(2, D, D, D, B)
+    for k in range(1, m + 1):
+        torch.mul(As[k - 1].unsqueeze(-2), C[k - 1].unsqueeze(-4), out=work)  # (A K / (k+1), A P / k)
+        torch.sum(work[1], -3, out=C[k, 1])
+        M = work[0].sum(-3)
+        torch.add(M, _tr(M), out=C[k, 0])
+    return C, As
+
+
+def _chain_backward(As: torch.Tensor, C: torch.Tensor, Cb: torch.Tensor):
+    """Adjoint of ``_chain``: (dAl (D, D, B), dq (D, B)) from Cb, the adjoint of every C[n]."""
+    m = As.shape[0]
+    dAs = torch.empty_like(As)
+    Mb = torch.empty_like(Cb[0])
+    work = C.new_empty(Mb.shape[:-1] + Mb.shape[-2:])  # (2, D, D, D, B)
+    G = Cb[m]
+    for k in range(m, 0, -1):
+        torch.add(G[0], _tr(G[0]), out=Mb[0])  # adjoint of M = As[k-1] C[k-1] (C[k, 0] = M_K + M_K^T)
+        Mb[1].copy_(G[1])
+        torch.mul(Mb.unsqueeze(-3), C[k - 1].unsqueeze(-4), out=work)  # Mb C[k-1]^T: [i, l, j] products
+        torch.sum(work, -2, out=dAs[k - 1])
+        G = Cb[k - 1] + _mtm(As[k - 1], Mb)
+    n = torch.arange(1, m + 1, dtype=As.dtype, device=As.device)
+    w = torch.stack([1 / (n + 1), 1 / n], 1)[:, :, None, None, None]
+    return (w * dAs).sum((0, 1)), torch.diagonal(G[0], dim1=0, dim2=1).t()
+
+
+def _mtm(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """X^T Y for (..., D, D, N): sum_k X[k, i] Y[k, j]."""
+    return (X.unsqueeze(-2) * Y.unsqueeze(-3)).sum(-4)
+
+
+class _CovarianceLanes(torch.autograd.Function):
+    """S (D, D, P) of the pairs idx (flat (cell, time) indices, steps h) from per-cell chains, with an
+    analytic backward.
+
+    Forward: C = ``_chain``; H = sum_n h^n C[n] by Horner for every (cell, time) (the pairs that
+    carry no noise have h = 0), S_0 = h H_K, E_0 = H_E; s doublings S <- S + E S E^T, E <- E E (the
+    last E is not needed); output (S + S^T) / 2.  Backward: the doublings in reverse,
+    Sb <- Sb + E^T Sb E and Eb <- 2 Sb E S + Eb E^T + E^T Eb (Sb and S symmetric); then
+    Cb[n] = sum over a cell's pairs of h^n Hb and dh = <Sb_0, H_K> + sum_n n h^(n-1) <C[n], Hb>
+    (two batched products per cell); then ``_chain_backward``."""
+
+    @staticmethod
+    def forward(ctx, A, q, h, idx, T, s, m):
+        """A (B, D, D), q = g^2 (D, B), h (P,), idx (P,) -> S (D, D, P)."""
+        B, D, _ = A.shape
+        Al = A.permute(1, 2, 0).contiguous()
+        C, As = _chain(Al, q, m)
+        C = C.view(m + 1, 2 * D * D, B)
+        col = _column(idx, T, B)
+        hd = h.new_zeros(T * B).index_copy_(0, col, h).view(T, B)  # (time, cell): cells last
+        H = C[m, :, None].expand(2 * D * D, T, B)
+        for n in range(m - 1, -1, -1):
+            H = torch.addcmul(C[n, :, None], H, hd)
+        H = H.reshape(2, D, D, T * B).index_select(3, col)
+        S, E = H[0] * h, H[1]
+        states = []
+        for i in range(s):
+            states += [E, S]
+            S = S + _mm(_mm(E, S), _tr(E))
+            if i < s - 1:
+                E = _mm(E, E)
+        ctx.inputs, ctx.T = (A, q, h), T  # inputs only tie a second derivative to its error
+        ctx.save_for_backward(As, C, H[0], hd, h, col, *states)
+        return 0.5 * (S + _tr(S))
+
+    @staticmethod
+    def backward(ctx, gS):
+        """dA, dq, dh (first derivatives only)."""
+        As, C, HK, hd, h, col, *states = ctx.saved_tensors
+        with torch.no_grad():
+            Sb, Eb = _undouble(states, 0.5 * (gS + _tr(gS)))
+            grads = _CovarianceLanes._horner_and_chain(As, C, HK, hd, h, col, Sb, Eb)
+        return (*first_order_only(SECOND_ORDER, grads, ctx.inputs), None, None, None, None)
+
+    @staticmethod
+    def _horner_and_chain(As, C, HK, hd, h, col, Sb, Eb):
+        m1, K, B = C.shape
+        T = hd.shape[0]
+        Hb = torch.cat([(Sb * h).reshape(K // 2, -1), Eb.reshape(K // 2, -1)])  # adjoint of H (K, P)
+        dense = Hb.new_zeros(K, T * B).index_copy_(1, col, Hb).view(K, T, B)
+        Cb = torch.empty_like(C)  # sum over a cell's times of h^n Hb
+        W = dense
+        for n in range(m1):
+            torch.sum(W, 1, out=Cb[n])
+            if n < m1 - 1:
+                W = W * hd
+        dH = C[m1 - 1, :, None] * (m1 - 1)  # dH/dh = sum_n n h^(n-1) C[n], by Horner
+        for n in range(m1 - 2, 0, -1):
+            dH = torch.addcmul(C[n, :, None] * n, dH, hd)
+        dh = (dense * dH).sum(0).reshape(-1).index_select(0, col) + (Sb * HK).sum((0, 1))
+        D = As.shape[2]
+        dAl, dq = _chain_backward(As, C.view(m1, 2, D, D, B), Cb.view(m1, 2, D, D, B))
+        return dAl.permute(2, 0, 1), dq, dh
+
+
+def _column(idx: torch.Tensor, T: int, B: int) -> torch.Tensor:
+    """Flat (cell, time) indices b T + t as (time, cell) indices t B + b."""
+    return (idx % T) * B + torch.div(idx, T, rounding_mode="floor")
+
+
+def _undouble(states, Sb):
+    """The doublings' adjoint: from Sb (D, D, P) of the output, (Sb, Eb) of S_0 and E_0."""
+    Eb = None
+    for i in range(len(states) // 2 - 1, -1, -1):
+        E, S = states[2 * i], states[2 * i + 1]
+        M = _mm(Sb, E)
+        Eb_new = 2 * _mm(M, S)
+        if Eb is not None:  # the last doubling's E is not an output: no adjoint there
+            Eb_new = Eb_new + _mm(Eb, _tr(E)) + _mm(_tr(E), Eb)
+        Eb = Eb_new
+        Sb = Sb + _mm(_tr(E), M)
+    return Sb, (torch.zeros_like(Sb) if Eb is None else Eb)
+
+
+def cholesky_lanes(S: torch.Tensor) -> torch.Tensor:
+    """The guarded Cholesky factor (``common.guarded_cholesky``) of symmetric positive semi-definite
+    S (D, D, N) with the matrices last, as (D, D, N); differentiable (autograd)."""
+    D = S.shape[0]
+    tol = D * torch.finfo(S.dtype).eps * torch.diagonal(S, dim1=0, dim2=1).amax(-1).clamp_min(0)
+    rows = torch.arange(D, device=S.device)[:, None]
+    cols = []
+    for j in range(D):
+        r = S[:, j]
+        for c in cols:
+            r = r - c * c[j]
+        d = r[j]
+        ok = ~(d <= tol)  # NaN stays NaN
+        root = torch.sqrt(torch.where(ok, d, torch.ones_like(d)))
+        cols.append(torch.where(ok & (rows >= j), r / root, torch.zeros_like(r)))
+    return torch.stack(cols, 1)

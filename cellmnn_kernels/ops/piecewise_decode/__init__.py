@@ -13,8 +13,9 @@ from typing import Callable
 
 import torch
 
-from ..local_linear_sde import psd_cholesky, sde_covariance
+from ..local_linear_sde import sde_noise
 from ..local_linear_step import local_linear_step
+from ..utils import expm_reference
 from .schedule import Schedule, piece_schedule
 
 __all__ = ["piecewise_decode", "piece_schedule", "Schedule", "piecewise_decode_reference"]
@@ -39,7 +40,7 @@ def _step(A, b, g, z, dt, eps, backend, check_finite=False):
     if g is None:
         return X, V, X
     # the noise does not depend on b: the covariance of the affine system is the linear one's
-    noise = (psd_cholesky(sde_covariance(A, dt, g)) @ eps[..., None])[..., 0]
+    noise = sde_noise(A, dt, g, eps)
     return X, V, X + noise
 
 
@@ -119,9 +120,9 @@ def piecewise_decode_reference(operator: Callable, x0: torch.Tensor, dt: torch.T
                 l = sch.lengths[r, bi]
                 if b is not None:
                     Aa = _augment(A, b)[0]
-                    z = (torch.linalg.matrix_exp(l * Aa) @ torch.cat([z[0], z.new_ones(1)]))[None, :-1]
+                    z = (expm_reference(l * Aa) @ torch.cat([z[0], z.new_ones(1)]))[None, :-1]
                 else:
-                    z = (torch.linalg.matrix_exp(l * A[0]) @ z[0])[None]
+                    z = (expm_reference(l * A[0]) @ z[0])[None]
                 u = u + l
                 if r in sch.ends:
                     hits[sch.ends.index(r)] = z[0]

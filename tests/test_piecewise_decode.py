@@ -3,9 +3,11 @@ a time.
 
 Tolerances: float64 paths agree with the oracle to 1e-8 relative (the step op's float64 contract is
 1e-9 per step, and up to 25 pieces chain); float32 to 1e-4 (the step op's float32 contract per
-piece, with the operator re-evaluated at float32 states).  One piece (piece_length=None) is the closed form bit
-for bit.  Noise: chaining the exact Gaussian steps of a constant linear SDE is the one-step
-transition, checked by moments of 20,000 draws (standard errors in the test).
+piece, with the operator re-evaluated at float32 states), or 8 times what rounding every piece's
+operator to float32 moves the oracle, where the path amplifies perturbations.  One piece
+(piece_length=None) is the closed form bit for bit.  Noise: chaining the exact Gaussian steps of a
+constant linear SDE is the one-step transition, checked by moments of 20,000 draws (standard errors
+in the test).
 """
 from __future__ import annotations
 
@@ -50,7 +52,19 @@ def test_pieces_match_the_dense_oracle(dt, D, h, affine, seed):
     ref = piecewise_decode_reference(op, x0, dt, h)
     assert_rel_close(X, ref, 1e-8, "X", floor=1e-12, dim=-1)
     X32, _, _, _ = piecewise_decode(mlp_operator(D, seed, torch.float32, affine), x0.float(), dt.float(), h)
-    assert_rel_close(X32, ref, 1e-4, "X float32", floor=1e-6, dim=-1)
+    # Where the path itself amplifies perturbations (a growing state re-linearised every piece), float32's
+    # rounding of every piece's operator moves the exact answer: allow 8 times that move, measured on the
+    # oracle with each piece's inputs and operator rounded to float32.
+    moved = (piecewise_decode_reference(rounded_to_float32(op), x0, dt, h) - ref).norm(dim=-1)
+    assert_rel_close(X32, ref, 1e-4, "X float32", floor=1e-6 + 8 * moved / 1e-4, dim=-1)
+
+
+def rounded_to_float32(op):
+    """``op`` with its inputs and outputs rounded to float32 (and computed in op's own dtype)."""
+    def rounded(z, u):
+        A, b, g = op(z.float().to(z.dtype), u.float().to(u.dtype))
+        return A.float().to(A.dtype), (None if b is None else b.float().to(b.dtype)), g
+    return rounded
 
 
 def test_one_piece_is_the_closed_form_bit_for_bit():

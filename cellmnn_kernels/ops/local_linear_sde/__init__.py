@@ -37,7 +37,7 @@ def sde_covariance(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, backend: 
     dt and g (the derivative in dt at dt = 0 is taken from the left: 0).  backend "auto" (triton for
     CUDA tensors with D <= 16, torch otherwise), "triton" (Taylor and doubling in one kernel
     launch; first derivatives only), "torch" (the same scheme with per-cell Taylor terms; first
-    derivatives only for D <= 6) or "reference" (Van Loan, dense; second derivatives too)."""
+    derivatives only for D <= 7) or "reference" (Van Loan, dense; second derivatives too)."""
     backend = _backend(backend, A)
     impl = {"reference": sde_covariance_reference, "torch": sde_covariance_torch}.get(backend)
     return (impl or _triton_impl())(A, dt, g)

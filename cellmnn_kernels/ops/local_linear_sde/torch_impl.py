@@ -21,11 +21,12 @@ import torch
 from ..utils import first_order_only
 from .common import TAYLOR, guarded_cholesky
 
-# Up to this D the lanes form (above); beyond it batched GEMMs.  Covariance forward+backward on one
-# core of a 2-core x86-64 CPU (AMD EPYC), 200 cells x 5 times, per-pair Taylor terms in both forms:
-# 6.4 -> 2.9 ms at D = 3, 21.2 -> 9.2 ms at D = 5, 31.6 -> 17.1 ms at D = 6, but 49.8 -> 73.2 ms at
-# D = 7 and 36 -> 65 ms at D = 10.
-LANES_MATMUL_MAX_D = 6
+# Up to this D the lanes form (above); beyond it per-pair batched GEMMs.  Covariance forward+backward
+# on one core of a 2-core x86-64 CPU (AMD EPYC), dt uniform in [0, 4], lanes against GEMMs: 200 cells
+# x 5 times: 6.0 / 19.7 ms at D = 5, 10.1 / 44.8 at D = 7, 15.9 / 23.4 at D = 8, 37.7 / 39.8 at
+# D = 10; 2048 x 5: 145 / 495 ms at D = 7, but 249 / 216 at D = 8 and 901 / 391 at D = 10 (the lanes'
+# (2, D, D, D, cells) products outgrow the caches).
+LANES_MATMUL_MAX_D = 7
 
 # dtype -> (theta, m) of the lanes form, where the Taylor terms are per cell and a higher degree
 # costs little: ||h A||_1 <= theta, so ||h L||_1 <= 2 theta and the first omitted term of S is at
@@ -34,7 +35,7 @@ LANES_MATMUL_MAX_D = 6
 # terms then reach at most e^2 times the result (a strongly decaying A), an error of a few units
 # of float32 roundoff.
 LANES_TAYLOR = {torch.float32: (1.0, 13), torch.float64: TAYLOR[torch.float64]}
-SECOND_ORDER = ("sde_covariance: the torch backend has first derivatives only for D <= 6 and the triton backend "
+SECOND_ORDER = ("sde_covariance: the torch backend has first derivatives only for D <= 7 and the triton backend "
                 "for every D; use backend='reference' for second derivatives (e.g. create_graph=True)")
 
 

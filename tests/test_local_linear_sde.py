@@ -13,6 +13,8 @@ Gradients: float64 gradcheck, and float32 against float64 autograd through the o
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -21,8 +23,8 @@ from hypothesis import strategies as st
 
 from cellmnn_kernels import local_linear_sde_step, local_linear_step, sde_covariance
 from cellmnn_kernels.ops.local_linear_sde import psd_cholesky, sde_covariance_reference, sde_noise
-from cellmnn_kernels.ops.local_linear_sde.common import guarded_cholesky
-from cellmnn_kernels.ops.local_linear_sde.torch_impl import LANES_MATMUL_MAX_D, cholesky_lanes
+from cellmnn_kernels.ops.local_linear_sde.common import TAYLOR, guarded_cholesky
+from cellmnn_kernels.ops.local_linear_sde.torch_impl import LANES_MATMUL_MAX_D, cholesky_lanes, degree
 from cellmnn_kernels.testing import KINDS, assert_rel_close, build_inputs
 
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
@@ -296,3 +298,17 @@ def test_bad_input_names_the_argument(bad, err, match):
     eps = torch.zeros(bad.get("eps_shape", (3, 2, 3)))
     with pytest.raises(err, match=match):
         local_linear_sde_step(A, x0, dt, g, eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+def test_the_degree_is_the_smallest_whose_omitted_term_is_below_roundoff(dtype):
+    """degree(rho): (2 rho)^(m+1) / (m+2)! <= u at m and not at m - 1 (m >= 2), never above the
+    worst case's degree, which it reaches at rho = theta."""
+    theta, m_max = TAYLOR[dtype]
+    u = torch.finfo(dtype).eps / 2
+    omitted = lambda rho, m: (2 * rho) ** (m + 1) / math.factorial(m + 2)  # noqa: E731
+    for rho in np.geomspace(1e-4, theta, 40):
+        m = degree(float(rho), dtype, m_max)
+        assert 2 <= m <= m_max and omitted(rho, m) <= u * (1 + 1e-12)
+        assert m == 2 or omitted(rho, m - 1) > u
+    assert omitted(theta, degree(theta, dtype, m_max)) <= u

@@ -6,8 +6,12 @@ pair with tau = dt > 0 let s be the smallest integer with ||(tau / 2^s) A||_1 <=
 Then E(h) = expm(h A) and S(h) = int_0^h expm(uA) Q expm(uA)^T du, Q = diag(g^2), are Taylor series
 in h (S solves dS/du = A S + S A^T + Q, S(0) = 0, so S(h) = sum_n h^(n+1) / (n+1)! L^n(Q) with
 L(X) = A X + X A^T), and s doublings S(2u) = S(u) + E(u) S(u) E(u)^T, E(2u) = E(u)^2 give S(tau).
-Every term is a sum of positive semi-definite matrices, so no cancellation occurs whatever the sign
-of A's eigenvalues (Van Loan's block exponential, the reference, subtracts through expm(-tau A)).
+Each doubling adds a positive semi-definite matrix and, with ||h A||_1 <= 1/2, no Taylor term exceeds
+S(h) by more than about e, so little cancels whatever the sign of A's eigenvalues (Van Loan's block
+exponential, the reference, subtracts through expm(-tau A)).  Every backend carries E = I + F as F
+(S <- 2 S + F S + S F^T + F S F^T, F <- 2 F + F^2): s is one for the call, so a pair far shorter than
+the longest is doubled with F tiny, and I + F would round F's digits away (float32 lost 1e-3 of S
+with pairs 10^4 apart in one call).
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ from ..local_linear_step.common import NU_MAX, validate_inputs
 from ..utils import check_same_dtype_device, check_tensor, raise_if_nonfinite
 
 # dtype -> (theta, m): ||h A||_1 <= theta, Taylor degree m of E(h) and S(h).  ||L||_1 <= 2 theta, so
-# the first omitted term of S is at most (2 theta)^m / (m+1)! ||h Q|| relative to h Q:
+# the last term kept is at most (2 theta)^m / (m+1)! ||h Q|| relative to h Q:
 #   float32: 1^11 / 12!  = 2.1e-9  <= 2^-24;   float64: 1^18 / 19! = 8.2e-18 <= 2^-53.
+# The Triton kernels use m as it stands; the torch path lowers it to what the call needs (``degree``).
 TAYLOR = {torch.float32: (0.5, 11), torch.float64: (0.5, 18)}
 
 

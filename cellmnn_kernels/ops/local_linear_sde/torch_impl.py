@@ -128,36 +128,37 @@ def _covariance_gemm(A, q, h, s, m):
     """S (P, D, D) for per-pair A (P, D, D), q (P, D), h (P,): Taylor terms per pair in batched GEMMs
     (autograd)."""
     Z = h[:, None, None] * A
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     term = torch.diag_embed(q) * h[:, None, None]  # T_0 = h Q
-    S, E, P = term, eye + Z, Z
+    S, F, P = term, Z, Z
     for n in range(1, m + 1):
         M = Z @ term
         term = (M + M.transpose(1, 2)) / (n + 1)  # T_n = h^(n+1) / (n+1)! L^n(Q), symmetric
         S = S + term
         if n < m:
             P = P @ Z / (n + 1)  # Z^(n+1) / (n+1)!
-            E = E + P
-    for _ in range(s):
-        S = S + E @ S @ E.transpose(1, 2)
-        E = E @ E
+            F = F + P
+    for _ in range(s):  # S <- S + E S E^T, E <- E^2 with E = I + F carried as F (``common``)
+        M = F @ S
+        S = 2 * S + M + M.transpose(1, 2) + M @ F.transpose(1, 2)
+        F = 2 * F + F @ F
     return 0.5 * (S + S.transpose(1, 2))
 
 
 def _chain(Al: torch.Tensor, q: torch.Tensor, m: int):
-    """Per cell C[n] = (K_n, A^n / n!) for n <= m, (m + 1, 2, D, D, B): K_0 = diag(q),
-    K_n = (A K_{n-1} + K_{n-1} A^T) / (n + 1) = L^n(Q) / (n+1)!; and the scaled operators
-    As[n - 1] = (A / (n + 1), A / n) (m, 2, D, D, B) that step the two chains.  Al (D, D, B), q (D, B)."""
+    """Per cell C[n] = (K_n, A^(n+1) / (n+1)!) for n <= m, (m + 1, 2, D, D, B): K_0 = diag(q),
+    K_n = (A K_{n-1} + K_{n-1} A^T) / (n + 1) = L^n(Q) / (n+1)!, and the powers from C[0] = A by
+    A C[n-1] / (n + 1); and As[n - 1] = A / (n + 1) (m, D, D, B), which steps both chains.
+    Al (D, D, B), q (D, B)."""
     D, _, B = Al.shape
     n = torch.arange(1, m + 1, dtype=Al.dtype, device=Al.device)
-    As = torch.stack([1 / (n + 1), 1 / n], 1)[:, :, None, None, None] * Al
+    As = (1 / (n + 1))[:, None, None, None] * Al
     C = Al.new_empty(m + 1, 2, D, D, B)
     eye = torch.eye(D, dtype=Al.dtype, device=Al.device)[:, :, None]
     torch.mul(eye, q[None], out=C[0, 0])
-    C[0, 1] = eye
+    C[0, 1] = Al
     work = Al.new_empty(2, D, D, D, B)
     for k in range(1, m + 1):
-        torch.mul(As[k - 1].unsqueeze(-2), C[k - 1].unsqueeze(-4), out=work)  # (A K / (k+1), A P / k)
+        torch.mul(As[k - 1].unsqueeze(-2), C[k - 1].unsqueeze(-4), out=work)  # A C[k-1] / (k+1), both chains
         torch.sum(work[1], -3, out=C[k, 1])
         M = work[0].sum(-3)
         torch.add(M, _tr(M), out=C[k, 0])
@@ -167,7 +168,7 @@ def _chain(Al: torch.Tensor, q: torch.Tensor, m: int):
 def _chain_backward(As: torch.Tensor, C: torch.Tensor, Cb: torch.Tensor):
     """Adjoint of ``_chain``: (dAl (D, D, B), dq (D, B)) from Cb, the adjoint of every C[n]."""
     m = As.shape[0]
-    dAs = torch.empty_like(As)
+    dAs = C.new_empty((m,) + C.shape[1:])  # per chain
     Mb = torch.empty_like(Cb[0])
     work = C.new_empty(Mb.shape[:-1] + Mb.shape[-2:])  # (2, D, D, D, B)
     G = Cb[m]
@@ -178,8 +179,8 @@ def _chain_backward(As: torch.Tensor, C: torch.Tensor, Cb: torch.Tensor):
         torch.sum(work, -2, out=dAs[k - 1])
         G = Cb[k - 1] + _mtm(As[k - 1], Mb)
     n = torch.arange(1, m + 1, dtype=As.dtype, device=As.device)
-    w = torch.stack([1 / (n + 1), 1 / n], 1)[:, :, None, None, None]
-    return (w * dAs).sum((0, 1)), torch.diagonal(G[0], dim1=0, dim2=1).t()
+    w = (1 / (n + 1))[:, None, None, None, None]
+    return (w * dAs).sum((0, 1)) + G[1], torch.diagonal(G[0], dim1=0, dim2=1).t()  # G[1]: C[0, 1] = A
 
 
 def _mtm(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -192,11 +193,12 @@ class _CovarianceLanes(torch.autograd.Function):
     analytic backward.
 
     Forward: C = ``_chain``; H = sum_n h^n C[n] by Horner for every (cell, time) (the pairs that
-    carry no noise have h = 0), S_0 = h H_K, E_0 = H_E; s doublings S <- S + E S E^T, E <- E E (the
-    last E is not needed); output (S + S^T) / 2.  Backward: the doublings in reverse,
-    Sb <- Sb + E^T Sb E and Eb <- 2 Sb E S + Eb E^T + E^T Eb (Sb and S symmetric); then
-    Cb[n] = sum over a cell's pairs of h^n Hb and dh = <Sb_0, H_K> + sum_n n h^(n-1) <C[n], Hb>
-    (two batched products per cell); then ``_chain_backward``."""
+    carry no noise have h = 0), S_0 = h H_K, F_0 = h H_F (E_0 = I + F_0); s doublings
+    S <- S + E S E^T, E <- E E in F (``common``; the last F is not needed); output (S + S^T) / 2.
+    Backward: the doublings in reverse, Sb <- Sb + E^T Sb E and Eb <- 2 Sb E S + Eb E^T + E^T Eb
+    (Sb and S symmetric; Fb = Eb); then Cb[n] = sum over a cell's pairs of h^n Hb with
+    Hb = h (Sb_0, Fb_0), and dh = <(Sb_0, Fb_0), H> + sum_n n h^(n-1) <C[n], Hb> (two batched
+    products per cell); then ``_chain_backward``."""
 
     @staticmethod
     def forward(ctx, A, q, h, idx, T, s, m):
@@ -211,31 +213,33 @@ class _CovarianceLanes(torch.autograd.Function):
         for n in range(m - 1, -1, -1):
             H = torch.addcmul(C[n, :, None], H, hd)
         H = H.reshape(2, D, D, T * B).index_select(3, col)
-        S, E = H[0] * h, H[1]
+        S, F = H[0] * h, H[1] * h
         states = []
         for i in range(s):
-            states += [E, S]
-            S = S + _mm(_mm(E, S), _tr(E))
+            states += [F, S]
+            M = _mm(F, S)
+            S = 2 * S + M + _tr(M) + _mm(M, _tr(F))
             if i < s - 1:
-                E = _mm(E, E)
+                F = 2 * F + _mm(F, F)
         ctx.inputs, ctx.T = (A, q, h), T  # inputs only tie a second derivative to its error
-        ctx.save_for_backward(As, C, H[0], hd, h, col, *states)
+        ctx.save_for_backward(As, C, H, hd, h, col, *states)
         return 0.5 * (S + _tr(S))
 
     @staticmethod
     def backward(ctx, gS):
         """dA, dq, dh (first derivatives only)."""
-        As, C, HK, hd, h, col, *states = ctx.saved_tensors
+        As, C, H, hd, h, col, *states = ctx.saved_tensors
         with torch.no_grad():
-            Sb, Eb = _undouble(states, 0.5 * (gS + _tr(gS)))
-            grads = _CovarianceLanes._horner_and_chain(As, C, HK, hd, h, col, Sb, Eb)
+            Sb, Fb = _undouble(states, 0.5 * (gS + _tr(gS)))
+            grads = _CovarianceLanes._horner_and_chain(As, C, H, hd, h, col, Sb, Fb)
         return (*first_order_only(SECOND_ORDER, grads, ctx.inputs), None, None, None, None)
 
     @staticmethod
-    def _horner_and_chain(As, C, HK, hd, h, col, Sb, Eb):
+    def _horner_and_chain(As, C, H, hd, h, col, Sb, Fb):
         m1, K, B = C.shape
         T = hd.shape[0]
-        Hb = torch.cat([(Sb * h).reshape(K // 2, -1), Eb.reshape(K // 2, -1)])  # adjoint of H (K, P)
+        SF = torch.stack([Sb, Fb])
+        Hb = (SF * h).reshape(K, -1)  # adjoint of H (K, P): S_0 = h H_K, F_0 = h H_F
         dense = Hb.new_zeros(K, T * B).index_copy_(1, col, Hb).view(K, T, B)
         Cb = torch.empty_like(C)  # sum over a cell's times of h^n Hb
         W = dense
@@ -246,8 +250,8 @@ class _CovarianceLanes(torch.autograd.Function):
         dH = C[m1 - 1, :, None] * (m1 - 1)  # dH/dh = sum_n n h^(n-1) C[n], by Horner
         for n in range(m1 - 2, 0, -1):
             dH = torch.addcmul(C[n, :, None] * n, dH, hd)
-        dh = (dense * dH).sum(0).reshape(-1).index_select(0, col) + (Sb * HK).sum((0, 1))
-        D = As.shape[2]
+        dh = (dense * dH).sum(0).reshape(-1).index_select(0, col) + (SF * H).sum((0, 1, 2))
+        D = As.shape[1]
         dAl, dq = _chain_backward(As, C.view(m1, 2, D, D, B), Cb.view(m1, 2, D, D, B))
         return dAl.permute(2, 0, 1), dq, dh
 
@@ -258,10 +262,11 @@ def _column(idx: torch.Tensor, T: int, B: int) -> torch.Tensor:
 
 
 def _undouble(states, Sb):
-    """The doublings' adjoint: from Sb (D, D, P) of the output, (Sb, Eb) of S_0 and E_0."""
+    """The doublings' adjoint: from Sb (D, D, P) of the output, (Sb, Fb) of S_0 and F_0 (F = E - I)."""
     Eb = None
+    eye = torch.eye(Sb.shape[0], dtype=Sb.dtype, device=Sb.device)[:, :, None]
     for i in range(len(states) // 2 - 1, -1, -1):
-        E, S = states[2 * i], states[2 * i + 1]
+        E, S = states[2 * i] + eye, states[2 * i + 1]
         M = _mm(Sb, E)
         Eb_new = 2 * _mm(M, S)
         if Eb is not None:  # the last doubling's E is not an output: no adjoint there

@@ -9,12 +9,14 @@ through global memory but the inputs and the outputs.  BP * DP^2 is 256 matrix e
 program (128 in float64; at least one pair), over 4 or 8 warps (``config``).
 
 Scheme (one s for the call, the smallest with ||(tau / 2^s) A||_1 <= theta for every pair; the
-host finds it, one synchronisation): h = tau / 2^s, Z = h A, E0 = sum_{k<=m} Z^k / k!, T_0 = h Q,
-T_n = (Z T_{n-1} + T_{n-1} Z^T) / (n+1), S0 = sum_n T_n; s doublings S <- S + E S E^T, E <- E^2;
-output (S + S^T) / 2.  A pair with dt <= 0 has h = 0, so S = 0 and a zero gradient.
+host finds it, one synchronisation): h = tau / 2^s, Z = h A, F0 = E0 - I = sum_{1<=k<=m} Z^k / k!,
+T_0 = h Q, T_n = (Z T_{n-1} + T_{n-1} Z^T) / (n+1), S0 = sum_n T_n; s doublings S <- S + E S E^T,
+E <- E^2 with E = I + F carried as F (2 S + F S + S F^T + F S F^T and 2 F + F^2: a pair whose h is
+far below the largest keeps the digits of F that I + F would round away); output (S + S^T) / 2.
+A pair with dt <= 0 has h = 0, so S = 0 and a zero gradient.
 
 Backward (``_sde_cov_bwd_kernel``), per pair, from the symmetrised upstream G: the Taylor part and
-the doublings are recomputed; the doublings' intermediates (E_i, S_i) of levels i < LMAX = 8 are
+the doublings are recomputed; the doublings' intermediates (F_i, S_i) of levels i < LMAX = 8 are
 kept in a register stack (LMAX, BP, DP, DP) written and read by a select on the level; a level at
 or above LMAX (s > 8, ||dt A||_1 > 128) is recomputed from level LMAX - 1 when the reverse sweep
 reaches it.  The sweep runs Sbar <- Sbar + E^T Sbar E, Ebar <- 2 Sbar E S + Ebar E^T + E^T Ebar
@@ -131,20 +133,26 @@ if HAS_TRITON:
         return A, g * g, eye
 
     @triton.jit
-    def _taylor(Z, T0, eye, M: tl.constexpr):
-        """E0 = sum_{k<=M} Z^k / k! and S0 = sum_{n<=M} T_n."""
+    def _taylor(Z, T0, M: tl.constexpr):
+        """F0 = E0 - I = sum_{1<=k<=M} Z^k / k! and S0 = sum_{n<=M} T_n."""
         T = T0
         S = T0
         P = Z
-        E = eye + Z
+        F = Z
         for n in tl.static_range(1, M + 1):
             W = _mm(Z, T)
             T = _over(W + _tr(W), n + 1)
             S = S + T
             if n < M:
                 P = _over(_mm(P, Z), n + 1)
-                E = E + P
-        return E, S
+                F = F + P
+        return F, S
+
+    @triton.jit
+    def _double(F, S):
+        """One doubling with E = I + F carried as F: S + E S E^T and E^2 - I."""
+        W = _mm(F, S)
+        return 2.0 * F + _mm(F, F), 2.0 * S + W + _tr(W) + _mmt(W, F)
 
     @triton.jit
     def _sde_cov_fwd_kernel(A_ptr, dt_ptr, g_ptr, S_ptr, B, T, n_dbl, sAb, sAi, sAj, stb, stt, sgb, sgd,
@@ -160,10 +168,9 @@ if HAS_TRITON:
         for t0 in range(0, T, BT):
             cell, t, pm, dt, h = _pairs(dt_ptr, pid, t0, B, T, stb, stt, n_dbl, BC, BT)
             h3 = h[:, None, None]
-            E, S = _taylor(A * h3, Qd * h3, eye, M)
+            F, S = _taylor(A * h3, Qd * h3, M)
             for _ in range(n_dbl):
-                S = S + _mmt(_mm(E, S), E)
-                E = _mm(E, E)
+                F, S = _double(F, S)
             S = (S + _tr(S)) * 0.5
             off = ((cell * T + t) * D)[:, None, None] * D + i3 * D + j3
             tl.store(S_ptr + off, S, mask=pm[:, None, None] & (i3 < D) & (j3 < D))
@@ -195,14 +202,13 @@ if HAS_TRITON:
             Z = A * h3
             T0 = Qd * h3
             # forward, keeping the doublings' inputs of levels < LMAX
-            E, S = _taylor(Z, T0, eye, M)
-            stE = tl.zeros((LMAX, BC * BT, DP, DP), dtype=A.dtype)
+            F, S = _taylor(Z, T0, M)
+            stF = tl.zeros((LMAX, BC * BT, DP, DP), dtype=A.dtype)
             stS = tl.zeros((LMAX, BC * BT, DP, DP), dtype=A.dtype)
             for lev in range(n_dbl):
-                stE = tl.where(lv == lev, E[None, :, :, :], stE)
+                stF = tl.where(lv == lev, F[None, :, :, :], stF)
                 stS = tl.where(lv == lev, S[None, :, :, :], stS)
-                S = S + _mmt(_mm(E, S), E)
-                E = _mm(E, E)
+                F, S = _double(F, S)
             # upstream, symmetrised
             off = ((cell * T + t) * D)[:, None, None] * D + i3 * D + j3
             G = tl.load(G_ptr + off, mask=pm[:, None, None] & (i3 < D) & (j3 < D), other=0.0)
@@ -211,11 +217,11 @@ if HAS_TRITON:
             # the doublings in reverse
             for r in range(n_dbl):
                 lev = n_dbl - 1 - r
-                Ei = _pick(stE, lv, tl.minimum(lev, LMAX - 1))
+                Fi = _pick(stF, lv, tl.minimum(lev, LMAX - 1))
                 Si = _pick(stS, lv, tl.minimum(lev, LMAX - 1))
                 for _ in range(LMAX - 1, lev):  # levels beyond the stack: recomputed
-                    Si = Si + _mmt(_mm(Ei, Si), Ei)
-                    Ei = _mm(Ei, Ei)
+                    Fi, Si = _double(Fi, Si)
+                Ei = eye + Fi
                 Eb = 2.0 * _mm(Sb, _mm(Ei, Si)) + _mmt(Eb, Ei) + _mtm(Ei, Eb)
                 W = _mm(_mtm(Ei, Sb), Ei)
                 Sb = Sb + (W + _tr(W)) * 0.5

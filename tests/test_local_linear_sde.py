@@ -4,11 +4,12 @@ Oracles: Van Loan's block exponential (dense, float64) and, independently of any
 Lyapunov ODE dS/ds = A S + S A^T + Q integrated by RK4 in float64; for stable operators and long
 steps the algebraic Lyapunov equation's solution (the stationary covariance).
 
-Tolerances, per pair, relative to ||S_ref|| (Frobenius): 1e-4 in float32 (unit roundoff 6e-8, some
-m + s = 11 + 6 rounded matrix products and sums, each error relative to positive semi-definite
-terms, so no cancellation) and 1e-9 in float64 (1.1e-16, the same count with room for the
-oracle's own error at ||dt A||_1 <= 6).  Samples Y = X + L eps compare with the oracle's Cholesky
-factor at 1e-3 / 1e-8: L inherits the conditioning of S (test operators keep cond(S) below ~1e4).
+Tolerances, per pair, relative to ||S_ref|| (Frobenius): 1e-4 in float32 (unit roundoff 6e-8,
+some m + s = 11 + 6 rounded matrix products and sums, each doubling adding a positive semi-definite
+term and no Taylor term above about e times S, so little cancels) and 1e-9 in float64 (1.1e-16, the same
+count with room for the oracle's own error at ||dt A||_1 <= 6). Samples Y = X + L eps compare with
+the oracle's Cholesky factor at 1e-3 / 1e-8: L inherits the conditioning of S (test operators keep
+cond(S) below ~1e4).
 Gradients: float64 gradcheck, and float32 against float64 autograd through the oracle at 1e-3.
 """
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Forward: Van Loan's block exponential in float64 (``sde_covariance_reference``), per pair, relative
 Frobenius error <= 1e-4 in float32 and 1e-9 in float64 for ||dt A||_1 <= 6: the kernel runs the
-torch path's scheme (m + s rounded matrix products over sums of positive semi-definite terms, no
-cancellation), held to the same tolerances by test_local_linear_sde.py; float64 leaves room for
+torch path's scheme (m + s rounded matrix products, each doubling adding a positive semi-definite
+term, little cancellation), held to the same tolerances by test_local_linear_sde.py; float64 leaves room for
 the oracle's own error (it subtracts through expm(-tau A)).  Long steps (||dt A||_1 ~ 200), where
 that oracle loses digits, compare with the float64 torch path instead.
 Gradients: float64 autograd through ``sde_covariance_torch``, relative Frobenius error over the

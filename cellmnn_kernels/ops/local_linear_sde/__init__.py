@@ -32,25 +32,39 @@ def _triton_impl():
     return sde_covariance_triton
 
 
-def sde_covariance(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def sde_covariance(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, backend: str = "auto",
+                   check_finite: bool | None = None) -> torch.Tensor:
     """S (B, T, D, D), the covariance of ``local_linear_sde_step`` (0 where dt <= 0); differentiable in A,
     dt and g (the derivative in dt at dt = 0 is taken from the left: 0).  backend "auto" (triton for
     CUDA tensors with D <= 16, torch otherwise), "triton" (Taylor and doubling in one kernel
     launch; first derivatives only), "torch" (the same scheme with per-cell Taylor terms; first
-    derivatives only for D <= 7) or "reference" (Van Loan, dense; second derivatives too)."""
+    derivatives only for D <= 7) or "reference" (Van Loan, dense; second derivatives too).
+    Shapes, dtypes and devices are always checked; check_finite as ``local_linear_sde_step``."""
+    _checked(A, dt, g, None, check_finite)
     backend = _backend(backend, A)
     impl = {"reference": sde_covariance_reference, "torch": sde_covariance_torch}.get(backend)
     return (impl or _triton_impl())(A, dt, g)
 
 
-def sde_noise(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, eps: torch.Tensor, backend: str = "auto"):
+def sde_noise(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, eps: torch.Tensor, backend: str = "auto",
+              check_finite: bool | None = None):
     """L eps (B, T, D), L L^T = ``sde_covariance(A, dt, g)`` (``psd_cholesky``'s factor), for
     standard-normal eps (B, T, D): the noise of the step's sample; 0 where dt <= 0.  The torch
-    backend computes only the pairs with dt > 0 and never forms the (B, T, D, D) covariance."""
+    backend computes only the pairs with dt > 0 and never forms the (B, T, D, D) covariance.
+    Checks as ``sde_covariance``."""
+    _checked(A, dt, g, eps, check_finite)
     backend = _backend(backend, A)
     if backend == "torch":
         return sde_noise_torch(A, dt, g, eps)
-    return (psd_cholesky(sde_covariance(A, dt, g, backend=backend)) @ eps[..., None])[..., 0]
+    S = sde_covariance(A, dt, g, backend=backend, check_finite=False)
+    return (psd_cholesky(S) @ eps[..., None])[..., 0]
+
+
+def _checked(A, dt, g, eps, check_finite) -> None:
+    """Shapes, dtypes and devices; with check_finite (default: off CUDA) the values too."""
+    validate_sde_inputs(A, None, dt, g, eps)
+    if check_finite if check_finite is not None else A.device.type != "cuda":
+        check_sde_values(A, None, dt, g, eps)
 
 
 def _backend(backend: str, A: torch.Tensor) -> str:
@@ -91,11 +105,11 @@ def local_linear_sde_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, g
         Y = None if eps is None else X + 0 * eps
     else:
         X, V = local_linear_step(A, x0, dt, backend=step_backend, check_finite=False)
-        S = sde_covariance(A, dt, g, backend=backend) if return_cov else None
+        S = sde_covariance(A, dt, g, backend=backend, check_finite=False) if return_cov else None
         if eps is None:
             Y = None
         elif S is None:
-            Y = X + sde_noise(A, dt, g, eps, backend=backend)
+            Y = X + sde_noise(A, dt, g, eps, backend=backend, check_finite=False)
         else:
             Y = X + (psd_cholesky(S) @ eps[..., None])[..., 0]
         if check_finite:

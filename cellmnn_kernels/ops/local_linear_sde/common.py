@@ -28,7 +28,8 @@ TAYLOR = {torch.float32: (0.5, 11), torch.float64: (0.5, 18)}
 
 
 def validate_sde_inputs(A, x0, dt, g, eps):
-    """Check types, dtypes, devices and shapes of the SDE step's inputs; return (B, T, D)."""
+    """Check types, dtypes, devices and shapes of the SDE step's inputs (x0 or eps None: not given);
+    return (B, T, D)."""
     B, T, D = validate_inputs(A, x0, dt)
     check_tensor("g", g, g.dim() if isinstance(g, torch.Tensor) and g.dim() in (1, 2) else 2, "(B, D) or (D,)")
     check_same_dtype_device(A=A, g=g)
@@ -43,8 +44,10 @@ def validate_sde_inputs(A, x0, dt, g, eps):
 
 
 def check_sde_values(A, x0, dt, g, eps) -> None:
-    """Reject NaN/Inf inputs, negative noise scales and ||dt A||_1 beyond NU_MAX (one host sync)."""
-    raise_if_nonfinite(A=A, x0=x0, dt=dt, g=g, **({} if eps is None else {"eps": eps}))
+    """Reject NaN/Inf inputs, negative noise scales and ||dt A||_1 beyond NU_MAX (one host sync);
+    x0 or eps None: not given."""
+    given = {k: v for k, v in dict(x0=x0, eps=eps).items() if v is not None}
+    raise_if_nonfinite(A=A, dt=dt, g=g, **given)
     if g.numel() and bool((g < 0).any()):
         raise ValueError(f"g must be non-negative (noise scales); its smallest entry is {g.min().item():.4g}")
     if A.shape[0] and dt.shape[1]:

@@ -83,17 +83,18 @@ def operator_norm1(A: torch.Tensor) -> torch.Tensor:
 
 
 def validate_inputs(A, x0, dt) -> tuple[int, int, int]:
-    """Check types, dtypes, devices and shapes; return (B, T, D)."""
+    """Check types, dtypes, devices and shapes (x0 None: an op without states); return (B, T, D)."""
     check_tensor("A", A, 3, "(B, D, D)")
-    check_tensor("x0", x0, 2, "(B, D)")
+    if x0 is not None:
+        check_tensor("x0", x0, 2, "(B, D)")
     check_tensor("dt", dt, 2, "(B, T)")
-    check_same_dtype_device(A=A, x0=x0, dt=dt)
+    check_same_dtype_device(A=A, dt=dt, **({} if x0 is None else {"x0": x0}))
     B, D, D2 = A.shape
     if D != D2:
         raise ValueError(f"A must have shape (B, D, D) with square operators; got {tuple(A.shape)}")
     if D == 0:
         raise ValueError("A must have D >= 1; got D = 0")
-    if tuple(x0.shape) != (B, D):
+    if x0 is not None and tuple(x0.shape) != (B, D):
         raise ValueError(f"x0 must have shape (B, D) = ({B}, {D}) to match A; got {tuple(x0.shape)}")
     if dt.shape[0] != B:
         raise ValueError(f"dt must have shape (B, T) with B = {B} to match A; got {tuple(dt.shape)}")

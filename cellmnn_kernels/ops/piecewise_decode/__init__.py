@@ -40,7 +40,7 @@ def _step(A, b, g, z, dt, eps, backend, check_finite=False):
     if g is None:
         return X, V, X
     # the noise does not depend on b: the covariance of the affine system is the linear one's
-    noise = sde_noise(A, dt, g, eps)
+    noise = sde_noise(A, dt, g, eps, check_finite=False)  # the step above checked A and dt
     return X, V, X + noise
 
 

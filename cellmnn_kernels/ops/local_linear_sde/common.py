@@ -15,9 +15,11 @@ with pairs 10^4 apart in one call).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..local_linear_step.common import NU_MAX, validate_inputs
+from ..local_linear_step.common import NU_MAX, operator_norm1, validate_inputs
 from ..utils import check_same_dtype_device, check_tensor, raise_if_nonfinite
 
 # dtype -> (theta, m): ||h A||_1 <= theta, Taylor degree m of E(h) and S(h).  ||L||_1 <= 2 theta, so
@@ -25,6 +27,18 @@ from ..utils import check_same_dtype_device, check_tensor, raise_if_nonfinite
 #   float32: 1^11 / 12!  = 2.1e-9  <= 2^-24;   float64: 1^18 / 19! = 8.2e-18 <= 2^-53.
 # The Triton kernels use m as it stands; the torch path lowers it to what the call needs (``degree``).
 TAYLOR = {torch.float32: (0.5, 11), torch.float64: (0.5, 18)}
+
+
+def doublings(A: torch.Tensor, dt: torch.Tensor) -> tuple[int, float]:
+    """(s, nu) of the call, every backend's: nu = the largest ||dt A||_1 over pairs with dt > 0 (one
+    host synchronisation; 0 without pairs) and s the smallest number of doublings with
+    ||(dt / 2^s) A||_1 <= theta for every pair (0 where nu is not finite: the result is then not
+    finite either)."""
+    theta, _ = TAYLOR[A.dtype]
+    if A.shape[0] == 0 or dt.shape[1] == 0:
+        return 0, 0.0
+    nu = float((dt.detach().clamp_min(0).amax(1) * operator_norm1(A)).max())
+    return (math.ceil(math.log2(nu / theta)) if math.isfinite(nu) and nu > theta else 0), nu
 
 
 def validate_sde_inputs(A, x0, dt, g, eps):

@@ -20,7 +20,7 @@ import math
 import torch
 
 from ..utils import first_order_only
-from .common import TAYLOR, guarded_cholesky
+from .common import TAYLOR, doublings, guarded_cholesky
 
 # Up to this D the lanes form (above); beyond it per-pair batched GEMMs.  Covariance forward+backward
 # on one core of a 2-core x86-64 CPU (AMD EPYC), dt uniform in [0, 4], lanes against GEMMs: 200 cells
@@ -47,15 +47,13 @@ def forward_pairs(A: torch.Tensor, dt: torch.Tensor):
     """The pairs that carry noise, their scaled steps and the series' degree (one host synchronisation).
 
     Returns the flat (cell, time) index (P,) of the pairs with dt > 0 (or not a number, so that NaN
-    propagates), h = dt / 2^s (P,) (differentiable in dt), s: the smallest number of doublings with
-    ||h A||_1 <= theta for every pair (0 where the inputs are not finite), and m: the degree that
-    the largest scaled norm rho actually reached needs (``degree``)."""
-    theta, m = TAYLOR[A.dtype]
-    with torch.no_grad():
-        idx = (~(dt <= 0)).reshape(-1).nonzero()[:, 0]
-        nu = float((dt.clamp_min(0).amax(1) * A.abs().sum(1).amax(1)).max()) if idx.numel() else 0.0
-    s = math.ceil(math.log2(nu / theta)) if math.isfinite(nu) and nu > theta else 0
-    m = degree(nu / 2.0**s, A.dtype, m) if math.isfinite(nu) else m
+    propagates), h = dt / 2^s (P,) (differentiable in dt), s (``common.doublings``), and m: the
+    degree that the largest scaled norm rho actually reached needs (``degree``)."""
+    idx = (~(dt.detach() <= 0)).reshape(-1).nonzero()[:, 0]
+    s, nu = doublings(A, dt)
+    m = TAYLOR[A.dtype][1]
+    if math.isfinite(nu):
+        m = degree(nu / 2.0**s, A.dtype, m)
     return idx, dt.reshape(-1).index_select(0, idx) / 2.0 ** s, s, m
 
 
@@ -221,7 +219,7 @@ class _CovarianceLanes(torch.autograd.Function):
             S = 2 * S + M + _tr(M) + _mm(M, _tr(F))
             if i < s - 1:
                 F = 2 * F + _mm(F, F)
-        ctx.inputs, ctx.T = (A, q, h), T  # inputs only tie a second derivative to its error
+        ctx.inputs = (A, q, h)  # only to tie a second derivative to its error
         ctx.save_for_backward(As, C, H, hd, h, col, *states)
         return 0.5 * (S + _tr(S))
 

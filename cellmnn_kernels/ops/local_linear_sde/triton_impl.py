@@ -31,13 +31,11 @@ dg = 2 g sum_pairs diag(Qbar), reduced inside the program.  No global scratch at
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..utils import HAS_TRITON, first_order_only, next_power_of_2, tl, triton
 from ..variant import KernelVariant, launch_kwargs
-from .common import TAYLOR
+from .common import TAYLOR, doublings
 from .torch_impl import sde_covariance_torch
 
 MAX_D = 16  # largest D the kernels serve
@@ -60,20 +58,6 @@ def config(kind: str, D: int, dtype: torch.dtype, T: int = 16) -> dict:
     if kind == "bwd":
         cfg["LMAX"] = LMAX
     return cfg
-
-
-def doublings(A: torch.Tensor, dt: torch.Tensor) -> int:
-    """s of the call, as ``sde_covariance_torch`` finds it (one host synchronisation); 0 where the
-    inputs are not finite (the result is then not finite either)."""
-    theta, _ = TAYLOR[A.dtype]
-    B, T = dt.shape
-    if B == 0 or T == 0:
-        return 0
-    with torch.no_grad():
-        nu = float((dt.clamp_min(0).amax(1) * A.abs().sum(1).amax(1)).max())
-    if not math.isfinite(nu) or nu <= theta:
-        return 0
-    return max(0, math.ceil(math.log2(nu / theta)))
 
 
 if HAS_TRITON:
@@ -329,7 +313,7 @@ class SdeCovarianceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, dt, g):
         """S (B, T, D, D); A, dt, g and s saved for the backward."""
-        n_dbl = doublings(A, dt)
+        n_dbl, _ = doublings(A, dt)
         ctx.n_dbl = n_dbl
         ctx.save_for_backward(A, dt, g)
         return sde_cov_forward(A, dt, g, n_dbl)

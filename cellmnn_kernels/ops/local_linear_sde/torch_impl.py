@@ -98,17 +98,14 @@ def sde_noise_torch(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, eps: tor
     Cholesky factor, ``common.guarded_cholesky``); 0 for dt <= 0.  eps (B, T, D)."""
     B, D, _ = A.shape
     T = dt.shape[1]
+    if D <= LANES_MATMUL_MAX_D:
+        return _NoiseLanes.apply(A, g, dt, eps)
     idx, h, s, m = forward_pairs(A, dt)
     out = A.new_zeros(B * T, D) + _tie(A, dt, g, eps)
     if idx.numel():
         S = _pair_covariance(A, g, idx, T, h, s, m)
         e = eps.reshape(B * T, D).index_select(0, idx)
-        if D <= LANES_MATMUL_MAX_D:
-            L = cholesky_lanes(S.permute(1, 2, 0))  # (D, D, P)
-            noise = (L * e.t()[None]).sum(1).t()
-        else:
-            noise = (guarded_cholesky(S) @ e[..., None])[..., 0]
-        out = out.index_copy(0, idx, noise)
+        out = out.index_copy(0, idx, (guarded_cholesky(S) @ e[..., None])[..., 0])
     return out.reshape(B, T, D)
 
 
@@ -186,72 +183,135 @@ def _mtm(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return (X.unsqueeze(-2) * Y.unsqueeze(-3)).sum(-4)
 
 
-class _CovarianceLanes(torch.autograd.Function):
-    """S (D, D, P) of the pairs idx (flat (cell, time) indices, steps h) from per-cell chains, with an
-    analytic backward.
+def _lanes_forward(A, q, h, idx, T, s, m):
+    """S (D, D, P) of the pairs idx (flat (cell, time) indices, steps h) from per-cell chains, and
+    what ``_lanes_backward`` needs.
 
     Forward: C = ``_chain``; H = sum_n h^n C[n] by Horner for every (cell, time) (the pairs that
     carry no noise have h = 0), S_0 = h H_K, F_0 = h H_F (E_0 = I + F_0); s doublings
     S <- S + E S E^T, E <- E E in F (``common``; the last F is not needed); output (S + S^T) / 2.
-    Backward: the doublings in reverse, Sb <- Sb + E^T Sb E and Eb <- 2 Sb E S + Eb E^T + E^T Eb
-    (Sb and S symmetric; Fb = Eb); then Cb[n] = sum over a cell's pairs of h^n Hb with
-    Hb = h (Sb_0, Fb_0), and dh = <(Sb_0, Fb_0), H> + sum_n n h^(n-1) <C[n], Hb> (two batched
-    products per cell); then ``_chain_backward``."""
+    A (B, D, D), q = g^2 (D, B), h (P,)."""
+    B, D, _ = A.shape
+    Al = A.permute(1, 2, 0).contiguous()
+    C, As = _chain(Al, q, m)
+    C = C.view(m + 1, 2 * D * D, B)
+    col = _column(idx, T, B)
+    hd = h.new_zeros(T * B).index_copy_(0, col, h).view(T, B)  # (time, cell): cells last
+    H = C[m, :, None].expand(2 * D * D, T, B)
+    for n in range(m - 1, -1, -1):
+        H = torch.addcmul(C[n, :, None], H, hd)
+    H = H.reshape(2, D, D, T * B).index_select(3, col)
+    S, F = H[0] * h, H[1] * h
+    states = []
+    for i in range(s):
+        states += [F, S]
+        M = _mm(F, S)
+        S = 2 * S + M + _tr(M) + _mm(M, _tr(F))
+        if i < s - 1:
+            F = 2 * F + _mm(F, F)
+    return 0.5 * (S + _tr(S)), (As, C, H, hd, h, col, *states)
 
-    @staticmethod
-    def forward(ctx, A, q, h, idx, T, s, m):
-        """A (B, D, D), q = g^2 (D, B), h (P,), idx (P,) -> S (D, D, P)."""
-        B, D, _ = A.shape
-        Al = A.permute(1, 2, 0).contiguous()
-        C, As = _chain(Al, q, m)
-        C = C.view(m + 1, 2 * D * D, B)
-        col = _column(idx, T, B)
-        hd = h.new_zeros(T * B).index_copy_(0, col, h).view(T, B)  # (time, cell): cells last
-        H = C[m, :, None].expand(2 * D * D, T, B)
-        for n in range(m - 1, -1, -1):
-            H = torch.addcmul(C[n, :, None], H, hd)
-        H = H.reshape(2, D, D, T * B).index_select(3, col)
-        S, F = H[0] * h, H[1] * h
-        states = []
-        for i in range(s):
-            states += [F, S]
-            M = _mm(F, S)
-            S = 2 * S + M + _tr(M) + _mm(M, _tr(F))
-            if i < s - 1:
-                F = 2 * F + _mm(F, F)
-        ctx.inputs = (A, q, h)  # only to tie a second derivative to its error
-        ctx.save_for_backward(As, C, H, hd, h, col, *states)
-        return 0.5 * (S + _tr(S))
 
-    @staticmethod
-    def backward(ctx, gS):
-        """dA, dq, dh (first derivatives only)."""
-        As, C, H, hd, h, col, *states = ctx.saved_tensors
-        with torch.no_grad():
-            Sb, Fb = _undouble(states, 0.5 * (gS + _tr(gS)))
-            grads = _CovarianceLanes._horner_and_chain(As, C, H, hd, h, col, Sb, Fb)
-        return (*first_order_only(SECOND_ORDER, grads, ctx.inputs), None, None, None, None)
+def _lanes_backward(saved, gS, need_dh: bool = True):
+    """dA (B, D, D), dq (D, B), dh (P,) (None without ``need_dh``) from the adjoint gS (D, D, P) of
+    ``_lanes_forward``'s S.
 
-    @staticmethod
-    def _horner_and_chain(As, C, H, hd, h, col, Sb, Fb):
-        m1, K, B = C.shape
-        T = hd.shape[0]
-        SF = torch.stack([Sb, Fb])
-        Hb = (SF * h).reshape(K, -1)  # adjoint of H (K, P): S_0 = h H_K, F_0 = h H_F
-        dense = Hb.new_zeros(K, T * B).index_copy_(1, col, Hb).view(K, T, B)
-        Cb = torch.empty_like(C)  # sum over a cell's times of h^n Hb
-        W = dense
-        for n in range(m1):
-            torch.sum(W, 1, out=Cb[n])
-            if n < m1 - 1:
-                W = W * hd
+    The doublings in reverse, Sb <- Sb + E^T Sb E and Eb <- 2 Sb E S + Eb E^T + E^T Eb (Sb and S
+    symmetric; Fb = Eb); then Cb[n] = sum over a cell's pairs of h^n Hb with Hb = h (Sb_0, Fb_0),
+    and dh = <(Sb_0, Fb_0), H> + sum_n n h^(n-1) <C[n], Hb> (two batched products per cell); then
+    ``_chain_backward``."""
+    As, C, H, hd, h, col, *states = saved
+    Sb, Fb = _undouble(states, 0.5 * (gS + _tr(gS)))
+    m1, K, B = C.shape
+    T = hd.shape[0]
+    SF = torch.stack([Sb, Fb])
+    Hb = (SF * h).reshape(K, -1)  # adjoint of H (K, P): S_0 = h H_K, F_0 = h H_F
+    dense = Hb.new_zeros(K, T * B).index_copy_(1, col, Hb).view(K, T, B)
+    Cb = torch.empty_like(C)  # sum over a cell's times of h^n Hb
+    W = dense
+    for n in range(m1):
+        torch.sum(W, 1, out=Cb[n])
+        if n < m1 - 1:
+            W = W * hd
+    dh = None
+    if need_dh:
         dH = C[m1 - 1, :, None] * (m1 - 1)  # dH/dh = sum_n n h^(n-1) C[n], by Horner
         for n in range(m1 - 2, 0, -1):
             dH = torch.addcmul(C[n, :, None] * n, dH, hd)
         dh = (dense * dH).sum(0).reshape(-1).index_select(0, col) + (SF * H).sum((0, 1, 2))
-        D = As.shape[1]
-        dAl, dq = _chain_backward(As, C.view(m1, 2, D, D, B), Cb.view(m1, 2, D, D, B))
-        return dAl.permute(2, 0, 1), dq, dh
+    D = As.shape[1]
+    dAl, dq = _chain_backward(As, C.view(m1, 2, D, D, B), Cb.view(m1, 2, D, D, B))
+    return dAl.permute(2, 0, 1), dq, dh
+
+
+class _CovarianceLanes(torch.autograd.Function):
+    """S (D, D, P) of the pairs idx (``_lanes_forward``), with its analytic backward
+    (``_lanes_backward``, first derivatives)."""
+
+    @staticmethod
+    def forward(ctx, A, q, h, idx, T, s, m):
+        """A (B, D, D), q = g^2 (D, B), h (P,), idx (P,) -> S (D, D, P)."""
+        S, saved = _lanes_forward(A, q, h, idx, T, s, m)
+        ctx.inputs = (A, q, h)  # only to tie a second derivative to its error
+        ctx.save_for_backward(*saved)
+        return S
+
+    @staticmethod
+    def backward(ctx, gS):
+        """dA, dq, dh (first derivatives only)."""
+        with torch.no_grad():
+            grads = _lanes_backward(ctx.saved_tensors, gS, ctx.needs_input_grad[2])
+        return (*first_order_only(SECOND_ORDER, grads, ctx.inputs), None, None, None, None)
+
+
+class _NoiseLanes(torch.autograd.Function):
+    """L eps (B, T, D) for D <= ``LANES_MATMUL_MAX_D`` in one node: the pairs with dt > 0
+    (``forward_pairs``), their covariance (``_lanes_forward``), its guarded Cholesky factor
+    (``_cholesky_lanes``) times eps, scattered into zeros; the backward is analytic throughout
+    (the factor's by reversing its column loop, ``_cholesky_lanes_backward``), first derivatives."""
+
+    @staticmethod
+    def forward(ctx, A, g, dt, eps):
+        """A (B, D, D), g (B, D) or (D,), dt (B, T), eps (B, T, D) -> (B, T, D)."""
+        B, D, _ = A.shape
+        T = dt.shape[1]
+        idx, h, s, m = forward_pairs(A, dt)
+        out = A.new_zeros(B * T, D)
+        ctx.inputs, ctx.s, ctx.g_shape = (A, g, dt, eps), s, g.shape
+        if not idx.numel():
+            ctx.save_for_backward(idx)
+            return out.view(B, T, D)
+        q = g.expand(B, D) ** 2
+        S, saved = _lanes_forward(A, q.t(), h, idx, T, s, m)
+        e = eps.reshape(B * T, D).index_select(0, idx).t()  # (D, P)
+        L, roots, oks = _cholesky_lanes(S)
+        out.index_copy_(0, idx, (L * e[None]).sum(1).t())
+        ctx.save_for_backward(idx, g, e, L, roots, oks, *saved)
+        return out.view(B, T, D)
+
+    @staticmethod
+    def backward(ctx, gY):
+        """dA, dg, ddt, deps (first derivatives only)."""
+        A, g, dt, eps = ctx.inputs
+        idx, *rest = ctx.saved_tensors
+        B, D, _ = A.shape
+        T = dt.shape[1]
+        dA, dg, ddt, deps = (torch.zeros_like(t) if ctx.needs_input_grad[i] else None
+                             for i, t in enumerate((A, g, dt, eps)))
+        if not idx.numel():
+            return first_order_only(SECOND_ORDER, (dA, dg, ddt, deps), ctx.inputs)
+        g_, e, L, roots, oks, *saved = rest
+        with torch.no_grad():
+            y = gY.reshape(B * T, D).index_select(0, idx).t()  # (D, P)
+            gS = _cholesky_lanes_backward(L, roots, oks, y[:, None] * e[None])  # Lb = y e^T on the factor
+            dA, dq, dh = _lanes_backward(saved, gS, ctx.needs_input_grad[2])
+            dqg = 2 * g_.expand(B, D) * dq.t()  # q = g^2
+            dg = dqg if len(ctx.g_shape) == 2 else dqg.sum(0)
+            if dh is not None:
+                ddt = gY.new_zeros(B * T).index_copy_(0, idx, dh / 2.0 ** ctx.s).view(B, T)
+            if ctx.needs_input_grad[3]:
+                deps = gY.new_zeros(B * T, D).index_copy_(0, idx, (L * y[:, None]).sum(0).t()).view(B, T, D)
+        return first_order_only(SECOND_ORDER, (dA, dg, ddt, deps), ctx.inputs)
 
 
 def _column(idx: torch.Tensor, T: int, B: int) -> torch.Tensor:
@@ -276,17 +336,43 @@ def _undouble(states, Sb):
 
 def cholesky_lanes(S: torch.Tensor) -> torch.Tensor:
     """The guarded Cholesky factor (``common.guarded_cholesky``) of symmetric positive semi-definite
-    S (D, D, N) with the matrices last, as (D, D, N); differentiable (autograd)."""
+    S (D, D, N) with the matrices last, as (D, D, N) (values only: ``_NoiseLanes`` differentiates it)."""
+    return _cholesky_lanes(S)[0]
+
+
+def _cholesky_lanes(S: torch.Tensor):
+    """(L, roots, oks): the guarded factor of S (D, D, N) column by column, with each column's pivot
+    root (D, N) and whether the pivot was kept (D, N) (a pivot at or below D * unit roundoff * max
+    diag(S) ends its column, as ``guarded_cholesky``)."""
     D = S.shape[0]
     tol = D * torch.finfo(S.dtype).eps * torch.diagonal(S, dim1=0, dim2=1).amax(-1).clamp_min(0)
     rows = torch.arange(D, device=S.device)[:, None]
-    cols = []
+    L = torch.empty_like(S)
+    roots, oks = S.new_empty(D, S.shape[-1]), torch.empty(D, S.shape[-1], dtype=torch.bool, device=S.device)
     for j in range(D):
-        r = S[:, j]
-        for c in cols:
-            r = r - c * c[j]
-        d = r[j]
-        ok = ~(d <= tol)  # NaN stays NaN
-        root = torch.sqrt(torch.where(ok, d, torch.ones_like(d)))
-        cols.append(torch.where(ok & (rows >= j), r / root, torch.zeros_like(r)))
-    return torch.stack(cols, 1)
+        r = S[:, j] - (L[:, :j] * L[j, :j]).sum(1) if j else S[:, 0]
+        ok = ~(r[j] <= tol)  # NaN stays NaN
+        root = torch.sqrt(torch.where(ok, r[j], torch.ones_like(r[j])))
+        L[:, j] = torch.where(ok & (rows >= j), r / root, torch.zeros_like(r))
+        roots[j], oks[j] = root, ok
+    return L, roots, oks
+
+
+def _cholesky_lanes_backward(L, roots, oks, Lb):
+    """The adjoint of S from Lb (D, D, N), the adjoint of ``_cholesky_lanes``'s factor: its column
+    loop reversed.  Column j is c_j = r_j / root_j on rows >= j (0 where the pivot was dropped), with
+    r_j = S[:, j] - sum_{k<j} c_k c_k[j] and root_j = sqrt(r_j[j]); so rb_j = cb_j / root_j on those
+    rows, r_j[j] gains -<rb_j, c_j> / (2 root_j), S[:, j] gains rb_j, and each earlier column k loses
+    rb_j c_k[j] and, at row j, <rb_j, c_k>.  Only S's lower triangle receives an adjoint."""
+    D = L.shape[0]
+    rows = torch.arange(D, device=L.device)[:, None]
+    Cb = Lb.clone()
+    Sb = torch.zeros_like(L)
+    for j in range(D - 1, -1, -1):
+        rb = torch.where(oks[j] & (rows >= j), Cb[:, j] / roots[j], torch.zeros_like(Cb[:, j]))
+        rb[j] -= (rb * L[:, j]).sum(0) / (2 * roots[j])
+        Sb[:, j] = rb
+        if j:
+            Cb[:, :j] -= rb[:, None] * L[j, :j]
+            Cb[j, :j] -= (rb[:, None] * L[:, :j]).sum(0)
+    return Sb

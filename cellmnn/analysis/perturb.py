@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cellmnn_kernels import piecewise_decode
 
 from .. import checks
 from .cells import CHUNK
@@ -201,12 +200,6 @@ def mean_path(model, z_read, z_start, t0: float, t1: float, dataset=None, P=None
     is ``predict`` itself): (n, D) float64."""
     p = next(model.parameters())
     Pt = None if P is None else torch.as_tensor(P, dtype=p.dtype, device=p.device)
-
-    def drift(A, b):
-        if Pt is None:
-            return A, b, None
-        return Pt @ A, None if b is None else b @ Pt.T, None
-
     out = np.empty(np.shape(z_start), dtype=np.float64)
     with torch.no_grad():
         for a in range(0, len(out), CHUNK):
@@ -219,10 +212,8 @@ def mean_path(model, z_read, z_start, t0: float, t1: float, dataset=None, P=None
             else:
                 A = population[0].expand(len(x), -1, -1)
                 b = None if population[1] is None else population[1].expand(len(x), -1)
-            dt = torch.full((len(x), 1), float(t1) - float(t0), dtype=p.dtype, device=p.device)
-            X, _, _, _ = piecewise_decode(lambda z, u: drift(*model.outputs(z, t + u, code, False)[:2]), x, dt,
-                                          model.decoder.piece_time(model.time_unit), backend=model.backend,
-                                          first=drift(A, b))
+            X, _ = model(x, t, torch.full((len(x), 1), float(t1), dtype=torch.float64, device=p.device),
+                         dataset=code, noise=False, first=(A, b, None), project=Pt)
             out[a:a + CHUNK] = X[:, 0].double().cpu().numpy()
     return out
 

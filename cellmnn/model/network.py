@@ -143,23 +143,28 @@ class CellMNN(nn.Module):
         return (A, penalty) if return_penalty else A
 
     def forward(self, x0: torch.Tensor, t0: torch.Tensor, t: torch.Tensor, return_penalty: bool = False,
-                dataset=None, seed: int | None = 0, noise: bool = True):
+                dataset=None, seed: int | None = 0, noise: bool = True, first: tuple | None = None,
+                project: torch.Tensor | None = None):
         """Decode cells x0 (B, D) observed at t0 (B,) to times t (B, T): X, V (B, T, D).
 
         Times may be float64 while x0 is float32: offsets t - t0 are then taken in float64.  With a
         learned diffusion X is a sample (draws from ``seed``; None: torch's global generator) and V
         the drift there; ``noise=False`` decodes with the diffusion off (the noise-free path; for
-        the single-piece decoder the predictive mean)."""
-        first = self.outputs(x0, t0, dataset)
-        if not noise:
-            first = first[:2] + (None,) + first[3:]
+        the single-piece decoder the predictive mean).  ``first``: the first piece's (A, b, g) when
+        read elsewhere (default: at x0, t0); ``project``: a (D, D) matrix P that every piece's drift
+        passes through, P (A z + b) (a perturbation held along the path)."""
+        first = self.outputs(x0, t0, dataset) if first is None else tuple(first[:3]) + (None,)
         dt = (t - t0[:, None]).to(x0.dtype)
         code = self._dataset_code(dataset, x0.shape[0], x0)
 
+        def shaped(A, b, g):
+            if project is not None:
+                A, b = project @ A, None if b is None else b @ project.T
+            return A, b, g if noise else None
+
         def operator(z, u):
             tin = ((t0 + u - self.time_offset) / self.time_scale).to(x0.dtype)
-            A, b, g = self.decoder.split(self.mlp(torch.cat([z, tin[:, None], code], 1)), self.time_unit)[:3]
-            return A, b, g if noise else None
+            return shaped(*self.decoder.split(self.mlp(torch.cat([z, tin[:, None], code], 1)), self.time_unit)[:3])
 
         gen = None
         if self.stochastic and noise and seed is not None:
@@ -167,7 +172,7 @@ class CellMNN(nn.Module):
         draw = lambda i: torch.randn(dt.shape + x0.shape[1:] if self.decoder.piece_length is None  # noqa: E731
                                      else x0.shape, generator=gen, dtype=x0.dtype, device=x0.device)
         X, V, _, _ = piecewise_decode(operator, x0, dt, self.decoder.piece_time(self.time_unit), draw,
-                                      backend=self.backend, first=first[:3])
+                                      backend=self.backend, first=shaped(*first[:3]))
         penalty = first[3].mean() if first[3] is not None else x0.new_zeros(())
         return (X, V, penalty) if return_penalty else (X, V)
 

@@ -35,6 +35,25 @@ def test_default_decoder_is_the_closed_form_bit_for_bit():
     assert torch.equal(X, X0) and torch.equal(V, V0)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(affine=True), dict(affine=True, piece_length=0.5)],
+                         ids=["paper", "affine", "pieces"])
+def test_forward_with_the_first_operator_given_and_a_projection(kw):
+    """forward(first=, project=) (what perturb decodes through): the first piece's operator passed in
+    and an identity projection change nothing, bit for bit; a projection P holds P's null space
+    still (a clamped coordinate keeps its value along the whole path)."""
+    torch.manual_seed(2)
+    model = cellmnn.CellMNN(3, width=16, depth=2, init_scale=1.0, **kw).double()
+    x0, t0 = torch.randn(6, 3, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+    t = t0[:, None] + torch.tensor([[0.5, 1.5]], dtype=torch.float64)
+    X, V = model(x0, t0, t)
+    Xg, Vg = model(x0, t0, t, first=model.outputs(x0, t0)[:3], project=torch.eye(3, dtype=torch.float64))
+    assert torch.equal(X, Xg) and torch.equal(V, Vg)
+    P = torch.diag(torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64))  # the first coordinate held
+    Xp, _ = model(x0, t0, t, project=P)
+    torch.testing.assert_close(Xp[..., 0], x0[:, None, 0].expand(6, 2), rtol=0, atol=1e-12)
+    assert not torch.allclose(Xp[..., 1:], X[..., 1:])
+
+
 def test_models_saved_without_decoder_options_load_and_predict_as_before(marginals, tmp_path):
     model = cellmnn.fit(marginals, seed=0, **FAST)
     path = str(tmp_path / "m")

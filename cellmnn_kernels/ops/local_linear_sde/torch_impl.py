@@ -350,7 +350,9 @@ def _cholesky_lanes(S: torch.Tensor):
     L = torch.empty_like(S)
     roots, oks = S.new_empty(D, S.shape[-1]), torch.empty(D, S.shape[-1], dtype=torch.bool, device=S.device)
     for j in range(D):
-        r = S[:, j] - (L[:, :j] * L[j, :j]).sum(1) if j else S[:, 0]
+        r = S[:, j]
+        for k in range(j):
+            r = torch.addcmul(r, L[:, k], L[j, k], value=-1.0)
         ok = ~(r[j] <= tol)  # NaN stays NaN
         root = torch.sqrt(torch.where(ok, r[j], torch.ones_like(r[j])))
         L[:, j] = torch.where(ok & (rows >= j), r / root, torch.zeros_like(r))
@@ -372,7 +374,7 @@ def _cholesky_lanes_backward(L, roots, oks, Lb):
         rb = torch.where(oks[j] & (rows >= j), Cb[:, j] / roots[j], torch.zeros_like(Cb[:, j]))
         rb[j] -= (rb * L[:, j]).sum(0) / (2 * roots[j])
         Sb[:, j] = rb
-        if j:
-            Cb[:, :j] -= rb[:, None] * L[j, :j]
-            Cb[j, :j] -= (rb[:, None] * L[:, :j]).sum(0)
+        for k in range(j):
+            Cb[:, k].addcmul_(rb, L[j, k], value=-1.0)
+            Cb[j, k] -= (rb * L[:, k]).sum(0)
     return Sb

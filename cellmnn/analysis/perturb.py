@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
 from .. import checks
 from .cells import CHUNK
 from .fate import match, two_times

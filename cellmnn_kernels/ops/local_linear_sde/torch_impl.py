@@ -336,7 +336,7 @@ def _undouble(states, Sb):
 
 def cholesky_lanes(S: torch.Tensor) -> torch.Tensor:
     """The guarded Cholesky factor (``common.guarded_cholesky``) of symmetric positive semi-definite
-    S (D, D, N) with the matrices last, as (D, D, N) (values only: ``_NoiseLanes`` differentiates it)."""
+    S (D, D, N) with the matrices last, as (D, D, N) (the noise differentiates it analytically: ``_NoiseLanes``)."""
     return _cholesky_lanes(S)[0]
 
 

@@ -3,6 +3,9 @@
     python bench/gpu_bench.py --out "$OUT" [--deadline 420] [--test-timeout 90]
     python bench/gpu_bench.py --dry-run --out /tmp/x    # CPU rehearsal: interpreter tests, tiny sizes
 
+(A rehearsal with the GPU machines' pair, torch 2.11 and triton 3.6, needs numpy < 2.4 for that
+triton's interpreter: with numpy 2.4 its run-time loops fail on array-to-scalar conversion.)
+
 Order of work (everything is written to gpu_bench.json / gpu_bench.md under --out and printed,
 flushed, after every row, so a crash or a kill loses at most the row in progress):
 
@@ -11,8 +14,9 @@ flushed, after every row, so a crash or a kill loses at most the row in progress
    at --test-timeout seconds (pytest, hypothesis and numpy are imported there and nowhere else);
 3. copy bandwidth (device-to-device copy of 1 GiB, do_bench median): the roofline's denominator;
 4. the target rows: local_linear_step fwd+bwd at B*T = 1e6, D = 5 (triton and reference), the
-   triton forward at B*T = 1e7, D = 5 (fraction of copy bandwidth), laplace_mmd fwd+bwd at
-   N = M = 8192 (triton and the dense reference);
+   SDE step (local_linear_sde_step, mean + L eps, covariance by the triton kernels) fwd+bwd at the
+   same size, the triton forward at B*T = 1e7, D = 5 (fraction of copy bandwidth), laplace_mmd
+   fwd+bwd at N = M = 8192 (triton and the dense reference);
 5. the compiled kernels' real registers and spills, and the anchor-level statistics of the
    benchmark input (A = randn/sqrt(D), dt ~ U[0, 4], T = 16);
 6. training (``bench/bench_train.py``'s rows on the device): an ensemble step (E = 9, B = 200,
@@ -44,7 +48,8 @@ sys.path.insert(0, HERE)  # bench_train
 MEM_LIMIT = 0.6  # fraction of device memory a single row may plan to use
 COMPILE_S = 40.0  # allowance for a first call that compiles a kernel (sm_90, D = 5 backward ~ 20 s)
 TEST_SELECTION = ("bit_for_bit or (triton and (rotation or decaying or zero_time or edge_of_the_contract "
-                  "or chunked or identical_sets or single_call or retain_graph))")
+                  "or chunked or identical_sets or single_call or retain_graph or van_loan or no_noise))")
+TEST_FILES = ("test_local_linear_step.py", "test_laplace_mmd.py", "test_local_linear_sde_triton.py")
 
 
 def say(*parts, sep=" "):
@@ -167,6 +172,27 @@ def step_row(run, backend, mode, B, T, D, target=False):
         row["fraction_of_copy_bw"] = row["GBps"] * 1e9 / run.meta["copy_Bps"]
         run.flush()
     return row
+
+
+def sde_row(run, backend, B, T, D, target=False):
+    """local_linear_sde_step forward+backward (mean, drift and a sample; g uniform in [0.1, 1]) with
+    the covariance's ``backend``: what the noise adds to ``step_row``'s fwd+bwd at the same size."""
+    from cellmnn_kernels import local_linear_sde_step
+
+    A, x0, dt = step_inputs(B, T, D, run.device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    g = (0.1 + 0.9 * torch.rand(B, D, generator=gen)).to(run.device)
+    eps = torch.randn(B, T, D, generator=gen).to(run.device)
+    A, x0, dt, g = (t.requires_grad_() for t in (A, x0, dt, g))
+    ones = torch.ones(B, T, D, device=run.device)
+
+    def fn():
+        X, V, Y = local_linear_sde_step(A, x0, dt, g, eps, backend=backend, check_finite=False)
+        torch.autograd.backward([Y, V], [ones, ones])
+    row = {"op": "local_linear_sde_step", "backend": backend, "mode": "fwd+bwd", "D": D, "B": B, "T": T,
+           "pairs": B * T, "target": target}
+    return run.row(row, fn, ("sde", backend, D), B * T, compiles=backend == "triton", grad_to_none=[A, x0, dt, g],
+                   memory=planned_memory(backend, B, T, D, "fwd+bwd") + 4 * B * T * D * D * 4)
 
 
 def _rel(a, b) -> float:
@@ -345,14 +371,14 @@ def run_tests(timeout, dry_run):
     env = dict(os.environ)
     if dry_run:
         env["TRITON_INTERPRET"] = "1"
-        selection = "bit_for_bit or (triton and zero_time)"
+        selection = "bit_for_bit or (triton and (zero_time or no_noise))"
     else:
         env.pop("TRITON_INTERPRET", None)
         selection = TEST_SELECTION
     # -o addopts=: one process, whatever pytest.ini asks for (its -n needs pytest-xdist, and the
     # kernels compile once in this process rather than once per worker).
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=-ra", "-k", selection,
-           os.path.join(ROOT, "tests", "test_local_linear_step.py"), os.path.join(ROOT, "tests", "test_laplace_mmd.py")]
+           *(os.path.join(ROOT, "tests", f) for f in TEST_FILES)]
     t0 = time.time()
     try:
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -405,6 +431,10 @@ def summary_lines(meta, rows):
     r = _find(rows, op="local_linear_step", backend="reference", mode="fwd+bwd", D=5, pairs=10 ** 6)
     lines.append(f"  triton fwd+bwd vs reference, B*T=1e6, D=5: "
                  + (f"{r['ms'] / t['ms']:.0f}x ({t['ms']:.3g} ms)" if t and r else "n/a") + " (target >= 100x)")
+    q = _find(rows, op="local_linear_sde_step", backend="triton", D=5, pairs=10 ** 6)
+    lines.append("  SDE step fwd+bwd vs local_linear_step fwd+bwd, B*T=1e6, D=5: "
+                 + (f"{q['ms'] / t['ms']:.1f}x ({q['ms']:.3g} ms)" if t and q else "n/a")
+                 + " (target <= 2x)")
     f = _find(rows, op="local_linear_step", backend="triton", mode="fwd", D=5, pairs=10 ** 7)
     f = f if f and "fraction_of_copy_bw" in f else None  # a skipped row has no measurement
     lines.append("  triton fwd, B*T=1e7, D=5: "
@@ -523,6 +553,7 @@ def main(argv=None) -> int:
     # The target rows first.
     step_row(run, fast, "fwd+bwd", mid // 16, 16, 5, target=True)
     step_row(run, "reference", "fwd+bwd", mid // 16, 16, 5, target=True)
+    sde_row(run, fast, mid // 16, 16, 5, target=True)
     step_row(run, fast, "fwd", big // 16, 16, 5, target=True)
     mmd_row(run, fast, "fwd+bwd", n_mmd, target=True)
     mmd_row(run, "reference", "fwd+bwd", n_mmd, target=True)

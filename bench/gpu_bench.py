@@ -48,7 +48,8 @@ sys.path.insert(0, HERE)  # bench_train
 MEM_LIMIT = 0.6  # fraction of device memory a single row may plan to use
 COMPILE_S = 40.0  # allowance for a first call that compiles a kernel (sm_90, D = 5 backward ~ 20 s)
 TEST_SELECTION = ("bit_for_bit or (triton and (rotation or decaying or zero_time or edge_of_the_contract "
-                  "or chunked or identical_sets or single_call or retain_graph or van_loan or no_noise))")
+                  "or chunked or identical_sets or single_call or retain_graph or no_noise or many_doublings))")
+# (The SDE kernels' hypothesis test is left out: one compile per D, dtype and time block, minutes in all.)
 TEST_FILES = ("test_local_linear_step.py", "test_laplace_mmd.py", "test_local_linear_sde_triton.py")
 
 

@@ -60,11 +60,15 @@ def sde_noise(A: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, eps: torch.Ten
     return (psd_cholesky(S) @ eps[..., None])[..., 0]
 
 
-def _checked(A, dt, g, eps, check_finite) -> None:
-    """Shapes, dtypes and devices; with check_finite (default: off CUDA) the values too."""
-    validate_sde_inputs(A, None, dt, g, eps)
-    if check_finite if check_finite is not None else A.device.type != "cuda":
-        check_sde_values(A, None, dt, g, eps)
+def _checked(A, dt, g, eps, check_finite, x0=None):
+    """Shapes, dtypes and devices; with check_finite (default: off CUDA) the values too.  Returns
+    (B, T, D) and whether the values were checked (x0 None: an op without states)."""
+    B, T, D = validate_sde_inputs(A, x0, dt, g, eps)
+    if check_finite is None:
+        check_finite = A.device.type != "cuda"
+    if check_finite:
+        check_sde_values(A, x0, dt, g, eps)
+    return B, T, D, check_finite
 
 
 def _backend(backend: str, A: torch.Tensor) -> str:
@@ -94,11 +98,7 @@ def local_linear_sde_step(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor, g
         (first derivatives; the mean through ``local_linear_step``'s backward).  With g = 0, Y and X
         are the deterministic step exactly.
     """
-    B, T, D = validate_sde_inputs(A, x0, dt, g, eps)
-    if check_finite is None:
-        check_finite = A.device.type != "cuda"
-    if check_finite:
-        check_sde_values(A, x0, dt, g, eps)
+    B, T, D, check_finite = _checked(A, dt, g, eps, check_finite, x0)
     if B == 0 or T == 0:
         X, V = empty_result(A, x0, dt)
         S = X.new_zeros(B, T, D, D) + 0 * g.sum()

@@ -65,7 +65,7 @@ def check_sde_values(A, x0, dt, g, eps) -> None:
     if g.numel() and bool((g < 0).any()):
         raise ValueError(f"g must be non-negative (noise scales); its smallest entry is {g.min().item():.4g}")
     if A.shape[0] and dt.shape[1]:
-        nu = (dt.detach().abs().amax(dim=1) * A.detach().abs().sum(dim=1).amax(dim=1)).max().item()
+        nu = (dt.detach().abs().amax(dim=1) * operator_norm1(A)).max().item()
         if nu > NU_MAX:
             raise ValueError(f"dt * A is out of range: max ||dt * A||_1 = {nu:.4g} exceeds {NU_MAX:.0e}")
 

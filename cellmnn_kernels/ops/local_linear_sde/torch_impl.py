@@ -277,7 +277,7 @@ class _NoiseLanes(torch.autograd.Function):
         T = dt.shape[1]
         idx, h, s, m = forward_pairs(A, dt)
         out = A.new_zeros(B * T, D)
-        ctx.inputs, ctx.s, ctx.g_shape = (A, g, dt, eps), s, g.shape
+        ctx.inputs, ctx.s = (A, g, dt, eps), s
         if not idx.numel():
             ctx.save_for_backward(idx)
             return out.view(B, T, D)
@@ -292,21 +292,21 @@ class _NoiseLanes(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gY):
         """dA, dg, ddt, deps (first derivatives only)."""
-        A, g, dt, eps = ctx.inputs
+        A, _, dt, _ = ctx.inputs
         idx, *rest = ctx.saved_tensors
         B, D, _ = A.shape
         T = dt.shape[1]
-        dA, dg, ddt, deps = (torch.zeros_like(t) if ctx.needs_input_grad[i] else None
-                             for i, t in enumerate((A, g, dt, eps)))
-        if not idx.numel():
-            return first_order_only(SECOND_ORDER, (dA, dg, ddt, deps), ctx.inputs)
+        if not idx.numel():  # no pair carries noise: zero gradients
+            zeros = tuple(torch.zeros_like(t) if ctx.needs_input_grad[i] else None for i, t in enumerate(ctx.inputs))
+            return first_order_only(SECOND_ORDER, zeros, ctx.inputs)
         g_, e, L, roots, oks, *saved = rest
+        ddt = deps = None
         with torch.no_grad():
             y = gY.reshape(B * T, D).index_select(0, idx).t()  # (D, P)
             gS = _cholesky_lanes_backward(L, roots, oks, y[:, None] * e[None])  # Lb = y e^T on the factor
             dA, dq, dh = _lanes_backward(saved, gS, ctx.needs_input_grad[2])
             dqg = 2 * g_.expand(B, D) * dq.t()  # q = g^2
-            dg = dqg if len(ctx.g_shape) == 2 else dqg.sum(0)
+            dg = dqg if g_.dim() == 2 else dqg.sum(0)
             if dh is not None:
                 ddt = gY.new_zeros(B * T).index_copy_(0, idx, dh / 2.0 ** ctx.s).view(B, T)
             if ctx.needs_input_grad[3]:

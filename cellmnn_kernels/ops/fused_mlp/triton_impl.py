@@ -1,0 +1,320 @@
+"""Triton backend of ``fused_mlp``: every layer of E stacked LeakyReLU MLPs for a block of cells in
+one program, forward and backward, float32.
+
+Layout (after the fully fused MLP of tiny-cuda-nn, Mueller et al., "Real-time Neural Radiance
+Caching for Path Tracing", ACM TOG 40(4), 2021): a program owns BM cells of one model and keeps
+their activations on chip from the input to the output; nothing between layers goes to global
+memory.  A hidden activation is up to four (BM, 32) tiles (the width in 32-column chunks, NC of
+them: width 96 is three tiles, no padding), so a layer is NC x NC tile products
+(BM, 32) @ (32, 32), each weight tile streamed from global memory (L2-resident: every program of
+a model reads the same weights) and used once; only one weight tile is live at a time.
+
+Products: three tensor-core products in tf32 per tile (the "3xTF32" split, Ootomo and Yokota,
+"Recovering single precision accuracy from Tensor Cores while surpassing the FP32 theoretical
+peak performance", IJHPCA 2022): a = a_hi + a_lo with a_hi the top 10 mantissa bits of a (what
+tf32 keeps), likewise w, and a w ~ a_hi w_hi + a_hi w_lo + a_lo w_hi; the dropped a_lo w_lo is
+below 2^-20 of |a w|, so the result keeps about fp32 accuracy (tests: 2e-6 relative against a
+float64 reference).  The split is done in the kernel by masking the mantissa, not by Triton's
+"tf32x3" mode, whose products need several times the registers (measured: one (32 x 128) @
+(128 x 32) product alone takes 255 registers at 4 warps on sm_90).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..utils import HAS_TRITON, next_power_of_2, tl, triton
+from ..variant import KernelVariant, launch_kwargs
+
+MAX_WIDTH = 128  # hidden widths the kernels serve: up to four 32-column tiles
+MAX_IN = 32  # inputs the kernels serve: one tile of 16 or 32 columns
+TILE = 32
+
+
+def config(kind: str, D: int, dtype: torch.dtype = torch.float32, T: int = 16, width: int = 96,
+           n_in: int | None = None) -> dict:
+    """Compile-time configuration for the network on (x, t) of a D-dimensional model (``n_in``
+    inputs, default D + 1) with hidden ``width``: KI = the inputs padded to 16 or 32 (tl.dot's
+    least K is 16), NC = the 32-column tiles of the width, BM cells a program."""
+    n_in = D + 1 if n_in is None else n_in
+    return dict(BM=64, KI=max(16, next_power_of_2(n_in)), NC=-(-width // TILE), num_warps=4)
+
+
+if HAS_TRITON:
+    SLOPE = tl.constexpr(0.01)
+
+    @triton.jit
+    def _hi(v):
+        """v with its mantissa cut to tf32's 10 bits: v = _hi(v) + (v - _hi(v)) exactly."""
+        return (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _mma3(a, w, acc):
+        """acc + a w in three tf32 tensor-core products: a_lo w_hi + a_hi w_lo + a_hi w_hi.  A run-time
+        loop, so that the machine code holds one product site (each site keeps its own shared-memory
+        descriptors live; unrolled, they spill)."""
+        ah = _hi(a)
+        wh = _hi(w)
+        for k in range(3):
+            p = ah
+            q = wh
+            if k == 0:
+                p = a - ah
+            elif k == 1:
+                q = w - wh
+            acc = tl.dot(p, q, acc, input_precision="tf32")
+        return acc
+
+    @triton.jit
+    def _pick(j, t0, t1, t2, t3, NT: tl.constexpr):
+        """t_j for a run-time j < NT (NT <= 4 a compile-time bound, so that no unused tile is live)."""
+        t = t0
+        if NT > 1:
+            if j == 1:
+                t = t1
+        if NT > 2:
+            if j == 2:
+                t = t2
+        if NT > 3:
+            if j == 3:
+                t = t3
+        return t
+
+    @triton.jit
+    def _put(j, z, z0, z1, z2, z3, NT: tl.constexpr):
+        """(z0, z1, z2, z3) with z_j replaced by z, for a run-time j < NT (as ``_pick``)."""
+        if j == 0:
+            z0 = z
+        if NT > 1:
+            if j == 1:
+                z1 = z
+        if NT > 2:
+            if j == 2:
+                z2 = z
+        if NT > 3:
+            if j == 3:
+                z3 = z
+        return z0, z1, z2, z3
+
+    @triton.jit
+    def _wtile(wp, K, N, k0, n0, KT: tl.constexpr, NT: tl.constexpr, TRANS: tl.constexpr):
+        """W[k0:k0+KT, n0:n0+NT] of W (K, N) row-major at wp, zero outside W; its transpose
+        (NT, KT) if TRANS."""
+        if TRANS:
+            rk = k0 + tl.arange(0, KT)[None, :]
+            rn = n0 + tl.arange(0, NT)[:, None]
+        else:
+            rk = k0 + tl.arange(0, KT)[:, None]
+            rn = n0 + tl.arange(0, NT)[None, :]
+        return tl.load(wp + rk * N + rn, mask=(rk < K) & (rn < N), other=0.0)
+
+    @triton.jit
+    def _col(h0, h1, h2, h3, wp, K, N, n0, NCI: tl.constexpr, LEAKY: tl.constexpr):
+        """Columns n0..n0+31 of h W + b (LeakyReLU if LEAKY) for h = [h0 | h1 | ...] (its first NCI
+        (BM, KT) tiles), W (K, N) at wp, b (N,) right after it."""
+        BM: tl.constexpr = h0.shape[0]
+        KT: tl.constexpr = h0.shape[1]
+        rn = n0 + tl.arange(0, 32)
+        acc = tl.zeros((BM, 32), dtype=tl.float32) + tl.load(wp + K * N + rn, mask=rn < N, other=0.0)[None, :]
+        for i in range(NCI):
+            acc = _mma3(_pick(i, h0, h1, h2, h3, NCI), _wtile(wp, K, N, i * KT, n0, KT, 32, False), acc)
+        if LEAKY:
+            acc = tl.where(acc > 0, acc, acc * SLOPE)
+        return acc
+
+    @triton.jit
+    def _layer(h0, h1, h2, h3, wp, K, N, NCI: tl.constexpr, NCO: tl.constexpr):
+        """LeakyReLU(h W + b) as NCO (BM, 32) tiles (unused ones zero) from the NCI tiles of h;
+        W (K, N) at wp, b (N,) right after it."""
+        z0 = tl.zeros((h0.shape[0], 32), dtype=tl.float32)
+        z1 = z0
+        z2 = z0
+        z3 = z0
+        for j in range(NCO):  # a run-time loop: one output tile's weights live at a time
+            z0, z1, z2, z3 = _put(j, _col(h0, h1, h2, h3, wp, K, N, j * 32, NCI, True), z0, z1, z2, z3, NCO)
+        return z0, z1, z2, z3
+
+    @triton.jit
+    def _hidden(x, wp, n_in, width, n_layers, NC: tl.constexpr):
+        """The activation after the first layer and ``n_layers`` hidden-to-hidden layers, as tiles."""
+        h0, h1, h2, h3 = _layer(x, x, x, x, wp, n_in, width, 1, NC)
+        off = n_in * width + width
+        for _ in range(n_layers):
+            h0, h1, h2, h3 = _layer(h0, h1, h2, h3, wp + off, width, width, NC, NC)
+            off += width * width + width
+        return h0, h1, h2, h3
+
+    @triton.jit
+    def _fused_mlp_fwd_kernel(x_ptr, w_ptr, y_ptr, n, n_in, width, n_out, n_mid, P,
+                              BM: tl.constexpr, KI: tl.constexpr, NC: tl.constexpr):
+        """y[e] = MLP_e(x[e]) for the BM cells of program (block, e): x (E, n, n_in), y (E, n, n_out),
+        weights (E, P) contiguous; n_mid hidden-to-hidden layers."""
+        e = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rm = rows < n
+        grow = e * n + rows
+        ci = tl.arange(0, KI)
+        x = tl.load(x_ptr + grow[:, None] * n_in + ci[None, :], mask=rm[:, None] & (ci[None, :] < n_in), other=0.0)
+        wp = w_ptr + e * P
+        h0, h1, h2, h3 = _hidden(x, wp, n_in, width, n_mid, NC)
+        off = n_in * width + width + n_mid * (width * width + width)
+        for c in range(0, n_out, 32):
+            o = _col(h0, h1, h2, h3, wp + off, width, n_out, c, NC, False)
+            rn = c + tl.arange(0, 32)
+            tl.store(y_ptr + grow[:, None] * n_out + rn[None, :], o, mask=rm[:, None] & (rn[None, :] < n_out))
+
+    @triton.jit
+    def _grad_w_cols(gp, a0, a1, a2, a3, d, K, N, n0, NCI: tl.constexpr):
+        """Columns n0..n0+31 of a layer's partial gradient at gp (W (K, N), b right after it):
+        W += a^T d, b += the sum of d over the block, for the layer's input a (its first NCI
+        (BM, KT) tiles) and the delta d (BM, 32) of those outputs."""
+        KT: tl.constexpr = a0.shape[1]
+        rn = n0 + tl.arange(0, 32)
+        bp = gp + K * N + rn
+        tl.store(bp, tl.load(bp, mask=rn < N, other=0.0) + tl.sum(d, axis=0), mask=rn < N)
+        for i in range(NCI):
+            rk = i * KT + tl.arange(0, KT)
+            p = gp + rk[:, None] * N + rn[None, :]
+            m = (rk[:, None] < K) & (rn[None, :] < N)
+            tl.store(p, _mma3(tl.trans(_pick(i, a0, a1, a2, a3, NCI)), d, tl.load(p, mask=m, other=0.0)), mask=m)
+
+    @triton.jit
+    def _add_t(z0, z1, z2, z3, d, wp, K, N, n0, NCO: tl.constexpr, MASK: tl.constexpr):
+        """z_i += d W[i KT:(i+1) KT, n0:n0+32]^T for the NCO (BM, KT) tiles z_i, d (BM, 32),
+        W (K, N) at wp; with MASK, z_i is then multiplied by LeakyReLU'(a_i) for the tiles a_i
+        passed as (a0, a1, a2, a3) = MASK (h > 0 exactly where the pre-activation is: slope > 0)."""
+        KT: tl.constexpr = z0.shape[1]
+        for i in range(NCO):
+            z = _mma3(d, _wtile(wp, K, N, i * KT, n0, KT, 32, True), _pick(i, z0, z1, z2, z3, NCO))
+            z0, z1, z2, z3 = _put(i, z, z0, z1, z2, z3, NCO)
+        return z0, z1, z2, z3
+
+    @triton.jit
+    def _leaky_grad(d0, d1, d2, d3, a0, a1, a2, a3):
+        """d * LeakyReLU'(.) read from the activations a (a > 0 exactly where the pre-activation is)."""
+        return (tl.where(a0 > 0, d0, d0 * SLOPE), tl.where(a1 > 0, d1, d1 * SLOPE),
+                tl.where(a2 > 0, d2, d2 * SLOPE), tl.where(a3 > 0, d3, d3 * SLOPE))
+
+    @triton.jit
+    def _fused_mlp_bwd_kernel(x_ptr, w_ptr, gy_ptr, gw_ptr, gx_ptr, n, n_in, width, n_out, n_mid, P, n_prog,
+                              BM: tl.constexpr, KI: tl.constexpr, NC: tl.constexpr, NEED_GX: tl.constexpr):
+        """Gradients of sum(gy * y): partial dW of program (pid, e) added into gw (n_prog, E, P)
+        (zeroed by the caller), dx (E, n, n_in) if NEED_GX.  The program walks row blocks pid,
+        pid + n_prog, ...; for each it runs the chain rule from the output layer down, recomputing
+        each layer's input from x (nothing is stored between layers)."""
+        pid = tl.program_id(0)
+        e = tl.program_id(1).to(tl.int64)
+        wp = w_ptr + e * P
+        gp = gw_ptr + (pid.to(tl.int64) * tl.num_programs(1) + e) * P
+        ci = tl.arange(0, KI)
+        for blk in range(pid, tl.cdiv(n, BM), n_prog):
+            rows = blk * BM + tl.arange(0, BM)
+            rm = rows < n
+            grow = e * n + rows
+            x = tl.load(x_ptr + grow[:, None] * n_in + ci[None, :], mask=rm[:, None] & (ci[None, :] < n_in),
+                        other=0.0)
+            d0 = tl.zeros((BM, 32), dtype=tl.float32)
+            d1 = d0
+            d2 = d0
+            d3 = d0
+            for i in range(n_mid + 1):  # layer k = n_mid + 1 - i (the output layer first), input a
+                a0, a1, a2, a3 = _hidden(x, wp, n_in, width, n_mid - i, NC)
+                off = n_in * width + width + (n_mid - i) * (width * width + width)
+                if i == 0:  # the output layer: gy in 32-column chunks
+                    z0 = tl.zeros((BM, 32), dtype=tl.float32)
+                    z1 = z0
+                    z2 = z0
+                    z3 = z0
+                    for c in range(0, n_out, 32):
+                        rn = c + tl.arange(0, 32)
+                        gy = tl.load(gy_ptr + grow[:, None] * n_out + rn[None, :],
+                                     mask=rm[:, None] & (rn[None, :] < n_out), other=0.0)
+                        _grad_w_cols(gp + off, a0, a1, a2, a3, gy, width, n_out, c, NC)
+                        z0, z1, z2, z3 = _add_t(z0, z1, z2, z3, gy, wp + off, width, n_out, c, NC, False)
+                else:
+                    z0 = tl.zeros((BM, 32), dtype=tl.float32)
+                    z1 = z0
+                    z2 = z0
+                    z3 = z0
+                    for j in range(NC):
+                        dj = _pick(j, d0, d1, d2, d3, NC)
+                        _grad_w_cols(gp + off, a0, a1, a2, a3, dj, width, width, j * 32, NC)
+                        z0, z1, z2, z3 = _add_t(z0, z1, z2, z3, dj, wp + off, width, width, j * 32, NC, False)
+                d0, d1, d2, d3 = _leaky_grad(z0, z1, z2, z3, a0, a1, a2, a3)
+            gz = tl.zeros((BM, KI), dtype=tl.float32)
+            for j in range(NC):  # the first layer
+                dj = _pick(j, d0, d1, d2, d3, NC)
+                _grad_w_cols(gp, x, x, x, x, dj, n_in, width, j * 32, 1)
+                if NEED_GX:
+                    gz = _add_t(gz, gz, gz, gz, dj, wp, n_in, width, j * 32, 1, False)[0]
+            if NEED_GX:
+                tl.store(gx_ptr + grow[:, None] * n_in + ci[None, :], gz, mask=rm[:, None] & (ci[None, :] < n_in))
+
+
+BACKWARD_PROGRAMS = 264  # backward programs over all models (about two per SM of an H100)
+
+
+def sizes(shapes) -> tuple:
+    """(n_in, width, n_out, n_mid) of a network's layer shapes (in, w), (w, w), ..., (w, out)."""
+    n_in, width = shapes[0]
+    mids = shapes[1:-1]
+    if len(shapes) < 2 or any(tuple(s) != (width, width) for s in mids) or shapes[-1][0] != width:
+        raise ValueError(f"fused_mlp needs layers (in, w), (w, w), ..., (w, out); got {shapes}")
+    return n_in, width, shapes[-1][1], len(mids)
+
+
+def forward_launch(flat, x, y, shapes):
+    """(kernel, grid, keyword arguments) of the forward: y (E, n, out) from flat (E, P) and
+    x (E, n, in), all contiguous."""
+    n_in, width, n_out, n_mid = sizes(shapes)
+    E, n, _ = x.shape
+    cfg = config("fwd", n_in - 1, width=width, n_in=n_in)
+    kw = dict(x_ptr=x, w_ptr=flat, y_ptr=y, n=n, n_in=n_in, width=width, n_out=n_out, n_mid=n_mid,
+              P=flat.shape[1], **launch_kwargs(_fused_mlp_fwd_kernel, cfg))
+    return _fused_mlp_fwd_kernel, (triton.cdiv(n, cfg["BM"]), E), kw
+
+
+def backward_programs(n: int, E: int, BM: int) -> int:
+    """Backward programs per model: about ``BACKWARD_PROGRAMS`` over all models, no more than the
+    model's row blocks (each program keeps one (P,) partial sum per model)."""
+    return max(1, min(triton.cdiv(n, BM), BACKWARD_PROGRAMS // max(E, 1)))
+
+
+def backward_launch(flat, x, gy, gw, gx, shapes):
+    """(kernel, grid, keyword arguments) of the backward: partial weight gradients into gw
+    (n_prog, E, P), zeroed; gx (E, n, in) or None; gy (E, n, out) contiguous."""
+    n_in, width, n_out, n_mid = sizes(shapes)
+    cfg = dict(config("bwd", n_in - 1, width=width, n_in=n_in), NEED_GX=gx is not None)
+    kw = dict(x_ptr=x, w_ptr=flat, gy_ptr=gy, gw_ptr=gw, gx_ptr=gy if gx is None else gx, n=x.shape[1],
+              n_in=n_in, width=width, n_out=n_out, n_mid=n_mid, P=flat.shape[1], n_prog=gw.shape[0],
+              **launch_kwargs(_fused_mlp_bwd_kernel, cfg))
+    return _fused_mlp_bwd_kernel, (gw.shape[0], x.shape[0]), kw
+
+
+class FusedMlpFunction(torch.autograd.Function):
+    """One launch forward; one launch backward and the sum of its partials.  First derivatives."""
+
+    @staticmethod
+    def forward(ctx, flat, x, shapes):
+        """flat (E, P), x (E, n, in) float32 -> (E, n, out)."""
+        flat, x = flat.contiguous(), x.contiguous()
+        y = torch.empty(x.shape[:2] + (shapes[-1][1],), dtype=x.dtype, device=x.device)
+        if x.shape[1]:
+            kernel, grid, kw = forward_launch(flat, x, y, shapes)
+            kernel[grid](**kw)
+        ctx.shapes = shapes
+        ctx.save_for_backward(flat, x)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        """d flat, dx (None when x needs none)."""
+        flat, x = ctx.saved_tensors
+        E, n, _ = x.shape
+        gx = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
+        if not n:
+            return torch.zeros_like(flat), gx, None
+        n_prog = backward_programs(n, E, config("bwd", x.shape[2] - 1)["BM"])
+        gw = torch.zeros((n_prog, E, flat.shape[1]), dtype=flat.dtype, device=flat.device)
+        kernel, grid, kw = backward_launch(flat, x, gy.contiguous(), gw, gx, ctx.shapes)
+        kernel[grid](**kw)
+        return gw.sum(0), gx, None

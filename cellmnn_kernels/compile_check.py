@@ -34,6 +34,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+from .ops.fused_mlp import triton_impl as fmlp
 from .ops.laplace_mmd import triton_impl as mmd
 from .ops.local_linear_sde import triton_impl as sde
 from .ops.local_linear_step import triton_impl as llstep
@@ -55,11 +56,12 @@ class KernelSpec:
     signature: tuple  # ((argument, type), ...) in order
     constexprs: tuple  # ((name, value), ...)
     num_warps: int
+    num_stages: int | None = None  # Triton's default where None
 
 
 def variants() -> tuple:
     """Every Triton kernel family of every op."""
-    return llstep.VARIANTS + mmd.VARIANTS + sde.VARIANTS
+    return llstep.VARIANTS + mmd.VARIANTS + sde.VARIANTS + fmlp.VARIANTS
 
 
 def _signature(kernel, dtype_tag: str, constexprs: dict, pointer_types: dict) -> tuple:
@@ -86,11 +88,12 @@ def spec_of(variant, kind: str, dtype: torch.dtype, cfg: dict) -> KernelSpec:
     kernel = variant.kernels[kind]
     kw = launch_kwargs(kernel, cfg)
     num_warps = kw.pop("num_warps")
+    num_stages = kw.pop("num_stages", None)
     tag = DTYPE_TAGS[dtype]
     sizes = "_".join(f"{k}{v}" for k, v in kw.items() if not isinstance(v, bool))
     fn = getattr(kernel, "fn", kernel)
     return KernelSpec(f"{variant.name}_{kind}_{tag}_{sizes}", f"{fn.__module__}:{fn.__name__}",
-                      _signature(kernel, tag, kw, variant.pointer_types), tuple(kw.items()), num_warps)
+                      _signature(kernel, tag, kw, variant.pointer_types), tuple(kw.items()), num_warps, num_stages)
 
 
 def kernel_specs(every: bool = True, with_meta: bool = False, only_d=None, arch: int | None = None) -> list:
@@ -103,9 +106,9 @@ def kernel_specs(every: bool = True, with_meta: bool = False, only_d=None, arch:
         for kind in v.kernels:
             for dtype, tag in DTYPE_TAGS.items():
                 if every:
-                    cfgs = v.configs(kind, dtype)
+                    cfgs = v.configs(kind, dtype, arch)
                 else:
-                    cfgs = [v.config(kind, r[1], dtype, 16) for r in v.representative if r[0] == kind and
+                    cfgs = [v.config_for(kind, r[1], dtype, 16, arch) for r in v.representative if r[0] == kind and
                             r[2] == dtype and (len(r) < 4 or arch is None or r[3] == arch)]
                 for cfg in cfgs:
                     if only_d is not None and "D" in launch_kwargs(v.kernels[kind], cfg) and cfg["D"] not in only_d:
@@ -158,7 +161,8 @@ def _compile(spec: KernelSpec, arch: int, keep_cubin: bool) -> dict:
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": spec.num_warps})
+                                  options={"num_warps": spec.num_warps,
+                                           **({} if spec.num_stages is None else {"num_stages": spec.num_stages})})
         ptx = compiled.asm["ptx"]
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.ptx")

@@ -47,9 +47,15 @@ ASSUMPTIONS = {
     "warp_instructions_per_scheduler_per_clock": 1,
     "threads_per_warp": 32,
     "copy_bandwidth_bytes_per_s": 3.35e12,
+    # NVIDIA H100 Tensor Core GPU datasheet, SXM: FP32 67 TFLOPS, TF32 Tensor Core 989 TFLOPS with
+    # sparsity (494.7 dense); the fused MLP's estimate (``mlp_estimate``) uses them.
+    "fp32_flops_per_s": 66.9e12,
+    "tf32_tensor_flops_per_s": 494.7e12,
     "note": ("issue-bound time = thread-instructions / (SMs x schedulers x clock x 32); memory time = "
              "compulsory bytes / copy bandwidth; ceiling = min(1, memory time / issue time). "
-             "Latency, occupancy and cache behaviour are not modelled."),
+             "Latency, occupancy and cache behaviour are not modelled. Fused MLP: tensor time = the "
+             "executed HGMMA/HMMA multiply-adds x 2 / the dense TF32 peak (mma.sync at the same peak: "
+             "optimistic); estimate = max(issue time, tensor time)."),
 }
 
 BENCH_INPUT = {"B": 32768, "T": 16, "A": "randn / sqrt(D)", "x0": "randn", "dt": "U[0, 4]", "seed": 0}
@@ -398,6 +404,74 @@ def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT
             "time_block": bt}
 
 
+# ----------------------------------------------------------------------------- fused MLP
+
+MLP_BENCH = {"D": 5, "width": 96, "depth": 4, "n_out": 25}  # the default network of a 5-d model
+_MMA = re.compile(r"^(HGMMA)\.64x(\d+)x8|^(HMMA)\.1688")
+
+
+def mlp_loop_executions(kind: str, n_mid: int, NC: int, n_oc: int) -> list:
+    """How often each loop body of the fused MLP kernels runs (per program forward, per row
+    block backward), in the order ``find_loops`` lists the machine code's loops: the source
+    loops whose trip counts are not compile-time constants (the forward's tile products are
+    unrolled; the backward's run-time loops are those of ``_col``, ``_mma3``, ``_grad_w_cols``,
+    ``_add_t``)."""
+    if kind == "fwd":
+        return [n_mid, n_mid * NC, n_oc]
+    L, rec = n_mid + 1, n_mid * (n_mid + 1) // 2  # layers walked; hidden layers recomputed per block
+    return [1, L, L * NC, rec, rec * NC, rec * NC * NC, rec * NC * NC * 3,
+            n_oc, n_oc * NC, n_oc * NC * 3, n_oc * NC, n_oc * NC * 3,
+            n_mid * NC, n_mid * NC * NC, n_mid * NC * NC * 3, n_mid * NC * NC, n_mid * NC * NC * 3,
+            NC, NC * 3, NC * 3]
+
+
+def mlp_estimate(kind: str, cfg: dict, sass: str, net=MLP_BENCH) -> dict:
+    """Time per cell of a fused MLP kernel on the network ``net`` (H100 SXM, ``ASSUMPTIONS``):
+    executed warp-instructions (each loop body times ``mlp_loop_executions``) at the issue rate,
+    and the executed tensor-core multiply-adds at the TF32 peak; against the FLOP limit of the
+    useful arithmetic (forward 2 (in w + n_mid w^2 + w out) per cell, backward twice that) at the
+    FP32 peak, and at a third of the TF32 peak (three tf32 products per product)."""
+    a = ASSUMPTIONS
+    n_in, w, n_mid, n_oc = net["D"] + 1, net["width"], net["depth"] - 1, -(-net["n_out"] // 32)
+    instrs = parse_sass(sass)
+    loops = find_loops(instrs)
+    runs = mlp_loop_executions(kind, n_mid, cfg["NC"], n_oc)
+    if len(runs) != len(loops):
+        raise ValueError(f"fused MLP {kind}: {len(loops)} loops in the machine code, the model knows {len(runs)}")
+    warps = cfg["num_warps"]
+
+    def macs(ins):  # multiply-adds per program of these instructions, each run once
+        total = 0
+        for i in ins:
+            m = _MMA.match(i.op + i.args)  # the opcode parse stops at the lower-case x of "64x32x8"
+            if m and m.group(1):
+                total += 64 * int(m.group(2)) * 8 * warps // 4  # one per warpgroup
+            elif m:
+                total += 16 * 8 * 8 * warps  # m16n8k8, one per warp
+        return total
+    roots = [lp for lp in loops if lp.parent is None]
+    outside = [i for i in instrs if not any(lp.start <= i.addr <= lp.end for lp in roots)]
+    warp_instr, mac = len(outside), macs(outside)
+    for idx, (lp, n) in enumerate(zip(loops, runs)):
+        kids = [k for k, c in enumerate(loops) if c.parent == idx]
+        own = [i for i in instrs if lp.start <= i.addr <= lp.end
+               and not any(loops[k].start <= i.addr <= loops[k].end for k in kids)]
+        warp_instr += len(own) * n
+        mac += macs(own) * n
+    BM = cfg["BM"]
+    per_cell = warp_instr * warps / BM
+    t_issue = per_cell / (a["sms"] * a["schedulers_per_sm"] * a["clock_hz"] * a["warp_instructions_per_scheduler_per_clock"])
+    t_tensor = 2 * mac / BM / a["tf32_tensor_flops_per_s"]
+    useful = 2 * (n_in * w + n_mid * w * w + w * net["n_out"]) * (1 if kind == "fwd" else 2)
+    t_est = max(t_issue, t_tensor)
+    return {"network": dict(net), "warp_instructions_per_cell": per_cell, "tensor_macs_per_cell": mac / BM,
+            "useful_flops_per_cell": useful, "issue_ns_per_cell": 1e9 * t_issue, "tensor_ns_per_cell": 1e9 * t_tensor,
+            "estimate_ns_per_cell": 1e9 * t_est, "fp32_limit_ns_per_cell": 1e9 * useful / a["fp32_flops_per_s"],
+            "tf32x3_limit_ns_per_cell": 3e9 * useful / a["tf32_tensor_flops_per_s"],
+            "over_fp32_limit": t_est * a["fp32_flops_per_s"] / useful,
+            "over_tf32x3_limit": t_est * a["tf32_tensor_flops_per_s"] / (3 * useful)}
+
+
 # ----------------------------------------------------------------------------- report
 
 def _analyse(args):
@@ -416,7 +490,10 @@ def _analyse(args):
     if est is not None:
         kind, cfg, dtype_name = est
         try:
-            res["estimate"] = estimate(kind, cfg, sass, dtype_name)
+            if meta["variant"] == "fused_mlp":
+                res["estimate"] = mlp_estimate(kind, cfg, sass)
+            else:
+                res["estimate"] = estimate(kind, cfg, sass, dtype_name)
         except ValueError as exc:
             res["estimate_error"] = str(exc)
     return res
@@ -438,6 +515,10 @@ def work_items(only_d=None, dtypes=("fp32", "fp64"), tiled=True, mmd=True, famil
                 continue
             # Per-pair estimates for the register kernels; counts only for the lane-group ones.
             est = (meta["kind"], meta["cfg"], meta["dtype"]) if family == "llstep_reg" else None
+            items.append((spec, meta, est))
+        elif family == "fused_mlp" and (only_d is None or family_only == "fused_mlp"):
+            # the estimate for the default network (inputs padded to 16 columns)
+            est = (meta["kind"], meta["cfg"], meta["dtype"]) if meta["cfg"]["KI"] == 16 else None
             items.append((spec, meta, est))
         elif (family == "llstep_tiled" and tiled) or (family.startswith("laplace") and mmd) \
                 or (family == "sde_cov" and family_only == "sde_cov"):
@@ -467,11 +548,17 @@ def format_table(results) -> str:
             continue
         c = r["counts"]
         est = r.get("estimate")
-        pp = f"{est['thread_instructions_per_pair']:9.0f}" if est else f"{'-':>9}"
-        ceil = f"{100 * est['ceiling_fraction_of_copy_bandwidth']:7.0f}%" if est else f"{'-':>8}"
+        pp = f"{est['thread_instructions_per_pair']:9.0f}" if est and "network" not in est else f"{'-':>9}"
+        ceil = f"{100 * est['ceiling_fraction_of_copy_bandwidth']:7.0f}%" if est and "network" not in est \
+            else f"{'-':>8}"
         lines.append(f"{r['name']:<52} {r['registers']:>4} {r['spill_stores']:>5} {c['instructions']:>6} "
                      f"{c['bar_sync']:>4} {str(c['lds']) + '/' + str(c['sts']):>8} {c['shfl']:>4} {c['mufu']:>4} "
                      f"{r['in_loops']['bar_sync']:>8} {pp} {ceil}")
+        if est and "network" in est:
+            lines.append(f"  {'':<50} per cell {est['estimate_ns_per_cell']:.3f} ns (issue {est['issue_ns_per_cell']:.3f}, "
+                         f"tensor {est['tensor_ns_per_cell']:.3f}); FLOP limit fp32 {est['fp32_limit_ns_per_cell']:.3f} "
+                         f"ns ({est['over_fp32_limit']:.2f}x), 3xtf32 {est['tf32x3_limit_ns_per_cell']:.3f} ns "
+                         f"({est['over_tf32x3_limit']:.2f}x)")
     return "\n".join(lines)
 
 

@@ -41,7 +41,8 @@ def step_losses(s: Setup, L: Layout, flat: torch.Tensor, step: torch.Tensor, che
     if L.shared:  # members of one joint model use its weights
         flat = flat.index_select(0, L.member_model)
     spec = s.decoder
-    net = lambda z, t_in: stacked_mlp(flat, s.shapes, torch.cat([z, t_in], 1).view(E, L.n_src // E, -1))  # noqa: E731
+    net = lambda z, t_in: stacked_mlp(flat, s.shapes, torch.cat([z, t_in], 1).view(E, L.n_src // E, -1),  # noqa: E731
+                                      s.backend)
     A, b, g, pen = spec.split(net(x0, L.t_in).reshape(L.n_src, -1), s.unit, check_errors=check)
 
     def operator(z, u):  # re-linearised pieces: the MLP at the current states and times

@@ -28,8 +28,10 @@ def constexpr_names(kernel) -> list[str]:
 
 def launch_kwargs(kernel, cfg: dict) -> dict:
     """The compile-time keyword arguments of a launch of ``kernel`` in configuration ``cfg``:
-    its constexpr parameters, taken from ``cfg`` by name, and ``num_warps``."""
-    return {**{name: cfg[name] for name in constexpr_names(kernel)}, "num_warps": cfg["num_warps"]}
+    its constexpr parameters, taken from ``cfg`` by name, ``num_warps``, and ``num_stages`` where
+    the configuration sets one."""
+    extra = {"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}
+    return {**{name: cfg[name] for name in constexpr_names(kernel)}, "num_warps": cfg["num_warps"], **extra}
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,6 +58,7 @@ class KernelVariant:
             the backward writes (the caller adds them up), or None for one.
         pointer_types: Triton types of pointer arguments that do not point to the op's dtype.
         times: values of T that together reach every configuration (``configs``).
+        arch_dependent: ``config`` takes ``arch`` (the sm_<arch> the kernel runs on) and chooses by it.
     """
 
     name: str
@@ -69,17 +72,25 @@ class KernelVariant:
     backward_parts: Callable | None = None
     pointer_types: dict = field(default_factory=dict)
     times: tuple = (16,)
+    arch_dependent: bool = False
 
     def serves(self, D: int, dtype: torch.dtype) -> bool:
         """Whether the op's dispatch sends inputs of dimension D and this dtype here."""
         return D in self.dims.get(dtype, ())
 
-    def configs(self, kind: str, dtype: torch.dtype) -> list[dict]:
-        """Every distinct configuration of kernel ``kind`` the launcher can choose for ``dtype``."""
+    def config_for(self, kind: str, D: int, dtype: torch.dtype, T: int = 16, arch: int | None = None) -> dict:
+        """``config``, given sm_<arch> (default 90) where the family chooses by it."""
+        if self.arch_dependent:
+            return self.config(kind, D, dtype, T, arch=90 if arch is None else arch)
+        return self.config(kind, D, dtype, T)
+
+    def configs(self, kind: str, dtype: torch.dtype, arch: int | None = None) -> list[dict]:
+        """Every distinct configuration of kernel ``kind`` the launcher can choose for ``dtype`` (on
+        sm_<arch>, default 90, for an arch-dependent family)."""
         seen = {}
         for D in self.dims.get(dtype, ()):
             for T in self.times:
-                cfg = self.config(kind, D, dtype, T)
+                cfg = self.config_for(kind, D, dtype, T, arch)
                 seen.setdefault(tuple(launch_kwargs(self.kernels[kind], cfg).items()), cfg)
         return list(seen.values())
 

@@ -9,7 +9,7 @@ SLOPE = 0.01  # LeakyReLU's negative slope (torch's default, as ``CellMNN.mlp``)
 
 def layer_offsets(shapes) -> list:
     """Per layer (start of W, start of b, end) in a model's flat vector: layer by layer, W as
-    (in, out) row-major, then b."""
+    (in, out) row-major, then b (the last entry's end is the vector's length)."""
     out, o = [], 0
     for n_in, n_out in shapes:
         out.append((o, o + n_in * n_out, o + n_in * n_out + n_out))
@@ -19,7 +19,8 @@ def layer_offsets(shapes) -> list:
 
 def fused_mlp_reference(flat: torch.Tensor, shapes, x: torch.Tensor) -> torch.Tensor:
     """flat (E, P), x (E, n, shapes[0][0]) -> (E, n, shapes[-1][1]): h <- LeakyReLU(h W + b) for
-    every layer but the last, which is affine.  Differentiable by autograd."""
+    every layer but the last, which is affine; one model and one layer at a time, in the inputs'
+    dtype.  Differentiable by autograd (any order)."""
     outs = []
     for e in range(flat.shape[0]):
         h = x[e]

@@ -22,21 +22,41 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import HAS_TRITON, next_power_of_2, tl, triton
+from ..utils import HAS_TRITON, first_order_only, next_power_of_2, tl, triton
 from ..variant import KernelVariant, launch_kwargs
 
 MAX_WIDTH = 128  # hidden widths the kernels serve: up to four 32-column tiles
 MAX_IN = 32  # inputs the kernels serve: one tile of 16 or 32 columns
 TILE = 32
+BACKWARD_PROGRAMS = 264  # backward programs over all models (two per SM of an H100), at least one per model
 
 
 def config(kind: str, D: int, dtype: torch.dtype = torch.float32, T: int = 16, width: int = 96,
-           n_in: int | None = None) -> dict:
+           n_in: int | None = None, arch: int = 90) -> dict:
     """Compile-time configuration for the network on (x, t) of a D-dimensional model (``n_in``
-    inputs, default D + 1) with hidden ``width``: KI = the inputs padded to 16 or 32 (tl.dot's
-    least K is 16), NC = the 32-column tiles of the width, BM cells a program."""
+    inputs, default D + 1) with hidden ``width``, on sm_<arch>: KI = the inputs padded to 16 or 32
+    (tl.dot's least K is 16), NC = the 32-column tiles of the width, BM cells a program, 8 warps,
+    one pipeline stage (no prefetch buffers: they spill).  Chosen by the compiled code (registers
+    and spills, sm_90 and sm_80, triton 3.8; ``tests/test_fused_mlp.py`` checks them):
+    sm_90 forward 128 cells with every tile product unrolled (64 when the width needs four tiles
+    or the inputs 32 columns, which spill at 128), backward 64 cells with the products in
+    run-time loops; sm_80 (register-operand products) 32 cells, forward loops too."""
     n_in = D + 1 if n_in is None else n_in
-    return dict(BM=64, KI=max(16, next_power_of_2(n_in)), NC=-(-width // TILE), num_warps=4)
+    KI, NC = max(16, next_power_of_2(n_in)), -(-width // TILE)
+    cfg = dict(KI=KI, NC=NC, num_warps=8, num_stages=1)
+    if kind == "fwd":
+        if arch >= 90:
+            return dict(cfg, BM=128 if NC <= 3 and KI == 16 else 64, UNROLL=True)
+        return dict(cfg, BM=32, UNROLL=False)
+    return dict(cfg, BM=64 if arch >= 90 else 32, NEED_GX=True)
+
+
+def device_arch(device: torch.device) -> int:
+    """sm_<arch> of a CUDA device as an integer (90 for an H100); 90 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 if HAS_TRITON:
@@ -48,20 +68,25 @@ if HAS_TRITON:
         return (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _mma3(a, w, acc):
-        """acc + a w in three tf32 tensor-core products: a_lo w_hi + a_hi w_lo + a_hi w_hi.  A run-time
-        loop, so that the machine code holds one product site (each site keeps its own shared-memory
-        descriptors live; unrolled, they spill)."""
+    def _mma3(a, w, acc, UNROLL: tl.constexpr = False):
+        """acc + a w in three tf32 tensor-core products: a_lo w_hi + a_hi w_lo + a_hi w_hi.  Unless
+        UNROLL, a run-time loop, so that the machine code holds one product site (each site keeps its
+        own shared-memory descriptors live: in the backward, unrolled sites spill)."""
         ah = _hi(a)
         wh = _hi(w)
-        for k in range(3):
-            p = ah
-            q = wh
-            if k == 0:
-                p = a - ah
-            elif k == 1:
-                q = w - wh
-            acc = tl.dot(p, q, acc, input_precision="tf32")
+        if UNROLL:
+            acc = tl.dot(a - ah, wh, acc, input_precision="tf32")
+            acc = tl.dot(ah, w - wh, acc, input_precision="tf32")
+            acc = tl.dot(ah, wh, acc, input_precision="tf32")
+        else:
+            for k in range(3):
+                p = ah
+                q = wh
+                if k == 0:
+                    p = a - ah
+                elif k == 1:
+                    q = w - wh
+                acc = tl.dot(p, q, acc, input_precision="tf32")
         return acc
 
     @triton.jit
@@ -108,21 +133,25 @@ if HAS_TRITON:
         return tl.load(wp + rk * N + rn, mask=(rk < K) & (rn < N), other=0.0)
 
     @triton.jit
-    def _col(h0, h1, h2, h3, wp, K, N, n0, NCI: tl.constexpr, LEAKY: tl.constexpr):
+    def _col(h0, h1, h2, h3, wp, K, N, n0, NCI: tl.constexpr, LEAKY: tl.constexpr, UNROLL: tl.constexpr = False):
         """Columns n0..n0+31 of h W + b (LeakyReLU if LEAKY) for h = [h0 | h1 | ...] (its first NCI
         (BM, KT) tiles), W (K, N) at wp, b (N,) right after it."""
         BM: tl.constexpr = h0.shape[0]
         KT: tl.constexpr = h0.shape[1]
         rn = n0 + tl.arange(0, 32)
         acc = tl.zeros((BM, 32), dtype=tl.float32) + tl.load(wp + K * N + rn, mask=rn < N, other=0.0)[None, :]
-        for i in range(NCI):
-            acc = _mma3(_pick(i, h0, h1, h2, h3, NCI), _wtile(wp, K, N, i * KT, n0, KT, 32, False), acc)
+        if UNROLL:
+            for i in tl.static_range(NCI):
+                acc = _mma3(_pick(i, h0, h1, h2, h3, NCI), _wtile(wp, K, N, i * KT, n0, KT, 32, False), acc, True)
+        else:
+            for i in range(NCI):
+                acc = _mma3(_pick(i, h0, h1, h2, h3, NCI), _wtile(wp, K, N, i * KT, n0, KT, 32, False), acc)
         if LEAKY:
             acc = tl.where(acc > 0, acc, acc * SLOPE)
         return acc
 
     @triton.jit
-    def _layer(h0, h1, h2, h3, wp, K, N, NCI: tl.constexpr, NCO: tl.constexpr):
+    def _layer(h0, h1, h2, h3, wp, K, N, NCI: tl.constexpr, NCO: tl.constexpr, UNROLL: tl.constexpr = False):
         """LeakyReLU(h W + b) as NCO (BM, 32) tiles (unused ones zero) from the NCI tiles of h;
         W (K, N) at wp, b (N,) right after it."""
         z0 = tl.zeros((h0.shape[0], 32), dtype=tl.float32)
@@ -130,22 +159,22 @@ if HAS_TRITON:
         z2 = z0
         z3 = z0
         for j in range(NCO):  # a run-time loop: one output tile's weights live at a time
-            z0, z1, z2, z3 = _put(j, _col(h0, h1, h2, h3, wp, K, N, j * 32, NCI, True), z0, z1, z2, z3, NCO)
+            z0, z1, z2, z3 = _put(j, _col(h0, h1, h2, h3, wp, K, N, j * 32, NCI, True, UNROLL), z0, z1, z2, z3, NCO)
         return z0, z1, z2, z3
 
     @triton.jit
-    def _hidden(x, wp, n_in, width, n_layers, NC: tl.constexpr):
+    def _hidden(x, wp, n_in, width, n_layers, NC: tl.constexpr, UNROLL: tl.constexpr = False):
         """The activation after the first layer and ``n_layers`` hidden-to-hidden layers, as tiles."""
-        h0, h1, h2, h3 = _layer(x, x, x, x, wp, n_in, width, 1, NC)
+        h0, h1, h2, h3 = _layer(x, x, x, x, wp, n_in, width, 1, NC, UNROLL)
         off = n_in * width + width
         for _ in range(n_layers):
-            h0, h1, h2, h3 = _layer(h0, h1, h2, h3, wp + off, width, width, NC, NC)
+            h0, h1, h2, h3 = _layer(h0, h1, h2, h3, wp + off, width, width, NC, NC, UNROLL)
             off += width * width + width
         return h0, h1, h2, h3
 
     @triton.jit
     def _fused_mlp_fwd_kernel(x_ptr, w_ptr, y_ptr, n, n_in, width, n_out, n_mid, P,
-                              BM: tl.constexpr, KI: tl.constexpr, NC: tl.constexpr):
+                              BM: tl.constexpr, KI: tl.constexpr, NC: tl.constexpr, UNROLL: tl.constexpr):
         """y[e] = MLP_e(x[e]) for the BM cells of program (block, e): x (E, n, n_in), y (E, n, n_out),
         weights (E, P) contiguous; n_mid hidden-to-hidden layers."""
         e = tl.program_id(1).to(tl.int64)
@@ -155,10 +184,10 @@ if HAS_TRITON:
         ci = tl.arange(0, KI)
         x = tl.load(x_ptr + grow[:, None] * n_in + ci[None, :], mask=rm[:, None] & (ci[None, :] < n_in), other=0.0)
         wp = w_ptr + e * P
-        h0, h1, h2, h3 = _hidden(x, wp, n_in, width, n_mid, NC)
+        h0, h1, h2, h3 = _hidden(x, wp, n_in, width, n_mid, NC, UNROLL)
         off = n_in * width + width + n_mid * (width * width + width)
         for c in range(0, n_out, 32):
-            o = _col(h0, h1, h2, h3, wp + off, width, n_out, c, NC, False)
+            o = _col(h0, h1, h2, h3, wp + off, width, n_out, c, NC, False, UNROLL)
             rn = c + tl.arange(0, 32)
             tl.store(y_ptr + grow[:, None] * n_out + rn[None, :], o, mask=rm[:, None] & (rn[None, :] < n_out))
 
@@ -178,10 +207,8 @@ if HAS_TRITON:
             tl.store(p, _mma3(tl.trans(_pick(i, a0, a1, a2, a3, NCI)), d, tl.load(p, mask=m, other=0.0)), mask=m)
 
     @triton.jit
-    def _add_t(z0, z1, z2, z3, d, wp, K, N, n0, NCO: tl.constexpr, MASK: tl.constexpr):
-        """z_i += d W[i KT:(i+1) KT, n0:n0+32]^T for the NCO (BM, KT) tiles z_i, d (BM, 32),
-        W (K, N) at wp; with MASK, z_i is then multiplied by LeakyReLU'(a_i) for the tiles a_i
-        passed as (a0, a1, a2, a3) = MASK (h > 0 exactly where the pre-activation is: slope > 0)."""
+    def _add_t(z0, z1, z2, z3, d, wp, K, N, n0, NCO: tl.constexpr):
+        """z_i += d W[i KT:(i+1) KT, n0:n0+32]^T for the NCO (BM, KT) tiles z_i, d (BM, 32), W (K, N) at wp."""
         KT: tl.constexpr = z0.shape[1]
         for i in range(NCO):
             z = _mma3(d, _wtile(wp, K, N, i * KT, n0, KT, 32, True), _pick(i, z0, z1, z2, z3, NCO))
@@ -229,7 +256,7 @@ if HAS_TRITON:
                         gy = tl.load(gy_ptr + grow[:, None] * n_out + rn[None, :],
                                      mask=rm[:, None] & (rn[None, :] < n_out), other=0.0)
                         _grad_w_cols(gp + off, a0, a1, a2, a3, gy, width, n_out, c, NC)
-                        z0, z1, z2, z3 = _add_t(z0, z1, z2, z3, gy, wp + off, width, n_out, c, NC, False)
+                        z0, z1, z2, z3 = _add_t(z0, z1, z2, z3, gy, wp + off, width, n_out, c, NC)
                 else:
                     z0 = tl.zeros((BM, 32), dtype=tl.float32)
                     z1 = z0
@@ -238,19 +265,17 @@ if HAS_TRITON:
                     for j in range(NC):
                         dj = _pick(j, d0, d1, d2, d3, NC)
                         _grad_w_cols(gp + off, a0, a1, a2, a3, dj, width, width, j * 32, NC)
-                        z0, z1, z2, z3 = _add_t(z0, z1, z2, z3, dj, wp + off, width, width, j * 32, NC, False)
+                        z0, z1, z2, z3 = _add_t(z0, z1, z2, z3, dj, wp + off, width, width, j * 32, NC)
                 d0, d1, d2, d3 = _leaky_grad(z0, z1, z2, z3, a0, a1, a2, a3)
             gz = tl.zeros((BM, KI), dtype=tl.float32)
             for j in range(NC):  # the first layer
                 dj = _pick(j, d0, d1, d2, d3, NC)
                 _grad_w_cols(gp, x, x, x, x, dj, n_in, width, j * 32, 1)
                 if NEED_GX:
-                    gz = _add_t(gz, gz, gz, gz, dj, wp, n_in, width, j * 32, 1, False)[0]
+                    gz = _add_t(gz, gz, gz, gz, dj, wp, n_in, width, j * 32, 1)[0]
             if NEED_GX:
                 tl.store(gx_ptr + grow[:, None] * n_in + ci[None, :], gz, mask=rm[:, None] & (ci[None, :] < n_in))
 
-
-BACKWARD_PROGRAMS = 264  # backward programs over all models (about two per SM of an H100)
 
 
 def sizes(shapes) -> tuple:
@@ -258,7 +283,7 @@ def sizes(shapes) -> tuple:
     n_in, width = shapes[0]
     mids = shapes[1:-1]
     if len(shapes) < 2 or any(tuple(s) != (width, width) for s in mids) or shapes[-1][0] != width:
-        raise ValueError(f"fused_mlp needs layers (in, w), (w, w), ..., (w, out); got {shapes}")
+        raise ValueError(f"fused_mlp's kernels need layers (in, w), (w, w), ..., (w, out); got {shapes}")
     return n_in, width, shapes[-1][1], len(mids)
 
 
@@ -267,7 +292,7 @@ def forward_launch(flat, x, y, shapes):
     x (E, n, in), all contiguous."""
     n_in, width, n_out, n_mid = sizes(shapes)
     E, n, _ = x.shape
-    cfg = config("fwd", n_in - 1, width=width, n_in=n_in)
+    cfg = config("fwd", n_in - 1, width=width, n_in=n_in, arch=device_arch(x.device))
     kw = dict(x_ptr=x, w_ptr=flat, y_ptr=y, n=n, n_in=n_in, width=width, n_out=n_out, n_mid=n_mid,
               P=flat.shape[1], **launch_kwargs(_fused_mlp_fwd_kernel, cfg))
     return _fused_mlp_fwd_kernel, (triton.cdiv(n, cfg["BM"]), E), kw
@@ -279,11 +304,17 @@ def backward_programs(n: int, E: int, BM: int) -> int:
     return max(1, min(triton.cdiv(n, BM), BACKWARD_PROGRAMS // max(E, 1)))
 
 
+def backward_config(x, shapes) -> dict:
+    """The backward's configuration for x (E, n, in) on its device."""
+    n_in, width, _, _ = sizes(shapes)
+    return config("bwd", n_in - 1, width=width, n_in=n_in, arch=device_arch(x.device))
+
+
 def backward_launch(flat, x, gy, gw, gx, shapes):
-    """(kernel, grid, keyword arguments) of the backward: partial weight gradients into gw
+    """(kernel, grid, keyword arguments) of the backward: partial weight gradients added into gw
     (n_prog, E, P), zeroed; gx (E, n, in) or None; gy (E, n, out) contiguous."""
     n_in, width, n_out, n_mid = sizes(shapes)
-    cfg = dict(config("bwd", n_in - 1, width=width, n_in=n_in), NEED_GX=gx is not None)
+    cfg = dict(backward_config(x, shapes), NEED_GX=gx is not None)
     kw = dict(x_ptr=x, w_ptr=flat, gy_ptr=gy, gw_ptr=gw, gx_ptr=gy if gx is None else gx, n=x.shape[1],
               n_in=n_in, width=width, n_out=n_out, n_mid=n_mid, P=flat.shape[1], n_prog=gw.shape[0],
               **launch_kwargs(_fused_mlp_bwd_kernel, cfg))
@@ -291,7 +322,8 @@ def backward_launch(flat, x, gy, gw, gx, shapes):
 
 
 class FusedMlpFunction(torch.autograd.Function):
-    """One launch forward; one launch backward and the sum of its partials.  First derivatives."""
+    """One launch forward; one launch backward and the sum of its per-program partials (no atomics:
+    deterministic).  First derivatives only."""
 
     @staticmethod
     def forward(ctx, flat, x, shapes):
@@ -312,9 +344,23 @@ class FusedMlpFunction(torch.autograd.Function):
         E, n, _ = x.shape
         gx = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
         if not n:
-            return torch.zeros_like(flat), gx, None
-        n_prog = backward_programs(n, E, config("bwd", x.shape[2] - 1)["BM"])
-        gw = torch.zeros((n_prog, E, flat.shape[1]), dtype=flat.dtype, device=flat.device)
-        kernel, grid, kw = backward_launch(flat, x, gy.contiguous(), gw, gx, ctx.shapes)
-        kernel[grid](**kw)
-        return gw.sum(0), gx, None
+            grads = (torch.zeros_like(flat), gx)
+        else:
+            n_prog = backward_programs(n, E, backward_config(x, ctx.shapes)["BM"])
+            gw = torch.zeros((n_prog, E, flat.shape[1]), dtype=flat.dtype, device=flat.device)
+            kernel, grid, kw = backward_launch(flat, x, gy.contiguous(), gw, gx, ctx.shapes)
+            kernel[grid](**kw)
+            grads = (gw.sum(0), gx)
+        return first_order_only("fused_mlp's triton backend has first derivatives only (use backend='torch')",
+                                grads, (flat, x)) + (None,)
+
+
+if HAS_TRITON:
+    VARIANT = KernelVariant(
+        name="fused_mlp", dims={torch.float32: range(1, MAX_IN)},
+        kernels={"fwd": _fused_mlp_fwd_kernel, "bwd": _fused_mlp_bwd_kernel}, config=config,
+        representative=tuple((kind, 5, torch.float32) for kind in ("fwd", "bwd")),
+        forward_launch=forward_launch, backward_launch=backward_launch, arch_dependent=True)
+    VARIANTS = (VARIANT,)
+else:
+    VARIANTS = ()

@@ -48,9 +48,10 @@ sys.path.insert(0, HERE)  # bench_train
 MEM_LIMIT = 0.6  # fraction of device memory a single row may plan to use
 COMPILE_S = 40.0  # allowance for a first call that compiles a kernel (sm_90, D = 5 backward ~ 20 s)
 TEST_SELECTION = ("bit_for_bit or (triton and (rotation or decaying or zero_time or edge_of_the_contract "
-                  "or chunked or identical_sets or single_call or retain_graph or no_noise or many_doublings))")
+                  "or chunked or identical_sets or single_call or retain_graph or no_noise or many_doublings "
+                  "or default_network))")
 # (The SDE kernels' hypothesis test is left out: one compile per D, dtype and time block, minutes in all.)
-TEST_FILES = ("test_local_linear_step.py", "test_laplace_mmd.py", "test_local_linear_sde_triton.py")
+TEST_FILES = ("test_local_linear_step.py", "test_laplace_mmd.py", "test_local_linear_sde_triton.py", "test_fused_mlp.py")
 
 
 def say(*parts, sep=" "):
@@ -194,6 +195,25 @@ def sde_row(run, backend, B, T, D, target=False):
            "pairs": B * T, "target": target}
     return run.row(row, fn, ("sde", backend, D), B * T, compiles=backend == "triton", grad_to_none=[A, x0, dt, g],
                    memory=planned_memory(backend, B, T, D, "fwd+bwd") + 4 * B * T * D * D * 4)
+
+
+def mlp_row(run, backend, E, n, target=False):
+    """fused_mlp forward+backward of E default networks (6 inputs, four hidden layers of 96, 25
+    outputs: a 5-d model's) on n cells each, gradients in the weights and the inputs."""
+    from cellmnn_kernels import fused_mlp
+
+    shapes = [(6, 96), (96, 96), (96, 96), (96, 96), (96, 25)]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    flat = torch.cat([(torch.rand(E, a * b + b, generator=gen) * 2 - 1) / a ** 0.5 for a, b in shapes], 1)
+    flat = flat.to(run.device).requires_grad_()
+    x = torch.randn(E, n, 6, generator=gen).to(run.device).requires_grad_()
+    gy = torch.ones(E, n, 25, device=run.device)
+
+    def fn():
+        fused_mlp(flat, shapes, x, backend=backend).backward(gy)
+    row = {"op": "fused_mlp", "backend": backend, "mode": "fwd+bwd", "E": E, "B": n, "cells": E * n, "target": target}
+    return run.row(row, fn, ("mlp", backend), E * n, compiles=backend == "triton", grad_to_none=[flat, x],
+                   memory=E * n * (6 + 25 + 4 * 96) * 4 * 4)
 
 
 def _rel(a, b) -> float:
@@ -445,6 +465,11 @@ def summary_lines(meta, rows):
     r = _find(rows, op="laplace_mmd", backend="reference", mode="fwd+bwd", N=8192)
     lines.append("  laplace_mmd fwd+bwd N=M=8192: " + (f"triton {r['ms'] / t['ms']:.1f}x dense" if t and r else "n/a")
                  + " (target >= 10x)")
+    t = _find(rows, op="fused_mlp", backend="triton", E=1)
+    r = _find(rows, op="fused_mlp", backend="torch", E=1)
+    lines.append("  fused_mlp fwd+bwd, 1e6 cells, default network: "
+                 + (f"triton {t['ms']:.3g} ms = {1e6 * t['ms'] / t['cells']:.2f} ns per cell, {r['ms'] / t['ms']:.1f}x "
+                    "torch" if t and r else "n/a") + " (cost model: fwd 0.53 + bwd 6.9 ns per cell)")
     best = [r for r in rows if r.get("op") == "train" and "ms" in r and r.get("variant", "").startswith("cellmnn")]
     a = _find(rows, op="train", variant="authors' formulation")
     if best and a:
@@ -558,6 +583,8 @@ def main(argv=None) -> int:
     step_row(run, fast, "fwd", big // 16, 16, 5, target=True)
     mmd_row(run, fast, "fwd+bwd", n_mmd, target=True)
     mmd_row(run, "reference", "fwd+bwd", n_mmd, target=True)
+    mlp_row(run, fast, 1, mid, target=True)
+    mlp_row(run, "torch", 1, mid, target=True)
     if device == "cuda":  # the compiled kernels just timed, against the float64 oracles
         meta["oracle"] = oracle_checks(device)
         run.flush()

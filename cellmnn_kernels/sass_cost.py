@@ -345,6 +345,12 @@ def matrix_blocks(instrs, loops, D: int, kind: str, labels=None) -> list[tuple[i
     return found
 
 
+def warp_issue_rate() -> float:
+    """Warp-instructions the GPU of ``ASSUMPTIONS`` issues per second."""
+    a = ASSUMPTIONS
+    return a["sms"] * a["schedulers_per_sm"] * a["clock_hz"] * a["warp_instructions_per_scheduler_per_clock"]
+
+
 def pair_bytes(kind: str, D: int, T: int, itemsize: int) -> float:
     """Compulsory global-memory bytes per pair (per-cell tensors shared by the cell's T pairs)."""
     cell = (D * D + D) * itemsize
@@ -390,8 +396,7 @@ def estimate(kind: str, cfg: dict, sass: str, dtype_name: str, bench=BENCH_INPUT
     pairs = cfg["BB"] * bench["T"]
     per_pair = warp_instr * ASSUMPTIONS["threads_per_warp"] / pairs
     a = ASSUMPTIONS
-    rate = a["sms"] * a["schedulers_per_sm"] * a["clock_hz"] * a["warp_instructions_per_scheduler_per_clock"] \
-        * a["threads_per_warp"]
+    rate = warp_issue_rate() * a["threads_per_warp"]
     nbytes = pair_bytes(kind, cfg["D"], bench["T"], 4 if dtype_name == "fp32" else 8)
     t_issue = per_pair / rate
     t_mem = nbytes / a["copy_bandwidth_bytes_per_s"]
@@ -460,7 +465,7 @@ def mlp_estimate(kind: str, cfg: dict, sass: str, net=MLP_BENCH) -> dict:
         mac += macs(own) * n
     BM = cfg["BM"]
     per_cell = warp_instr * warps / BM
-    t_issue = per_cell / (a["sms"] * a["schedulers_per_sm"] * a["clock_hz"] * a["warp_instructions_per_scheduler_per_clock"])
+    t_issue = per_cell / warp_issue_rate()
     t_tensor = 2 * mac / BM / a["tf32_tensor_flops_per_s"]
     useful = 2 * (n_in * w + n_mid * w * w + w * net["n_out"]) * (1 if kind == "fwd" else 2)
     t_est = max(t_issue, t_tensor)
@@ -555,10 +560,10 @@ def format_table(results) -> str:
                      f"{c['bar_sync']:>4} {str(c['lds']) + '/' + str(c['sts']):>8} {c['shfl']:>4} {c['mufu']:>4} "
                      f"{r['in_loops']['bar_sync']:>8} {pp} {ceil}")
         if est and "network" in est:
-            lines.append(f"  {'':<50} per cell {est['estimate_ns_per_cell']:.3f} ns (issue {est['issue_ns_per_cell']:.3f}, "
-                         f"tensor {est['tensor_ns_per_cell']:.3f}); FLOP limit fp32 {est['fp32_limit_ns_per_cell']:.3f} "
-                         f"ns ({est['over_fp32_limit']:.2f}x), 3xtf32 {est['tf32x3_limit_ns_per_cell']:.3f} ns "
-                         f"({est['over_tf32x3_limit']:.2f}x)")
+            lines.append(f"  {'':<50} per cell {est['estimate_ns_per_cell']:.3f} ns (issue "
+                         f"{est['issue_ns_per_cell']:.3f}, tensor {est['tensor_ns_per_cell']:.3f}); FLOP limit fp32 "
+                         f"{est['fp32_limit_ns_per_cell']:.3f} ns ({est['over_fp32_limit']:.2f}x), 3xtf32 "
+                         f"{est['tf32x3_limit_ns_per_cell']:.3f} ns ({est['over_tf32x3_limit']:.2f}x)")
     return "\n".join(lines)
 
 

@@ -91,3 +91,29 @@ def test_lane_group_kernels_have_no_barrier_or_shared_memory(tmp_path):
         assert k["counts"]["bar_sync"] == 0 and k["counts"]["lds"] == 0 and k["counts"]["sts"] == 0, k["name"]
         assert k["counts"]["shfl"] > 0, k["name"]  # the gathers are there, as shuffles
     assert kernels["fwd"]["spill_stores"] == 0
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fused_mlp_kernels_fit_and_the_forward_meets_the_flop_target(tmp_path, capsys):
+    # The operator network's kernels for the default network (width 96, D = 5): no spills, and the
+    # forward's estimated time per cell within 2x of the FLOP limit of its float32 arithmetic on an
+    # H100 (``mlp_estimate``).  The loop model is checked by the tensor-core work it implies: the
+    # forward's executed multiply-adds are exactly three products of the padded layers.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "cost.json"
+    res = subprocess.run([sys.executable, "-m", "cellmnn_kernels.sass_cost", "--family", "fused_mlp",
+                          "--dtype", "fp32", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    with capsys.disabled():
+        print("\n" + res.stdout.strip())
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    kernels = json.loads(out.read_text())["kernels"]
+    assert len(kernels) == 4 and all(k["ok"] and k["spill_stores"] == 0 for k in kernels), kernels
+    est = {k["kind"]: k["estimate"] for k in kernels if "estimate" in k}
+    assert sorted(est) == ["bwd", "fwd"]
+    assert est["fwd"]["tensor_macs_per_cell"] == 3 * (16 * 96 + 3 * 96 * 96 + 96 * 32)
+    # backward: the recomputed activations (4 first layers, 6 hidden ones), both products of every
+    # layer, three tf32 products each; measured within 3% (the input gradient's narrow product runs
+    # in both warp groups)
+    padded = 3 * (4 * 16 * 96 + 6 * 96 * 96 + 2 * 96 * 32 + 3 * 2 * 96 * 96 + 2 * 16 * 96)
+    assert abs(est["bwd"]["tensor_macs_per_cell"] / padded - 1) < 0.03
+    assert est["fwd"]["over_fp32_limit"] <= 2.0, est["fwd"]

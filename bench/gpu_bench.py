@@ -51,7 +51,8 @@ TEST_SELECTION = ("bit_for_bit or (triton and (rotation or decaying or zero_time
                   "or chunked or identical_sets or single_call or retain_graph or no_noise or many_doublings "
                   "or default_network))")
 # (The SDE kernels' hypothesis test is left out: one compile per D, dtype and time block, minutes in all.)
-TEST_FILES = ("test_local_linear_step.py", "test_laplace_mmd.py", "test_local_linear_sde_triton.py", "test_fused_mlp.py")
+TEST_FILES = ("test_local_linear_step.py", "test_laplace_mmd.py", "test_local_linear_sde_triton.py",
+              "test_fused_mlp.py")
 
 
 def say(*parts, sep=" "):

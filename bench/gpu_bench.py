@@ -584,8 +584,8 @@ def main(argv=None) -> int:
     step_row(run, fast, "fwd", big // 16, 16, 5, target=True)
     mmd_row(run, fast, "fwd+bwd", n_mmd, target=True)
     mmd_row(run, "reference", "fwd+bwd", n_mmd, target=True)
-    mlp_row(run, fast, 1, mid, target=True)
-    mlp_row(run, "torch", 1, mid, target=True)
+    for backend in (fast, "torch"):
+        mlp_row(run, backend, 1, mid, target=True)
     if device == "cuda":  # the compiled kernels just timed, against the float64 oracles
         meta["oracle"] = oracle_checks(device)
         run.flush()

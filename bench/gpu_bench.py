@@ -212,7 +212,8 @@ def mlp_row(run, backend, E, n, target=False):
 
     def fn():
         fused_mlp(flat, shapes, x, backend=backend).backward(gy)
-    row = {"op": "fused_mlp", "backend": backend, "mode": "fwd+bwd", "E": E, "B": n, "cells": E * n, "target": target}
+    row = {"op": "fused_mlp", "backend": backend, "mode": "fwd+bwd", "D": 5, "E": E, "B": n, "cells": E * n,
+           "target": target}
     return run.row(row, fn, ("mlp", backend), E * n, compiles=backend == "triton", grad_to_none=[flat, x],
                    memory=E * n * (6 + 25 + 4 * 96) * 4 * 4)
 
@@ -527,6 +528,22 @@ def sweeps(run, device: str, imported: dict) -> None:
             mmd_row(run, backend, "fwd+bwd", N)
 
 
+def target_rows(run, device):
+    """The rows the targets are read from (``summary_lines``); tiny sizes off CUDA (a rehearsal)."""
+    big = 10 ** 7 if device == "cuda" else 10 ** 4
+    mid = 10 ** 6 if device == "cuda" else 10 ** 3
+    n_mmd = 8192 if device == "cuda" else 512
+    fast = "triton" if device == "cuda" else "torch"
+    step_row(run, fast, "fwd+bwd", mid // 16, 16, 5, target=True)
+    step_row(run, "reference", "fwd+bwd", mid // 16, 16, 5, target=True)
+    sde_row(run, fast, mid // 16, 16, 5, target=True)
+    step_row(run, fast, "fwd", big // 16, 16, 5, target=True)
+    mmd_row(run, fast, "fwd+bwd", n_mmd, target=True)
+    mmd_row(run, "reference", "fwd+bwd", n_mmd, target=True)
+    for backend in (fast, "torch"):
+        mlp_row(run, backend, 1, mid, target=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -573,19 +590,7 @@ def main(argv=None) -> int:
     say(f"copy bandwidth: {meta['copy_Bps'] / 1e9:.0f} GB/s")
     run.flush()
 
-    big = 10 ** 7 if device == "cuda" else 10 ** 4
-    mid = 10 ** 6 if device == "cuda" else 10 ** 3
-    n_mmd = 8192 if device == "cuda" else 512
-    fast = "triton" if device == "cuda" else "torch"
-    # The target rows first.
-    step_row(run, fast, "fwd+bwd", mid // 16, 16, 5, target=True)
-    step_row(run, "reference", "fwd+bwd", mid // 16, 16, 5, target=True)
-    sde_row(run, fast, mid // 16, 16, 5, target=True)
-    step_row(run, fast, "fwd", big // 16, 16, 5, target=True)
-    mmd_row(run, fast, "fwd+bwd", n_mmd, target=True)
-    mmd_row(run, "reference", "fwd+bwd", n_mmd, target=True)
-    for backend in (fast, "torch"):
-        mlp_row(run, backend, 1, mid, target=True)
+    target_rows(run, device)  # the target rows first
     if device == "cuda":  # the compiled kernels just timed, against the float64 oracles
         meta["oracle"] = oracle_checks(device)
         run.flush()

@@ -13,6 +13,7 @@ Tolerances, relative Frobenius error of float32 results against the float64 refe
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,8 +85,8 @@ def _tf32(v: torch.Tensor) -> torch.Tensor:
 def emulated(flat, shapes, x, products: int):
     """The kernels' arithmetic on a GPU, emulated: every layer's product as ``products`` (1 or 3)
     tf32 products (operands truncated as the tensor cores do) accumulated in float32."""
-    E, out, h = flat.shape[0], [], x
-    for e in range(E):
+    out = []
+    for e in range(flat.shape[0]):
         h, o = x[e], 0
         for k, (n_in, n_out) in enumerate(shapes):
             W = flat[e, o:o + n_in * n_out].view(n_in, n_out)
@@ -174,8 +175,6 @@ def test_kernels_fit_the_register_file_at_every_width():
     res = subprocess.run([sys.executable, "-c", FIT.format(cases=cases)], capture_output=True, text=True,
                          env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    import json
-
     for r in json.loads(res.stdout.strip().splitlines()[-1]):
         assert r["ok"], r
         assert r["spill_stores"] == 0, r

@@ -62,7 +62,7 @@ def check_against_reference(backend, shapes, flat, x, seed):
 @pytest.mark.parametrize("backend", ["torch", backend_param("triton")])
 @given(seed=st.integers(0, 2**31 - 1), D=st.integers(1, 12), width=st.sampled_from([8, 20, 32, 40, 64, 96, 128]),
        depth=st.integers(1, 4), n_out=st.integers(1, 70), E=st.integers(1, 3), n=st.integers(0, 140))
-@settings(max_examples=scaled_examples(10))
+@settings(max_examples=scaled_examples(6))
 def test_matches_float64_reference(backend, seed, D, width, depth, n_out, E, n):
     # cells across several blocks of the kernels (128 / 64 a program), widths of one to four
     # 32-column tiles, outputs across 32-column chunks, no cells at all
@@ -167,10 +167,11 @@ print(json.dumps(out))
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_fit_the_register_file_at_every_width():
     # The configurations ``config`` chooses, compiled for sm_90 (and sm_80 at the default width) in
-    # a fresh interpreter without TRITON_INTERPRET: no spills for one to four tiles of width and
-    # inputs padded to 16 or 32 columns (the default network's kernels: test_sass_cost).
-    cases = [(90, kind, n_in, w) for kind in ("fwd", "bwd") for n_in, w in
-             ((3, 32), (6, 64), (6, 128), (20, 96), (20, 128))] + [(80, kind, 6, 96) for kind in ("fwd", "bwd")]
+    # a fresh interpreter without TRITON_INTERPRET: no spills for one and four tiles of width (the
+    # 128-cell forward's limit) and inputs padded to 32 columns (the default network's kernels:
+    # test_sass_cost; widths of two tiles and the rest measured in docs/cost-model.md).
+    cases = [(90, kind, n_in, w) for kind in ("fwd", "bwd") for n_in, w in ((3, 32), (6, 128), (20, 96))] \
+        + [(80, kind, 6, 96) for kind in ("fwd", "bwd")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", FIT.format(cases=cases)], capture_output=True, text=True,
                          env=env, timeout=900)

@@ -39,7 +39,8 @@ def network(seed, D, width, depth, n_out, E, n, dtype=torch.float32):
     for e in range(E):
         for n_in, k in shapes:
             parts += [(torch.rand(n_in * k + k, generator=g, dtype=torch.float64) * 2 - 1) / n_in ** 0.5]
-    flat = torch.cat(parts).view(E, -1).to(dtype)
+    P = sum(a * b + b for a, b in shapes)
+    flat = torch.cat(parts + [torch.zeros(0, dtype=torch.float64)]).view(E, P).to(dtype)
     x = torch.randn(E, n, D + 1, generator=g, dtype=torch.float64).to(dtype)
     return shapes, flat, x
 
@@ -139,6 +140,17 @@ def test_auto_is_torch_off_cuda_and_errors_name_the_argument():
     assert not triton_serves([(6, 96), (96, 25)], torch.float64)
     assert not triton_serves([(40, 96), (96, 25)], torch.float32)
     assert not triton_serves([(6, 25)], torch.float32)  # no hidden layer
+
+
+@pytest.mark.parametrize("backend", ["torch", backend_param("triton")])
+def test_no_models_or_no_cells(backend):
+    for E, n in ((0, 5), (2, 0)):
+        shapes, flat, x = network(0, 3, 32, 2, 9, E, n)
+        f, z = flat.clone().requires_grad_(), x.clone().requires_grad_()
+        y = fused_mlp(f, shapes, z, backend=backend)
+        assert y.shape == (E, n, 9)
+        y.sum().backward()
+        assert f.grad.shape == f.shape and not f.grad.any() and z.grad.shape == z.shape
 
 
 @pytest.mark.parametrize("backend", [backend_param("triton")])

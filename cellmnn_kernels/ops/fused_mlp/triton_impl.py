@@ -335,7 +335,7 @@ class FusedMlpFunction(torch.autograd.Function):
         """flat (E, P), x (E, n, in) float32 -> (E, n, out)."""
         flat, x = flat.contiguous(), x.contiguous()
         y = torch.empty(x.shape[:2] + (shapes[-1][1],), dtype=x.dtype, device=x.device)
-        if x.shape[1]:
+        if x.numel():  # no models or no cells: nothing to launch
             kernel, grid, kw = forward_launch(flat, x, y, shapes)
             kernel[grid](**kw)
         ctx.shapes = shapes
@@ -348,7 +348,7 @@ class FusedMlpFunction(torch.autograd.Function):
         flat, x = ctx.saved_tensors
         E, n, _ = x.shape
         gx = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
-        if not n:
+        if not n or not E:
             grads = (torch.zeros_like(flat), gx)
         else:
             n_prog = backward_programs(n, E, backward_config(x, ctx.shapes)["BM"])

@@ -14,6 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import cellmnn
+import cellmnn_kernels
 from cellmnn_kernels.ops.laplace_mmd import laplace_mmd_reference
 from cellmnn_kernels.ops.laplace_mmd.naive import laplace_kernel_dense
 from cellmnn.train import HParams, Member, train
@@ -358,3 +359,34 @@ def test_a_training_step_reads_nothing_back_to_the_host():
         loss = runner.step()
     assert reads.seen == []
     assert loss.shape == (2,) and torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("decoder", [{}, dict(affine=True, noise="state", piece_length=1.0)],
+                         ids=["paper", "pieces"])
+def test_the_step_through_the_fused_network_kernels_equals_the_torch_step(decoder):
+    # On CUDA the step's network is fused_mlp's Triton kernels; here they run interpreted in its
+    # place (the dispatch sends CPU tensors to torch): losses and the weight gradient agree within
+    # the kernels' float32 tolerance (test_fused_mlp.py), with re-linearised pieces calling the
+    # network along the path too (measured: losses equal in float32, gradients 1e-6 to 4e-6 apart).
+    pytest.importorskip("triton")
+    from cellmnn_kernels.ops.utils import triton_usable_on
+
+    if not triton_usable_on(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1 for CPU tensors")
+    from cellmnn.train import step as step_module
+
+    m = blobs()
+    members = [Member(1, 0, hp(width=32, **decoder)), Member(2, 1, hp(width=32, sigma=0.5, **decoder))]
+    s = Setup(m, members, torch.device("cpu"))
+    L = Layout(s, [0, 1])
+    out = {}
+    for backend in ("torch", "triton"):
+        flat = s.flat0.clone().requires_grad_(True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(step_module, "stacked_mlp",
+                       lambda f, shapes, x, _b: cellmnn_kernels.fused_mlp(f, shapes, x, backend=backend))
+            loss, _ = step_losses(s, L, flat, torch.tensor(3))
+        loss.sum().backward()
+        out[backend] = (loss.detach(), flat.grad)
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=5e-5, atol=1e-7)
+    torch.testing.assert_close(out["triton"][1], out["torch"][1], rtol=5e-4, atol=1e-6)

@@ -14,7 +14,8 @@ Products: three tensor-core products in tf32 per tile (the "3xTF32" split, Ootom
 peak performance", IJHPCA 2022): a = a_hi + a_lo with a_hi the top 10 mantissa bits of a (what
 tf32 keeps), likewise w, and a w ~ a_hi w_hi + a_hi w_lo + a_lo w_hi; the dropped a_lo w_lo is
 below 2^-20 of |a w|, so the result keeps about fp32 accuracy (the default network emulated with
-tf32 truncation: 3.7e-7 relative to float64; tests/test_fused_mlp.py holds the kernels to 5e-5).
+tf32 truncation: 3.7e-7 relative to float64; tests/test_fused_mlp.py holds the kernels to 5e-5 of
+the result's scale).
 The split is done in the kernel by masking the mantissa, not by Triton's
 "tf32x3" mode, whose products need several times the registers (measured: one (32 x 128) @
 (128 x 32) product alone takes 255 registers at 4 warps on sm_90).

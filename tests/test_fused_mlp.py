@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellmnn_kernels import fused_mlp
-from cellmnn_kernels.ops.fused_mlp import fused_mlp_reference, triton_serves
+from cellmnn_kernels.ops.fused_mlp import fused_mlp_reference, has_tf32_tensor_cores, triton_serves
 from cellmnn_kernels.ops.utils import HAS_TRITON
 from cellmnn_kernels.testing import assert_rel_close, backend_param, scaled_examples
 
@@ -153,6 +153,15 @@ def test_auto_is_torch_off_cuda_and_errors_name_the_argument():
     assert not triton_serves([(6, 96), (96, 25)], torch.float64)
     assert not triton_serves([(40, 96), (96, 25)], torch.float32)
     assert not triton_serves([(6, 25)], torch.float32)  # no hidden layer
+
+
+def test_gpus_without_tf32_tensor_cores_take_the_torch_backend(monkeypatch):
+    # a T4 (7.5) or V100 (7.0) has no tf32 products: "auto" must not send the network there
+    cuda = torch.device("cuda", 0)
+    for capability, ok in (((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert has_tf32_tensor_cores(cuda) is ok
+    assert has_tf32_tensor_cores(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("backend", ["torch", backend_param("triton")])

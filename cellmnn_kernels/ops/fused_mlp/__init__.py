@@ -15,7 +15,8 @@ from ..utils import check_same_dtype_device, check_tensor, resolve_backend, trit
 from .naive import SLOPE, fused_mlp_reference, layer_offsets
 from .torch_impl import fused_mlp_torch
 
-__all__ = ["fused_mlp", "fused_mlp_reference", "layer_offsets", "SLOPE", "BACKENDS"]
+__all__ = ["fused_mlp", "fused_mlp_reference", "layer_offsets", "triton_serves", "has_tf32_tensor_cores", "SLOPE",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 MAX_IN = 32  # triton_impl.MAX_IN: inputs of the first layer
@@ -55,23 +56,37 @@ def triton_serves(shapes, dtype: torch.dtype) -> bool:
             and len(set(hidden)) == 1 and hidden[0] <= MAX_WIDTH)
 
 
+def has_tf32_tensor_cores(device: torch.device) -> bool:
+    """Whether the kernels' tf32 products run on ``device``: CUDA compute capability 8.0 or newer
+    (Ampere on); the CPU interpreter too.  Older GPUs (a T4, a V100) take the torch backend."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def fused_mlp(flat: torch.Tensor, shapes, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """y (E, n, out) = every model's MLP on its own cells: ``flat`` (E, P), ``x`` (E, n, in), one
     dtype (float32 or float64) and device; differentiable in flat and x (first derivatives on the
-    triton backend).  backend: "auto" (triton for float32 CUDA tensors of a network it takes,
-    ``triton_serves``; torch otherwise), "triton" (products as three tf32 tensor-core products:
-    about float32 accuracy, see ``triton_impl``), "torch" or "reference" (one model at a time)."""
+    triton backend).  backend: "auto" (triton for float32 tensors of a network it takes,
+    ``triton_serves``, on a GPU with tf32 tensor cores; torch otherwise), "triton" (products as
+    three tf32 tensor-core products: about float32 accuracy, see ``triton_impl``), "torch" or
+    "reference" (one model at a time)."""
     shapes = check_inputs(flat, shapes, x)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     serves = triton_serves(shapes, x.dtype)
     if backend == "auto":
-        backend = "triton" if serves and x.device.type == "cuda" and triton_usable_on(x.device) else "torch"
+        backend = "triton" if (serves and x.device.type == "cuda" and triton_usable_on(x.device)
+                               and has_tf32_tensor_cores(x.device)) else "torch"
     elif backend == "triton":
         if not serves:
             raise ValueError(f"backend='triton' takes float32 networks with at most {MAX_IN} inputs and one "
                              f"hidden width <= {MAX_WIDTH}; got {x.dtype} and shapes {shapes} (use 'torch')")
         resolve_backend("triton", x.device, 0, 0, "x")  # triton installed, and usable on x's device
+        if not has_tf32_tensor_cores(x.device):
+            cap = torch.cuda.get_device_capability(x.device)
+            raise ValueError(f"backend='triton' needs tf32 tensor cores (compute capability 8.0 or newer); "
+                             f"x is on {x.device}, capability {cap} (use 'torch')")
     if backend == "reference":
         return fused_mlp_reference(flat, shapes, x)
     if backend == "torch":

@@ -202,12 +202,10 @@ def mlp_row(run, backend, E, n, target=False):
     """fused_mlp forward+backward of E default networks (6 inputs, four hidden layers of 96, 25
     outputs: a 5-d model's) on n cells each, gradients in the weights and the inputs."""
     from cellmnn_kernels import fused_mlp
+    from cellmnn_kernels.testing import mlp_inputs
 
-    shapes = [(6, 96), (96, 96), (96, 96), (96, 96), (96, 25)]
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    flat = torch.cat([(torch.rand(E, a * b + b, generator=gen) * 2 - 1) / a ** 0.5 for a, b in shapes], 1)
-    flat = flat.to(run.device).requires_grad_()
-    x = torch.randn(E, n, 6, generator=gen).to(run.device).requires_grad_()
+    shapes, flat, x = mlp_inputs(0, 5, 96, 4, 25, E, n, device=run.device)
+    flat, x = flat.requires_grad_(), x.requires_grad_()
     gy = torch.ones(E, n, 25, device=run.device)
 
     def fn():

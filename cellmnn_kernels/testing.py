@@ -65,6 +65,21 @@ def build_inputs(seed, B, T, D, kind, nu, sign, dtype, layout="contiguous", devi
     return A, x0, dt
 
 
+def mlp_inputs(seed: int, D: int, width: int, depth: int, n_out: int, E: int, n: int, dtype=torch.float32,
+               device="cpu"):
+    """shapes, flat (E, P) and x (E, n, D + 1) for ``fused_mlp``: the network on (x, t) of a
+    D-dimensional model, its weights uniform at the default initialisation's scale (1/sqrt(fan-in)),
+    x standard normal; drawn in float64 from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(D + 1, width)] + [(width, width)] * (depth - 1) + [(width, n_out)]
+    P = sum(a * b + b for a, b in shapes)
+    parts = [(torch.rand(a * b + b, generator=g, dtype=torch.float64) * 2 - 1) / a ** 0.5
+             for _ in range(E) for a, b in shapes]
+    flat = torch.cat(parts + [torch.zeros(0, dtype=torch.float64)]).view(E, P)
+    x = torch.randn(E, n, D + 1, generator=g, dtype=torch.float64)
+    return shapes, flat.to(dtype=dtype, device=device), x.to(dtype=dtype, device=device)
+
+
 def scaled_examples(n: int) -> int:
     """n hypothesis examples under the default "ci" profile (25 examples), proportionally more
     under a larger profile (HYPOTHESIS_PROFILE=thorough in tests/conftest.py)."""

@@ -28,23 +28,9 @@ from hypothesis import strategies as st
 from cellmnn_kernels import fused_mlp
 from cellmnn_kernels.ops.fused_mlp import fused_mlp_reference, has_tf32_tensor_cores, triton_serves
 from cellmnn_kernels.ops.utils import HAS_TRITON
-from cellmnn_kernels.testing import assert_rel_close, backend_param, scaled_examples
+from cellmnn_kernels.testing import assert_rel_close, backend_param, mlp_inputs, scaled_examples
 
 RTOL = {"torch": 2e-5, "triton": 5e-5}
-
-
-def network(seed, D, width, depth, n_out, E, n, dtype=torch.float32):
-    """shapes, flat (E, P) at the default initialisation's scale, x (E, n, D + 1)."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(D + 1, width)] + [(width, width)] * (depth - 1) + [(width, n_out)]
-    parts = []
-    for e in range(E):
-        for n_in, k in shapes:
-            parts += [(torch.rand(n_in * k + k, generator=g, dtype=torch.float64) * 2 - 1) / n_in ** 0.5]
-    P = sum(a * b + b for a, b in shapes)
-    flat = torch.cat(parts + [torch.zeros(0, dtype=torch.float64)]).view(E, P).to(dtype)
-    x = torch.randn(E, n, D + 1, generator=g, dtype=torch.float64).to(dtype)
-    return shapes, flat, x
 
 
 def magnitudes(flat, shapes, x, gy):
@@ -80,14 +66,14 @@ def check_against_reference(backend, shapes, flat, x, seed):
 def test_matches_float64_reference(backend, seed, D, width, depth, n_out, E, n):
     # cells across several blocks of the kernels (128 / 64 a program), widths of one to four
     # 32-column tiles, outputs across 32-column chunks, no cells at all
-    shapes, flat, x = network(seed, D, width, depth, n_out, E, n)
+    shapes, flat, x = mlp_inputs(seed, D, width, depth, n_out, E, n)
     check_against_reference(backend, shapes, flat, x, seed)
 
 
 @pytest.mark.parametrize("backend", ["torch", backend_param("triton")])
 def test_default_network_with_many_cells(backend):
     # the model's network for a 5-d course, the cells of several backward programs per model
-    shapes, flat, x = network(7, 5, 96, 4, 25, 2, 300)
+    shapes, flat, x = mlp_inputs(7, 5, 96, 4, 25, 2, 300)
     check_against_reference(backend, shapes, flat, x, 7)
 
 
@@ -120,7 +106,7 @@ def emulated(flat, shapes, x, products: int):
 def test_three_tf32_products_keep_float32_accuracy():
     # The default network: three products stay within the triton tolerance of the float64 result;
     # one tf32 product (what input_precision="tf32" alone would give) does not.
-    shapes, flat, x = network(3, 5, 96, 4, 25, 2, 500)
+    shapes, flat, x = mlp_inputs(3, 5, 96, 4, 25, 2, 500)
     want = fused_mlp_reference(flat.double(), shapes, x.double())
     assert_rel_close(emulated(flat, shapes, x, 3), want, RTOL["triton"], "three tf32 products")
     one = emulated(flat, shapes, x, 1)
@@ -128,7 +114,7 @@ def test_three_tf32_products_keep_float32_accuracy():
 
 
 def test_auto_is_torch_off_cuda_and_errors_name_the_argument():
-    shapes, flat, x = network(0, 3, 16, 2, 9, 2, 5)
+    shapes, flat, x = mlp_inputs(0, 3, 16, 2, 9, 2, 5)
     if not torch.cuda.is_available():
         assert torch.equal(fused_mlp(flat, shapes, x), fused_mlp(flat, shapes, x, backend="torch"))
     with pytest.raises(ValueError, match="flat has"):
@@ -146,7 +132,7 @@ def test_auto_is_torch_off_cuda_and_errors_name_the_argument():
     if HAS_TRITON:
         with pytest.raises(ValueError, match="backend='triton' takes float32"):
             fused_mlp(flat.double(), shapes, x.double(), backend="triton")
-        wide = network(0, 3, 160, 2, 9, 1, 5)
+        wide = mlp_inputs(0, 3, 160, 2, 9, 1, 5)
         with pytest.raises(ValueError, match="width <= 128"):
             fused_mlp(wide[1], wide[0], wide[2], backend="triton")
     assert triton_serves([(6, 96), (96, 96), (96, 25)], torch.float32)
@@ -167,7 +153,7 @@ def test_gpus_without_tf32_tensor_cores_take_the_torch_backend(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", backend_param("triton")])
 def test_no_models_or_no_cells(backend):
     for E, n in ((0, 5), (2, 0)):
-        shapes, flat, x = network(0, 3, 32, 2, 9, E, n)
+        shapes, flat, x = mlp_inputs(0, 3, 32, 2, 9, E, n)
         f, z = flat.clone().requires_grad_(), x.clone().requires_grad_()
         y = fused_mlp(f, shapes, z, backend=backend)
         assert y.shape == (E, n, 9)
@@ -177,7 +163,7 @@ def test_no_models_or_no_cells(backend):
 
 @pytest.mark.parametrize("backend", [backend_param("triton")])
 def test_triton_backend_refuses_a_second_derivative(backend):
-    shapes, flat, x = network(1, 2, 32, 2, 4, 1, 6)
+    shapes, flat, x = mlp_inputs(1, 2, 32, 2, 4, 1, 6)
     f = flat.clone().requires_grad_()
     (g,) = torch.autograd.grad(fused_mlp(f, shapes, x, backend=backend).square().sum(), f, create_graph=True)
     with pytest.raises(RuntimeError, match="first derivatives only"):

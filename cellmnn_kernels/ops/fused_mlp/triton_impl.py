@@ -96,6 +96,12 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _zero_tiles(BM: tl.constexpr, C: tl.constexpr):
+        """Four (BM, C) zero tiles (an activation or delta before its tiles are written)."""
+        z = tl.zeros((BM, C), dtype=tl.float32)
+        return z, z, z, z
+
+    @triton.jit
     def _pick(j, t0, t1, t2, t3, NT: tl.constexpr):
         """t_j for a run-time j < NT (NT <= 4 a compile-time bound, so that no unused tile is live)."""
         t = t0
@@ -160,10 +166,7 @@ if HAS_TRITON:
     def _layer(h0, h1, h2, h3, wp, K, N, NCI: tl.constexpr, NCO: tl.constexpr, UNROLL: tl.constexpr = False):
         """LeakyReLU(h W + b) as NCO (BM, 32) tiles (unused ones zero) from the NCI tiles of h;
         W (K, N) at wp, b (N,) right after it."""
-        z0 = tl.zeros((h0.shape[0], 32), dtype=tl.float32)
-        z1 = z0
-        z2 = z0
-        z3 = z0
+        z0, z1, z2, z3 = _zero_tiles(h0.shape[0], 32)
         for j in range(NCO):  # a run-time loop: one output tile's weights live at a time
             z0, z1, z2, z3 = _put(j, _col(h0, h1, h2, h3, wp, K, N, j * 32, NCI, True, UNROLL), z0, z1, z2, z3, NCO)
         return z0, z1, z2, z3
@@ -245,18 +248,12 @@ if HAS_TRITON:
             grow = e * n + rows
             x = tl.load(x_ptr + grow[:, None] * n_in + ci[None, :], mask=rm[:, None] & (ci[None, :] < n_in),
                         other=0.0)
-            d0 = tl.zeros((BM, 32), dtype=tl.float32)
-            d1 = d0
-            d2 = d0
-            d3 = d0
+            d0, d1, d2, d3 = _zero_tiles(BM, 32)
             for i in range(n_mid + 1):  # layer k = n_mid + 1 - i (the output layer first), input a
                 a0, a1, a2, a3 = _hidden(x, wp, n_in, width, n_mid - i, NC)
                 off = n_in * width + width + (n_mid - i) * (width * width + width)
+                z0, z1, z2, z3 = _zero_tiles(BM, 32)  # the delta of the layer's input, before LeakyReLU'
                 if i == 0:  # the output layer: gy in 32-column chunks
-                    z0 = tl.zeros((BM, 32), dtype=tl.float32)
-                    z1 = z0
-                    z2 = z0
-                    z3 = z0
                     for c in range(0, n_out, 32):
                         rn = c + tl.arange(0, 32)
                         gy = tl.load(gy_ptr + grow[:, None] * n_out + rn[None, :],
@@ -264,10 +261,6 @@ if HAS_TRITON:
                         _grad_w_cols(gp + off, a0, a1, a2, a3, gy, width, n_out, c, NC)
                         z0, z1, z2, z3 = _add_t(z0, z1, z2, z3, gy, wp + off, width, n_out, c, NC)
                 else:
-                    z0 = tl.zeros((BM, 32), dtype=tl.float32)
-                    z1 = z0
-                    z2 = z0
-                    z3 = z0
                     for j in range(NC):
                         dj = _pick(j, d0, d1, d2, d3, NC)
                         _grad_w_cols(gp + off, a0, a1, a2, a3, dj, width, width, j * 32, NC)

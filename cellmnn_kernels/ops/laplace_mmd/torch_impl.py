@@ -7,9 +7,9 @@ and coordinate instead of per job.  A batch holds no more than c = ``CHUNK_ELEMS
 values (D + 2 blocks of that size are alive at once: the coordinate differences, the distances,
 turned into kernel values in place, and one scratch block): a group is cut into sub-batches of at
 most c // (nq nk) jobs, and a job larger than c on its own into pieces of c // nk rows (each its
-own batch): memory O((N + M) D + CHUNK_ELEMS), never the N x M matrix.  The gather indices are built on the host
-once per plan, launch and device and kept with the plan (``launch_batches``), so a repeated call
-uploads nothing.
+own batch): memory O((N + M) D + CHUNK_ELEMS), never the N x M matrix.  The gather indices are
+built on the host once per plan, launch and device and kept with the plan (``launch_batches``),
+so a repeated call uploads nothing.
 """
 from __future__ import annotations
 

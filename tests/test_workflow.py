@@ -269,8 +269,6 @@ def test_kinetic_forms_are_what_they_say(marginals, kinetic):
 
 
 def test_inner_selection_never_touches_the_held_out_timepoint(monkeypatch):
-    import cellmnn.train as train
-
     arrays, times = blobs(n=30, times=(0.0, 1.0, 2.0, 3.0, 4.0))
     m = cellmnn.load_marginals(arrays, times=times)
     # The same data with other cells at the held-out timepoint 2 (same transform, so the same model space).

@@ -210,9 +210,8 @@ def test_query_rows_split_the_sums_and_the_gradient(backend, dtype, case, cut):
 @st.composite
 def batched_cases(draw):
     """Many terms over segments of a few sizes: x segments of size ``a`` at least three times, so
-    that the jobs of S(X, X) of shape (a, a) form one group; batches of ``chunk`` = a^2 or 2 a^2
-    kernel values (CHUNK_ELEMS = D chunk) split that group into sub-batches of 1 or 2 jobs, and cut
-    jobs with more kernel values into row pieces."""
+    that the jobs of S(X, X) of shape (a, a) form one group; CHUNK_ELEMS = a^2 or 2 a^2 splits that
+    group into sub-batches of 1 or 2 jobs, and cuts jobs with more kernel values into row pieces."""
     a = draw(st.integers(1, 6))
     sizes = [a] + draw(st.lists(st.integers(1, 9), min_size=1, max_size=2))
     x_sizes = draw(st.permutations([a] * 3 + draw(st.lists(st.sampled_from(sizes), max_size=6))))
@@ -235,7 +234,7 @@ def batched_cases(draw):
 @given(case=batched_cases())
 def test_batched_groups_and_sub_batches_match_the_reference(dtype, case):
     # The torch reducer computes the jobs of one shape as one batch (sub-batches of at most
-    # CHUNK_ELEMS // D kernel values); values and gradients in x, y and both point weights against the
+    # CHUNK_ELEMS kernel values); values and gradients in x, y and both point weights against the
     # dense float64 reference.  Tolerances as in test_grouped_equals_the_sum_of_single_calls: each
     # MMD^2 combines three kernel means in (0, 1] with coefficients 1, 1, 2 (scale <= 4), and
     # batching only changes which rows are reduced together, not the reduction over one row's keys
@@ -266,12 +265,12 @@ def test_batched_groups_and_sub_batches_match_the_reference(dtype, case):
     batches = []
     real = ti.launch_batches
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ti, "CHUNK_ELEMS", case["chunk"] * D)
+        mp.setattr(ti, "CHUNK_ELEMS", case["chunk"])
         mp.setattr(ti, "launch_batches", lambda *args: batches.append(real(*args)) or batches[-1])
         total, values = run("torch", *leaves)
         total.backward()
     # The (a, a) jobs of S(X, X) (keys equal to queries) did not fit one batch, and no batch holds
-    # more than chunk kernel values (but a single row with more keys than that).
+    # more than CHUNK_ELEMS kernel values (but a single row with more keys than that).
     a, chunk = case["a"], case["chunk"]
     assert sum(1 for b in batches for J, nq, nk, *_, same in b if (nq, nk) == (a, a) and same) >= 2
     assert all(J * nq * nk <= chunk or J == nq == 1 for b in batches for J, nq, nk, *_ in b)

@@ -3,13 +3,13 @@
 Jobs of one launch that share a shape (q rows, k rows) are computed together: their query and
 key rows are gathered into (D, J, nq) / (D, J, nk) blocks and reduced by batched tensor ops on
 (J, nq, nk) blocks, so a grouped call of many small terms costs a few tensor operations per shape
-and coordinate instead of per job.  A batch holds no more than c = ``CHUNK_ELEMS`` // D kernel
-values (D + 2 blocks of that size are alive at once: the coordinate differences, the distances,
-turned into kernel values in place, and one scratch block): a group is cut into sub-batches of at
-most c // (nq nk) jobs, and a job larger than c on its own into pieces of c // nk rows (each its
-own batch): memory O((N + M) D + CHUNK_ELEMS), never the N x M matrix.  The gather indices are
-built on the host once per plan, launch and device and kept with the plan (``launch_batches``),
-so a repeated call uploads nothing.
+and coordinate instead of per job.  A batch holds no more than ``CHUNK_ELEMS`` kernel values (two
+blocks of that size are alive at once: the distances, turned into kernel values in place, and one
+scratch block): a group is cut into sub-batches of at most CHUNK_ELEMS // (nq nk) jobs, and a job
+larger than CHUNK_ELEMS on its own into pieces of CHUNK_ELEMS // nk rows (each its own batch):
+memory O((N + M) D + chunk), never the N x M matrix.  The gather indices are built on the host
+once per plan, launch and device and kept with the plan (``launch_batches``), so a repeated call
+uploads nothing.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from .common import CLAMP
 
-CHUNK_ELEMS = 1 << 22  # kernel values x D per batch (16 MB of differences in float32)
+CHUNK_ELEMS = 1 << 22  # kernel values per chunk (16 MB in float32)
 # Below this many kernel values a single call is cheaper in the dense form (measured on CPU:
 # dense wins below about 500 x 500 points, is even up to 2000 and loses above).
 DENSE_MAX_ELEMS = 1 << 18
@@ -65,12 +65,11 @@ def _batches(jobs, out_starts, chunk: int, device: torch.device) -> tuple:
 
 
 def launch_batches(plan, i: int, device: torch.device) -> tuple:
-    """``_batches`` of launch i of ``plan``, each of at most CHUNK_ELEMS // D kernel values (the
-    reducer keeps the batch's D coordinate differences), kept with the plan (built as normal
-    tensors even under inference_mode, ``Plan.derived``)."""
+    """``_batches`` of launch i of ``plan`` for the current ``CHUNK_ELEMS``, kept with the plan
+    (built as normal tensors even under inference_mode, ``Plan.derived``)."""
     lc = plan.launches[i]
-    chunk = max(1, CHUNK_ELEMS // max(1, plan.D))
-    return plan.derived(("torch", i, chunk, device), lambda: _batches(lc.jobs, lc.out_starts, chunk, device))
+    return plan.derived(("torch", i, CHUNK_ELEMS, device),
+                        lambda: _batches(lc.jobs, lc.out_starts, CHUNK_ELEMS, device))
 
 
 def _gather_t(T, sel, J, n):
@@ -110,18 +109,15 @@ def reduce_rows_torch(Q, K, WK, plan, i):
     host = Q.device.type == "cpu"  # reading a value back costs nothing there
     for J, nq, nk, qs, ks, os_, same in launch_batches(plan, i, Q.device):
         # Coordinates first: Qt[d] (J, nq) and Kt[d] (J, nk) are contiguous, and the L1 distance is
-        # a sum over d of |Qt[d] - Kt[d]| on the (J, nq, nk) block (cheaper than cdist at small D);
-        # the differences are kept for the gradient's signs.
+        # a sum over d of |Qt[d] - Kt[d]| on the (J, nq, nk) block (cheaper than cdist at small D).
         Qt = _gather_t(Q, qs, J, nq)
         diag = same and K is Q  # every job's keys are its queries: the diagonal's distance is 0
         Kt = Qt if diag else _gather_t(K, ks, J, nk)
-        delta = Q.new_empty(D, J, nq, nk)
-        torch.sub(Qt[:, :, :, None], Kt[:, :, None, :], out=delta)
         dist = Q.new_empty(J, nq, nk)
         buf = torch.empty_like(dist)
-        torch.abs(delta[0], out=dist)
+        torch.sub(Qt[0, :, :, None], Kt[0, :, None, :], out=dist).abs_()
         for d in range(1, D):
-            dist.add_(torch.abs(delta[d], out=buf))
+            dist.add_(torch.sub(Qt[d, :, :, None], Kt[d, :, None, :], out=buf).abs_())
         if diag:  # taken out of the block (kernel value 0 there) and added to r below
             dist.diagonal(0, 1, 2).fill_(math.inf)
         # The clamp binds only where two points are closer than 1e-8 D: on the CPU that is checked
@@ -140,7 +136,8 @@ def reduce_rows_torch(Q, K, WK, plan, i):
                 kv.mul_(keep)
             Gt = Q.new_empty(D, J, nq)
             for d in range(D):
-                torch.sum(delta[d].sign_().mul_(kv), 2, out=Gt[d])
+                torch.sub(Qt[d, :, :, None], Kt[d, :, None, :], out=buf).sign_().mul_(kv)
+                torch.sum(buf, 2, out=Gt[d])
             _scatter(G, os_, Gt.view(D, J * nq).t())
-        del delta, dist, buf, kv
+        del dist, buf, kv
     return r, G

@@ -93,10 +93,17 @@ class AdamW:
 
     def __init__(self, param: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor, fused: bool | None = None):
         self.param, self.lr, self.wd = param, lr[:, None], weight_decay[:, None]
-        self.hyper = [(float(a), float(b)) for a, b in zip(lr.tolist(), weight_decay.tolist())]
         self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
         self.t = torch.zeros((), dtype=param.dtype, device=param.device)  # steps taken (a device tensor)
         self.fused = fused_adamw_available(param) if fused is None else fused
+        self._group([(float(a), float(b)) for a, b in zip(lr.tolist(), weight_decay.tolist())])
+
+    def _group(self, hyper: list):
+        """Keep the members' (lr, weight decay) and the members sharing each pair (the fused kernel's
+        calls), found once here rather than every step."""
+        self.hyper, self.groups = hyper, {}
+        for e, h in enumerate(hyper):
+            self.groups.setdefault(h, []).append(e)
 
     @torch.no_grad()
     def step(self):
@@ -105,12 +112,9 @@ class AdamW:
         if not self.fused:
             self._ops()
             return
-        groups: dict = {}
-        for e, h in enumerate(self.hyper):
-            groups.setdefault(h, []).append(e)
         tensors = (self.param, self.param.grad, self.m, self.v)
-        for (lr, wd), rows in groups.items():
-            parts = [[t] for t in tensors] if len(groups) == 1 else [[t[e] for e in rows] for t in tensors]
+        for (lr, wd), rows in self.groups.items():
+            parts = [[t] for t in tensors] if len(self.groups) == 1 else [[t[e] for e in rows] for t in tensors]
             _fused_adamw(*parts, [self.t] * len(parts[0]), lr, wd)
 
     def _ops(self):
@@ -125,7 +129,7 @@ class AdamW:
     def keep(self, idx: torch.Tensor):
         """Keep the state of members ``idx`` only (when members leave the ensemble)."""
         self.lr, self.wd = self.lr[idx], self.wd[idx]
-        self.hyper = [self.hyper[i] for i in idx.tolist()]
+        self._group([self.hyper[i] for i in idx.tolist()])
         self.m, self.v = self.m[idx].contiguous(), self.v[idx].contiguous()
 
 

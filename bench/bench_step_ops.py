@@ -14,8 +14,10 @@ operations and what calls the copies.
 
 ``--path cpu`` (default; batch 200): the CPU path, the torch backends.  ``--path gpu``: the path a
 CUDA device takes, the Triton kernels (``backend="triton"``, the operator network through
-``fused_mlp``'s kernels as "auto" picks them on CUDA), interpreted on the CPU; every kernel launch
-counts one, and the ATen operations the interpreter makes inside a launch are not counted.  The
+``fused_mlp``'s kernels as "auto" picks them on CUDA), interpreted on the CPU, as a CUDA graph
+captures it (the default on CUDA: the step's backward sizes its scratch without a host read,
+``triton_impl.capturing``); every kernel launch counts one, and the ATen operations the interpreter
+makes inside a launch are not counted.  The
 count does not depend on the batch size, so this path uses batches of 16 cells (the interpreter is
 slow).  One difference from a GPU remains: on the CPU torch's fused AdamW reads its step count on
 the host (one synchronisation that a CUDA device does not make).
@@ -61,9 +63,11 @@ LAUNCH = "triton kernel launch"  # the profiler range around each interpreted la
 
 @contextlib.contextmanager
 def gpu_path():
-    """The step as a CUDA device runs it, on the CPU: the operator network through fused_mlp's
-    Triton kernels, and every Triton launch recorded as one ``LAUNCH`` range (counted by kernel)."""
+    """The step as a CUDA device captures it, on the CPU: the operator network through fused_mlp's
+    Triton kernels, the step's backward as under capture, and every Triton launch recorded as one
+    ``LAUNCH`` range (counted by kernel)."""
     import triton.runtime.interpreter as interpreter  # noqa: PLC0415 - only this path needs triton
+    from cellmnn_kernels.ops.local_linear_step import triton_impl as llstep_triton  # noqa: PLC0415 - as above
 
     launches = collections.Counter()
     run, mlp = interpreter.InterpretedFunction.run, train_step.stacked_mlp
@@ -75,10 +79,12 @@ def gpu_path():
 
     interpreter.InterpretedFunction.run = counted
     train_step.stacked_mlp = lambda flat, shapes, x, backend: fused_mlp(flat, shapes, x, backend="triton")
+    capturing, llstep_triton.capturing = llstep_triton.capturing, lambda device: True
     try:
         yield launches
     finally:
         interpreter.InterpretedFunction.run, train_step.stacked_mlp = run, mlp
+        llstep_triton.capturing = capturing
 
 
 def _work_below(e) -> bool:

@@ -417,7 +417,6 @@ def copy_bandwidth(do_bench, device):
     src = torch.empty(n, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    del src, dst
     return 2 * n * 4 / (ms * 1e-3)
 
 
@@ -450,7 +449,7 @@ def summary_lines(meta, rows):
         lines.append(f"  {c['check']}: {'ok' if c['ok'] else 'FAILED'} ({c.get('error') or errors})")
     t = _find(rows, op="local_linear_step", backend="triton", mode="fwd+bwd", D=5, pairs=10 ** 6)
     r = _find(rows, op="local_linear_step", backend="reference", mode="fwd+bwd", D=5, pairs=10 ** 6)
-    lines.append(f"  triton fwd+bwd vs reference, B*T=1e6, D=5: "
+    lines.append("  triton fwd+bwd vs reference, B*T=1e6, D=5: "
                  + (f"{r['ms'] / t['ms']:.0f}x ({t['ms']:.3g} ms)" if t and r else "n/a") + " (target >= 100x)")
     q = _find(rows, op="local_linear_sde_step", backend="triton", D=5, pairs=10 ** 6)
     lines.append("  SDE step fwd+bwd vs local_linear_step fwd+bwd, B*T=1e6, D=5: "

@@ -314,7 +314,7 @@ def test_fit_with_seeds_returns_each_seeds_model():
     (dict(seeds=[]), "at least one seed"),
     (dict(seed=3, seeds=[1, 2]), "either seed or seeds"),
     (dict(seeds=[-1]), "seed must be"),
-    (dict(cuda_graph="yes"), "cuda_graph must be True or False"),
+    (dict(cuda_graph="yes"), "cuda_graph must be True, False or None"),
 ])
 def test_fit_seeds_errors(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -333,6 +333,26 @@ def test_cuda_graph_needs_cuda():
         pytest.skip("this machine has CUDA: the GPU script tests graph capture")
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
         cellmnn.fit(blobs(), holdout=1, cuda_graph=True, **FAST)
+
+
+def test_cuda_graph_by_default_wherever_a_step_can_be_captured(monkeypatch):
+    from cellmnn.train import trainer
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert trainer.use_graph(hp(), 3, cuda, 1)
+    assert trainer.use_graph(hp(affine=True, piece_length=1.0), 3, cuda, 1)  # re-linearised, deterministic
+    assert not trainer.use_graph(hp(), 3, cpu, 1)
+    assert not trainer.use_graph(hp(), 3, cuda, 2)  # data parallel
+    assert not trainer.use_graph(hp(backend="torch"), 3, cuda, 1)
+    assert not trainer.use_graph(hp(), 65, cuda, 1)  # beyond the Triton step kernels
+    assert not trainer.use_graph(hp(noise="state"), 3, cuda, 1)
+    assert not trainer.use_graph(hp(cuda_graph=False), 3, cuda, 1)
+    assert trainer.use_graph(hp(cuda_graph=True), 3, cuda, 1)
+    # asked for where it cannot capture: an error before any work on the (pretended) device
+    monkeypatch.setattr(trainer, "resolve_device", lambda device: cuda)
+    with pytest.raises(ValueError, match=r"cuda_graph=True cannot capture this step \(backend='auto', D = 2, "
+                                         r"noise='state'\): .*deterministic decoder"):
+        train(blobs(), [Member(1, 0, hp(cuda_graph=True, noise="state"))])
 
 
 def test_a_diverging_member_is_named():
@@ -373,6 +393,49 @@ def test_a_training_step_reads_nothing_back_to_the_host():
     with HostReads() as reads:
         loss = runner.step()
     assert reads.seen == []
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+
+
+def _syncs(prof) -> list:
+    """The host synchronisations (what item(), int() and bool() of a tensor call) in a profile, by
+    the operation that made each, leaving out torch's fused AdamW (it reads its step count on the
+    host on a CPU, not on CUDA)."""
+    out = []
+    for e in prof.events():
+        if e.name != "aten::_local_scalar_dense":
+            continue
+        chain, p = [], e.cpu_parent
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if "aten::_fused_adamw_" not in chain:
+            out.append(chain[:3])
+    return out
+
+
+@pytest.mark.parametrize("backend", [backend_param("triton")])
+@pytest.mark.parametrize("decoder", [{}, dict(affine=True, piece_length=1.0)], ids=["paper", "affine-pieces"])
+def test_a_captured_step_synchronises_nothing(decoder, backend, monkeypatch):
+    # What a CUDA graph needs: no synchronisation anywhere in the step, inside torch operations and
+    # autograd's backward too (which the host-read test above does not see). Capture is simulated on
+    # the CPU (the step's backward sizes its scratch as under capture); eagerly the backward reads
+    # its highest anchor level, and the profiler must see that read (the check can fail). The noise
+    # decoders are not capturable (trainer.GRAPH_NEEDS: their covariance picks its doublings on the
+    # host), and the trainer does not capture them.
+    from cellmnn_kernels.ops.local_linear_step import triton_impl
+
+    m = blobs(D=3)
+    s = Setup(m, [Member(1, 0, hp(batch_size=16, backend=backend, **decoder)),
+                  Member(2, 1, hp(batch_size=16, backend=backend, sigma=0.5, **decoder))], torch.device("cpu"))
+    runner = Runner(s, s.flat0, False)
+    runner.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as eager:
+        runner.step()
+    assert any("LocalLinearStepFunctionBackward" in " ".join(c) for c in _syncs(eager))
+    monkeypatch.setattr(triton_impl, "capturing", lambda device: True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as captured:
+        loss = runner.step()
+    assert _syncs(captured) == []
     assert loss.shape == (2,) and torch.isfinite(loss).all()
 
 

@@ -486,6 +486,31 @@ def test_backward_scratch_too_small_gives_nan_not_a_wrong_gradient(backend):
     torch.testing.assert_close(dx0[0].double(), want[1][0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("D,B,scratch_bytes", [(3, 70, None), (3, 70, 1 << 14), (6, 9, 1 << 15)])
+def test_backward_while_capturing_reads_nothing_and_gives_the_same_gradients(D, B, scratch_bytes, monkeypatch):
+    # Under CUDA graph capture the register and lane-group backwards take their levels from the
+    # scratch budget (static_slots) instead of reading the highest level on the host; the level
+    # only addresses the scratch, so the gradients must be the eager ones bit for bit, in one launch
+    # or (a small budget) in chunks, with no host read at all.
+    from cellmnn_kernels.ops.local_linear_step import triton_impl
+
+    A, x0, dt = build_inputs(D, B, 3, D, "random", 6.0, "mixed", torch.float32)  # register / lane-group family
+    g = torch.Generator().manual_seed(D)
+    gX, gV = (torch.randn(B, 3, D, generator=g).to(A.device) for _ in range(2))
+    eager = triton_impl.llstep_backward(A, x0, dt, gX, gV)
+    monkeypatch.setattr(triton_impl, "capturing", lambda device: True)
+    monkeypatch.setattr(triton_impl, "anchor_slots", None)  # any call would fail
+    if scratch_bytes is not None:
+        monkeypatch.setattr(triton_impl, "SCRATCH_BYTES", scratch_bytes)
+        v = triton_impl.variant_for(D, A.dtype)
+        LS = triton_impl.static_slots(v, B, D, A.dtype)
+        assert LS == triton_impl.MIN_STATIC_SLOTS and triton_impl.backward_chunk(v, B, D, LS, 4) < B
+    static = triton_impl.llstep_backward(A, x0, dt, gX, gV)
+    for a, b in zip(eager, static):
+        assert torch.equal(a, b)
+
+
 def test_meta_tensors_infer_shapes_as_torch_ops_do():
     # Shape inference (meta tensors carry no values): X and V of the right shape and dtype, tied to
     # the inputs so that a backward also infers the gradients' shapes; bad shapes still fail.

@@ -49,7 +49,8 @@ def fit(marginals: Marginals, holdout=None, seed: int = 0, select=None, select_g
     max_epochs 1000 of kept cells / batch_size steps; early stopping every check_every = 10 epochs,
     patience 10, on val_fraction = 10% of the kept cells, at most max_val_cells = 5000 per
     timepoint); select_on_holdout=True selects on the held-out timepoint instead (the authors'
-    choice: it uses the test marginal); cuda_graph=True replays each step as a CUDA graph.
+    choice: it uses the test marginal); cuda_graph replays each step as a CUDA graph (None, the
+    default: wherever a step can be captured, i.e. one process on CUDA with the Triton kernels).
     Returns the model with the best validation score, with ``.fit_info`` and ``.marginals_info``.
     Seeded: the same inputs and seed give the same model.
 

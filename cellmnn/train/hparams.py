@@ -55,7 +55,7 @@ class HParams:
     select_on_holdout: bool = False
     backend: str = "auto"
     device: object = "cpu"
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None
     verbose: bool = True
     affine: bool = False
     noise: str = "none"
@@ -74,8 +74,14 @@ class HParams:
             put(name, checks.number(name, getattr(self, name), 0, None))
         put("sigma", checks.number("sigma", self.sigma, 0, None, low_open=True))
         put("val_fraction", checks.number("val_fraction", self.val_fraction, 0, 1))
-        for name in ("select_on_holdout", "verbose", "cuda_graph"):
+        for name in ("select_on_holdout", "verbose"):
             put(name, checks.flag(name, getattr(self, name)))
+        if self.cuda_graph is not None:
+            try:
+                put("cuda_graph", checks.flag("cuda_graph", self.cuda_graph))
+            except TypeError:
+                raise TypeError(f"cuda_graph must be True, False or None (on where it can be), got "
+                                f"{type(self.cuda_graph).__name__} {self.cuda_graph!r}") from None
         for name, allowed in (("kinetic", KINETIC), ("backend", BACKENDS), ("parameterization", PARAMETERIZATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from cellmnn_kernels import laplace_mmd
+from cellmnn_kernels.ops.local_linear_step.common import MAX_TRITON_D
 
 from .. import files
 from . import parallel
@@ -135,10 +136,10 @@ class Trainer:
         self.members, self.hp0, self.path = members, members[0].hp, checkpoint
         self.device = resolve_device(self.hp0.device)
         self.rank, self.n_ranks = world()
-        self._check_options()
+        self._check_options(marginals)
         saved = self._open_checkpoint(marginals)
         self.s = s = Setup(marginals, members, self.device, embed)
-        self.runner = Runner(s, s.flat0, self.hp0.cuda_graph)
+        self.runner = Runner(s, s.flat0, use_graph(self.hp0, s.D, self.device, self.n_ranks))
         self._check_untrained()
         self.firsts = [members[mm[0]] for mm in s.model_members]  # a model's seed and hyperparameters
         self.infos = [FitInfo(f.holdout if len(mm) == 1 else tuple(members[e].holdout for e in mm), f.seed, f.hp)
@@ -154,12 +155,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ set up
 
-    def _check_options(self) -> None:
+    def _check_options(self, marginals) -> None:
         hp0 = self.hp0
         if hp0.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device; device is {hp0.device!r}")
         if hp0.cuda_graph and self.n_ranks > 1:
             raise ValueError("cuda_graph=True is for one process; train data-parallel without it")
+        D = (marginals[0] if isinstance(marginals, (list, tuple)) else marginals).dim
+        if hp0.cuda_graph and not capturable(hp0, D):
+            raise ValueError(f"cuda_graph=True cannot capture this step (backend={hp0.backend!r}, D = {D}, "
+                             f"noise={hp0.noise!r}): {GRAPH_NEEDS}")
         if hp0.batch_size < self.n_ranks:
             raise ValueError(f"batch_size ({hp0.batch_size}) must be at least the number of processes "
                              f"({self.n_ranks})")
@@ -368,6 +373,25 @@ def _marginals_info(s: Setup, datasets: list) -> dict:
             "source": " + ".join(m.source for m in sets),
             "datasets": [{"index": d, "times": [float(t) for t in m.times], "source": m.source}
                          for d, m in zip(datasets, sets)]}
+
+
+GRAPH_NEEDS = (f"a captured step needs the Triton step kernels (backend 'auto' or 'triton', at most "
+               f"{MAX_TRITON_D} dimensions) and a deterministic decoder (noise='none'): the torch step and the "
+               "noise's covariance read values on the host")
+
+
+def capturable(hp, D: int) -> bool:
+    """Whether a step of a D-dimensional model with these hyperparameters reads nothing on the
+    host on CUDA, so that a CUDA graph can capture it (``GRAPH_NEEDS``)."""
+    return hp.backend != "torch" and D <= MAX_TRITON_D and hp.noise == "none"
+
+
+def use_graph(hp, D: int, device: torch.device, n_ranks: int) -> bool:
+    """``hp.cuda_graph``, or for None (the default): on wherever a step can be captured, i.e. a CUDA
+    device, one process and ``capturable(hp, D)``."""
+    if hp.cuda_graph is not None:
+        return hp.cuda_graph
+    return device.type == "cuda" and n_ranks == 1 and capturable(hp, D)
 
 
 def _diverged(epoch: int, member: Member, what: str) -> FloatingPointError:

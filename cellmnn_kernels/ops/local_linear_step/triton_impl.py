@@ -11,7 +11,10 @@ chosen by D and dtype:
 A forward or backward call is one launch of the family's kernel, except that a backward whose
 scratch (register and lane-group families) would pass ``SCRATCH_BYTES`` runs in chunks of cells.
 Those two families size their scratch from the launch's highest anchor level (``anchor_slots``),
-which costs one host synchronisation; the tiled backward needs none.
+which costs one host synchronisation; the tiled backward needs none.  While a CUDA graph is being
+captured (where a host read is not allowed) they take instead as many levels as the scratch budget
+holds (``static_slots``, read from nothing on the device): the same gradients bit for bit, and NaN,
+never a wrong value, for a pair beyond those levels.
 """
 from __future__ import annotations
 
@@ -42,6 +45,28 @@ def anchor_slots(A: torch.Tensor, dt: torch.Tensor) -> int:
     nu = torch.where(nu <= NU_MAX, nu, torch.zeros_like(nu))  # NaN and out-of-range pairs: level 0
     top = int(torch.floor(nu.amax() / theta + 0.5).item()) if nu.numel() else 0
     return min(top, int(NU_MAX / theta + 0.5)) + 2
+
+
+MIN_STATIC_SLOTS = 64  # levels of a static-slot backward at the least (|dt| ||A||_1 up to ~62 theta)
+
+
+def static_slots(variant, B: int, D: int, dtype: torch.dtype) -> int:
+    """LS for a backward that may not read the device: the levels a scratch of ``SCRATCH_BYTES``
+    holds for all B cells in one launch, within [MIN_STATIC_SLOTS, the level of NU_MAX + 2] (at the
+    floor, larger batches run in chunks).  The same gradients as ``anchor_slots`` wherever every
+    pair's level fits (the level only addresses the scratch); NaN for a pair beyond it."""
+    theta, _ = taylor_params(dtype)
+    top = int(NU_MAX / theta + 0.5) + 2
+    cells, base = variant.scratch(D, 0)
+    per_level = variant.scratch(D, 1)[1] - base  # elements per program and level
+    programs = -(-max(B, 1) // cells)
+    fits = (SCRATCH_BYTES // dtype.itemsize // programs - base) // per_level
+    return max(MIN_STATIC_SLOTS, min(top, fits))
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being captured into a CUDA graph (no host reads allowed)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def llstep_forward(A: torch.Tensor, x0: torch.Tensor, dt: torch.Tensor):
@@ -75,7 +100,10 @@ def llstep_backward(A, x0, dt, gX, gV):
     dA = torch.empty((P, B, D, D), dtype=A.dtype, device=A.device)
     dx0 = torch.empty((P, B, D), dtype=A.dtype, device=A.device)
     ddt = torch.empty((B, T), dtype=A.dtype, device=A.device)
-    LS = 0 if v.scratch is None else anchor_slots(A, dt)
+    if v.scratch is None:
+        LS = 0
+    else:
+        LS = static_slots(v, B, D, A.dtype) if capturing(A.device) else anchor_slots(A, dt)
     chunk = backward_chunk(v, B, D, LS, A.element_size())
     if P > 1 and chunk < B:
         raise AssertionError("a backward with partial sums runs in one launch")

@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 
 
-RUN_OPTIONS = ("verbose", "n_jobs")  # how a run is carried out, not what it computes: free to change on resume
+RUN_OPTIONS = ("verbose", "n_jobs", "cuda_graph")  # how a run is carried out, not what it computes: free on resume
 
 
 def fingerprint(marginals, members: list) -> dict:

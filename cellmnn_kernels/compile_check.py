@@ -38,6 +38,7 @@ from .ops.fused_mlp import triton_impl as fmlp
 from .ops.laplace_mmd import triton_impl as mmd
 from .ops.local_linear_sde import triton_impl as sde
 from .ops.local_linear_step import triton_impl as llstep
+from .ops.sample_cells import triton_impl as sampler
 from .ops.variant import launch_kwargs
 
 try:
@@ -61,7 +62,7 @@ class KernelSpec:
 
 def variants() -> tuple:
     """Every Triton kernel family of every op."""
-    return llstep.VARIANTS + mmd.VARIANTS + sde.VARIANTS + fmlp.VARIANTS
+    return llstep.VARIANTS + mmd.VARIANTS + sde.VARIANTS + fmlp.VARIANTS + sampler.VARIANTS
 
 
 def _signature(kernel, dtype_tag: str, constexprs: dict, pointer_types: dict) -> tuple:

@@ -23,7 +23,8 @@ from cellmnn.train.layout import Layout, Setup
 from cellmnn.train import objective
 from cellmnn.train.objective import GRID_STEP, expected_self_term
 from cellmnn.train.parallel import n_workers, shares
-from cellmnn.train.sampling import draw, member_key, mix32, slot_hash
+from cellmnn.train.sampling import member_key, slot_hash
+from cellmnn_kernels.ops.sample_cells import draw, mix32
 from cellmnn.train import step as step_module
 from cellmnn.train.step import AdamW, Runner, fused_adamw_available, step_losses
 from cellmnn.train.trainer import check_members

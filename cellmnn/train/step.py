@@ -2,7 +2,7 @@
 AdamW on one (models, parameters) tensor, the data-parallel gather, and ``Runner``, which runs
 steps eagerly or as replays of a captured CUDA graph.
 
-A step is, for all members together: the batch drawn on the device (``sampling``); one stacked
+A step is, for all members together: the batch drawn on the device (``sample_cells``); one stacked
 MLP (batched matmuls over models); one ``local_linear_step`` over every member's cells; the
 ``Objective`` (one ``laplace_mmd_grouped`` for every MMD term of every member); one AdamW update.
 Nothing is read back to the host.
@@ -15,10 +15,11 @@ import torch
 import torch.distributed as dist
 
 from cellmnn_kernels import piecewise_decode
+from cellmnn_kernels.ops.sample_cells import sample_cells
 
 from ..model.stacked import stacked_mlp
 from .layout import Layout, Setup
-from .sampling import draw, normals
+from .sampling import normals
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
 
@@ -35,8 +36,7 @@ def step_losses(s: Setup, L: Layout, flat: torch.Tensor, step: torch.Tensor, che
     Everything stays on the device; ``check=True`` validates the decoded operators (a host
     synchronisation: used once, before training)."""
     E, D = L.E, s.D
-    rows = s.pool.index_select(0, L.starts + draw(L.u, step, L.lens))
-    cells = s.data.index_select(0, rows)
+    cells = sample_cells(s.data, s.pool, L.starts, L.lens, L.u, step, backend=s.backend, check=False)
     x0, ys = cells[:L.n_src], cells[L.n_src:]
     if L.shared:  # members of one joint model use its weights
         flat = flat.index_select(0, L.member_model)

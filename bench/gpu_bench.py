@@ -21,7 +21,8 @@ flushed, after every row, so a crash or a kill loses at most the row in progress
    benchmark input (A = randn/sqrt(D), dt ~ U[0, 4], T = 16);
 6. training (``bench/bench_train.py``'s rows on the device): an ensemble step (E = 9, B = 200,
    D = 3) eager and replayed from a CUDA graph against the authors' formulation; whether graph
-   replays train the same weights as eager steps; whether an eager step runs under
+   replays train the same weights as eager steps; whether a step as a graph captures it (the
+   step's backward sizing its scratch without a host read) runs under
    ``torch.cuda.set_sync_debug_mode("error")`` (no host synchronisation);
 7. sweeps: local_linear_step B*T from 1e3 to 1e7, D in {5, 16, 64}; laplace_mmd N up to 1e6.
 
@@ -47,12 +48,12 @@ sys.path.insert(0, HERE)  # bench_train
 
 MEM_LIMIT = 0.6  # fraction of device memory a single row may plan to use
 COMPILE_S = 40.0  # allowance for a first call that compiles a kernel (sm_90, D = 5 backward ~ 20 s)
-TEST_SELECTION = ("bit_for_bit or (triton and (rotation or decaying or zero_time or edge_of_the_contract "
+TEST_SELECTION = ("bit_for_bit or capturing or (triton and (rotation or decaying or zero_time or edge_of_the_contract "
                   "or chunked or identical_sets or single_call or retain_graph or no_noise or many_doublings "
-                  "or default_network))")
+                  "or default_network or oracles_rows or strided_pool))")
 # (The SDE kernels' hypothesis test is left out: one compile per D, dtype and time block, minutes in all.)
 TEST_FILES = ("test_local_linear_step.py", "test_laplace_mmd.py", "test_local_linear_sde_triton.py",
-              "test_fused_mlp.py")
+              "test_fused_mlp.py", "test_sample_cells.py")
 
 
 def say(*parts, sep=" "):
@@ -325,8 +326,11 @@ def train_rows(run):
             a.step(), b.step()
         run.meta["cuda_graph_used"] = b.graph is not None
         run.meta["cuda_graph_max_rel_diff"] = float(((a.flat - b.flat).abs().max() / a.flat.abs().max()).item())
+        from cellmnn_kernels.ops.local_linear_step import triton_impl as llstep_triton
+        capturing = llstep_triton.capturing
         try:
             torch.cuda.synchronize()
+            llstep_triton.capturing = lambda device: True  # the step as a CUDA graph captures it
             torch.cuda.set_sync_debug_mode("error")
             for _ in range(3):
                 eager.step()
@@ -335,6 +339,7 @@ def train_rows(run):
             run.meta["step_sync_free"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         finally:
             torch.cuda.set_sync_debug_mode(0)
+            llstep_triton.capturing = capturing
     authors = Authors(m, 1, 0, hp, dev)
     run.row(dict(base, E=1, variant="authors' formulation"), authors.step, ("train", "authors"), 1)
     run.flush()

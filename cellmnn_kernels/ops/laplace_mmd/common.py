@@ -359,7 +359,8 @@ class PlanTensors:
 # ----------------------------------------------------------------------------- autograd
 
 class PairSums(torch.autograd.Function):
-    """S (n_sums,) float64 from points and weights; one row reduction per launch of the plan.
+    """S (n_sums,) float64 from points and weights (wx, wy None: unit weights, no products by
+    ones); one row reduction per launch of the plan.
 
     ``reducer(Q, K, WK, plan, i)`` -> (r, G or None) for launch i of the plan (a backend's
     ``reduce_rows_*``)."""
@@ -374,7 +375,7 @@ class PairSums(torch.autograd.Function):
         for i, (lc, lt) in enumerate(zip(plan.launches, plan.tensors(x.device).launches)):
             Q, K, WQ, WK = pts[lc.q_side], pts[lc.k_side], wts[lc.q_side], wts[lc.k_side]
             r, G = reducer(Q, K, WK, plan, i)
-            S.index_add_(0, lt.slot, (WQ[lt.point] * r).double())
+            S.index_add_(0, lt.slot, (r if WQ is None else WQ[lt.point] * r).double())
             saved += [r, G]
         if group is not None:  # each process summed its own query rows; dL/dS is the same for all
             dist.all_reduce(S, group=group)
@@ -402,14 +403,15 @@ class PairSums(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads = [torch.zeros(xshape, dtype=dtype, device=gS.device) if need[0] else None,
                  torch.zeros(yshape, dtype=dtype, device=gS.device) if need[1] else None,
-                 torch.zeros_like(wx) if need[2] else None,
-                 torch.zeros_like(wy) if need[3] else None]
+                 torch.zeros_like(wx) if need[2] and wx is not None else None,
+                 torch.zeros_like(wy) if need[3] and wy is not None else None]
         wts = (wx, wy)
         for lc, lt, (r, G) in zip(plan.launches, plan.tensors(gS.device).launches, rows):
             point = lt.point
             coef = (gS[lt.grad_of] * lt.factor).to(dtype)  # per row
             if grads[lc.q_side] is not None and G is not None:
-                scale = coef * wts[lc.q_side][point] * (-1.0 / (sigma * D))
+                wq = wts[lc.q_side]
+                scale = (coef if wq is None else coef * wq[point]) * (-1.0 / (sigma * D))
                 grads[lc.q_side].index_add_(0, point, scale[:, None] * G)
             if grads[2 + lc.q_side] is not None:
                 grads[2 + lc.q_side].index_add_(0, point, coef * r)
@@ -422,14 +424,13 @@ def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, w
     ``term_weights`` as ``check_term_weights`` returns them; ``y_self``: the y-y kernel mean of
     every y segment, used instead of computing S(Y, Y); ``x_rows`` and ``group``: the query
     rows of each x segment, and the processes whose sums are added up."""
-    unweighted = wx is None, wy is None
-    wx = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if wx is None else wx
-    wy = torch.ones(y.shape[0], dtype=y.dtype, device=y.device) if wy is None else wy
+    unweighted = wx is None, wy is None  # unit weights: None all the way down (no products by ones)
     # Weight gradients come from the row sums every launch computes, except those of y, which
     # need the S(Y, X) launch.
     plain = term_weights if isinstance(term_weights, tuple) else None
+    wy_grad = wy is not None and wy.requires_grad
     plan = cached_plan(tuple(x_off), tuple(y_off), tuple(terms_x), tuple(terms_y), x.requires_grad,
-                       y.requires_grad, wy.requires_grad, sigma, x.shape[1], x.dtype, plain, y_self is None, x_rows)
+                       y.requires_grad, wy_grad, sigma, x.shape[1], x.dtype, plain, y_self is None, x_rows)
     if plain is not None:
         term_weights = plan.weights(x.device)
     S = PairSums.apply(x, y, wx, wy, plan, reducer, group)
@@ -445,5 +446,5 @@ def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, w
     Wy = t.y_len if unweighted[1] else seg_sums(wy, t.y_a, t.y_b)
     yy = S[t.term_yy] / Wy ** 2 if y_self is None else y_self.double()[t.term_yy]
     values = S[t.term_xx] / Wx ** 2 + yy - 2 * S[t.term_xy] / (Wx * Wy)
-    w = torch.ones_like(values) if term_weights is None else term_weights  # (n_terms,) float64, checked
-    return (w * values).sum().to(x.dtype), values.to(x.dtype)
+    total = values.sum() if term_weights is None else (term_weights * values).sum()  # (n_terms,) float64, checked
+    return total.to(x.dtype), values.to(x.dtype)

@@ -97,7 +97,7 @@ def _scatter(out, sel, block):
 @torch.no_grad()
 def reduce_rows_torch(Q, K, WK, plan, i):
     """r (n_rows,) and, if the launch computes gradients, G (n_rows, D) for every job
-    (q0, q1, k0, k1) of launch i of ``plan``; see common.py."""
+    (q0, q1, k0, k1) of launch i of ``plan``; see common.py.  WK None: unit key weights."""
     lc = plan.launches[i]
     D, compute_g = Q.shape[1], lc.compute_g
     r = Q.new_empty(lc.n_rows)
@@ -125,11 +125,13 @@ def reduce_rows_torch(Q, K, WK, plan, i):
         clamped = not host or (dist.numel() > 0 and bool(dist.amin() <= clamp_d))
         if clamped and compute_g:
             keep = torch.gt(dist, clamp_d, out=buf)  # 1.0 / 0.0: no gradient where the clamp is active
-        wk = _gather_w(WK, ks, J, nk)
-        kv = (dist.clamp_min_(clamp_d) if clamped else dist).mul_(-scale).exp2_().mul_(wk)
+        kv = (dist.clamp_min_(clamp_d) if clamped else dist).mul_(-scale).exp2_()
+        wk = None if WK is None else _gather_w(WK, ks, J, nk)
+        if wk is not None:
+            kv.mul_(wk)
         rows = kv.sum(2)
-        if diag:
-            rows.add_(wk.view(J, nk), alpha=k_zero)
+        if diag:  # each row's own key: k_zero times its weight
+            rows.add_(k_zero) if wk is None else rows.add_(wk.view(J, nk), alpha=k_zero)
         _scatter(r, os_, rows.view(-1))
         if compute_g:
             if clamped:

@@ -189,8 +189,8 @@ if HAS_TRITON:
 
 
 def reduce_rows_triton(Q, K, WK, plan, i):
-    """r (n_rows,) and G (n_rows, D) or None for launch i of ``plan``, as ``reduce_rows_torch``;
-    one kernel launch."""
+    """r (n_rows,) and G (n_rows, D) or None for launch i of ``plan``, as ``reduce_rows_torch``
+    (WK None: unit key weights); one kernel launch."""
     lc = plan.launches[i]
     D = Q.shape[1]
     variant = REG if D <= REG_MAX_D else TILED
@@ -199,6 +199,8 @@ def reduce_rows_triton(Q, K, WK, plan, i):
         lc.jobs, lc.out_starts, cfg["BM"], plan.sigma, D, Q.dtype, Q.device))
     max_keys = max(k1 - k0 for _, _, k0, k1 in lc.jobs)
     splits = _n_splits(table.shape[0], max_keys, cfg, Q.device)
+    if WK is None:  # unit key weights: a ones vector kept with the plan
+        WK = plan.derived(("ones", K.shape[0], K.dtype, K.device), lambda: K.new_ones(K.shape[0]))
     Q, K, WK = Q.contiguous(), K.contiguous(), WK.contiguous()
     R = torch.empty((splits, lc.n_rows), dtype=Q.dtype, device=Q.device)
     G = torch.empty((splits, lc.n_rows, D), dtype=Q.dtype, device=Q.device) if lc.compute_g else R

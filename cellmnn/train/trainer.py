@@ -274,7 +274,7 @@ class Trainer:
                 chunk, self.step_loss[mi] = self.step_loss[mi][:per], self.step_loss[mi][per:]
                 info.epochs += 1
                 if not all(math.isfinite(v) for v in chunk):
-                    raise _diverged(info.epochs, self.firsts[mi], f"loss {np.sum(chunk)}")
+                    raise _diverged(info.epochs, self.firsts[mi], f"loss {np.sum(chunk)}", self.runner.use_graph)
                 info.history.append((info.epochs, float(np.mean(chunk)), None))
 
     def _scores(self, checking: list, active: list) -> list:
@@ -284,7 +284,7 @@ class Trainer:
             try:
                 scores.append(self.score(mi, self.runner.flat[active.index(mi)]))
             except (ValueError, torch.linalg.LinAlgError) as exc:
-                raise _diverged(self.infos[mi].epochs, self.firsts[mi], str(exc)) from None
+                raise _diverged(self.infos[mi].epochs, self.firsts[mi], str(exc), self.runner.use_graph) from None
         if self.n_ranks > 1:  # the ranks hold the same weights; rank 0's scores decide for all
             sc_t = torch.tensor(scores, dtype=torch.float64, device=self.device)
             dist.broadcast(sc_t, 0)
@@ -394,8 +394,10 @@ def use_graph(hp, D: int, device: torch.device, n_ranks: int) -> bool:
     return device.type == "cuda" and n_ranks == 1 and capturable(hp, D)
 
 
-def _diverged(epoch: int, member: Member, what: str) -> FloatingPointError:
+def _diverged(epoch: int, member: Member, what: str, graph: bool = False) -> FloatingPointError:
     hp = member.hp
+    hint = ("; the steps were CUDA graph replays, whose backward holds ||dt A||_1 within a fixed scratch "
+            "(beyond it, NaN): cuda_graph=False lifts that bound") if graph else ""
     return FloatingPointError(f"training diverged at epoch {epoch} ({what}); try a smaller lr (now {hp.lr:g})"
-                              f" or init_scale (now {hp.init_scale:g}) [model with holdout {member.holdout}, "
-                              f"seed {member.seed}]")
+                              f" or init_scale (now {hp.init_scale:g}){hint} [model with holdout "
+                              f"{member.holdout}, seed {member.seed}]")

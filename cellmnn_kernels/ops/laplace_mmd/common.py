@@ -335,6 +335,11 @@ class PlanTensors:
     term_xy: torch.Tensor
     x_len: torch.Tensor  # per term: its segments' lengths (float64), their weight sums without weights
     y_len: torch.Tensor
+    # Without weights MMD^2 = S_xx / |x|^2 - 2 S_xy / (|x| |y|) + S_yy / |y|^2 per term: the sums' slots
+    # (n_terms, 2: xx, xy) and coefficients, and S_yy's coefficient, so that the finish is one gather
+    pair_idx: torch.Tensor
+    pair_coef: torch.Tensor
+    yy_coef: torch.Tensor
 
     @staticmethod
     def build(plan: Plan, device) -> "PlanTensors":
@@ -351,9 +356,13 @@ class PlanTensors:
                                           host(lc.job_factor, torch.float64)[job].to(device)))
         xs, ys = [plan.x_segments[i] for i in plan.term_sx], [plan.y_segments[i] for i in plan.term_sy]
         dev = lambda v, dtype=torch.int64: host(v, dtype).to(device)  # noqa: E731
+        nx = host([b - a for a, b in xs], torch.float64)
+        ny = host([b - a for a, b in ys], torch.float64)
         return PlanTensors(launches, dev([a for a, _ in xs]), dev([b for _, b in xs]), dev([a for a, _ in ys]),
                            dev([b for _, b in ys]), dev(plan.term_xx), dev(plan.term_yy), dev(plan.term_xy),
-                           dev([b - a for a, b in xs], torch.float64), dev([b - a for a, b in ys], torch.float64))
+                           nx.to(device), ny.to(device),
+                           torch.stack([host(plan.term_xx), host(plan.term_xy)], 1).to(device),
+                           torch.stack([1.0 / nx ** 2, -2.0 / (nx * ny)], 1).to(device), (1.0 / ny ** 2).to(device))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -441,10 +450,13 @@ def grouped_mmd(x, x_off, y, y_off, terms_x, terms_y, term_weights, sigma, wx, w
         c = torch.cat([w.new_zeros(1, dtype=torch.float64), torch.cumsum(w.double(), 0)])
         return c[b] - c[a]
 
-    # per term; without weights, the segments' lengths (kept with the plan: no operations per call)
-    Wx = t.x_len if unweighted[0] else seg_sums(wx, t.x_a, t.x_b)
-    Wy = t.y_len if unweighted[1] else seg_sums(wy, t.y_a, t.y_b)
-    yy = S[t.term_yy] / Wy ** 2 if y_self is None else y_self.double()[t.term_yy]
-    values = S[t.term_xx] / Wx ** 2 + yy - 2 * S[t.term_xy] / (Wx * Wy)
+    if unweighted[0] and unweighted[1]:  # coefficients kept with the plan: one gather of the sums
+        yy = S[t.term_yy] * t.yy_coef if y_self is None else y_self.double()[t.term_yy]
+        values = (S[t.pair_idx] * t.pair_coef).sum(1) + yy
+    else:
+        Wx = t.x_len if unweighted[0] else seg_sums(wx, t.x_a, t.x_b)
+        Wy = t.y_len if unweighted[1] else seg_sums(wy, t.y_a, t.y_b)
+        yy = S[t.term_yy] / Wy ** 2 if y_self is None else y_self.double()[t.term_yy]
+        values = S[t.term_xx] / Wx ** 2 + yy - 2 * S[t.term_xy] / (Wx * Wy)
     total = values.sum() if term_weights is None else (term_weights * values).sum()  # (n_terms,) float64, checked
     return total.to(x.dtype), values.to(x.dtype)

@@ -130,8 +130,10 @@ def reduce_rows_torch(Q, K, WK, plan, i):
         if wk is not None:
             kv.mul_(wk)
         rows = kv.sum(2)
-        if diag:  # each row's own key: k_zero times its weight
-            rows.add_(k_zero) if wk is None else rows.add_(wk.view(J, nk), alpha=k_zero)
+        if diag and wk is None:  # each row's own key: k_zero times its weight
+            rows.add_(k_zero)
+        elif diag:
+            rows.add_(wk.view(J, nk), alpha=k_zero)
         _scatter(r, os_, rows.view(-1))
         if compute_g:
             if clamped:

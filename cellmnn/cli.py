@@ -131,6 +131,8 @@ def _train_args(p, max_epochs=None):
                    help="select the model on the held-out timepoint (the authors' choice; uses test data)")
     g.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default=None)
     g.add_argument("--device", default=None, help="cpu, cuda or auto")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each training step as a CUDA graph (default: wherever a step can be captured)")
     g.add_argument("--jobs", type=int, default=-1,
                    help="worker processes that share an ensemble's models on the CPU (default -1: one per usable "
                         "core; 1: train in this process)")
@@ -140,8 +142,8 @@ def _train_args(p, max_epochs=None):
 def _hparams(args) -> dict:
     names = ["parameterization", "num_const_dims", "width", "depth", "init_scale", "lr", "weight_decay",
              "batch_size", "gamma", "sigma", "velocity_weight", "kinetic", "max_epochs", "check_every", "patience",
-             "val_fraction", "max_val_cells", "backend", "device", "affine", "noise", "piece_length", "rate_bound",
-             "preset"]
+             "val_fraction", "max_val_cells", "backend", "device", "cuda_graph", "affine", "noise", "piece_length",
+             "rate_bound", "preset"]
     hp = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.select:
         hp["select"] = args.select

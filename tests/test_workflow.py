@@ -393,6 +393,18 @@ def test_corrupt_or_incompatible_models_are_refused(marginals, tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 
+def test_cli_cuda_graph_flag(tmp_path, capsys):
+    # --cuda-graph asks for graph replays (an error without CUDA, before any training), --no-cuda-graph opts out
+    out = tmp_path / "model"
+    args = ["fit", "emt-a549", "--holdout", "1", "--out", str(out), "--max-epochs", "1", "--quiet", "--jobs", "1"]
+    if not torch.cuda.is_available():
+        assert cli_main([*args, "--cuda-graph"]) == 2
+        assert "cuda_graph=True needs a CUDA device" in capsys.readouterr().err
+        assert not out.exists()
+    assert cli_main([*args, "--no-cuda-graph"]) == 0
+    assert json.loads((out / "config.json").read_text())["training"]["hparams"]["cuda_graph"] is False
+
+
 def test_cli_fit_evaluate_predict(tmp_path, capsys):
     arrays, times = blobs(n=30, D=3)
     data = tmp_path / "cells.csv"

@@ -357,7 +357,7 @@ def test_cuda_graph_by_default_wherever_a_step_can_be_captured(monkeypatch):
         train(blobs(), [Member(1, 0, hp(cuda_graph=True, noise="state"))])
 
 
-def test_a_diverging_member_is_named(monkeypatch):
+def test_a_diverging_member_is_named():
     with pytest.raises(FloatingPointError, match=r"diverged .*holdout 2, seed 1") as err:
         train(blobs(), [Member(1, 0, hp()), Member(2, 1, hp(lr=1e30))])
     assert "cuda_graph" not in str(err.value)  # eager steps: no word of graphs

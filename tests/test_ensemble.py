@@ -346,6 +346,7 @@ def test_cuda_graph_by_default_wherever_a_step_can_be_captured(monkeypatch):
     assert not trainer.use_graph(hp(), 3, cpu, 1)
     assert not trainer.use_graph(hp(), 3, cuda, 2)  # data parallel
     assert not trainer.use_graph(hp(backend="torch"), 3, cuda, 1)
+    assert not trainer.use_graph(hp(backend="reference"), 3, cuda, 1)  # the dense float64 oracles
     assert not trainer.use_graph(hp(), 65, cuda, 1)  # beyond the Triton step kernels
     assert not trainer.use_graph(hp(noise="state"), 3, cuda, 1)
     assert not trainer.use_graph(hp(cuda_graph=False), 3, cuda, 1)

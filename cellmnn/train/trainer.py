@@ -383,7 +383,7 @@ GRAPH_NEEDS = (f"a captured step needs the Triton step kernels (backend 'auto' o
 def capturable(hp, D: int) -> bool:
     """Whether a step of a D-dimensional model with these hyperparameters reads nothing on the
     host on CUDA, so that a CUDA graph can capture it (``GRAPH_NEEDS``)."""
-    return hp.backend != "torch" and D <= MAX_TRITON_D and hp.noise == "none"
+    return hp.backend in ("auto", "triton") and D <= MAX_TRITON_D and hp.noise == "none"
 
 
 def use_graph(hp, D: int, device: torch.device, n_ranks: int) -> bool:

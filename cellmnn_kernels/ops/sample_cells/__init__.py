@@ -64,7 +64,8 @@ def sample_cells(data: torch.Tensor, pool: torch.Tensor, starts: torch.Tensor, l
 
     data (N, D); pool (P,) int64 rows of data; starts, lens, u (S,) int64 (u: the slots' keys in
     [0, 2^32)); step: 0-d int64.  Not differentiable (the cells are data).  backend: "auto"
-    (triton on CUDA for D <= 128, torch otherwise), "triton", "torch" or "reference" (= torch).
+    (triton on CUDA for D <= 128, torch otherwise), "triton" (data whose columns are not contiguous
+    take the torch path: the same cells), "torch" or "reference" (= torch).
     ``check`` validates the index values (host reads; default: off CUDA)."""
     check_inputs(data, pool, starts, lens, u, step)
     if check if check is not None else data.device.type != "cuda":

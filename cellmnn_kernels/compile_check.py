@@ -36,6 +36,7 @@ from triton.backends.compiler import GPUTarget
 
 from .ops.fused_mlp import triton_impl as fmlp
 from .ops.laplace_mmd import triton_impl as mmd
+from .ops.laplace_mmd_loss import triton_impl as mmd_loss
 from .ops.local_linear_sde import triton_impl as sde
 from .ops.local_linear_step import triton_impl as llstep
 from .ops.sample_cells import triton_impl as sampler
@@ -62,7 +63,7 @@ class KernelSpec:
 
 def variants() -> tuple:
     """Every Triton kernel family of every op."""
-    return llstep.VARIANTS + mmd.VARIANTS + sde.VARIANTS + fmlp.VARIANTS + sampler.VARIANTS
+    return llstep.VARIANTS + mmd.VARIANTS + mmd_loss.VARIANTS + sde.VARIANTS + fmlp.VARIANTS + sampler.VARIANTS
 
 
 def _signature(kernel, dtype_tag: str, constexprs: dict, pointer_types: dict) -> tuple:

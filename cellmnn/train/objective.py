@@ -34,6 +34,7 @@ import torch
 
 from cellmnn_kernels import laplace_mmd_grouped
 from cellmnn_kernels.ops.laplace_mmd.naive import CLAMP, laplace_kernel_dense
+from cellmnn_kernels.ops.laplace_mmd_loss import LossPlan, laplace_mmd_loss
 
 KINETIC = ("kept_times", "future", "grid")
 GRID_STEP = 0.1  # the "grid" kinetic form: decode points every 0.1 time units (the authors' older grid)
@@ -141,6 +142,27 @@ class Objective:
         self.row_member = L(np.repeat(np.arange(E), self.n_rows))
         self.inv_rows = L(1.0 / np.asarray(self.n_rows, dtype=np.float64), dtype)
         self._kinetic_weights(L, dtype)
+        self.plan = None if self.x_scale is not None else self._loss_plan(np.concatenate(rows), term_w)
+
+    def _loss_plan(self, rows, term_w) -> LossPlan:
+        """The whole loss as one ``laplace_mmd_loss`` plan: per decoded point (cell x column) the
+        kinetic weight of its velocity (velocity_weight * unit^2 * the form's weight), per source
+        cell the penalty's 1 / (member's cells)."""
+        T, vw = self.T, np.array([c.velocity_weight for c in self.courses]) * self.unit ** 2
+        member = np.repeat(np.arange(self.E), self.n_rows)
+        kin = self.kin_w.cpu().double().numpy() if self.kinetic != "future" else None
+        energy = np.zeros((len(member), T))
+        if self.kinetic == "kept_times":
+            energy[:, :self.kmax] = kin
+        elif self.kinetic == "grid":
+            energy[:, self.kmax:] = kin[:, None]
+        else:
+            counts = np.bincount(self.term_member.cpu().numpy(), weights=np.diff(self.x_off), minlength=self.E)
+            energy.reshape(-1)[rows] = np.repeat(1.0 / counts[self.term_member.cpu().numpy()], np.diff(self.x_off))
+        energy *= vw[member][:, None]
+        return LossPlan(rows, self.x_off, self.y_off, self.terms_x, self.terms_y, list(term_w),
+                        self.term_member.cpu().tolist(), self.E, len(member) * T, np.repeat(member, T),
+                        self.sigma, energy.reshape(-1), member, 1.0 / np.asarray(self.n_rows, dtype=np.float64)[member])
 
     @staticmethod
     def _point_scale(x_off, term_member, sigmas) -> np.ndarray:
@@ -193,6 +215,9 @@ class Objective:
         computing it from ``ys`` (``expected_self_term``).  ``x_rows``, ``group``: this process's
         query rows of every term (``query_rows``) and the processes that share the MMD sums."""
         E, D = self.E, self.D
+        if self.plan is not None and x_rows is None:  # the whole loss in one op
+            return laplace_mmd_loss(self.plan, X.reshape(-1, D), ys, y_self, V.reshape(-1, D), penalty,
+                                    backend=self.backend, check_finite=check)
         xs = X.reshape(-1, D).index_select(0, self.term_rows)
         if self.x_scale is not None:
             xs, ys = xs * self.x_scale, ys * self.y_scale

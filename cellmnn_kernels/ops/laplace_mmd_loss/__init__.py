@@ -1,0 +1,77 @@
+"""``laplace_mmd_loss``: per-group training loss of grouped Laplace MMD^2, a velocity energy and
+a penalty, with a hand-written backward (common.py for the formula and the plan).
+
+The MMD part runs laplace_mmd's row reductions (one launch per kind of pair sum: S(X, X), S(X, Y)
+and, without given y-y means, S(Y, Y)); the triton backend then adds one launch for the loss and
+one for the whole backward, and reads nothing on the host: a training step's loss in four or five
+launches whatever the number of groups and terms.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..laplace_mmd import resolve_backend
+from ..utils import first_order_only
+from .common import LossPlan, check_call, nonfinite
+from .naive import laplace_mmd_loss_reference
+from .torch_impl import backward_torch, finish_torch, rows_torch
+
+__all__ = ["LossPlan", "laplace_mmd_loss", "laplace_mmd_loss_reference"]
+
+SECOND_ORDER = "laplace_mmd_loss: the torch and triton backends have first derivatives only"
+
+
+def _impl(backend: str):
+    """(rows, finish, backward) of a backend."""
+    if backend == "torch":
+        return rows_torch, finish_torch, backward_torch
+    from .triton_impl import backward_triton, finish_triton, rows_triton
+
+    return rows_triton, finish_triton, backward_triton
+
+
+class _MmdLoss(torch.autograd.Function):
+    """(loss, mmd) from X, V, penalty; y and y_self constant."""
+
+    @staticmethod
+    def forward(ctx, X, V, penalty, y, y_self, plan, built, impl):
+        rows, finish, _ = impl
+        xs = X.index_select(0, built.rows)
+        pts = (xs, y)
+        parts = [rows(pts[lc.q_side], pts[lc.k_side], built, i) for i, lc in enumerate(built.inner.launches)]
+        loss, mmd = finish(built, parts, y_self, V, penalty, plan.G, X.dtype)
+        ctx.built, ctx.impl, ctx.N, ctx.n_parts = built, impl, X.shape[0], len(parts)
+        flat = [t for R, Gr in parts for t in (R, Gr)]
+        ctx.save_for_backward(X, V, penalty, *[t if t is not None else torch.empty(0) for t in flat])
+        ctx.has_g = [Gr is not None for _, Gr in parts]
+        return loss, mmd
+
+    @staticmethod
+    def backward(ctx, gl, gm):
+        X, V, penalty, *flat = ctx.saved_tensors
+        parts = [(flat[2 * k], flat[2 * k + 1] if ctx.has_g[k] else None) for k in range(ctx.n_parts)]
+        need = ctx.needs_input_grad
+        with torch.no_grad():
+            gX, gV, gp = ctx.impl[2](ctx.built, parts, gl, gm, V, ctx.N, need[1], need[2])
+        grads = first_order_only(SECOND_ORDER, (gX, gV, gp), (X, V, penalty))
+        return (*grads, None, None, None, None, None)
+
+
+def laplace_mmd_loss(plan: LossPlan, X, y, y_self=None, V=None, penalty=None, backend="auto",
+                     check_finite=None):
+    """(loss (G,), mmd (G,)) of ``plan`` (``LossPlan``), differentiable in X, V and penalty.
+
+    X (N, D) rows (the plan's n_points), y (M, D) observed points (constant), y_self optional
+    (Py,) given y-y kernel means per y segment (constant), V (N, D) exactly when the plan has
+    energy weights, penalty (Np,) optional (weighted by the plan's penalty weights; no penalty
+    term without it); all of one dtype (float32, float64) and device.  backend: "auto" (triton
+    on CUDA for D <= 128, torch otherwise), "triton", "torch", "reference" (dense, autograd).
+    ``check_finite`` rejects NaN/Inf (a host synchronisation; default off CUDA)."""
+    D = check_call(plan, X, y, y_self, V, penalty)
+    backend = resolve_backend(backend, X.device, D)
+    if check_finite if check_finite is not None else X.device.type != "cuda":
+        nonfinite(X=X, y=y, y_self=y_self, V=V, penalty=penalty)
+    if backend == "reference":
+        return laplace_mmd_loss_reference(plan, X, y, y_self, V, penalty)
+    built = plan.built(y_self is None, D, X.dtype, X.device)
+    return _MmdLoss.apply(X, V, penalty, y, y_self, plan, built, _impl(backend))

@@ -1,0 +1,170 @@
+"""laplace_mmd_loss: the torch and triton backends against the dense reference in float64.
+
+Tolerances: a group's MMD part is a sum of weighted differences of kernel means in (0, 1], so its
+error is measured against 4 * (sum of the group's term weights) + |energy| + |penalty| (the floor
+of ``assert_rel_close``): 1e-5 relative in float32 (as laplace_mmd: roundoff 6e-8 over blocked sums
+of up to ~10^3 values), 1e-12 in float64.  Gradients: relative Frobenius error 1e-4 (float32) and
+1e-10 (float64), floor 1.  The oracle runs in float64 on the very inputs the backend saw.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cellmnn_kernels.ops.laplace_mmd_loss import LossPlan, laplace_mmd_loss
+from cellmnn_kernels.testing import DEVICE, assert_rel_close, backend_param, scaled_examples
+
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+GRAD_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+BACKENDS = [backend_param("torch"), backend_param("triton")]
+
+
+def layout(seed: int, G: int, T: int, sigma: float = 0.8, shared_y: bool = False, penalty: bool = True):
+    """A training step's layout: group g has n_g cells of T decoded columns (X rows cell-major),
+    terms from column 0 to some later columns, each with its own y segment (or, ``shared_y``,
+    one y segment for all of a group's terms)."""
+    rng = np.random.default_rng(seed)
+    n = rng.integers(1, 7, G)
+    rows, x_off, tx, ty, tg, w, y_off = [], [0], [], [], [], [], [0]
+    r0 = 0
+    for g in range(G):
+        cols = [c for c in range(1, T) if rng.random() < 0.7] if g else list(range(1, T))  # group 0 has terms
+        for k, col in enumerate(cols):
+            rows += (r0 + np.arange(n[g]) * T + col).tolist()
+            x_off.append(x_off[-1] + int(n[g]))
+            tx.append(len(tx))
+            if not shared_y or k == 0:
+                y_off.append(y_off[-1] + int(rng.integers(1, 12)))
+            ty.append(len(y_off) - 2)
+            tg.append(g)
+            w.append(float(rng.uniform(0.1, 2.0)))
+        r0 += int(n[g]) * T
+    N = r0
+    energy = rng.uniform(0, 1, N) * (rng.random(N) < 0.8)
+    pen = (np.repeat(np.arange(G), n), 1.0 / np.repeat(n, n)) if penalty else (None, None)
+    plan = LossPlan(rows, x_off, y_off, tx, ty, w, tg, G, N, np.repeat(np.arange(G), n * T), sigma, energy, *pen)
+    return plan, rng
+
+
+def inputs(plan: LossPlan, rng, D: int, dtype, y_self: bool, penalty: bool):
+    t = lambda a, grad=False: torch.tensor(a, dtype=dtype, device=DEVICE).requires_grad_(grad)  # noqa: E731
+    X = t(rng.normal(size=(plan.N, D)), True)
+    X.data[: plan.N // 3] = X.data[plan.N // 3: 2 * (plan.N // 3)]  # repeated points: distance 0, the clamp
+    y = t(rng.normal(size=(plan.y_off[-1], D)))
+    ys = t(rng.uniform(0.05, 1, len(plan.y_off) - 1)) if y_self else None
+    pen = t(rng.uniform(0, 1, plan.pen_group.shape[0]), True) if penalty else None
+    return X, y, ys, t(rng.normal(size=(plan.N, D)), True), pen
+
+
+def run(plan, args, backend, up):
+    """loss, mmd and the gradients of up[0] . loss + up[1] . mmd in X, V and the penalty."""
+    X, y, y_self, V, pen = args
+    loss, mmd = laplace_mmd_loss(plan, X, y, y_self, V, pen, backend=backend)
+    leaves = [a for a in (X, V, pen) if a is not None]
+    grads = torch.autograd.grad((loss * up[0]).sum() + (mmd * up[1]).sum(), leaves)
+    return loss, mmd, grads
+
+
+def check_against_reference(plan, args, backend, dtype):
+    G = plan.G
+    up = torch.randn(2, G, dtype=torch.float64, generator=torch.Generator().manual_seed(G))
+    loss, mmd, grads = run(plan, args, backend, up.to(dtype).to(DEVICE))
+    ref_args = [None if a is None else a.detach().double().requires_grad_(a.requires_grad) for a in args]
+    rl, rm, rg = run(plan, ref_args, "reference", up.to(DEVICE))
+    floor = 4 * float(sum(plan.w)) + float(rl.detach().abs().sum())
+    assert_rel_close(loss.detach(), rl.detach(), RTOL[dtype], "loss", floor)
+    assert_rel_close(mmd.detach(), rm.detach(), RTOL[dtype], "mmd", floor)
+    for name, a, b in zip(("X", "V", "penalty"), grads, rg):
+        assert_rel_close(a, b, GRAD_RTOL[dtype], f"d{name}", 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(deadline=None, max_examples=scaled_examples(12))
+@given(seed=st.integers(0, 2 ** 32 - 1), G=st.integers(1, 4), T=st.integers(2, 4), D=st.sampled_from([1, 3, 5, 9]),
+       y_self=st.booleans(), penalty=st.booleans(), shared_y=st.booleans())
+def test_loss_and_gradients_are_the_references(backend, dtype, seed, G, T, D, y_self, penalty, shared_y):
+    plan, rng = layout(seed, G, T, shared_y=shared_y, penalty=penalty)
+    check_against_reference(plan, inputs(plan, rng, D, dtype, y_self, penalty), backend, dtype)
+
+
+@pytest.mark.parametrize("backend", [backend_param("triton")])
+def test_key_splits_are_added_by_the_finish_and_the_backward(backend, monkeypatch):
+    # On a GPU a row reduction splits its keys over programs when there are few rows; the finish
+    # and the backward add the partial rows.  Forced here (the CPU never splits).
+    from cellmnn_kernels.ops.laplace_mmd_loss import triton_impl
+
+    monkeypatch.setattr(triton_impl, "_n_splits", lambda *a: 3)
+    plan, rng = layout(7, 3, 3)
+    check_against_reference(plan, inputs(plan, rng, 3, torch.float64, True, True), backend, torch.float64)
+    loss, _, grads = run(plan, inputs(plan, np.random.default_rng(1), 3, torch.float64, True, True), backend,
+                         torch.ones(2, 3, dtype=torch.float64, device=DEVICE))
+    monkeypatch.setattr(triton_impl, "_n_splits", lambda *a: 1)
+    loss1, _, grads1 = run(plan, inputs(plan, np.random.default_rng(1), 3, torch.float64, True, True), backend,
+                           torch.ones(2, 3, dtype=torch.float64, device=DEVICE))
+    assert_rel_close(loss, loss1, 1e-13, "loss with and without splits")
+    assert_rel_close(grads[0], grads1[0], 1e-13, "dX with and without splits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_same_inputs_give_the_same_bits(backend):
+    plan, rng = layout(3, 3, 4)
+    args = inputs(plan, rng, 3, torch.float32, True, True)
+    up = torch.ones(2, 3, device=DEVICE)
+    a, b = run(plan, args, backend, up), run(plan, args, backend, up)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[2], b[2]))
+
+
+def test_the_reference_is_the_formula_by_hand():
+    # One group, one term, one point each side, D = 2: MMD^2 = k(0) + y_self - 2 k(x, y).
+    plan = LossPlan([0], [0, 1], [0, 1], [0], [0], [1.5], [0], 1, 2, [0, 0], 0.5, [0.0, 2.0], [0], [0.25])
+    X = torch.tensor([[0.0, 1.0], [3.0, 3.0]], dtype=torch.float64)
+    y, V = torch.tensor([[1.0, -1.0]], dtype=torch.float64), torch.tensor([[9.0, 9.0], [1.0, 2.0]], dtype=torch.float64)
+    k = lambda d: np.exp(-max(d / 2, 1e-8) / 0.5)  # noqa: E731
+    mmd = 1.5 * (k(0.0) + 0.3 - 2 * k(3.0))
+    for backend in ("reference", "torch"):
+        loss, m = laplace_mmd_loss(plan, X, y, torch.tensor([0.3], dtype=torch.float64), V,
+                                   torch.tensor([4.0], dtype=torch.float64), backend=backend)
+        assert abs(float(m) - mmd) < 1e-14 and abs(float(loss) - (mmd + 2.0 * 5 + 0.25 * 4)) < 1e-13
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(rows=[0, 0]), "rows must be distinct"),
+    (dict(rows=[0, 9]), r"rows must be rows of X"),
+    (dict(row_group=[1, 0, 0, 0]), "row_group must be non-decreasing"),
+    (dict(term_group=[1, 0]), "term_group must be non-decreasing"),
+    (dict(terms_y=[0, 0]), "segment 0 is used by terms of groups 0 and 1"),
+    (dict(row_group=[0, 0, 0, 0]), "rows of x segment 1 lie in group"),
+    (dict(n_groups=0), "n_groups must be a positive integer"),
+    (dict(term_weights=[1.0, float("nan")]), "term_weights has 1 non-finite"),
+    (dict(penalty_group=[0]), "penalty_group and penalty_weight come together"),
+    (dict(sigma=-1.0), "sigma must be positive"),
+])
+def test_a_bad_plan_names_its_argument(bad, match):
+    args = dict(rows=[0, 2], x_offsets=[0, 1, 2], y_offsets=[0, 2, 3], terms_x=[0, 1], terms_y=[0, 1],
+                term_weights=[1.0, 1.0], term_group=[0, 1], n_groups=2, n_points=4, row_group=[0, 0, 1, 1])
+    with pytest.raises((ValueError, TypeError), match=match):
+        LossPlan(**{**args, **bad})
+
+
+def test_a_bad_call_names_its_argument():
+    plan = LossPlan([0, 2], [0, 1, 2], [0, 2, 3], [0, 1], [0, 1], [1.0, 1.0], [0, 1], 2, 4, [0, 0, 1, 1],
+                    energy_weight=[1.0] * 4)
+    X, y, V = torch.randn(4, 2), torch.randn(3, 2), torch.randn(4, 2)
+    cases = [((torch.randn(5, 2), y, None, V, None), "X must have 4 rows"),
+             ((X, torch.randn(3, 2).requires_grad_(), None, V, None), "y must not require gradients"),
+             ((X, y, torch.ones(3), V, None), r"y_self must be a constant \(2,\)"),
+             ((X, y, None, None, None), "V is given exactly when the plan has energy_weight"),
+             ((X, y, None, V, torch.ones(2)), "penalty needs a plan with penalty_group"),
+             ((X.double(), y, None, V, None), "y must match X's dimension, dtype and device")]
+    for args, match in cases:
+        with pytest.raises((ValueError, TypeError), match=match):
+            laplace_mmd_loss(plan, *args, backend="torch")
+    with pytest.raises(ValueError, match="X has 1 non-finite"):
+        laplace_mmd_loss(plan, torch.tensor([[np.nan, 0.0], [0, 0], [0, 0], [0, 0]]), y, None, V, backend="torch")
+    with pytest.raises(TypeError, match="plan must be a LossPlan"):
+        laplace_mmd_loss(None, X, y, None, V)
+

@@ -50,10 +50,10 @@ MEM_LIMIT = 0.6  # fraction of device memory a single row may plan to use
 COMPILE_S = 40.0  # allowance for a first call that compiles a kernel (sm_90, D = 5 backward ~ 20 s)
 TEST_SELECTION = ("bit_for_bit or capturing or (triton and (rotation or decaying or zero_time or edge_of_the_contract "
                   "or chunked or identical_sets or single_call or retain_graph or no_noise or many_doublings "
-                  "or default_network or oracles_rows or strided_pool))")
+                  "or default_network or oracles_rows or strided_pool or key_splits or same_bits))")
 # (The SDE kernels' hypothesis test is left out: one compile per D, dtype and time block, minutes in all.)
 TEST_FILES = ("test_local_linear_step.py", "test_laplace_mmd.py", "test_local_linear_sde_triton.py",
-              "test_fused_mlp.py", "test_sample_cells.py")
+              "test_fused_mlp.py", "test_sample_cells.py", "test_laplace_mmd_loss.py")
 
 
 def say(*parts, sep=" "):

@@ -15,8 +15,11 @@ over a grid of step ``GRID_STEP`` time units from the first to the last timepoin
 
 ``Objective`` evaluates E members at once: a training step (every member of an ensemble, on its
 sampled batch) and a validation score (one member, on its validation cells) are the same call.
-All MMD terms are one ``laplace_mmd_grouped`` call; members with different sigmas are scaled by
-1/sigma (MMD with sigma on points p equals MMD with sigma 1 on p / sigma).
+The whole loss, every member's, is one ``laplace_mmd_loss`` call (MMD terms, kinetic term and
+penalty, with its own backward; its plan is built once here).  Members with different sigmas, and
+data-parallel steps, take the composition instead: all MMD terms in one ``laplace_mmd_grouped``
+call, the points of each member scaled by 1/sigma (MMD with sigma on points p equals MMD with
+sigma 1 on p / sigma), then the per-member sums.
 
 A training step draws its observed cells afresh, so their own term mean k(Y, Y) of each MMD^2 does
 not depend on the weights.  The step passes its expectation over the draw (``expected_self_term``,

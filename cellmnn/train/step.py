@@ -4,7 +4,7 @@ steps eagerly or as replays of a captured CUDA graph.
 
 A step is, for all members together: the batch drawn on the device (``sample_cells``); one stacked
 MLP (batched matmuls over models); one ``local_linear_step`` over every member's cells; the
-``Objective`` (one ``laplace_mmd_grouped`` for every MMD term of every member); one AdamW update.
+``Objective`` (one ``laplace_mmd_loss`` for every member's whole loss); one AdamW update.
 Nothing is read back to the host.
 """
 from __future__ import annotations

@@ -13,11 +13,16 @@ def rows_torch(Q, K, b, i):
     return r[None], None if G is None else G[None]
 
 
+def _added(T):
+    """The sum over the leading (key split) axis: a view where there is one split."""
+    return T[0] if T.shape[0] == 1 else T.sum(0)
+
+
 def finish_torch(b, parts, y_self, V, penalty, G: int, dtype):
     """(loss (G,), mmd (G,)) from the launches' rows ``parts`` [(R (splits, n), G or None)]."""
     acc = torch.zeros(G, dtype=torch.float64, device=b.rows.device)
     for (R, _), c, grp in zip(parts, b.c, b.grp):
-        acc.index_add_(0, grp, R.sum(0).double() * c)
+        acc.index_add_(0, grp, _added(R).double() * c)
     if y_self is not None:
         acc.index_add_(0, b.term_group, b.term_w * y_self.double()[b.term_y])
     mmd = acc.to(dtype)
@@ -37,7 +42,7 @@ def backward_torch(b, parts, gl, gm, V, N: int, need_v: bool, need_pen: bool):
     gX = torch.zeros((N, D), dtype=dtype, device=gl.device)
     for (_, Gr), cg, grp, xrow in zip(parts, b.cg, b.grp, b.xrow):
         if Gr is not None:
-            gX.index_add_(0, xrow, (g_mmd[grp] * cg).to(dtype)[:, None] * Gr.sum(0))
+            gX.index_add_(0, xrow, (g_mmd[grp] * cg).to(dtype)[:, None] * _added(Gr))
     gV = (2 * gl[b.row_group] * b.energy)[:, None] * V if need_v else None
     gp = gl[b.pen_group] * b.pen_w if need_pen else None
     return gX, gV, gp

@@ -22,7 +22,7 @@ GRAD_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 BACKENDS = [backend_param("torch"), backend_param("triton")]
 
 
-def layout(seed: int, G: int, T: int, sigma: float = 0.8, shared_y: bool = False, penalty: bool = True):
+def layout(seed: int, G: int, T: int, sigma=0.8, shared_y: bool = False, penalty: bool = True):
     """A training step's layout: group g has n_g cells of T decoded columns (X rows cell-major),
     terms from column 0 to some later columns, each with its own y segment (or, ``shared_y``,
     one y segment for all of a group's terms)."""
@@ -85,9 +85,10 @@ def check_against_reference(plan, args, backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(deadline=None, max_examples=scaled_examples(12))
 @given(seed=st.integers(0, 2 ** 32 - 1), G=st.integers(1, 4), T=st.integers(2, 4), D=st.sampled_from([1, 3, 5, 9]),
-       y_self=st.booleans(), penalty=st.booleans(), shared_y=st.booleans())
-def test_loss_and_gradients_are_the_references(backend, dtype, seed, G, T, D, y_self, penalty, shared_y):
-    plan, rng = layout(seed, G, T, shared_y=shared_y, penalty=penalty)
+       y_self=st.booleans(), penalty=st.booleans(), shared_y=st.booleans(), per_group=st.booleans())
+def test_loss_and_gradients_are_the_references(backend, dtype, seed, G, T, D, y_self, penalty, shared_y, per_group):
+    sigma = np.random.default_rng(seed + 1).uniform(0.3, 2.0, G).tolist() if per_group else 0.8
+    plan, rng = layout(seed, G, T, sigma, shared_y=shared_y, penalty=penalty)
     check_against_reference(plan, inputs(plan, rng, D, dtype, y_self, penalty), backend, dtype)
 
 
@@ -116,6 +117,29 @@ def test_the_same_inputs_give_the_same_bits(backend):
     up = torch.ones(2, 3, device=DEVICE)
     a, b = run(plan, args, backend, up), run(plan, args, backend, up)
     assert torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[2], b[2]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sigma_per_group_is_each_groups_own_sigma(backend):
+    # A group's loss under per-group sigmas is its loss under a plan with its sigma for every group
+    # (the scaling of the points is the bandwidth), but for the clamp, which then applies to the
+    # scaled distance: the zero-distance pairs (i, i) of S(X, X) get exp(-1e-8 / sigma) for exp(-1e-8),
+    # a change below 1e-8 * |1 - 1 / sigma| <= 1.5e-8 per unit of term weight (hence 1e-7 here).
+    # No repeated points otherwise, and no gradient at the clamp, so the gradients agree to 1e-10.
+    sig = [0.4, 1.0, 2.5]
+    plan, rng = layout(11, 3, 3, sig)
+    X, y, y_self, V, pen = inputs(plan, rng, 3, torch.float64, True, True)
+    X = torch.randn(X.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    X.requires_grad_(True)
+    loss, _ = laplace_mmd_loss(plan, X, y, y_self, V, pen, backend=backend)
+    gX = torch.autograd.grad(loss.sum(), X)[0]
+    for g, s in enumerate(sig):
+        one, _ = layout(11, 3, 3, s)
+        lg, _ = laplace_mmd_loss(one, X, y, y_self, V, pen, backend=backend)
+        gg = torch.autograd.grad(lg[g], X)[0]
+        rows = torch.as_tensor(plan.row_group == g, device=DEVICE)
+        assert abs(float(lg[g].detach() - loss[g].detach())) <= 1e-7 * (1 + abs(float(lg[g].detach())))
+        assert_rel_close(gX[rows], gg[rows], 1e-10, f"dX of group {g}", 1.0)
 
 
 def test_the_reference_is_the_formula_by_hand():

@@ -16,10 +16,11 @@ over a grid of step ``GRID_STEP`` time units from the first to the last timepoin
 ``Objective`` evaluates E members at once: a training step (every member of an ensemble, on its
 sampled batch) and a validation score (one member, on its validation cells) are the same call.
 The whole loss, every member's, is one ``laplace_mmd_loss`` call (MMD terms, kinetic term and
-penalty, with its own backward; its plan is built once here).  Members with different sigmas, and
-data-parallel steps, take the composition instead: all MMD terms in one ``laplace_mmd_grouped``
-call, the points of each member scaled by 1/sigma (MMD with sigma on points p equals MMD with
-sigma 1 on p / sigma), then the per-member sums.
+penalty, with its own backward; its plan is built once here); members with different sigmas have
+their points scaled by 1/sigma (MMD with sigma on points p equals MMD with sigma 1 on p / sigma).
+Data-parallel steps, whose processes each sum over their own cells, take the composition
+instead: all MMD terms in one ``laplace_mmd_grouped`` call (the same scaling), then the
+per-member sums.
 
 A training step draws its observed cells afresh, so their own term mean k(Y, Y) of each MMD^2 does
 not depend on the weights.  The step passes its expectation over the draw (``expected_self_term``,
@@ -145,7 +146,7 @@ class Objective:
         self.row_member = L(np.repeat(np.arange(E), self.n_rows))
         self.inv_rows = L(1.0 / np.asarray(self.n_rows, dtype=np.float64), dtype)
         self._kinetic_weights(L, dtype)
-        self.plan = None if self.x_scale is not None else self._loss_plan(np.concatenate(rows), term_w)
+        self.plan = self._loss_plan(np.concatenate(rows), term_w)
 
     def _loss_plan(self, rows, term_w) -> LossPlan:
         """The whole loss as one ``laplace_mmd_loss`` plan: per decoded point (cell x column) the
@@ -165,7 +166,8 @@ class Objective:
         energy *= vw[member][:, None]
         return LossPlan(rows, self.x_off, self.y_off, self.terms_x, self.terms_y, list(term_w),
                         self.term_member.cpu().tolist(), self.E, len(member) * T, np.repeat(member, T),
-                        self.sigma, energy.reshape(-1), member, 1.0 / np.asarray(self.n_rows, dtype=np.float64)[member])
+                        [c.sigma for c in self.courses], energy.reshape(-1), member,
+                        1.0 / np.asarray(self.n_rows, dtype=np.float64)[member])
 
     @staticmethod
     def _point_scale(x_off, term_member, sigmas) -> np.ndarray:
@@ -218,7 +220,7 @@ class Objective:
         computing it from ``ys`` (``expected_self_term``).  ``x_rows``, ``group``: this process's
         query rows of every term (``query_rows``) and the processes that share the MMD sums."""
         E, D = self.E, self.D
-        if self.plan is not None and x_rows is None:  # the whole loss in one op
+        if x_rows is None:  # the whole loss in one op
             return laplace_mmd_loss(self.plan, X.reshape(-1, D), ys, y_self, V.reshape(-1, D), penalty,
                                     backend=self.backend, check_finite=check)
         xs = X.reshape(-1, D).index_select(0, self.term_rows)

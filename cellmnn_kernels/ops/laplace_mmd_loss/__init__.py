@@ -37,6 +37,8 @@ class _MmdLoss(torch.autograd.Function):
     def forward(ctx, X, V, penalty, y, y_self, plan, built, impl):
         rows, finish, _ = impl
         xs = X.index_select(0, built.rows)
+        if built.xscale is not None:  # a sigma per group: each group's points scaled by 1 / sigma
+            xs, y = xs * built.xscale, y * built.yscale
         pts = (xs, y)
         parts = [rows(pts[lc.q_side], pts[lc.k_side], built, i) for i, lc in enumerate(built.inner.launches)]
         loss, mmd = finish(built, parts, y_self, V, penalty, plan.G, X.dtype)

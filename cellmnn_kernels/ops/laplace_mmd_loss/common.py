@@ -87,6 +87,8 @@ class Built:
     pen_group: torch.Tensor | None
     pen_w: torch.Tensor | None
     pen_lo: torch.Tensor | None
+    xscale: torch.Tensor | None = None  # (P, 1), (M, 1): per-group sigma's point scales (else None)
+    yscale: torch.Tensor | None = None
 
 
 class LossPlan:
@@ -98,7 +100,10 @@ class LossPlan:
         terms_x, terms_y, term_weights: per term its x segment, y segment and weight (numbers).
         term_group: per term its group; ``n_groups`` groups.
         n_points: X's rows (N); ``row_group`` (N,) their groups.
-        sigma: the kernel bandwidth.
+        sigma: the kernel bandwidth, or one per group: then each group's points (its terms' x and
+            y segments) are scaled by 1 / sigma and compared with bandwidth 1, as MMD with
+            bandwidth sigma on points p equals MMD with bandwidth 1 on p / sigma (the clamp applies
+            to the scaled distance).
         energy_weight: optional (N,) e_i of the velocity term (no velocity term without it).
         penalty_group, penalty_weight: optional (Np,) group and weight p_j of each penalty entry.
     """
@@ -107,7 +112,13 @@ class LossPlan:
                  n_points: int, row_group, sigma=1.0, energy_weight=None, penalty_group=None, penalty_weight=None):
         if isinstance(n_groups, bool) or not isinstance(n_groups, numbers.Integral) or n_groups < 1:
             raise ValueError(f"n_groups must be a positive integer; got {n_groups!r}")
-        self.G, self.N, self.sigma = int(n_groups), int(n_points), check_sigma(sigma)
+        self.G, self.N = int(n_groups), int(n_points)
+        if isinstance(sigma, (list, tuple, np.ndarray, torch.Tensor)):
+            sig = [check_sigma(float(v)) for v in _host_floats("sigma", sigma, self.G)]
+        else:
+            sig = [check_sigma(sigma)] * self.G
+        self.group_sigma = np.asarray(sig)
+        self.sigma = sig[0] if len(set(sig)) == 1 else None  # None: per-group scaling
         self.rows = np.asarray(host_ints("rows", rows), dtype=np.int64)
         P = self.rows.shape[0]
         if P and (self.rows.min() < 0 or self.rows.max() >= self.N):
@@ -158,6 +169,18 @@ class LossPlan:
                 raise ValueError(f"rows of x segment {s} lie in group(s) {sorted(set(got.tolist()) - {g})[:3]}, not "
                                  f"in its terms' group {g}")
 
+    def point_scales(self):
+        """(x scales (P,), y scales (M,)) of the packed and observed points, 1 / their group's
+        sigma, float64; (None, None) with one sigma for every group."""
+        if self.sigma is not None:
+            return None, None
+        inv = 1.0 / self.group_sigma
+        xs, ys = np.ones(self.rows.shape[0]), np.ones(self.y_off[-1])
+        for sx, sy, g in zip(self.tx, self.ty, self.term_group.tolist()):
+            xs[self.x_off[sx]:self.x_off[sx + 1]] = inv[g]
+            ys[self.y_off[sy]:self.y_off[sy + 1]] = inv[g]
+        return xs, ys
+
     def built(self, self_y: bool, D: int, dtype: torch.dtype, device) -> Built:
         """The device tables for a call (built on first use, then kept)."""
         key = (self_y, D, dtype, torch.device(device))
@@ -167,7 +190,8 @@ class LossPlan:
 
     def _build(self, self_y, D, dtype, device) -> Built:
         inner = cached_plan(tuple(self.x_off), tuple(self.y_off), tuple(self.tx), tuple(self.ty), True, False, False,
-                            self.sigma, D, dtype, tuple(float(v) for v in self.w), self_y, None)
+                            self.sigma or 1.0, D, dtype, tuple(float(v) for v in self.w), self_y, None)
+        xscale, yscale = self.point_scales()
         nx = np.diff(self.x_off)[self.tx].astype(np.float64)
         ny = np.diff(self.y_off)[self.ty].astype(np.float64)
         coef, group = np.zeros(inner.n_sums), np.full(inner.n_sums, -1, dtype=np.int64)
@@ -186,7 +210,9 @@ class LossPlan:
             factor = np.concatenate([np.full(q1 - q0, f) for (q0, q1, _, _), f in zip(lc.jobs, lc.job_factor)])
             g = group[slot]  # rows come job after job, jobs in group order (checked above)
             c.append(dev(coef[slot], torch.float64))
-            cg.append(dev(coef[slot] * factor * (-1.0 / (self.sigma * D)), torch.float64))
+            # the gradient in X of a scaled point is its scale times that of the point
+            scale = 1.0 if xscale is None or lc.q_side else xscale[point]
+            cg.append(dev(coef[slot] * factor * scale * (-1.0 / ((self.sigma or 1.0) * D)), torch.float64))
             lo.append(dev(_starts(g, self.G)))
             grp.append(dev(g))
             on_x = lc.q_side == 0
@@ -203,7 +229,9 @@ class LossPlan:
                      dev(_starts(self.row_group, self.G)), dev(self.w, torch.float64), dev(self.term_group),
                      dev(self.ty), dev(_starts(self.term_group, self.G)), fl(self.energy),
                      dev(self.pen_group) if has_pen else None, fl(self.pen_w),
-                     dev(_starts(self.pen_group, self.G)) if has_pen else None)
+                     dev(_starts(self.pen_group, self.G)) if has_pen else None,
+                     None if xscale is None else dev(xscale[:, None], dtype),
+                     None if yscale is None else dev(yscale[:, None], dtype))
 
 
 def check_call(plan: LossPlan, X, y, y_self, V, penalty):

@@ -97,22 +97,25 @@ dist.init_process_group("gloo")
 m = cellmnn.load_marginals()
 models = cellmnn.fit(m, seeds=[0, 1], holdout=2, max_epochs=3, check_every=1, backend="torch", verbose=False)
 flat = torch.stack([torch.cat([p.detach().flatten() for p in mod.parameters()]) for mod in models])
-torch.save(flat, sys.argv[1] + f"/rank{dist.get_rank()}.pt")
+losses = torch.tensor([[h[1] for h in mod.fit_info.history] for mod in models], dtype=torch.float64)
+torch.save({"flat": flat, "loss": losses}, sys.argv[1] + f"/rank{dist.get_rank()}.pt")
 dist.destroy_process_group()
 """
 
 
 def test_torchrun_python_api_ensemble(tmp_path, emt):
     """fit(seeds=[0, 1]) called by both ranks of a process group: both ranks end with the same
-    weights, equal to one process's."""
+    weights and training losses, equal to one process's (each rank's loss is its MMD sums plus
+    half of the rest, added up over the ranks)."""
     (tmp_path / "run.py").write_text(SCRIPT)
     r = _torchrun([str(tmp_path / "run.py"), str(tmp_path)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert torch.equal(r0, r1)
+    assert torch.equal(r0["flat"], r1["flat"]) and torch.equal(r0["loss"], r1["loss"])
     one = cellmnn.fit(emt, seeds=[0, 1], holdout=2, max_epochs=3, check_every=1, backend="torch", verbose=False)
     for e in range(2):
-        assert _rel(_flat(one[e]), r0[e]) < 1e-5
+        assert _rel(_flat(one[e]), r0["flat"][e]) < 1e-5
+        assert _rel(torch.tensor([h[1] for h in one[e].fit_info.history], dtype=torch.float64), r0["loss"][e]) < 1e-5
 
 
 def _interrupt_after(monkeypatch, k):

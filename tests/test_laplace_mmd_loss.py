@@ -142,6 +142,32 @@ def test_a_sigma_per_group_is_each_groups_own_sigma(backend):
         assert_rel_close(gX[rows], gg[rows], 1e-10, f"dX of group {g}", 1.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shares_of_split_query_rows_add_up_to_the_whole_loss(backend):
+    # The data-parallel form: two plans whose x_rows split every x segment, each with share 1/2,
+    # give values that add up to the whole loss, X-gradients that add up to the whole one, and
+    # each the whole loss's gradients in V and the penalty.
+    plan, rng = layout(5, 3, 4, [0.5, 1.0, 1.5])
+    args = inputs(plan, rng, 3, torch.float64, True, True)
+    X, y, y_self, V, pen = args
+    cut = [(a + b) // 2 for a, b in zip(plan.x_off, plan.x_off[1:])]
+    halves = [[(a, c) for a, c in zip(plan.x_off, cut)], [(c, b) for c, b in zip(cut, plan.x_off[1:])]]
+    whole, _, wg = run(plan, args, backend, torch.ones(2, 3, dtype=torch.float64, device=DEVICE))
+    parts = []
+    for rows in halves:
+        p = layout(5, 3, 4, [0.5, 1.0, 1.5])[0]
+        p = LossPlan(p.rows, p.x_off, p.y_off, p.tx, p.ty, p.w, p.term_group, p.G, p.N, p.row_group,
+                     p.group_sigma, p.energy, p.pen_group, p.pen_w, x_rows=rows, share=0.5)
+        parts.append(run(p, args, backend, torch.ones(2, 3, dtype=torch.float64, device=DEVICE)))
+    assert_rel_close(parts[0][0] + parts[1][0], whole, 1e-12, "loss", 1.0)
+    assert_rel_close(parts[0][2][0] + parts[1][2][0], wg[0], 1e-10, "dX", 1.0)
+    for part in parts:
+        assert_rel_close(part[2][1], wg[1], 1e-12, "dV", 1.0)
+        assert_rel_close(part[2][2], wg[2], 1e-12, "dpenalty", 1.0)
+    one_sided = parts[0][2][0]  # X rows queried only by the other half get no MMD gradient here
+    assert float(one_sided.abs().sum()) > 0 and not torch.allclose(one_sided, wg[0])
+
+
 def test_the_reference_is_the_formula_by_hand():
     # One group, one term, one point each side, D = 2: MMD^2 = k(0) + y_self - 2 k(x, y).
     plan = LossPlan([0], [0, 1], [0, 1], [0], [0], [1.5], [0], 1, 2, [0, 0], 0.5, [0.0, 2.0], [0], [0.25])
@@ -166,6 +192,9 @@ def test_the_reference_is_the_formula_by_hand():
     (dict(term_weights=[1.0, float("nan")]), "term_weights has 1 non-finite"),
     (dict(penalty_group=[0]), "penalty_group and penalty_weight come together"),
     (dict(sigma=-1.0), "sigma must be positive"),
+    (dict(x_rows=[(0, 1)]), "x_rows must have one"),
+    (dict(x_rows=[(0, 2), (1, 2)]), r"x_rows of segment\(s\) \[0\]"),
+    (dict(share=0.0), r"share must lie in \(0, 1\]"),
 ])
 def test_a_bad_plan_names_its_argument(bad, match):
     args = dict(rows=[0, 2], x_offsets=[0, 1, 2], y_offsets=[0, 2, 3], terms_x=[0, 1], terms_y=[0, 1],
@@ -189,6 +218,14 @@ def test_a_bad_call_names_its_argument():
             laplace_mmd_loss(plan, *args, backend="torch")
     with pytest.raises(ValueError, match="X has 1 non-finite"):
         laplace_mmd_loss(plan, torch.tensor([[np.nan, 0.0], [0, 0], [0, 0], [0, 0]]), y, None, V, backend="torch")
+    split = LossPlan([0, 2], [0, 1, 2], [0, 2, 3], [0, 1], [0, 1], [1.0, 1.0], [0, 1], 2, 4, [0, 0, 1, 1],
+                     energy_weight=[1.0] * 4, x_rows=[(0, 1), (1, 1)], share=0.5)
+    with pytest.raises(ValueError, match="a plan with x_rows needs y_self"):
+        laplace_mmd_loss(split, X, y, None, V, backend="torch")
+    with pytest.raises(ValueError, match="needs the torch or triton backend"):
+        laplace_mmd_loss(split, X, y, torch.ones(2), V, backend="reference")
+    with pytest.raises(ValueError, match="group adds up the shares of plans with x_rows"):
+        laplace_mmd_loss(plan, X, y, None, V, backend="torch", group=object())
     with pytest.raises(TypeError, match="plan must be a LossPlan"):
         laplace_mmd_loss(None, X, y, None, V)
 

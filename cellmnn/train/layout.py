@@ -150,8 +150,7 @@ class Setup:
             return None
         course = Course(tuple(kept), tuple(len(val[i]) for i in kept[:-1]), tuple(len(val[i]) for i in kept[1:]),
                         hp.gamma, hp.sigma, hp.velocity_weight)
-        obj = Objective([course], self.times, self.D, self.kinetic, self.unit, self.backend, self.device, self.dtype,
-                        self.grid)
+        obj = Objective([course], self.times, self.D, self.kinetic, self.unit, self.backend, self.grid)
         cells = lambda ks: torch.as_tensor(np.concatenate([val[i] for i in ks]), dtype=self.dtype,  # noqa: E731
                                            device=self.device)
         return obj, cells(kept[:-1]), cells(kept[1:])
@@ -178,7 +177,7 @@ class Layout:
             courses.append(Course(tuple(kept), tuple(per_src), (B,) * n_src, hp.gamma, hp.sigma, hp.velocity_weight))
             src += [(s.keys[e], *s.pool_at[e][i], n) for i, n in zip(kept[:-1], per_src)]
             obs += [(s.keys[e], *s.pool_at[e][i], B) for i in kept[1:]]
-        self.objective = obj = Objective(courses, s.times, s.D, s.kinetic, s.unit, s.backend, s.device, f32, s.grid)
+        self.objective = obj = Objective(courses, s.times, s.D, s.kinetic, s.unit, s.backend, s.grid)
         self.y_self = torch.tensor([s.self_term(e, i) for e in active for i in s.kept[e][1:]], dtype=f32,
                                    device=s.device)  # per target segment of the objective
         self.T, self.kmax = obj.T, obj.kmax

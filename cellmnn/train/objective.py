@@ -18,9 +18,8 @@ sampled batch) and a validation score (one member, on its validation cells) are 
 The whole loss, every member's, is one ``laplace_mmd_loss`` call (MMD terms, kinetic term and
 penalty, with its own backward; its plan is built once here); members with different sigmas have
 their points scaled by 1/sigma (MMD with sigma on points p equals MMD with sigma 1 on p / sigma).
-Data-parallel steps, whose processes each sum over their own cells, take the composition
-instead: all MMD terms in one ``laplace_mmd_grouped`` call (the same scaling), then the
-per-member sums.
+Under data parallelism each process computes the MMD sums of its own cells and an equal share of
+the rest, and the op adds the processes' parts up.
 
 A training step draws its observed cells afresh, so their own term mean k(Y, Y) of each MMD^2 does
 not depend on the weights.  The step passes its expectation over the draw (``expected_self_term``,
@@ -35,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from cellmnn_kernels import laplace_mmd_grouped
 from cellmnn_kernels.ops.laplace_mmd.naive import CLAMP, laplace_kernel_dense
 from cellmnn_kernels.ops.laplace_mmd_loss import LossPlan, laplace_mmd_loss
 
@@ -104,16 +103,14 @@ class Objective:
     member e's decode offsets and ``source_times(e)`` the time of each of its source cells.
     """
 
-    def __init__(self, courses: list, times, D: int, kinetic: str, unit: float, backend: str, device,
-                 dtype=torch.float32, grid=None):
+    def __init__(self, courses: list, times, D: int, kinetic: str, unit: float, backend: str, grid=None):
         self.courses, self.times, self.D = list(courses), [float(t) for t in times], D
         self.kinetic, self.unit, self.backend = kinetic, float(unit), backend
         self.grid = kinetic_grid(self.times, kinetic, unit) if grid is None else np.asarray(grid)
-        self.E = E = len(self.courses)
+        self.E = len(self.courses)
         self.kmax = max(len(c.kept) for c in self.courses)
         self.T = T = self.kmax + len(self.grid)
         self.n_rows = [sum(c.n_src) for c in self.courses]
-        L = lambda v, dt=torch.int64: torch.as_tensor(np.asarray(v), dtype=dt, device=device)  # noqa: E731
         rows, x_off, terms_y, term_w, term_member, y_off = [], [0], [], [], [], [0]
         self.term_src = []  # per term: its source's first cell among the member's cells, and its count
         row0, y_seg = 0, 0
@@ -132,64 +129,38 @@ class Objective:
                 y_off.append(y_off[-1] + m)
             y_seg += len(c.n_obs)
             row0 = j
-        self.term_rows = L(np.concatenate(rows))
         self.x_off, self.y_off = x_off, y_off
         self.terms_x, self.terms_y = list(range(len(terms_y))), terms_y
-        self.term_w, self.term_member = L(term_w, dtype), L(term_member)
-        sigmas = [c.sigma for c in self.courses]
-        self.sigma = sigmas[0] if len(set(sigmas)) == 1 else 1.0
-        self.x_scale = self.y_scale = None
-        if len(set(sigmas)) > 1:
-            self.x_scale = L(self._point_scale(x_off, term_member, sigmas), dtype)[:, None]
-            self.y_scale = L(np.repeat(1.0 / np.asarray(sigmas), [sum(c.n_obs) for c in self.courses]), dtype)[:, None]
-        self.vw = L([c.velocity_weight for c in self.courses], dtype)
-        self.row_member = L(np.repeat(np.arange(E), self.n_rows))
-        self.inv_rows = L(1.0 / np.asarray(self.n_rows, dtype=np.float64), dtype)
-        self._kinetic_weights(L, dtype)
-        self.plan = self._loss_plan(np.concatenate(rows), term_w)
+        self.rows, self.term_w, self.term_member = np.concatenate(rows), term_w, term_member
+        self.plan = self._loss_plan()
+        self._shares = {}  # data-parallel plans, by (query rows, share)
 
-    def _loss_plan(self, rows, term_w) -> LossPlan:
-        """The whole loss as one ``laplace_mmd_loss`` plan: per decoded point (cell x column) the
-        kinetic weight of its velocity (velocity_weight * unit^2 * the form's weight), per source
-        cell the penalty's 1 / (member's cells)."""
-        T, vw = self.T, np.array([c.velocity_weight for c in self.courses]) * self.unit ** 2
-        member = np.repeat(np.arange(self.E), self.n_rows)
-        kin = self.kin_w.cpu().double().numpy() if self.kinetic != "future" else None
-        energy = np.zeros((len(member), T))
-        if self.kinetic == "kept_times":
-            energy[:, :self.kmax] = kin
-        elif self.kinetic == "grid":
-            energy[:, self.kmax:] = kin[:, None]
-        else:
-            counts = np.bincount(self.term_member.cpu().numpy(), weights=np.diff(self.x_off), minlength=self.E)
-            energy.reshape(-1)[rows] = np.repeat(1.0 / counts[self.term_member.cpu().numpy()], np.diff(self.x_off))
-        energy *= vw[member][:, None]
-        return LossPlan(rows, self.x_off, self.y_off, self.terms_x, self.terms_y, list(term_w),
-                        self.term_member.cpu().tolist(), self.E, len(member) * T, np.repeat(member, T),
-                        [c.sigma for c in self.courses], energy.reshape(-1), member,
-                        1.0 / np.asarray(self.n_rows, dtype=np.float64)[member])
-
-    @staticmethod
-    def _point_scale(x_off, term_member, sigmas) -> np.ndarray:
-        """1/sigma of the member of every packed prediction point."""
-        return np.repeat(1.0 / np.asarray(sigmas)[term_member], np.diff(x_off))
-
-    def _kinetic_weights(self, L, dtype):
-        """Per-row weights of the kinetic mean, so that every form is one weighted sum per member."""
+    def _energy(self) -> np.ndarray:
+        """(N * T,) weight of each decoded point's squared velocity in the kinetic term:
+        velocity_weight * unit^2 * the form's weight (module docstring), 0 where it does not count."""
         D, n = self.D, np.asarray(self.n_rows, dtype=np.float64)
+        member = np.repeat(np.arange(self.E), self.n_rows)
+        w = np.zeros((len(member), self.T))
         if self.kinetic == "kept_times":  # mean of V^2 over cells x every kept time x coordinates
-            w = np.zeros((sum(self.n_rows), self.kmax))
-            r = 0
             for e, c in enumerate(self.courses):
-                w[r:r + self.n_rows[e], :len(c.kept)] = 1.0 / (n[e] * len(c.kept) * D)
-                r += self.n_rows[e]
-            self.kin_w = L(w, dtype)
-        elif self.kinetic == "grid":
-            self.kin_w = L(np.repeat(1.0 / (n * max(len(self.grid), 1) * D), self.n_rows), dtype)
+                w[member == e, :len(c.kept)] = 1.0 / (n[e] * len(c.kept) * D)
+        elif self.kinetic == "grid":  # mean of V^2 over cells x grid times x coordinates
+            w[:, self.kmax:] = (1.0 / (n * max(len(self.grid), 1) * D))[member][:, None]
         else:  # "future": mean over cells x later kept times of ||V||^2
-            counts = np.bincount(self.term_member.cpu().numpy(), weights=np.diff(self.x_off), minlength=self.E)
-            self.point_member = L(np.repeat(self.term_member.cpu().numpy(), np.diff(self.x_off)))
-            self.inv_points = L(1.0 / counts, dtype)
+            points = np.diff(self.x_off)
+            counts = np.bincount(self.term_member, weights=points, minlength=self.E)
+            w.reshape(-1)[self.rows] = np.repeat(1.0 / counts[self.term_member], points)
+        vw = np.array([c.velocity_weight for c in self.courses]) * self.unit ** 2
+        return (w * vw[member][:, None]).reshape(-1)
+
+    def _loss_plan(self, x_rows=None, share: float = 1.0) -> LossPlan:
+        """The whole loss as one ``laplace_mmd_loss`` plan: MMD terms, kinetic weights (``_energy``),
+        the penalty's 1 / (member's cells); ``x_rows`` and ``share``: a process's part under data
+        parallelism."""
+        member = np.repeat(np.arange(self.E), self.n_rows)
+        return LossPlan(self.rows, self.x_off, self.y_off, self.terms_x, self.terms_y, self.term_w, self.term_member,
+                        self.E, len(member) * self.T, np.repeat(member, self.T), [c.sigma for c in self.courses],
+                        self._energy(), member, 1.0 / np.asarray(self.n_rows, dtype=np.float64)[member], x_rows, share)
 
     def query_rows(self, lo: int, hi: int) -> list:
         """Per MMD term, the (start, end) rows of its x segment that come from each member's source
@@ -219,27 +190,12 @@ class Objective:
         ``y_self``: per target segment (member after member) the mean k(Y, Y) to use instead of
         computing it from ``ys`` (``expected_self_term``).  ``x_rows``, ``group``: this process's
         query rows of every term (``query_rows``) and the processes that share the MMD sums."""
-        E, D = self.E, self.D
-        if x_rows is None:  # the whole loss in one op
-            return laplace_mmd_loss(self.plan, X.reshape(-1, D), ys, y_self, V.reshape(-1, D), penalty,
-                                    backend=self.backend, check_finite=check)
-        xs = X.reshape(-1, D).index_select(0, self.term_rows)
-        if self.x_scale is not None:
-            xs, ys = xs * self.x_scale, ys * self.y_scale
-        _, per_term = laplace_mmd_grouped(xs, self.x_off, ys, self.y_off, self.terms_x, self.terms_y, None,
-                                          self.sigma, backend=self.backend, check_finite=check, y_self=y_self,
-                                          x_rows=x_rows, group=group)
-        mmd = X.new_zeros(E).index_add(0, self.term_member, per_term * self.term_w)
-        if self.kinetic == "future":
-            vs = V.reshape(-1, D).index_select(0, self.term_rows)
-            kin = X.new_zeros(E).index_add(0, self.point_member, (vs * self.unit).pow(2).sum(-1)) * self.inv_points
-        elif self.kinetic == "kept_times":
-            v2 = (V[:, :self.kmax] * self.unit).pow(2).sum(-1)
-            kin = X.new_zeros(E).index_add(0, self.row_member, (v2 * self.kin_w).sum(1))
-        else:
-            v2 = (V[:, self.kmax:] * self.unit).pow(2).sum((1, 2))
-            kin = X.new_zeros(E).index_add(0, self.row_member, v2 * self.kin_w)
-        loss = mmd + self.vw * kin
-        if penalty is not None:  # the mean over each member's cells
-            loss = loss + X.new_zeros(E).index_add(0, self.row_member, penalty) * self.inv_rows
-        return loss, mmd
+        plan = self.plan
+        if x_rows is not None:  # this process's query rows; the rest of the loss in equal shares
+            share = 1.0 / (dist.get_world_size(group) if group is not None else 1)
+            key = (tuple(tuple(r) for r in x_rows), share)
+            if key not in self._shares:
+                self._shares[key] = self._loss_plan(x_rows, share)
+            plan = self._shares[key]
+        return laplace_mmd_loss(plan, X.reshape(-1, self.D), ys, y_self, V.reshape(-1, self.D), penalty,
+                                backend=self.backend, check_finite=check, group=group)

@@ -9,6 +9,7 @@ launches whatever the number of groups and terms.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..laplace_mmd import resolve_backend
 from ..utils import first_order_only
@@ -34,7 +35,7 @@ class _MmdLoss(torch.autograd.Function):
     """(loss, mmd) from X, V, penalty; y and y_self constant."""
 
     @staticmethod
-    def forward(ctx, X, V, penalty, y, y_self, plan, built, impl):
+    def forward(ctx, X, V, penalty, y, y_self, plan, built, impl, group):
         rows, finish, _ = impl
         xs = X.index_select(0, built.rows)
         if built.xscale is not None:  # a sigma per group: each group's points scaled by 1 / sigma
@@ -42,6 +43,10 @@ class _MmdLoss(torch.autograd.Function):
         pts = (xs, y)
         parts = [rows(pts[lc.q_side], pts[lc.k_side], built, i) for i, lc in enumerate(built.inner.launches)]
         loss, mmd = finish(built, parts, y_self, V, penalty, plan.G, X.dtype)
+        if group is not None:  # every process's share added up; the upstream is the same on each
+            both = torch.stack([loss, mmd])
+            dist.all_reduce(both, group=group)
+            loss, mmd = both[0], both[1]
         ctx.built, ctx.impl, ctx.N, ctx.n_parts = built, impl, X.shape[0], len(parts)
         flat = [t for R, Gr in parts for t in (R, Gr)]
         ctx.save_for_backward(X, V, penalty, *[t if t is not None else torch.empty(0) for t in flat])
@@ -56,11 +61,11 @@ class _MmdLoss(torch.autograd.Function):
         with torch.no_grad():
             gX, gV, gp = ctx.impl[2](ctx.built, parts, gl, gm, V, ctx.N, need[1], need[2])
         grads = first_order_only(SECOND_ORDER, (gX, gV, gp), (X, V, penalty))
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def laplace_mmd_loss(plan: LossPlan, X, y, y_self=None, V=None, penalty=None, backend="auto",
-                     check_finite=None):
+                     check_finite=None, group=None):
     """(loss (G,), mmd (G,)) of ``plan`` (``LossPlan``), differentiable in X, V and penalty.
 
     X (N, D) rows (the plan's n_points), y (M, D) observed points (constant), y_self optional
@@ -68,12 +73,19 @@ def laplace_mmd_loss(plan: LossPlan, X, y, y_self=None, V=None, penalty=None, ba
     energy weights, penalty (Np,) optional (weighted by the plan's penalty weights; no penalty
     term without it); all of one dtype (float32, float64) and device.  backend: "auto" (triton
     on CUDA for D <= 128, torch otherwise), "triton", "torch", "reference" (dense, autograd).
-    ``check_finite`` rejects NaN/Inf (a host synchronisation; default off CUDA)."""
+    ``check_finite`` rejects NaN/Inf (a host synchronisation; default off CUDA).  ``group`` (a
+    ``torch.distributed`` process group, with a plan of x_rows and share): the processes' shares
+    added up, so that each gets the whole loss."""
     D = check_call(plan, X, y, y_self, V, penalty)
     backend = resolve_backend(backend, X.device, D)
     if check_finite if check_finite is not None else X.device.type != "cuda":
         nonfinite(X=X, y=y, y_self=y_self, V=V, penalty=penalty)
+    if group is not None and plan.x_rows is None:
+        raise ValueError("group adds up the shares of plans with x_rows; this plan has none")
     if backend == "reference":
+        if plan.x_rows is not None:
+            raise ValueError("a plan with x_rows needs the torch or triton backend (the reference computes the "
+                             "whole loss)")
         return laplace_mmd_loss_reference(plan, X, y, y_self, V, penalty)
     built = plan.built(y_self is None, D, X.dtype, X.device)
-    return _MmdLoss.apply(X, V, penalty, y, y_self, plan, built, _impl(backend))
+    return _MmdLoss.apply(X, V, penalty, y, y_self, plan, built, _impl(backend), group)

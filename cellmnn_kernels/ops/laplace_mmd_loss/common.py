@@ -89,6 +89,8 @@ class Built:
     pen_lo: torch.Tensor | None
     xscale: torch.Tensor | None = None  # (P, 1), (M, 1): per-group sigma's point scales (else None)
     yscale: torch.Tensor | None = None
+    share: torch.Tensor | None = None  # (1,) float64: the plan's share of the loss beyond its MMD rows
+    share_f: float = 1.0  # the same on the host
 
 
 class LossPlan:
@@ -106,10 +108,17 @@ class LossPlan:
             to the scaled distance).
         energy_weight: optional (N,) e_i of the velocity term (no velocity term without it).
         penalty_group, penalty_weight: optional (Np,) group and weight p_j of each penalty entry.
+        x_rows, share: the data-parallel form.  ``x_rows``: per x segment the (start, end) packed
+            points whose MMD sums this plan computes (its queries; the keys are the whole
+            segment); the rest of the loss (y-y means, energy, penalty) enters times ``share``, so
+            that processes whose x_rows split every segment, each with share 1 / (processes), add
+            up to the whole loss (``laplace_mmd_loss``'s ``group`` adds them).  Gradients: X's on
+            the plan's query rows, V's and the penalty's those of the whole loss.
     """
 
     def __init__(self, rows, x_offsets, y_offsets, terms_x, terms_y, term_weights, term_group, n_groups: int,
-                 n_points: int, row_group, sigma=1.0, energy_weight=None, penalty_group=None, penalty_weight=None):
+                 n_points: int, row_group, sigma=1.0, energy_weight=None, penalty_group=None, penalty_weight=None,
+                 x_rows=None, share: float = 1.0):
         if isinstance(n_groups, bool) or not isinstance(n_groups, numbers.Integral) or n_groups < 1:
             raise ValueError(f"n_groups must be a positive integer; got {n_groups!r}")
         self.G, self.N = int(n_groups), int(n_points)
@@ -145,7 +154,25 @@ class LossPlan:
             self.pen_group = _groups("penalty_group", penalty_group, n_pen, self.G)
             self.pen_w = _host_floats("penalty_weight", penalty_weight, n_pen)
         self._check_segments()
+        self.x_rows = None if x_rows is None else self._check_rows(x_rows)
+        self.share = float(share)
+        if not 0 < self.share <= 1:
+            raise ValueError(f"share must lie in (0, 1]; got {share!r}")
         self._built = {}
+
+    def _check_rows(self, x_rows) -> tuple:
+        """x_rows as a tuple of (start, end) pairs, one per x segment, inside it."""
+        try:
+            rows = tuple((int(a), int(b)) for a, b in x_rows)
+        except (TypeError, ValueError):
+            raise TypeError("x_rows must be one (start, end) pair of integers per x segment") from None
+        off = self.x_off
+        if len(rows) != len(off) - 1:
+            raise ValueError(f"x_rows must have one (start, end) pair per x segment ({len(off) - 1}); got {len(rows)}")
+        bad = [s for s, (a, b) in enumerate(rows) if not off[s] <= a <= b <= off[s + 1]]
+        if bad:
+            raise ValueError(f"x_rows of segment(s) {bad[:5]} are not inside the segment")
+        return rows
 
     def _check_segments(self):
         """Every segment used by one group's terms, in group order, and x segments' rows in that group."""
@@ -190,7 +217,7 @@ class LossPlan:
 
     def _build(self, self_y, D, dtype, device) -> Built:
         inner = cached_plan(tuple(self.x_off), tuple(self.y_off), tuple(self.tx), tuple(self.ty), True, False, False,
-                            self.sigma or 1.0, D, dtype, tuple(float(v) for v in self.w), self_y, None)
+                            self.sigma or 1.0, D, dtype, tuple(float(v) for v in self.w), self_y, self.x_rows)
         xscale, yscale = self.point_scales()
         nx = np.diff(self.x_off)[self.tx].astype(np.float64)
         ny = np.diff(self.y_off)[self.ty].astype(np.float64)
@@ -231,7 +258,8 @@ class LossPlan:
                      dev(self.pen_group) if has_pen else None, fl(self.pen_w),
                      dev(_starts(self.pen_group, self.G)) if has_pen else None,
                      None if xscale is None else dev(xscale[:, None], dtype),
-                     None if yscale is None else dev(yscale[:, None], dtype))
+                     None if yscale is None else dev(yscale[:, None], dtype), dev([self.share], torch.float64),
+                     self.share)
 
 
 def check_call(plan: LossPlan, X, y, y_self, V, penalty):
@@ -249,6 +277,8 @@ def check_call(plan: LossPlan, X, y, y_self, V, penalty):
         raise ValueError(f"y must match X's dimension, dtype and device; got {tuple(y.shape)} {y.dtype} {y.device}")
     if y.requires_grad:
         raise ValueError("y must not require gradients (laplace_mmd_loss differentiates in X, V and penalty)")
+    if plan.x_rows is not None and y_self is None:
+        raise ValueError("a plan with x_rows needs y_self (its processes do not compute the y-y means)")
     if y_self is not None and (not isinstance(y_self, torch.Tensor) or y_self.shape != (len(plan.y_off) - 1,)
                                or y_self.dtype != X.dtype or y_self.device != X.device or y_self.requires_grad):
         raise ValueError(f"y_self must be a constant ({len(plan.y_off) - 1},) tensor of X's dtype and device")

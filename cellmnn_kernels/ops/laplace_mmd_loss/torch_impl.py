@@ -23,15 +23,17 @@ def finish_torch(b, parts, y_self, V, penalty, G: int, dtype):
     acc = torch.zeros(G, dtype=torch.float64, device=b.rows.device)
     for (R, _), c, grp in zip(parts, b.c, b.grp):
         acc.index_add_(0, grp, _added(R).double() * c)
+    share = None if b.share_f == 1.0 else b.share  # data parallel: this process's share of the rest
     if y_self is not None:
-        acc.index_add_(0, b.term_group, b.term_w * y_self.double()[b.term_y])
+        yy = b.term_w * y_self.double()[b.term_y]
+        acc.index_add_(0, b.term_group, yy if share is None else yy * share)
     mmd = acc.to(dtype)
-    loss = mmd.clone()
+    rest = torch.zeros_like(mmd)
     if V is not None:
-        loss.index_add_(0, b.row_group, (V * V).sum(1) * b.energy)
+        rest.index_add_(0, b.row_group, (V * V).sum(1) * b.energy)
     if penalty is not None:
-        loss.index_add_(0, b.pen_group, penalty * b.pen_w)
-    return loss, mmd
+        rest.index_add_(0, b.pen_group, penalty * b.pen_w)
+    return mmd + (rest if share is None else rest * share.to(dtype)), mmd
 
 
 def backward_torch(b, parts, gl, gm, V, N: int, need_v: bool, need_pen: bool):

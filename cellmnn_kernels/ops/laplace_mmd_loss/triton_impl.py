@@ -49,16 +49,19 @@ if HAS_TRITON:
     @triton.jit
     def _loss_finish_kernel(R0_ptr, C0_ptr, LO0_ptr, n0, s0, R1_ptr, C1_ptr, LO1_ptr, n1, s1, R2_ptr, C2_ptr,
                             LO2_ptr, n2, s2, YS_ptr, TW_ptr, TY_ptr, TLO_ptr, V_ptr, EW_ptr, XLO_ptr, sv, D,
-                            PEN_ptr, PW_ptr, PLO_ptr, LOSS_ptr, MMD_ptr, N_LAUNCH: tl.constexpr,
+                            PEN_ptr, PW_ptr, PLO_ptr, SH_ptr, LOSS_ptr, MMD_ptr, N_LAUNCH: tl.constexpr,
                             HAS_YS: tl.constexpr, HAS_V: tl.constexpr, HAS_PEN: tl.constexpr, BLOCK: tl.constexpr,
                             BV: tl.constexpr, DP: tl.constexpr):
-        """loss[g], mmd[g] of group g = program 0's index."""
+        """loss[g], mmd[g] of group g = program 0's index; the y-y means, the energy and the penalty
+        enter times share (SH_ptr, float64: 1 but for a data-parallel plan)."""
         g = tl.program_id(0).to(tl.int64)
         acc = _rows_sum(R0_ptr, C0_ptr, LO0_ptr, n0, s0, g, BLOCK)
         if N_LAUNCH > 1:
             acc += _rows_sum(R1_ptr, C1_ptr, LO1_ptr, n1, s1, g, BLOCK)
         if N_LAUNCH > 2:
             acc += _rows_sum(R2_ptr, C2_ptr, LO2_ptr, n2, s2, g, BLOCK)
+        share = tl.load(SH_ptr)
+        yacc = tl.zeros((BLOCK,), dtype=tl.float64)
         if HAS_YS:  # the given y-y means: sum over the group's terms of w_t * y_self[y segment of t]
             lo = tl.load(TLO_ptr + g)
             hi = tl.load(TLO_ptr + g + 1)
@@ -66,8 +69,8 @@ if HAS_TRITON:
                 t = t0 + tl.arange(0, BLOCK)
                 m = t < hi
                 ys = tl.load(YS_ptr + tl.load(TY_ptr + t, mask=m, other=0), mask=m, other=0.0)
-                acc += tl.load(TW_ptr + t, mask=m, other=0.0) * ys.to(tl.float64)
-        mmd = tl.sum(acc, axis=0)
+                yacc += tl.load(TW_ptr + t, mask=m, other=0.0) * ys.to(tl.float64)
+        mmd = tl.sum(acc, axis=0) + tl.sum(yacc, axis=0) * share
         extra = tl.zeros((BV,), dtype=tl.float64)
         if HAS_V:  # sum over the group's rows of e_i ||V_i||^2
             lo = tl.load(XLO_ptr + g)
@@ -89,7 +92,7 @@ if HAS_TRITON:
                 extra += p.to(tl.float64)
         out_t = LOSS_ptr.dtype.element_ty
         tl.store(MMD_ptr + g, mmd.to(out_t))
-        tl.store(LOSS_ptr + g, (mmd.to(out_t) + tl.sum(extra, axis=0).to(out_t)))
+        tl.store(LOSS_ptr + g, (mmd.to(out_t) + (tl.sum(extra, axis=0) * share).to(out_t)))
 
     @triton.jit
     def _grad_rows(G_ptr, CG_ptr, INV_ptr, n_out, splits, i, m, d, dm, D, g_mmd, out_t: tl.constexpr):
@@ -173,6 +176,7 @@ def finish_launch(b, parts, y_self, V, penalty, loss, mmd):
               V_ptr=dummy if V is None else V, EW_ptr=dummy if V is None else b.energy, XLO_ptr=b.x_lo,
               sv=0 if V is None else V.stride(0), D=D, PEN_ptr=dummy if penalty is None else penalty,
               PW_ptr=dummy if penalty is None else b.pen_w, PLO_ptr=b.x_lo if penalty is None else b.pen_lo,
+              SH_ptr=b.share,
               LOSS_ptr=loss, MMD_ptr=mmd)
     return _loss_finish_kernel, (loss.shape[0],), {**kw, **launch_kwargs(_loss_finish_kernel, cfg)}
 
@@ -218,7 +222,7 @@ def backward_triton(b, parts, gl, gm, V, N: int, need_v: bool, need_pen: bool):
 
 
 _INDEX = {f"{a}_ptr": "*i64" for a in ("LO0", "LO1", "LO2", "TY", "TLO", "XLO", "PLO", "RG", "INV0", "INV1", "PG")}
-_F64 = {f"{a}_ptr": "*fp64" for a in ("C0", "C1", "C2", "TW", "CG0", "CG1")}
+_F64 = {f"{a}_ptr": "*fp64" for a in ("C0", "C1", "C2", "TW", "CG0", "CG1", "SH")}
 VARIANT = KernelVariant(
     name="mmd_loss", dims={torch.float32: range(1, MAX_D + 1), torch.float64: range(1, MAX_D + 1)},
     kernels={"fwd": _loss_finish_kernel if HAS_TRITON else None, "bwd": _loss_bwd_kernel if HAS_TRITON else None},

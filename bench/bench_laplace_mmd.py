@@ -7,6 +7,10 @@ laplace_mmd_grouped: one training step of an ensemble of E models (forward+backw
 where per-call overhead of many small terms matters: per model, 3 source segments of 67, 67, 66
 points each decoded to every later target among 3 (6 terms, each with its own x segment),
 y segments of 200 points per (model, target), term weights 0.1 ** (steps ahead - 1).
+
+laplace_mmd_loss: the same step's whole loss per model (its MMD terms with the observed cells'
+own term given, as training steps give it, a velocity term on every point and the backward into
+both), against the composition it replaced: laplace_mmd_grouped, then the per-model sums.
 """
 import subprocess
 import sys
@@ -15,6 +19,7 @@ import pytest
 import torch
 
 from cellmnn_kernels import laplace_mmd, laplace_mmd_grouped
+from cellmnn_kernels.ops.laplace_mmd_loss import LossPlan, laplace_mmd_loss
 from cellmnn_kernels.ops.utils import triton_usable_on
 from cellmnn_kernels.testing import PEAK_CODE
 
@@ -92,6 +97,38 @@ def test_laplace_mmd_grouped_ensemble(benchmark, backend, E):
     benchmark.pedantic(run, rounds=50, warmup_rounds=3, iterations=1)
     RESULTS.setdefault(("laplace_mmd_grouped", f"ensemble E={E}", "fwd+bwd"), {})[backend] = \
         benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("E", [1, 9])
+@pytest.mark.parametrize("form", ["laplace_mmd_loss", "composition"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_laplace_mmd_loss_ensemble(benchmark, backend, form, E):
+    x, x_off, y, y_off, terms_x, terms_y, weights = ensemble_step(E)
+    n_terms, N = len(terms_x), x.shape[0]
+    member = [t // 6 for t in range(n_terms)]  # 6 terms per model
+    rows_member = torch.repeat_interleave(torch.arange(E), torch.tensor([x_off[6 * (e + 1)] - x_off[6 * e]
+                                                                         for e in range(E)])).to(DEVICE)
+    plan = LossPlan(range(N), x_off, y_off, terms_x, terms_y, weights, member, E, N, rows_member.tolist(),
+                    energy_weight=[0.1] * N)
+    y_self = torch.full((len(y_off) - 1,), 0.3, device=DEVICE)
+    V = torch.randn_like(x).requires_grad_()
+    x.requires_grad_()
+    tm, w = torch.tensor(member, device=DEVICE), torch.tensor(weights, device=DEVICE)
+
+    def run():
+        if form == "laplace_mmd_loss":
+            loss, _ = laplace_mmd_loss(plan, x, y, y_self, V, backend=backend, check_finite=False)
+        else:
+            _, per_term = laplace_mmd_grouped(x, x_off, y, y_off, terms_x, terms_y, None, 1.0, backend=backend,
+                                              check_finite=False, y_self=y_self)
+            loss = x.new_zeros(E).index_add(0, tm, per_term * w) + \
+                x.new_zeros(E).index_add(0, rows_member, 0.1 * (V * V).sum(1))
+        loss.sum().backward()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=50, warmup_rounds=3, iterations=1)
+    RESULTS.setdefault((form, f"ensemble E={E}", "fwd+bwd"), {})[backend] = benchmark.stats.stats.median
 
 
 @pytest.mark.parametrize("backend,N", [("torch", 20000), ("reference", 4096), ("torch", 4096)])

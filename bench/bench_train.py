@@ -7,7 +7,7 @@ every kept time with ``torch.linalg.matrix_exp``, computes each MMD term densely
 ``torch.optim.AdamW`` step.  Models of an ensemble are trained one after the other there.
 
 cellmnn: ``cellmnn.train`` (E models in one step: stacked MLP, one ``local_linear_step``,
-one ``laplace_mmd_grouped``, one fused AdamW update).
+one ``laplace_mmd_loss`` for the whole loss, one fused AdamW update).
 
 Reported per row: milliseconds per step and per-model epochs/s (E / (step time x steps per
 epoch); the authors take floor(cells / batch) steps per epoch, cellmnn the ceiling) for both,

@@ -96,7 +96,7 @@ def test_loss_and_gradients_are_the_references(backend, dtype, seed, G, T, D, y_
 def test_key_splits_are_added_by_the_finish_and_the_backward(backend, monkeypatch):
     # On a GPU a row reduction splits its keys over programs when there are few rows; the finish
     # and the backward add the partial rows.  Forced here (the CPU never splits).
-    from cellmnn_kernels.ops.laplace_mmd_loss import triton_impl
+    from cellmnn_kernels.ops.laplace_mmd import triton_impl
 
     monkeypatch.setattr(triton_impl, "_n_splits", lambda *a: 3)
     plan, rng = layout(7, 3, 3)

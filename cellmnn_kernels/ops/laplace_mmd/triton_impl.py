@@ -188,9 +188,9 @@ if HAS_TRITON:
     VARIANTS = (REG, TILED)
 
 
-def reduce_rows_triton(Q, K, WK, plan, i):
-    """r (n_rows,) and G (n_rows, D) or None for launch i of ``plan``, as ``reduce_rows_torch``
-    (WK None: unit key weights); one kernel launch."""
+def row_partials_triton(Q, K, WK, plan, i):
+    """R (splits, n_rows) and G (splits, n_rows, D) or None: launch i of ``plan`` in one kernel
+    launch, the partial rows of its key splits not yet added (WK None: unit key weights)."""
     lc = plan.launches[i]
     D = Q.shape[1]
     variant = REG if D <= REG_MAX_D else TILED
@@ -206,7 +206,12 @@ def reduce_rows_triton(Q, K, WK, plan, i):
     G = torch.empty((splits, lc.n_rows, D), dtype=Q.dtype, device=Q.device) if lc.compute_g else R
     kernel, grid, kw = variant.forward_launch(Q, K, WK, table, params, R, G, splits, lc.compute_g)
     kernel[grid](**kw)
-    r = R[0] if splits == 1 else R.sum(0)
-    if not lc.compute_g:
-        return r, None
-    return r, (G[0] if splits == 1 else G.sum(0))
+    return R, (G if lc.compute_g else None)
+
+
+def reduce_rows_triton(Q, K, WK, plan, i):
+    """r (n_rows,) and G (n_rows, D) or None for launch i of ``plan``, as ``reduce_rows_torch``
+    (WK None: unit key weights): ``row_partials_triton`` with its key splits added."""
+    R, G = row_partials_triton(Q, K, WK, plan, i)
+    r = R[0] if R.shape[0] == 1 else R.sum(0)
+    return r, None if G is None else (G[0] if G.shape[0] == 1 else G.sum(0))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..laplace_mmd.triton_impl import REG, REG_MAX_D, TILED, _launch_tables, _n_splits
+from ..laplace_mmd.triton_impl import row_partials_triton
 from ..utils import HAS_TRITON, next_power_of_2, tl, triton
 from ..variant import KernelVariant, launch_kwargs
 
@@ -144,20 +144,7 @@ if HAS_TRITON:
 def rows_triton(Q, K, b, i):
     """(R (splits, n), G (splits, n, D) or None) of launch i of the plan's inner laplace_mmd plan:
     one row-reduction launch, key splits left for the finish to add."""
-    plan = b.inner
-    lc = plan.launches[i]
-    D = Q.shape[1]
-    variant = REG if D <= REG_MAX_D else TILED
-    cfg = variant.config("grad" if lc.compute_g else "rows", D, Q.dtype)
-    table, params = plan.derived(("triton", i, Q.device), lambda: _launch_tables(
-        lc.jobs, lc.out_starts, cfg["BM"], plan.sigma, D, Q.dtype, Q.device))
-    splits = _n_splits(table.shape[0], max(k1 - k0 for _, _, k0, k1 in lc.jobs), cfg, Q.device)
-    ones = plan.derived(("ones", K.shape[0], K.dtype, K.device), lambda: K.new_ones(K.shape[0]))
-    R = torch.empty((splits, lc.n_rows), dtype=Q.dtype, device=Q.device)
-    G = torch.empty((splits, lc.n_rows, D), dtype=Q.dtype, device=Q.device) if lc.compute_g else R
-    kernel, grid, kw = variant.forward_launch(Q, K, ones, table, params, R, G, splits, lc.compute_g)
-    kernel[grid](**kw)
-    return R, (G if lc.compute_g else None)
+    return row_partials_triton(Q, K, None, b.inner, i)
 
 
 def finish_launch(b, parts, y_self, V, penalty, loss, mmd):

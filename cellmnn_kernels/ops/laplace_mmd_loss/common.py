@@ -209,10 +209,12 @@ class LossPlan:
         return xs, ys
 
     def built(self, self_y: bool, D: int, dtype: torch.dtype, device) -> Built:
-        """The device tables for a call (built on first use, then kept)."""
+        """The device tables for a call (built on first use, then kept; as normal tensors even under
+        inference_mode, since later calls that record autograd graphs reuse them)."""
         key = (self_y, D, dtype, torch.device(device))
         if key not in self._built:
-            self._built[key] = self._build(self_y, D, dtype, torch.device(device))
+            with torch.inference_mode(False):
+                self._built[key] = self._build(self_y, D, dtype, torch.device(device))
         return self._built[key]
 
     def _build(self, self_y, D, dtype, device) -> Built:

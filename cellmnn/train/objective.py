@@ -165,7 +165,7 @@ class Objective:
     def query_rows(self, lo: int, hi: int) -> list:
         """Per MMD term, the (start, end) rows of its x segment that come from each member's source
         cells lo..hi-1 (in the member's order): one process's share under data parallelism
-        (``laplace_mmd_grouped``'s ``x_rows``)."""
+        (``LossPlan``'s ``x_rows``)."""
         return [(a + min(max(lo - o, 0), n), a + min(max(hi - o, 0), n))
                 for a, (o, n) in zip(self.x_off, self.term_src)]
 

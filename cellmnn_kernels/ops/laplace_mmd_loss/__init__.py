@@ -47,17 +47,18 @@ class _MmdLoss(torch.autograd.Function):
             both = torch.stack([loss, mmd])
             dist.all_reduce(both, group=group)
             loss, mmd = both[0], both[1]
-        ctx.built, ctx.impl, ctx.N, ctx.n_parts = built, impl, X.shape[0], len(parts)
-        flat = [t for R, Gr in parts for t in (R, Gr)]
-        ctx.save_for_backward(X, V, penalty, *[t if t is not None else torch.empty(0) for t in flat])
-        ctx.has_g = [Gr is not None for _, Gr in parts]
+        ctx.built, ctx.impl, ctx.N = built, impl, X.shape[0]
+        ctx.set_materialize_grads(False)  # an unused output's upstream stays None (no zeros made)
+        ctx.save_for_backward(X, V, penalty, *[t for part in parts for t in part])
         return loss, mmd
 
     @staticmethod
     def backward(ctx, gl, gm):
         X, V, penalty, *flat = ctx.saved_tensors
-        parts = [(flat[2 * k], flat[2 * k + 1] if ctx.has_g[k] else None) for k in range(ctx.n_parts)]
+        parts = list(zip(flat[0::2], flat[1::2]))
         need = ctx.needs_input_grad
+        if gl is None:  # only mmd is used
+            gl, gm = torch.zeros_like(gm), gm
         with torch.no_grad():
             gX, gV, gp = ctx.impl[2](ctx.built, parts, gl, gm, V, ctx.N, need[1], need[2])
         grads = first_order_only(SECOND_ORDER, (gX, gV, gp), (X, V, penalty))

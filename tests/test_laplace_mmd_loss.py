@@ -128,6 +128,18 @@ def test_one_output_alone_has_the_references_gradients(backend, output):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_are_read_as_their_values(backend):
+    # Column-major V, a penalty with stride 2, y_self a strided view: the values, not the memory.
+    plan, rng = layout(6, 2, 3)
+    X, y, y_self, V, pen = inputs(plan, rng, 3, torch.float64, True, True)
+    V2 = V.detach().t().contiguous().t().requires_grad_()
+    pen2 = torch.stack([pen.detach(), pen.detach()], 1)[:, 0].requires_grad_()
+    ys2 = torch.stack([y_self, y_self], 1)[:, 1]
+    assert V2.stride(1) != 1 and pen2.stride(0) == 2 and ys2.stride(0) == 2
+    check_against_reference(plan, (X, y, ys2, V2, pen2), backend, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_same_inputs_give_the_same_bits(backend):
     plan, rng = layout(3, 3, 4)
     args = inputs(plan, rng, 3, torch.float32, True, True)

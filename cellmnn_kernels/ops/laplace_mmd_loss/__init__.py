@@ -89,4 +89,6 @@ def laplace_mmd_loss(plan: LossPlan, X, y, y_self=None, V=None, penalty=None, ba
                              "whole loss)")
         return laplace_mmd_loss_reference(plan, X, y, y_self, V, penalty)
     built = plan.built(y_self is None, D, X.dtype, X.device)
+    # the kernels read rows with unit column stride (a no-op for the trainer's tensors)
+    V, penalty, y_self = (None if t is None else t.contiguous() for t in (V, penalty, y_self))
     return _MmdLoss.apply(X, V, penalty, y, y_self, plan, built, _impl(backend), group)

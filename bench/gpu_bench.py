@@ -23,7 +23,9 @@ flushed, after every row, so a crash or a kill loses at most the row in progress
    D = 3) eager and replayed from a CUDA graph against the authors' formulation; whether graph
    replays train the same weights as eager steps; whether a step as a graph captures it (the
    step's backward sizing its scratch without a host read) runs under
-   ``torch.cuda.set_sync_debug_mode("error")`` (no host synchronisation);
+   ``torch.cuda.set_sync_debug_mode("error")`` (no host synchronisation); the kernels, copies and
+   fills one eager step puts on the GPU (the CUDA profiler: the device's own count of what
+   ``bench/bench_step_ops.py --path gpu`` counts on the CPU);
 7. sweeps: local_linear_step B*T from 1e3 to 1e7, D in {5, 16, 64}; laplace_mmd N up to 1e6.
 
 Every row's cost is predicted before it starts (from the previous size of the same series, or a
@@ -340,9 +342,31 @@ def train_rows(run):
         finally:
             torch.cuda.set_sync_debug_mode(0)
             llstep_triton.capturing = capturing
+        run.meta["device_launches_per_step"] = device_launches(eager.step)
     authors = Authors(m, 1, 0, hp, dev)
     run.row(dict(base, E=1, variant="authors' formulation"), authors.step, ("train", "authors"), 1)
     run.flush()
+
+
+def device_launches(step) -> dict | str:
+    """Kernels, copies and fills one eager training step puts on the GPU, from the CUDA profiler
+    (what bench_step_ops.py --path gpu counts on the CPU), or the error text."""
+    try:
+        step()
+        torch.cuda.synchronize()
+        act = torch.profiler.ProfilerActivity
+        with torch.profiler.profile(activities=[act.CPU, act.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kinds = {"kernels": 0, "memcpy": 0, "memset": 0}
+        for e in prof.events():
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            name = e.name.lower()
+            kinds["memcpy" if "memcpy" in name else "memset" if "memset" in name else "kernels"] += 1
+        return {**kinds, "total": sum(kinds.values())}
+    except Exception as exc:  # noqa: BLE001 - a measurement, never a reason to stop the run
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 def keops_mmd(x, y, sigma=1.0):
@@ -480,7 +504,8 @@ def summary_lines(meta, rows):
         t = min(best, key=lambda r: r["ms"])
         lines.append(f"  training E=9 B=200 D=3 ({t['variant']}): {9 * a['ms'] / t['ms']:.0f}x the authors' "
                      f"per-model throughput (target >= 50x); graph == eager: {meta.get('cuda_graph_max_rel_diff')}; "
-                     f"sync-free step: {meta.get('step_sync_free')}")
+                     f"sync-free step: {meta.get('step_sync_free')}; device launches per step: "
+                     f"{meta.get('device_launches_per_step')} (target <= 25)")
     return lines
 
 

@@ -132,14 +132,15 @@ class Objective:
         self.x_off, self.y_off = x_off, y_off
         self.terms_x, self.terms_y = list(range(len(terms_y))), terms_y
         self.rows, self.term_w, self.term_member = np.concatenate(rows), term_w, term_member
+        self.member = np.repeat(np.arange(self.E), self.n_rows)  # each source cell's member
+        self.energy = self._energy()
         self.plan = self._loss_plan()
         self._shares = {}  # data-parallel plans, by (query rows, share)
 
     def _energy(self) -> np.ndarray:
         """(N * T,) weight of each decoded point's squared velocity in the kinetic term:
         velocity_weight * unit^2 * the form's weight (module docstring), 0 where it does not count."""
-        D, n = self.D, np.asarray(self.n_rows, dtype=np.float64)
-        member = np.repeat(np.arange(self.E), self.n_rows)
+        D, n, member = self.D, np.asarray(self.n_rows, dtype=np.float64), self.member
         w = np.zeros((len(member), self.T))
         if self.kinetic == "kept_times":  # mean of V^2 over cells x every kept time x coordinates
             for e, c in enumerate(self.courses):
@@ -157,10 +158,10 @@ class Objective:
         """The whole loss as one ``laplace_mmd_loss`` plan: MMD terms, kinetic weights (``_energy``),
         the penalty's 1 / (member's cells); ``x_rows`` and ``share``: a process's part under data
         parallelism."""
-        member = np.repeat(np.arange(self.E), self.n_rows)
+        member = self.member
         return LossPlan(self.rows, self.x_off, self.y_off, self.terms_x, self.terms_y, self.term_w, self.term_member,
                         self.E, len(member) * self.T, np.repeat(member, self.T), [c.sigma for c in self.courses],
-                        self._energy(), member, 1.0 / np.asarray(self.n_rows, dtype=np.float64)[member], x_rows, share)
+                        self.energy, member, 1.0 / np.asarray(self.n_rows, dtype=np.float64)[member], x_rows, share)
 
     def query_rows(self, lo: int, hi: int) -> list:
         """Per MMD term, the (start, end) rows of its x segment that come from each member's source

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..utils import resolve_backend as _resolve
-from .common import (check_offsets, check_points, check_sigma, check_term_weights, check_values, check_weights,
-                     check_x_rows, check_y_self, grouped_mmd, host_ints)
+from .common import (check_offsets, check_points, check_sigma, check_term_weights, check_terms, check_values,
+                     check_weights, check_x_rows, check_y_self, grouped_mmd, host_ints)
 from .naive import laplace_mmd_grouped_reference, laplace_mmd_reference
 from .torch_impl import DENSE_MAX_ELEMS, reduce_rows_torch
 
@@ -76,13 +76,8 @@ def laplace_mmd_grouped(x, x_offsets, y, y_offsets, terms_x, terms_y, term_weigh
     tx, ty = host_ints("terms_x", terms_x), host_ints("terms_y", terms_y)
     if len(tx) != len(ty) or not tx:
         raise ValueError(f"terms_x and terms_y must have the same non-zero length; got {len(tx)} and {len(ty)}")
-    for name, terms, off in (("terms_x", tx, x_off), ("terms_y", ty, y_off)):
-        bad = [s for s in terms if not 0 <= s < len(off) - 1]
-        if bad:
-            raise ValueError(f"{name} has segment indices out of range [0, {len(off) - 1}): {bad[:5]}")
-        empty = sorted({s for s in terms if off[s + 1] == off[s]})
-        if empty:
-            raise ValueError(f"{name} refers to empty segment(s) {empty[:5]}")
+    check_terms("terms_x", tx, x_off)
+    check_terms("terms_y", ty, y_off)
     term_weights = check_term_weights(term_weights, len(tx), x.device)
     x_weights = check_weights("x_weights", x_weights, x.shape[0], x)
     y_weights = check_weights("y_weights", y_weights, y.shape[0], y)

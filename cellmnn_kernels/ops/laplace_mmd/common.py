@@ -134,15 +134,18 @@ def check_y_self(y_self, n_segments: int, y, y_weights):
     return y_self
 
 
-def check_x_rows(x_rows, x_off: list, x_weights, y_self, group):
-    """The query rows of each x segment (``laplace_mmd_grouped``'s ``x_rows``): None, or one
-    (start, end) pair of host integers per x segment, inside it; with them y_self (checked by
-    ``check_y_self``, which keeps y and its weights constant) and constant x weights.  Returns a
-    tuple of pairs or None."""
-    if x_rows is None:
-        if group is not None:
-            raise ValueError("group sums the pair sums of every process's x_rows over the processes; give x_rows")
-        return None
+def check_terms(name: str, terms: list, off: list) -> None:
+    """Term segment indices ``terms`` (host integers) inside the segments of ``off`` and none empty."""
+    bad = [s for s in terms if not 0 <= s < len(off) - 1]
+    if bad:
+        raise ValueError(f"{name} has segment indices out of range [0, {len(off) - 1}): {bad[:5]}")
+    empty = sorted({s for s in terms if off[s + 1] == off[s]})
+    if empty:
+        raise ValueError(f"{name} refers to empty segment(s) {empty[:5]}")
+
+
+def row_pairs(x_rows, x_off: list) -> tuple:
+    """``x_rows`` as a tuple of (start, end) host integers, one pair per x segment, inside it."""
     try:
         rows = tuple((int(a), int(b)) for a, b in x_rows)
     except (TypeError, ValueError):
@@ -153,6 +156,19 @@ def check_x_rows(x_rows, x_off: list, x_weights, y_self, group):
     if bad:
         raise ValueError(f"x_rows of segment(s) {bad[:5]} are not inside the segment (x_offsets[s] <= start <= end "
                          f"<= x_offsets[s + 1])")
+    return rows
+
+
+def check_x_rows(x_rows, x_off: list, x_weights, y_self, group):
+    """The query rows of each x segment (``laplace_mmd_grouped``'s ``x_rows``): None, or one
+    (start, end) pair of host integers per x segment, inside it; with them y_self (checked by
+    ``check_y_self``, which keeps y and its weights constant) and constant x weights.  Returns a
+    tuple of pairs or None."""
+    if x_rows is None:
+        if group is not None:
+            raise ValueError("group sums the pair sums of every process's x_rows over the processes; give x_rows")
+        return None
+    rows = row_pairs(x_rows, x_off)
     if y_self is None or (x_weights is not None and x_weights.requires_grad):
         raise ValueError("x_rows computes the sums over x's query rows only: it needs y_self (the y-y means) and "
                          "x_weights without gradient")

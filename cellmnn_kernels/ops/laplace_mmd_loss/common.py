@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..laplace_mmd.common import cached_plan, check_offsets, check_sigma, host_ints
+from ..laplace_mmd.common import cached_plan, check_offsets, check_sigma, check_terms, host_ints, row_pairs
 
 
 def _host_floats(name: str, v, n: int) -> np.ndarray:
@@ -154,39 +154,21 @@ class LossPlan:
             self.pen_group = _groups("penalty_group", penalty_group, n_pen, self.G)
             self.pen_w = _host_floats("penalty_weight", penalty_weight, n_pen)
         self._check_segments()
-        self.x_rows = None if x_rows is None else self._check_rows(x_rows)
+        self.x_rows = None if x_rows is None else row_pairs(x_rows, self.x_off)
         self.share = float(share)
         if not 0 < self.share <= 1:
             raise ValueError(f"share must lie in (0, 1]; got {share!r}")
         self._built = {}
 
-    def _check_rows(self, x_rows) -> tuple:
-        """x_rows as a tuple of (start, end) pairs, one per x segment, inside it."""
-        try:
-            rows = tuple((int(a), int(b)) for a, b in x_rows)
-        except (TypeError, ValueError):
-            raise TypeError("x_rows must be one (start, end) pair of integers per x segment") from None
-        off = self.x_off
-        if len(rows) != len(off) - 1:
-            raise ValueError(f"x_rows must have one (start, end) pair per x segment ({len(off) - 1}); got {len(rows)}")
-        bad = [s for s, (a, b) in enumerate(rows) if not off[s] <= a <= b <= off[s + 1]]
-        if bad:
-            raise ValueError(f"x_rows of segment(s) {bad[:5]} are not inside the segment")
-        return rows
-
     def _check_segments(self):
         """Every segment used by one group's terms, in group order, and x segments' rows in that group."""
         for name, terms, off in (("terms_x", self.tx, self.x_off), ("terms_y", self.ty, self.y_off)):
-            bad = [s for s in terms if not 0 <= s < len(off) - 1]
-            if bad:
-                raise ValueError(f"{name} has segment indices out of range [0, {len(off) - 1}): {bad[:5]}")
+            check_terms(name, terms, off)
             owner = {}
             for s, g in zip(terms, self.term_group.tolist()):
                 if owner.setdefault(s, g) != g:
                     raise ValueError(f"{name}: segment {s} is used by terms of groups {owner[s]} and {g}; a segment "
                                      f"belongs to one group")
-                if off[s + 1] == off[s]:
-                    raise ValueError(f"{name} refers to empty segment {s}")
             order = [owner[s] for s in sorted(owner)]
             if any(b < a for a, b in zip(order, order[1:])):
                 raise ValueError(f"{name}: the segments' groups must be non-decreasing in segment order")
